@@ -1,0 +1,27 @@
+"""Pure NumPy kernels for MiniMax-M2, written inside the subset nkipy can trace.
+
+Each kernel runs unchanged on CPU as NumPy and can be traced by nkipy for NeuronCores:
+static shapes, no Python branching on tensor values, only the NumPy calls nkipy dispatches.
+"""
+
+from kernels.attention import attention
+from kernels.embedding import token_embedding
+from kernels.lm_head import greedy_pick, lm_head
+from kernels.moe_block import moe_block
+from kernels.moe_expert import moe_expert
+from kernels.moe_router import moe_router
+from kernels.rmsnorm import rmsnorm
+from kernels.rope import rope_partial, rope_tables
+
+__all__ = [
+    "attention",
+    "greedy_pick",
+    "lm_head",
+    "moe_block",
+    "moe_expert",
+    "moe_router",
+    "rmsnorm",
+    "rope_partial",
+    "rope_tables",
+    "token_embedding",
+]

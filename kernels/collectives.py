@@ -1,0 +1,60 @@
+"""The one place kernels reach other ranks.
+
+`replica_groups` is a partition of all ranks into groups, as nkipy spells it (e.g. [[0, 1], [2, 3]]).
+With groups of one rank every call is the identity, so single-process kernels never need a backend.
+Otherwise the call goes to the installed backend: nkipy's in-kernel collectives inside a trace,
+torch.distributed (gloo) in CPU processes (see `minimax_m2.distributed`).
+"""
+
+from typing import Any, Protocol, Sequence
+
+ReplicaGroups = Sequence[Sequence[int]]
+
+
+class Backend(Protocol):
+    def all_reduce(self, x: Any, replica_groups: ReplicaGroups) -> Any: ...
+
+    def all_gather(self, x: Any, all_gather_dim: int, replica_groups: ReplicaGroups) -> Any: ...
+
+    def all_to_all(self, x: Any, split_dimension: int, concat_dimension: int, replica_groups: ReplicaGroups) -> Any: ...
+
+
+_backend: Backend | None = None
+
+
+def set_backend(backend: Backend | None) -> None:
+    """Install the transport used by groups larger than one rank (None removes it)."""
+    global _backend
+    _backend = backend
+
+
+def group_size(replica_groups: ReplicaGroups | None) -> int:
+    """Ranks per group (1 when there is no group)."""
+    return 1 if not replica_groups else len(replica_groups[0])
+
+
+def _require_backend() -> Backend:
+    if _backend is None:
+        raise RuntimeError("a collective over several ranks was called but no collectives backend is installed")
+    return _backend
+
+
+def all_reduce(x: Any, replica_groups: ReplicaGroups | None) -> Any:
+    """Sum of `x` over the ranks of this rank's group."""
+    if group_size(replica_groups) == 1:
+        return x
+    return _require_backend().all_reduce(x, replica_groups)
+
+
+def all_gather(x: Any, all_gather_dim: int, replica_groups: ReplicaGroups | None) -> Any:
+    """Concatenation of every group member's `x` along `all_gather_dim`, in rank order."""
+    if group_size(replica_groups) == 1:
+        return x
+    return _require_backend().all_gather(x, all_gather_dim, replica_groups)
+
+
+def all_to_all(x: Any, split_dimension: int, concat_dimension: int, replica_groups: ReplicaGroups | None) -> Any:
+    """Split `x` in group-size chunks along `split_dimension`, chunk i to member i, concatenate what arrives."""
+    if group_size(replica_groups) == 1:
+        return x
+    return _require_backend().all_to_all(x, split_dimension, concat_dimension, replica_groups)

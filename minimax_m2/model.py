@@ -1,0 +1,147 @@
+"""MiniMaxM2Model: the whole causal LM with a fixed-size KV cache, from a checkpoint or random."""
+
+from pathlib import Path
+
+import numpy as np
+
+from kernels import lm_head, rope_tables, token_embedding
+from minimax_m2.checkpoint import Checkpoint
+from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.layer import decoder_layer
+from minimax_m2.sampling import next_tokens
+from minimax_m2.weights import ModelWeights, load_model_weights, random_model_weights
+
+KV_BLOCK = 128
+
+
+def select_experts(config: MiniMaxM2Config, experts: list[int] | None) -> list[int]:
+    """The sorted expert ids to load (all when None); refuses ids out of range, repeats, or fewer than top-k."""
+    if experts is None:
+        return list(range(config.num_local_experts))
+    chosen = sorted(int(e) for e in experts)
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"expert list {experts} repeats an expert")
+    outside = [e for e in chosen if not 0 <= e < config.num_local_experts]
+    if outside:
+        raise ValueError(f"experts {outside} are outside 0..{config.num_local_experts - 1}")
+    if len(chosen) < config.num_experts_per_tok:
+        raise ValueError(
+            f"{len(chosen)} experts loaded but each token needs {config.num_experts_per_tok} (num_experts_per_tok)"
+        )
+    return chosen
+
+
+class MiniMaxM2Model:
+    """MiniMaxM2ForCausalLM inference on NumPy kernels.
+
+    With an expert subset, each layer's router chooses among the loaded experts only (the others are
+    masked out before the top-k), so logits equal the full model's whenever the tokens' chosen experts
+    are all loaded.
+    """
+
+    def __init__(self, config: MiniMaxM2Config, weights: ModelWeights, experts: list[int], max_seq_len: int = 4096):
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        self.config = config
+        self.weights = weights
+        self.experts = experts
+        self.max_seq_len = max_seq_len
+        self.rope = rope_tables(max_seq_len, config.rotary_dim, config.rope_theta)
+        self.position = 0
+        self._caches: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, experts: list[int] | None = None, max_seq_len: int = 4096
+    ) -> "MiniMaxM2Model":
+        """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer."""
+        config = MiniMaxM2Config.from_pretrained(path)
+        chosen = select_experts(config, experts)
+        checkpoint = Checkpoint(path, config, chosen)
+        return cls(config, load_model_weights(checkpoint), chosen, max_seq_len)
+
+    @classmethod
+    def random(
+        cls, config: MiniMaxM2Config, seed: int = 0, experts: list[int] | None = None, max_seq_len: int = 4096
+    ) -> "MiniMaxM2Model":
+        """A model with random weights of the config's shapes."""
+        chosen = select_experts(config, experts)
+        return cls(config, random_model_weights(config, chosen, seed), chosen, max_seq_len)
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self.position = 0
+        self._caches = []
+
+    def _ensure_caches(self, batch: int) -> None:
+        if self._caches and self._caches[0][0].shape[0] != batch:
+            raise ValueError(f"batch size {batch} differs from the cached batch {self._caches[0][0].shape[0]}; reset() first")
+        if not self._caches:
+            c = self.config
+            shape = (batch, c.num_key_value_heads, self.max_seq_len, c.head_dim)
+            self._caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(c.num_hidden_layers)]
+
+    def _check_input(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be a non-empty integer array [batch, seq], got {ids.dtype} {ids.shape}")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
+        if self.position + ids.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"{ids.shape[1]} tokens at position {self.position} exceed max_seq_len {self.max_seq_len}"
+            )
+        return ids
+
+    def forward(self, input_ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
+        """int [batch, seq] -> float32 logits [batch, seq, vocab] (or [batch, 1, vocab] for the last
+        position when all_logits is False); continues from the KV cache."""
+        ids = self._check_input(input_ids)
+        self._ensure_caches(ids.shape[0])
+        seq = ids.shape[1]
+        positions = np.arange(self.position, self.position + seq, dtype=np.int32)
+        kv_len = min(self.max_seq_len, -(-(self.position + seq) // KV_BLOCK) * KV_BLOCK)
+        h = token_embedding(ids, self.weights.embed)
+        for w, (k_cache, v_cache) in zip(self.weights.layers, self._caches):
+            h = decoder_layer(h, positions, w, k_cache, v_cache, self.rope, self.config, kv_len)
+        self.position += seq
+        if not all_logits:
+            h = h[:, -1:]
+        return lm_head(h, self.weights.final_norm, self.weights.lm_head, self.config.rms_norm_eps)
+
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        return_logits: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Prompt [batch, prompt] -> ids [batch, prompt + max_new_tokens], from an empty cache.
+
+        With return_logits, also the float32 logits at every fed position,
+        [batch, prompt + max_new_tokens - 1, vocab] (prefill positions, then each decode step).
+        """
+        ids = np.asarray(input_ids)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if ids.ndim == 2 and ids.shape[1] + max_new_tokens - 1 > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds max_seq_len {self.max_seq_len}"
+            )
+        rng = np.random.default_rng(seed)
+        self.reset()
+        logits = self.forward(ids, all_logits=return_logits)
+        seen = [logits]
+        tokens = [ids]
+        for step in range(max_new_tokens):
+            nxt = next_tokens(logits[:, -1], temperature, top_k, top_p, rng)[:, None]
+            tokens.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self.forward(nxt)
+                seen.append(logits)
+        out = np.concatenate(tokens, axis=1)
+        return (out, np.concatenate(seen, axis=1)) if return_logits else out

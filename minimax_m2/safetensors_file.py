@@ -1,0 +1,109 @@
+"""Reading tensors from one .safetensors file, validated, without loading the rest of the file.
+
+float8_e4m3fn and bfloat16 are decoded to float32 exactly with NumPy alone.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _e4m3fn_table() -> np.ndarray:
+    """float32 value of each of the 256 float8_e4m3fn bit patterns (bias 7, no infinities, S.1111.111 = NaN)."""
+    bits = np.arange(256)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 0x7
+    normal = (1.0 + mantissa / 8.0) * np.exp2(exponent - 7.0)
+    subnormal = (mantissa / 8.0) * np.exp2(-6.0)
+    values = sign * np.where(exponent == 0, subnormal, normal)
+    values[(exponent == 15) & (mantissa == 7)] = np.nan
+    return values.astype(np.float32)
+
+
+_E4M3FN = _e4m3fn_table()
+
+# dtype name -> (stored numpy dtype, decoder to float32 or None when already numeric)
+_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "F64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),
+    "F8_E4M3": np.dtype("u1"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+}
+
+
+def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F8_E4M3":
+        return _E4M3FN[raw]
+    return raw.astype(np.float32)
+
+
+class SafetensorsFile:
+    """Header of one safetensors file; tensors are read one at a time on request."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"{self.path}: header length {header_len} exceeds the file (truncated or not safetensors)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{self.path}: malformed safetensors header: {err}") from err
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: malformed safetensors header: not a JSON object")
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        data_size = size - self._data_start
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for key, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{self.path}: malformed header entry for {key!r}") from err
+            if dtype not in _DTYPES:
+                raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+            if not 0 <= begin <= end or end - begin != nbytes:
+                raise ValueError(f"{self.path}: tensor {key!r} has offsets {begin}..{end} that do not fit shape {shape} {dtype}")
+            if end > data_size:
+                raise ValueError(
+                    f"{self.path}: truncated: tensor {key!r} ends at byte {end} of a {data_size}-byte data section"
+                )
+            self._entries[key] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        """Tensor names in this file."""
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> str:
+        """safetensors dtype name, e.g. 'F32', 'BF16', 'F8_E4M3'."""
+        return self._entries[key][0]
+
+    def read(self, key: str) -> np.ndarray:
+        """The tensor `key` decoded to float32 (exactly, for every supported float dtype)."""
+        dtype, shape, begin, end = self._entries[key]
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            buffer = f.read(end - begin)
+        if len(buffer) != end - begin:
+            raise ValueError(f"{self.path}: truncated while reading {key!r}")
+        raw = np.frombuffer(buffer, dtype=_DTYPES[dtype]).reshape(shape)
+        return _to_float32(raw, dtype)

@@ -1,0 +1,214 @@
+"""Each kernel against a straightforward NumPy reference (loops, explicit formulas).
+
+Plain functions: pytest collects them, and `run_example.py --mode test` runs them one by one.
+"""
+
+import numpy as np
+
+from kernels import (
+    attention,
+    greedy_pick,
+    lm_head,
+    moe_block,
+    moe_expert,
+    moe_router,
+    rmsnorm,
+    rope_partial,
+    rope_tables,
+    token_embedding,
+)
+
+RNG_SEED = 1234
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(RNG_SEED)
+
+
+def _randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-5) -> None:
+    err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+    assert err <= rtol, f"relative error {err:.3g} > {rtol}"
+
+
+def _ref_rmsnorm(v: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    v = v.astype(np.float64)
+    return w * v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps)
+
+
+def _ref_rope(v: np.ndarray, pos: int, rotary_dim: int, theta: float) -> np.ndarray:
+    """Rotate pairs (i, i + R/2) of one head vector by pos * theta^(-2i/R), as complex numbers."""
+    half = rotary_dim // 2
+    out = v.astype(np.float64).copy()
+    for i in range(half):
+        angle = pos * theta ** (-2.0 * i / rotary_dim)
+        z = complex(v[i], v[i + half]) * complex(np.cos(angle), np.sin(angle))
+        out[i], out[i + half] = z.real, z.imag
+    return out
+
+
+def _silu(v: np.ndarray) -> np.ndarray:
+    return v / (1.0 + np.exp(-v))
+
+
+def test_rmsnorm() -> None:
+    rng = _rng()
+    x, w = _randn(rng, 3, 5, 48, scale=3.0), _randn(rng, 48)
+    _close(rmsnorm(x, w, 1e-6), _ref_rmsnorm(x, w, 1e-6))
+
+
+def test_rope_partial() -> None:
+    rng = _rng()
+    seq, heads, head_dim, rotary_dim, theta = 6, 3, 16, 8, 5e6
+    cos, sin = rope_tables(32, rotary_dim, theta)
+    positions = np.arange(20, 20 + seq)
+    x = _randn(rng, 2, seq, heads, head_dim)
+    got = rope_partial(x, cos[positions], sin[positions])
+    want = np.empty_like(got)
+    for b in range(2):
+        for s in range(seq):
+            for h in range(heads):
+                want[b, s, h] = _ref_rope(x[b, s, h], positions[s], rotary_dim, theta)
+    _close(got, want)
+    assert np.array_equal(got[..., rotary_dim:], x[..., rotary_dim:]), "features past rotary_dim must pass through"
+
+
+def _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, kv_heads, head_dim, rotary_dim, theta, eps):
+    """Per-token, per-head loops; past_k/past_v: [B, Hkv, P, D] for the positions before positions[0]."""
+    batch, seq, _ = x.shape
+    q = _ref_rmsnorm(x @ wq, qn, eps).reshape(batch, seq, heads, head_dim)
+    k = _ref_rmsnorm(x @ wk, kn, eps).reshape(batch, seq, kv_heads, head_dim)
+    v = (x @ wv).reshape(batch, seq, kv_heads, head_dim)
+    for b in range(batch):
+        for s in range(seq):
+            for h in range(heads):
+                q[b, s, h] = _ref_rope(q[b, s, h], positions[s], rotary_dim, theta)
+            for h in range(kv_heads):
+                k[b, s, h] = _ref_rope(k[b, s, h], positions[s], rotary_dim, theta)
+    keys = np.concatenate([past_k, k.transpose(0, 2, 1, 3)], axis=2)
+    values = np.concatenate([past_v, v.transpose(0, 2, 1, 3)], axis=2)
+    out = np.zeros((batch, seq, heads * head_dim))
+    for b in range(batch):
+        for s in range(seq):
+            visible = positions[s] + 1
+            for h in range(heads):
+                kvh = h // (heads // kv_heads)
+                scores = keys[b, kvh, :visible] @ q[b, s, h] / np.sqrt(head_dim)
+                p = np.exp(scores - scores.max())
+                out[b, s, h * head_dim : (h + 1) * head_dim] = (p / p.sum()) @ values[b, kvh, :visible]
+    return out @ wo, keys, values
+
+
+def test_attention() -> None:
+    """Prefill then decode through one cache, against per-head loops with the full-width QK norm."""
+    rng = _rng()
+    batch, hidden, heads, kv_heads, head_dim, rotary_dim, theta, eps, max_seq = 2, 32, 4, 2, 16, 8, 1e4, 1e-6, 16
+    wq, wk, wv = _randn(rng, hidden, heads * head_dim, scale=0.3), _randn(rng, hidden, kv_heads * head_dim, scale=0.3), _randn(rng, hidden, kv_heads * head_dim, scale=0.3)
+    wo = _randn(rng, heads * head_dim, hidden, scale=0.3)
+    qn, kn = 1 + _randn(rng, heads * head_dim, scale=0.3), 1 + _randn(rng, kv_heads * head_dim, scale=0.3)
+    cos, sin = rope_tables(max_seq, rotary_dim, theta)
+    k_cache = np.zeros((batch, kv_heads, max_seq, head_dim), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    past_k = np.zeros((batch, kv_heads, 0, head_dim))
+    past_v = np.zeros_like(past_k)
+    start = 0
+    for seq in (5, 1, 1):
+        x = _randn(rng, batch, seq, hidden)
+        positions = np.arange(start, start + seq)
+        got, _, _ = attention(x, positions, wq, wk, wv, wo, qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, kv_len=max_seq)
+        want, past_k, past_v = _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, kv_heads, head_dim, rotary_dim, theta, eps)
+        _close(got, want)
+        start += seq
+    _close(k_cache[:, :, :start], past_k)
+
+
+def test_attention_qk_norm_spans_all_heads() -> None:
+    """One RMSNorm over the whole q (heads x head_dim) width: scaling one head changes the others."""
+    rng = _rng()
+    hidden, heads, head_dim = 16, 4, 8
+    wq = _randn(rng, hidden, heads * head_dim)
+    boosted = wq.copy()
+    boosted[:, :head_dim] *= 10.0
+    x = _randn(rng, 1, 1, hidden)
+    ones = np.ones(heads * head_dim, np.float32)
+    q, q_boosted = rmsnorm(x @ wq, ones, 1e-6), rmsnorm(x @ boosted, ones, 1e-6)
+    other_heads = slice(head_dim, None)
+    assert not np.allclose(q[..., other_heads], q_boosted[..., other_heads]), "q norm must not be per head"
+    _close(q_boosted[..., other_heads] * np.sqrt(np.mean(np.square(x @ boosted), axis=-1, keepdims=True)), (x @ wq)[..., other_heads])
+
+
+def test_moe_router() -> None:
+    rng = _rng()
+    tokens, hidden, experts, top_k = 7, 16, 12, 3
+    x, gate = _randn(rng, tokens, hidden), _randn(rng, hidden, experts)
+    bias = _randn(rng, experts, scale=0.5)
+    weights, chosen = moe_router(x, gate, bias, top_k)
+    for t in range(tokens):
+        scores = 1 / (1 + np.exp(-(x[t].astype(np.float64) @ gate)))
+        pick = sorted(range(experts), key=lambda e: -(scores[e] + bias[e]))[:top_k]
+        assert list(chosen[t]) == pick, f"token {t}: chose {list(chosen[t])}, expected {pick}"
+        _close(weights[t], scores[pick] / scores[pick].sum())
+
+
+def test_moe_router_bias_only_chooses() -> None:
+    """A large bias forces an expert into the top-k, but its weight stays its unbiased sigmoid score."""
+    x = np.ones((1, 2), np.float32)
+    gate = np.array([[2.0, 1.0, -3.0], [2.0, 1.0, -3.0]], np.float32)
+    bias = np.array([0.0, 0.0, 5.0], np.float32)
+    weights, chosen = moe_router(x, gate, bias, 2)
+    assert set(chosen[0]) == {0, 2}
+    s = 1 / (1 + np.exp(-np.array([4.0, -6.0])))
+    _close(np.sort(weights[0]), np.sort(s / s.sum()))
+
+
+def test_moe_expert() -> None:
+    rng = _rng()
+    hidden, inter = 16, 12
+    x = _randn(rng, 5, hidden)
+    w1, w3, w2 = _randn(rng, inter, hidden), _randn(rng, inter, hidden), _randn(rng, hidden, inter)
+    got = moe_expert(x, np.concatenate([w1.T, w3.T], axis=1), w2.T)
+    want = np.stack([w2 @ (_silu(w1 @ row) * (w3 @ row)) for row in x.astype(np.float64)])
+    _close(got, want)
+
+
+def _ref_moe(x, gate, bias, w13, w2, top_k):
+    out = np.zeros(x.shape)
+    weights, chosen = moe_router(x, gate, bias, top_k)
+    inter = w2.shape[1]
+    for t in range(x.shape[0]):
+        for j in range(top_k):
+            e = chosen[t, j]
+            h = x[t] @ w13[e]
+            out[t] += weights[t, j] * ((_silu(h[:inter]) * h[inter:]) @ w2[e])
+    return out
+
+
+def test_moe_block() -> None:
+    """Both schedules (gathered pairs for few tokens, dense for many) against a per-token loop."""
+    rng = _rng()
+    hidden, inter, experts, top_k = 16, 8, 12, 2
+    gate, bias = _randn(rng, hidden, experts), _randn(rng, experts, scale=0.1)
+    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
+    for tokens in (1, 5, 9):
+        x = _randn(rng, tokens, hidden)
+        _close(moe_block(x, gate, bias, w13, w2, top_k=top_k), _ref_moe(x, gate, bias, w13, w2, top_k))
+
+
+def test_token_embedding() -> None:
+    rng = _rng()
+    table = _randn(rng, 50, 8)
+    ids = np.array([[3, 49, 0], [7, 7, 1]])
+    got = token_embedding(ids, table)
+    assert all(np.array_equal(got[b, s], table[ids[b, s]]) for b in range(2) for s in range(3))
+
+
+def test_lm_head_and_greedy() -> None:
+    rng = _rng()
+    h, norm, weight = _randn(rng, 2, 3, 16), _randn(rng, 16), _randn(rng, 16, 40)
+    logits = lm_head(h, norm, weight, 1e-6)
+    _close(logits, _ref_rmsnorm(h, norm, 1e-6) @ weight)
+    picks = greedy_pick(logits[:, -1])
+    assert [int(p) for p in picks] == [int(np.argmax(row)) for row in logits[:, -1]]

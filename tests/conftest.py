@@ -1,0 +1,34 @@
+"""Shared tiny checkpoints, built once per test session by transformers."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hf_reference  # noqa: E402
+
+PROMPT = np.array([[5, 17, 200, 3, 99, 42, 7], [250, 1, 64, 64, 12, 180, 33]])
+DECODE_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return hf_reference.build_model(hf_reference.tiny_config())
+
+
+@pytest.fixture(scope="session")
+def float32_checkpoint(hf_model, tmp_path_factory) -> Path:
+    return hf_reference.save(hf_model, tmp_path_factory.mktemp("f32"))
+
+
+@pytest.fixture(scope="session")
+def sharded_checkpoint(hf_model, tmp_path_factory) -> Path:
+    return hf_reference.save(hf_model, tmp_path_factory.mktemp("sharded"), max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def fp8_checkpoint(float32_checkpoint, tmp_path_factory) -> Path:
+    return hf_reference.write_fp8(float32_checkpoint, tmp_path_factory.mktemp("fp8"))

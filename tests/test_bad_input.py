@@ -1,0 +1,134 @@
+"""Bad checkpoints and bad inputs give errors that name the problem, and lose nothing."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROMPT
+from safetensors.torch import load_file, save_file
+
+from minimax_m2 import CheckpointError, MiniMaxM2Model
+
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+
+
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    """Copy a single-file checkpoint, passing its tensors through `change(dict)`."""
+    shutil.copytree(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    change(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_tensor_is_named(float32_checkpoint, tmp_path) -> None:
+    path = _rewrite(float32_checkpoint, tmp_path / "c", lambda t: t.pop(O_PROJ))
+    with pytest.raises(CheckpointError, match=f"missing tensor '{O_PROJ}'"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(float32_checkpoint, tmp_path) -> None:
+    extra = "model.layers.0.self_attn.rotary.weight"
+    path = _rewrite(float32_checkpoint, tmp_path / "c", lambda t: t.update({extra: torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=f"unexpected tensor '{extra}'"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_expert_beyond_config_is_unexpected(float32_checkpoint, tmp_path) -> None:
+    extra = "model.layers.0.block_sparse_moe.experts.16.w1.weight"
+    path = _rewrite(float32_checkpoint, tmp_path / "c", lambda t: t.update({extra: torch.zeros(48, 64)}))
+    with pytest.raises(CheckpointError, match=f"unexpected tensor '{extra}'"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_wrong_shape_is_named(float32_checkpoint, tmp_path) -> None:
+    path = _rewrite(float32_checkpoint, tmp_path / "c", lambda t: t.update({O_PROJ: t[O_PROJ][:, :32].contiguous()}))
+    with pytest.raises(CheckpointError, match=rf"'{O_PROJ}' has shape \[64, 32\], expected \[64, 64\]"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_mtp_modules_are_ignored_by_rule(float32_checkpoint, tmp_path) -> None:
+    """Keys of MTP modules (layers past num_hidden_layers when use_mtp) are accounted for, not errors."""
+    path = _rewrite(
+        float32_checkpoint, tmp_path / "c", lambda t: t.update({"model.layers.2.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    )
+    config = json.loads((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.2.self_attn.q_proj.weight'"):
+        MiniMaxM2Model.from_pretrained(path)
+    config.update(use_mtp=True, num_mtp_modules=1)
+    (path / "config.json").write_text(json.dumps(config))
+    MiniMaxM2Model.from_pretrained(path)
+
+
+def test_truncated_shard(sharded_checkpoint, tmp_path) -> None:
+    path = shutil.copytree(sharded_checkpoint, tmp_path / "c")
+    shard = sorted(path.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{shard.name}: truncated"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_malformed_header(float32_checkpoint, tmp_path) -> None:
+    path = shutil.copytree(float32_checkpoint, tmp_path / "c")
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[8:20] = b"not json!!!!"
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="malformed safetensors header"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd"])
+def test_index_pointing_outside_checkpoint(sharded_checkpoint, tmp_path, target) -> None:
+    path = shutil.copytree(sharded_checkpoint, tmp_path / "c")
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"][O_PROJ] = target
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_fp8_weight_without_scale(fp8_checkpoint, tmp_path) -> None:
+    path = shutil.copytree(fp8_checkpoint, tmp_path / "c")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    scale = O_PROJ + "_scale_inv"
+    shard = path / index["weight_map"].pop(scale)
+    tensors = load_file(shard)
+    tensors.pop(scale)
+    save_file(tensors, shard)
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"missing tensor '{scale}'"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_out_of_vocab_id_loses_nothing(float32_checkpoint) -> None:
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=16)
+    first = model.forward(PROMPT[:, :3])
+    with pytest.raises(ValueError, match=r"token ids \[256\] are outside the vocabulary 0..255"):
+        model.forward(np.array([[1], [256]]))
+    with pytest.raises(ValueError, match=r"token ids \[-1\]"):
+        model.forward(np.array([[-1], [2]]))
+    assert model.position == 3
+    rest = model.forward(PROMPT[:, 3:])
+    model.reset()
+    whole = model.forward(PROMPT)
+    assert np.max(np.abs(np.concatenate([first, rest], axis=1) - whole)) < 1e-5 * np.max(np.abs(whole))
+
+
+def test_prompt_longer_than_cache(float32_checkpoint) -> None:
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=8)
+    with pytest.raises(ValueError, match="exceed max_seq_len 8"):
+        model.forward(np.zeros((1, 9), dtype=np.int64))
+    with pytest.raises(ValueError, match="exceeds max_seq_len 8"):
+        model.generate(PROMPT, max_new_tokens=3)
+    assert model.position == 0
+
+
+def test_missing_checkpoint_files(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        MiniMaxM2Model.from_pretrained(tmp_path)
