@@ -1,6 +1,7 @@
 """MiniMaxM2Model: the whole causal LM with a fixed-size KV cache, from a checkpoint or random."""
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -8,7 +9,7 @@ from kernels import lm_head, rope_tables, token_embedding
 from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.layer import decoder_layer
-from minimax_m2.sampling import next_tokens
+from minimax_m2.sampling import check_sampling, next_tokens
 from minimax_m2.weights import ModelWeights, load_model_weights, random_model_weights
 
 KV_BLOCK = 128
@@ -110,6 +111,36 @@ class MiniMaxM2Model:
             h = h[:, -1:]
         return lm_head(h, self.weights.final_norm, self.weights.lm_head, self.config.rms_norm_eps)
 
+    def generate_steps(
+        self,
+        input_ids: np.ndarray,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        all_logits: bool = False,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """From an empty cache, yield (next tokens [batch, 1], logits of the forward that chose them)
+        once per new token: the prefill's logits ([batch, prompt, vocab], or its last position only
+        unless all_logits), then each decode step's [batch, 1, vocab]."""
+        ids = np.asarray(input_ids)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if ids.ndim == 2 and ids.shape[1] + max_new_tokens - 1 > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds max_seq_len {self.max_seq_len}"
+            )
+        check_sampling(temperature, top_k, top_p)
+        rng = np.random.default_rng(seed)
+        self.reset()
+        logits = self.forward(ids, all_logits=all_logits)
+        for step in range(max_new_tokens):
+            tokens = next_tokens(logits[:, -1], temperature, top_k, top_p, rng)[:, None]
+            yield tokens, logits
+            if step + 1 < max_new_tokens:
+                logits = self.forward(tokens)
+
     def generate(
         self,
         input_ids: np.ndarray,
@@ -125,23 +156,8 @@ class MiniMaxM2Model:
         With return_logits, also the float32 logits at every fed position,
         [batch, prompt + max_new_tokens - 1, vocab] (prefill positions, then each decode step).
         """
-        ids = np.asarray(input_ids)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if ids.ndim == 2 and ids.shape[1] + max_new_tokens - 1 > self.max_seq_len:
-            raise ValueError(
-                f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds max_seq_len {self.max_seq_len}"
-            )
-        rng = np.random.default_rng(seed)
-        self.reset()
-        logits = self.forward(ids, all_logits=return_logits)
-        seen = [logits]
-        tokens = [ids]
-        for step in range(max_new_tokens):
-            nxt = next_tokens(logits[:, -1], temperature, top_k, top_p, rng)[:, None]
-            tokens.append(nxt)
-            if step + 1 < max_new_tokens:
-                logits = self.forward(nxt)
-                seen.append(logits)
-        out = np.concatenate(tokens, axis=1)
-        return (out, np.concatenate(seen, axis=1)) if return_logits else out
+        steps = list(self.generate_steps(input_ids, max_new_tokens, temperature, top_k, top_p, seed, return_logits))
+        ids = np.concatenate([np.asarray(input_ids)] + [tokens for tokens, _ in steps], axis=1)
+        if not return_logits:
+            return ids
+        return ids, np.concatenate([logits for _, logits in steps], axis=1)

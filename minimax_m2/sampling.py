@@ -5,6 +5,12 @@ import numpy as np
 from kernels import greedy_pick
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise for settings that do not define a distribution."""
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
+        raise ValueError(f"invalid sampling settings temperature={temperature}, top_k={top_k}, top_p={top_p}")
+
+
 def next_tokens(
     logits: np.ndarray,
     temperature: float,
@@ -13,8 +19,7 @@ def next_tokens(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """logits: [B, vocab] -> [B] token ids. temperature 0 is greedy (argmax)."""
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-        raise ValueError(f"invalid sampling settings temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return greedy_pick(logits)
     scaled = logits.astype(np.float64) / temperature

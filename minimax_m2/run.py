@@ -1,0 +1,147 @@
+"""What run_example.py runs: kernel self-checks, a random-weight model, a real checkpoint."""
+
+import inspect
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.model import MiniMaxM2Model
+
+
+def run_kernel_checks(checks: dict[str, Callable[[], None]]) -> bool:
+    """Run each check, print one PASS/FAIL line per check; True when all pass."""
+    ok = True
+    for name, check in checks.items():
+        try:
+            check()
+            print(f"PASS  {name}")
+        except Exception:  # noqa: BLE001 - every failure is reported, then the next check runs
+            ok = False
+            print(f"FAIL  {name}\n{traceback.format_exc()}")
+    print(f"{sum(1 for _ in checks)} kernel checks, {'all passed' if ok else 'some FAILED'}")
+    return ok
+
+
+def kernel_checks(module) -> dict[str, Callable[[], None]]:
+    """The test_* functions of a module, by name without the prefix, in source order."""
+    functions = inspect.getmembers(module, inspect.isfunction)
+    tests = [(f.__code__.co_firstlineno, name, f) for name, f in functions if name.startswith("test_")]
+    return {name.removeprefix("test_"): f for _, name, f in sorted(tests)}
+
+
+def random_config(hidden_size: int, num_layers: int, num_experts: int, top_k: int, vocab_size: int) -> MiniMaxM2Config:
+    """A scaled-down MiniMax-M2: head_dim 32, heads = hidden / 32, 4 query heads per KV head, half-rotary."""
+    if hidden_size % 128:
+        raise ValueError(f"--hidden-size must be a multiple of 128, got {hidden_size}")
+    heads = hidden_size // 32
+    return MiniMaxM2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size // 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 4,
+        head_dim=32,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        rotary_dim=16,
+    )
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: np.ndarray  # [B, prompt]
+    generated_ids: np.ndarray  # [B, new]
+    logits: np.ndarray | None  # [B, prompt + new - 1, vocab]
+    prefill_seconds: float
+    decode_seconds: list[float]
+
+
+def timed_generate(model: MiniMaxM2Model, prompt: np.ndarray, sampling: Sampling, keep_logits: bool) -> GenerationResult:
+    """Generate from `prompt`, timing the prefill and each decode step."""
+    steps = model.generate_steps(
+        prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
+        all_logits=keep_logits,
+    )
+    seconds, tokens, logits = [], [], []
+    while True:
+        start = time.perf_counter()
+        try:
+            new, step_logits = next(steps)
+        except StopIteration:
+            break
+        seconds.append(time.perf_counter() - start)
+        tokens.append(new)
+        logits.append(step_logits)
+    return GenerationResult(
+        prompt_ids=prompt,
+        generated_ids=np.concatenate(tokens, axis=1),
+        logits=np.concatenate(logits, axis=1) if keep_logits else None,
+        prefill_seconds=seconds[0],
+        decode_seconds=seconds[1:],
+    )
+
+
+def report(result: GenerationResult, decode_text: Callable[[list[int]], str] | None = None) -> None:
+    """Print tokens (and text when a tokenizer is known) and timings."""
+    batch, prompt_len = result.prompt_ids.shape
+    for row in range(batch):
+        print(f"[{row}] prompt ids:    {result.prompt_ids[row].tolist()}")
+        print(f"[{row}] generated ids: {result.generated_ids[row].tolist()}")
+        if decode_text:
+            print(f"[{row}] text: {decode_text(result.generated_ids[row].tolist())!r}")
+    tokens = batch * prompt_len
+    print(f"prefill: {tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms ({tokens / result.prefill_seconds:.1f} tokens/s)")
+    if result.decode_seconds:
+        per_step = np.mean(result.decode_seconds)
+        print(f"decode: {len(result.decode_seconds)} steps, {per_step * 1e3:.2f} ms/step (batch {batch})")
+
+
+def write_outputs(result: GenerationResult, output_json: Path | None, dump_logits: Path | None) -> None:
+    if output_json:
+        output_json.write_text(json.dumps({
+            "prompt_ids": result.prompt_ids.tolist(),
+            "generated_ids": result.generated_ids.tolist(),
+        }))
+        print(f"wrote {output_json}")
+    if dump_logits:
+        np.save(dump_logits, result.logits.astype(np.float32))
+        print(f"wrote {dump_logits} {list(result.logits.shape)}")
+
+
+def load_tokenizer(checkpoint: Path):
+    """The checkpoint's tokenizer.json through the `tokenizers` package; a clear error when either is absent."""
+    path = checkpoint / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt needs {path}; pass --prompt-ids instead")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as err:
+        raise ImportError("--prompt needs the `tokenizers` package: pip install tokenizers") from err
+    return Tokenizer.from_file(str(path))
+
+
+def parse_ids(rows: list[str]) -> np.ndarray:
+    """['1,2,3', '4,5,6'] -> int64 [2, 3]; rows must have equal length."""
+    try:
+        ids = [[int(t) for t in row.split(",") if t.strip()] for row in rows]
+    except ValueError as err:
+        raise ValueError(f"--prompt-ids takes comma-separated integers: {err}") from err
+    if not ids or len({len(r) for r in ids}) != 1 or not ids[0]:
+        raise ValueError("--prompt-ids rows must be non-empty and of equal length (a batch of equal-length prompts)")
+    return np.array(ids, dtype=np.int64)

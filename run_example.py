@@ -1,0 +1,92 @@
+"""MiniMax-M2 on NumPy/nkipy kernels: kernel self-checks, a random-weight model, or a real checkpoint.
+
+  python run_example.py --mode test
+  python run_example.py --mode random --num-layers 4 --num-experts 16 --max-new-tokens 16
+  python run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --experts 0,1,2,3,4,5,6,7
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from minimax_m2 import MiniMaxM2Model
+from minimax_m2.run import (
+    Sampling,
+    kernel_checks,
+    load_tokenizer,
+    parse_ids,
+    random_config,
+    report,
+    run_kernel_checks,
+    timed_generate,
+    write_outputs,
+)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["test", "random", "generate"], default="random")
+    p.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (generate mode)")
+    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch")
+    p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint and `tokenizers`)")
+    p.add_argument("--experts", help="comma-separated expert ids to load (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", type=Path)
+    p.add_argument("--dump-logits", type=Path)
+    random = p.add_argument_group("random mode")
+    random.add_argument("--num-layers", type=int, default=4)
+    random.add_argument("--num-experts", type=int, default=16)
+    random.add_argument("--experts-per-token", type=int, default=4)
+    random.add_argument("--hidden-size", type=int, default=256)
+    random.add_argument("--vocab-size", type=int, default=1024)
+    random.add_argument("--batch", type=int, default=1)
+    random.add_argument("--prompt-len", type=int, default=16)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.mode == "test":
+        import test_kernels
+
+        return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    experts = [int(e) for e in args.experts.split(",")] if args.experts else None
+    decode_text = None
+    if args.mode == "random":
+        config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
+        model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len)
+        prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
+        print(f"random MiniMax-M2: {config}")
+    else:
+        if args.checkpoint is None:
+            raise SystemExit("--mode generate needs --checkpoint DIR")
+        if args.prompt:
+            tokenizer = load_tokenizer(args.checkpoint)
+            prompt = np.array([tokenizer.encode(args.prompt).ids], dtype=np.int64)
+            decode_text = tokenizer.decode
+        elif args.prompt_ids:
+            prompt = parse_ids(args.prompt_ids)
+        else:
+            raise SystemExit("--mode generate needs --prompt-ids or --prompt")
+        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len)
+    result = timed_generate(model, prompt, sampling, keep_logits=args.dump_logits is not None)
+    report(result, decode_text)
+    write_outputs(result, args.output_json, args.dump_logits)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
