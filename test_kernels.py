@@ -7,7 +7,9 @@ import numpy as np
 
 from kernels import (
     attention,
+    block_rows,
     greedy_pick,
+    grouped_experts,
     lm_head,
     moe_block,
     moe_expert,
@@ -187,14 +189,35 @@ def _ref_moe(x, gate, bias, w13, w2, top_k):
 
 
 def test_moe_block() -> None:
-    """Both schedules (gathered pairs for few tokens, dense for many) against a per-token loop."""
+    """One token (one row per block) and many (blocks of several rows) against a per-token loop."""
     rng = _rng()
     hidden, inter, experts, top_k = 16, 8, 12, 2
     gate, bias = _randn(rng, hidden, experts), _randn(rng, experts, scale=0.1)
     w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
-    for tokens in (1, 5, 9):
+    for tokens in (1, 5, 40):
         x = _randn(rng, tokens, hidden)
         _close(moe_block(x, gate, bias, w13, w2, top_k=top_k), _ref_moe(x, gate, bias, w13, w2, top_k))
+
+
+def test_grouped_experts() -> None:
+    """Rows through their expert, blocked and padded, for spread, skewed (every row on one expert)
+    and partly invalid routings; invalid rows come back as zeros and no valid row is lost."""
+    rng = _rng()
+    hidden, inter, experts, rows = 16, 8, 6, 48
+    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
+    x = _randn(rng, rows, hidden)
+    assert block_rows(rows, experts) > 1, "the case must exercise blocks of several rows"
+    spread = rng.integers(0, experts, rows)
+    for ids, valid in (
+        (spread, np.ones(rows, bool)),
+        (np.full(rows, 3), np.ones(rows, bool)),
+        (spread, rng.random(rows) < 0.5),
+    ):
+        want = np.stack([
+            moe_expert(x[r : r + 1], w13[e], w2[e])[0] if ok else np.zeros(hidden, np.float32)
+            for r, (e, ok) in enumerate(zip(ids, valid))
+        ])
+        _close(grouped_experts(x, ids, valid, w13, w2), want)
 
 
 def test_token_embedding() -> None:

@@ -9,13 +9,16 @@ from kernels.embedding import token_embedding
 from kernels.lm_head import greedy_pick, lm_head
 from kernels.moe_block import moe_block
 from kernels.moe_expert import moe_expert
+from kernels.moe_grouped import block_rows, grouped_experts
 from kernels.moe_router import moe_router
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rope_partial, rope_tables
 
 __all__ = [
     "attention",
+    "block_rows",
     "greedy_pick",
+    "grouped_experts",
     "lm_head",
     "moe_block",
     "moe_expert",

@@ -2,17 +2,8 @@
 
 import numpy as np
 
-from kernels.moe_expert import moe_expert
+from kernels.moe_grouped import grouped_experts
 from kernels.moe_router import moe_router
-
-
-def combine_matrix(weights: np.ndarray, experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """Dense routing matrix [T, E]: entry (t, e) is token t's weight for expert e, 0 if not chosen.
-
-    weights, experts: [T, top_k].
-    """
-    one_hot = experts[:, :, None] == np.arange(num_experts)[None, None, :]
-    return np.sum(np.where(one_hot, weights[:, :, None], np.float32(0.0)), axis=1)
 
 
 def moe_block(
@@ -23,20 +14,12 @@ def moe_block(
     gate: [hidden, E], bias: [E], w13: [E, hidden, 2I], w2: [E, I, hidden] for the E experts held
     (all of them, or a loaded subset: routing then chooses among those only).
 
-    The static shape picks the schedule: when fewer (token, expert) pairs are routed than experts
-    are held (decode), each pair gathers its expert's weights; otherwise (prefill) every expert runs
-    on every token and the dense combine matrix zeroes the unchosen ones. Both are exact.
+    Each token's top_k (token, expert) pairs run through grouped_experts, which reads only the chosen
+    experts' weights and never drops a pair, then are summed with the router weights.
     """
     weights, experts = moe_router(x, gate, bias, top_k)
     tokens, hidden = x.shape
-    num_experts = w13.shape[0]
-
-    if tokens * top_k < num_experts:
-        chosen = experts.reshape(-1)
-        pairs = np.repeat(x, top_k, axis=0)[:, None, :]
-        y = moe_expert(pairs, np.take(w13, chosen, axis=0), np.take(w2, chosen, axis=0))
-        return np.sum(y.reshape(tokens, top_k, hidden) * weights[:, :, None], axis=1)
-
-    y = moe_expert(x[None, :, :], w13, w2)
-    combine = combine_matrix(weights, experts, num_experts)
-    return np.sum(y * np.transpose(combine)[:, :, None], axis=0)
+    pairs = np.repeat(x, top_k, axis=0)
+    chosen = experts.reshape(-1)
+    y = grouped_experts(pairs, chosen, chosen >= 0, w13, w2)
+    return np.sum(y.reshape(tokens, top_k, hidden) * weights[:, :, None], axis=1)

@@ -41,8 +41,8 @@ def _linear(weight: np.ndarray) -> np.ndarray:
 
 
 def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    w13 = np.stack([np.concatenate([a.T, b.T], axis=1) for a, b in zip(w1, w3)])
-    return w13, np.stack([_linear(w) for w in w2])
+    w13 = np.stack([np.concatenate([_linear(a), _linear(b)], axis=1) for a, b in zip(w1, w3)])
+    return np.ascontiguousarray(w13), np.stack([_linear(w) for w in w2])
 
 
 def load_layer(ckpt: Checkpoint, layer: int) -> LayerWeights:

@@ -1,6 +1,7 @@
 """Every kernel, run on recording arrays, calls only what nkipy can trace (../shared/nkipy/traceable_ops.json)."""
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from kernels import (
     attention,
     collectives,
     greedy_pick,
+    grouped_experts,
     lm_head,
     moe_block,
     moe_expert,
@@ -22,7 +24,7 @@ from kernels import (
 )
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.layer import decoder_layer
-from minimax_m2.weights import random_model_weights
+from minimax_m2.weights import LayerWeights, random_model_weights
 
 OPS_FILE = Path(__file__).resolve().parents[2] / "shared" / "nkipy" / "traceable_ops.json"
 CONFIG = MiniMaxM2Config(
@@ -75,12 +77,20 @@ def _cases():
     yield "moe_router", moe_router, (x(6, 32), w.gate, w.bias, 2), {}
     yield "moe_expert", moe_expert, (x(3, 32), w.w13[0], w.w2[0]), {}
     yield "moe_block decode", moe_block, (x(2, 32), w.gate, w.bias, w.w13, w.w2), {"top_k": 2}
-    yield "moe_block prefill", moe_block, (x(6, 32), w.gate, w.bias, w.w13, w.w2), {"top_k": 2}
+    yield "moe_block prefill", moe_block, (x(40, 32), w.gate, w.bias, w.w13, w.w2), {"top_k": 2}
+    ids, valid = rng.integers(0, 8, 40), rng.random(40) < 0.7
+    yield "grouped_experts", grouped_experts, (x(40, 32), ids, valid, w.w13, w.w2), {}
     yield "token_embedding", token_embedding, (rng.integers(0, 64, (2, 3)).astype(np.int32), weights.embed), {}
     yield "lm_head", lm_head, (x(2, 1, 32), weights.final_norm, weights.lm_head, 1e-6), {}
     yield "greedy_pick", greedy_pick, (x(2, 64),), {}
-    yield "decoder_layer", lambda h, pos, k, v, cos_t, sin_t: decoder_layer(h, pos, w, k, v, (cos_t, sin_t), c, MAX_SEQ), (
-        x(2, 4, 32), np.arange(4, dtype=np.int32), cache(), cache(), cos, sin), {}
+    names = [f.name for f in fields(LayerWeights)]
+
+    def layer(h, pos, k, v, cos_t, sin_t, *layer_weights):
+        """Weights are kernel arguments too, as on device."""
+        return decoder_layer(h, pos, LayerWeights(*layer_weights), k, v, (cos_t, sin_t), c, MAX_SEQ)
+
+    yield "decoder_layer", layer, (
+        x(2, 4, 32), np.arange(4, dtype=np.int32), cache(), cache(), cos, sin, *(getattr(w, n) for n in names)), {}
 
 
 CASES = list(_cases())
