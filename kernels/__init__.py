@@ -8,6 +8,7 @@ from kernels.attention import attention
 from kernels.embedding import token_embedding
 from kernels.lm_head import greedy_pick, lm_head
 from kernels.moe_block import moe_block
+from kernels.moe_dispatch import moe_block_ep, worst_case_capacity
 from kernels.moe_expert import moe_expert
 from kernels.moe_grouped import block_rows, grouped_experts
 from kernels.moe_router import moe_router
@@ -21,10 +22,12 @@ __all__ = [
     "grouped_experts",
     "lm_head",
     "moe_block",
+    "moe_block_ep",
     "moe_expert",
     "moe_router",
     "rmsnorm",
     "rope_partial",
     "rope_tables",
     "token_embedding",
+    "worst_case_capacity",
 ]

@@ -3,6 +3,7 @@
 import numpy as np
 
 from kernels.moe_expert import moe_expert
+from kernels.slots import place_rows, rank_within
 
 MAX_BLOCK_ROWS = 128
 
@@ -31,14 +32,10 @@ def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w1
     num_blocks = -(-(rows + num_experts * (b - 1)) // b)
 
     member = ((expert_ids[:, None] == np.arange(num_experts)[None, :]) & valid[:, None]).astype(np.int32)  # [P, E]
-    rank = np.sum(np.cumsum(member, axis=0) * member, axis=1) - 1  # [P] place among its expert's rows
     padded = (np.sum(member, axis=0) + (b - 1)) // b * b  # [E]
     run_end = np.cumsum(padded)  # [E]
-    slot = np.sum(member * (run_end - padded)[None, :], axis=1) + rank  # [P]; -1 for invalid rows
-
-    holds = slot[None, :] == np.arange(num_blocks * b)[:, None]  # [slots, P]
-    source = np.sum(np.where(holds, np.arange(rows)[None, :], 0), axis=1)  # [slots]
-    slotted = np.where(np.any(holds, axis=1)[:, None], np.take(x, source, axis=0), np.float32(0.0))
+    slot = np.sum(member * (run_end - padded)[None, :], axis=1) + rank_within(member)  # [P]
+    slotted = place_rows(x, slot, valid, num_blocks * b)
 
     block_expert = np.minimum(np.sum(run_end[None, :] <= (np.arange(num_blocks) * b)[:, None], axis=1), num_experts - 1)
     y = np.concatenate([

@@ -6,9 +6,11 @@ from typing import Iterator
 import numpy as np
 
 from kernels import lm_head, rope_tables, token_embedding
+from kernels.collectives import all_gather, all_reduce
 from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.layer import decoder_layer
+from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import check_sampling, next_tokens
 from minimax_m2.weights import ModelWeights, load_model_weights, random_model_weights
 
@@ -33,53 +35,79 @@ def select_experts(config: MiniMaxM2Config, experts: list[int] | None) -> list[i
 
 
 class MiniMaxM2Model:
-    """MiniMaxM2ForCausalLM inference on NumPy kernels.
+    """MiniMaxM2ForCausalLM inference on NumPy kernels, in one process or as one rank of a layout.
 
     With an expert subset, each layer's router chooses among the loaded experts only (the others are
     masked out before the top-k), so logits equal the full model's whenever the tokens' chosen experts
-    are all loaded.
+    are all loaded. Over several ranks every rank holds the same full-batch logits after each forward.
     """
 
-    def __init__(self, config: MiniMaxM2Config, weights: ModelWeights, experts: list[int], max_seq_len: int = 4096):
+    def __init__(
+        self,
+        config: MiniMaxM2Config,
+        weights: ModelWeights,
+        experts: list[int],
+        max_seq_len: int = 4096,
+        layout: ParallelLayout | None = None,
+    ):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
         self.config = config
         self.weights = weights
         self.experts = experts
         self.max_seq_len = max_seq_len
+        self.layout = layout or ParallelLayout()
         self.rope = rope_tables(max_seq_len, config.rotary_dim, config.rope_theta)
         self.position = 0
+        self.dropped_pairs = 0
         self._caches: list[tuple[np.ndarray, np.ndarray]] = []
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, experts: list[int] | None = None, max_seq_len: int = 4096
+        cls,
+        path: str | Path,
+        experts: list[int] | None = None,
+        max_seq_len: int = 4096,
+        layout: ParallelLayout | None = None,
     ) -> "MiniMaxM2Model":
-        """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer."""
+        """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer;
+        with a layout, only this rank's experts and attention heads."""
+        layout = layout or ParallelLayout()
         config = MiniMaxM2Config.from_pretrained(path)
         chosen = select_experts(config, experts)
-        checkpoint = Checkpoint(path, config, chosen)
-        return cls(config, load_model_weights(checkpoint), chosen, max_seq_len)
+        layout.check(config, len(chosen))
+        checkpoint = Checkpoint(path, config, layout.local_experts(chosen))
+        return cls(config, load_model_weights(checkpoint, chosen, layout), chosen, max_seq_len, layout)
 
     @classmethod
     def random(
-        cls, config: MiniMaxM2Config, seed: int = 0, experts: list[int] | None = None, max_seq_len: int = 4096
+        cls,
+        config: MiniMaxM2Config,
+        seed: int = 0,
+        experts: list[int] | None = None,
+        max_seq_len: int = 4096,
+        layout: ParallelLayout | None = None,
     ) -> "MiniMaxM2Model":
-        """A model with random weights of the config's shapes."""
+        """A model with random weights of the config's shapes (the same model whatever the layout)."""
+        layout = layout or ParallelLayout()
         chosen = select_experts(config, experts)
-        return cls(config, random_model_weights(config, chosen, seed), chosen, max_seq_len)
+        layout.check(config, len(chosen))
+        return cls(config, random_model_weights(config, chosen, seed, layout), chosen, max_seq_len, layout)
 
     def reset(self) -> None:
-        """Empty the KV cache."""
+        """Empty the KV cache (and the dropped-pair count)."""
         self.position = 0
+        self.dropped_pairs = 0
         self._caches = []
 
     def _ensure_caches(self, batch: int) -> None:
-        if self._caches and self._caches[0][0].shape[0] != batch:
-            raise ValueError(f"batch size {batch} differs from the cached batch {self._caches[0][0].shape[0]}; reset() first")
+        if self._caches and self._batch != batch:
+            raise ValueError(f"batch size {batch} differs from the cached batch {self._batch}; reset() first")
         if not self._caches:
             c = self.config
-            shape = (batch, c.num_key_value_heads, self.max_seq_len, c.head_dim)
+            self._batch = batch
+            rows = self.layout.rows_per_group(batch)
+            shape = (rows, c.num_key_value_heads // self.layout.tp, self.max_seq_len, c.head_dim)
             self._caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(c.num_hidden_layers)]
 
     def _check_input(self, input_ids: np.ndarray) -> np.ndarray:
@@ -97,19 +125,34 @@ class MiniMaxM2Model:
 
     def forward(self, input_ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
         """int [batch, seq] -> float32 logits [batch, seq, vocab] (or [batch, 1, vocab] for the last
-        position when all_logits is False); continues from the KV cache."""
+        position when all_logits is False); continues from the KV cache.
+
+        Over several ranks, each attention group runs its share of the batch rows (padded to a
+        multiple of the group count) and the logits are gathered so every rank returns the whole batch.
+        """
         ids = self._check_input(input_ids)
-        self._ensure_caches(ids.shape[0])
-        seq = ids.shape[1]
+        batch, seq = ids.shape
+        self._ensure_caches(batch)
+        layout = self.layout
+        rows = layout.rows_per_group(batch)
+        padded = np.concatenate([ids, np.zeros((rows * layout.dp - batch, seq), ids.dtype)])
         positions = np.arange(self.position, self.position + seq, dtype=np.int32)
         kv_len = min(self.max_seq_len, -(-(self.position + seq) // KV_BLOCK) * KV_BLOCK)
-        h = token_embedding(ids, self.weights.embed)
+        h = token_embedding(padded[layout.group * rows : (layout.group + 1) * rows], self.weights.embed)
+        dropped = np.zeros((), np.int32)
         for w, (k_cache, v_cache) in zip(self.weights.layers, self._caches):
-            h = decoder_layer(h, positions, w, k_cache, v_cache, self.rope, self.config, kv_len)
+            h, layer_dropped = decoder_layer(h, positions, w, k_cache, v_cache, self.rope, self.config, kv_len, layout)
+            dropped = dropped + layer_dropped
         self.position += seq
+        if layout.capacity_factor is not None:
+            self.dropped_pairs += int(all_reduce(dropped, layout.ep_groups))
         if not all_logits:
             h = h[:, -1:]
-        return lm_head(h, self.weights.final_norm, self.weights.lm_head, self.config.rms_norm_eps)
+        logits = lm_head(h, self.weights.final_norm, self.weights.lm_head, self.config.rms_norm_eps)
+        if layout.world == 1:
+            return logits
+        gathered = all_gather(logits, 0, layout.ep_groups).reshape(layout.dp, layout.tp, rows, *logits.shape[1:])
+        return gathered[:, 0].reshape(layout.dp * rows, *logits.shape[1:])[:batch]
 
     def generate_steps(
         self,

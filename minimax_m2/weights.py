@@ -7,11 +7,13 @@ import numpy as np
 
 from minimax_m2.checkpoint import Checkpoint, expert_key, layer_prefix
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.parallel import ParallelLayout
 
 
 @dataclass
 class LayerWeights:
-    """One decoder layer. E = experts held, in ascending id order (`experts`)."""
+    """One decoder layer on one rank. E = experts loaded (router columns), L = experts this rank holds
+    (all E on one rank); Hq, Hkv = this rank's heads."""
 
     input_norm: np.ndarray  # [hidden]
     post_norm: np.ndarray  # [hidden]
@@ -21,10 +23,10 @@ class LayerWeights:
     wo: np.ndarray  # [Hq*D, hidden]
     q_norm: np.ndarray  # [Hq*D]
     k_norm: np.ndarray  # [Hkv*D]
-    gate: np.ndarray  # [hidden, E] router columns of the experts held
-    bias: np.ndarray  # [E] e_score_correction_bias of the experts held
-    w13: np.ndarray  # [E, hidden, 2I] gate (w1) then up (w3)
-    w2: np.ndarray  # [E, I, hidden]
+    gate: np.ndarray  # [hidden, E] router columns of the experts loaded
+    bias: np.ndarray  # [E] e_score_correction_bias of the experts loaded
+    w13: np.ndarray  # [L, hidden, 2I] gate (w1) then up (w3)
+    w2: np.ndarray  # [L, I, hidden]
 
 
 @dataclass
@@ -34,6 +36,11 @@ class ModelWeights:
     lm_head: np.ndarray  # [hidden, vocab] (a view of embed.T when tied)
     layers: list[LayerWeights]
 
+    def nbytes(self) -> int:
+        """Resident bytes of every weight held (a tied lm_head counted once)."""
+        arrays = [self.embed, self.final_norm] + [a for layer in self.layers for a in vars(layer).values()]
+        return sum(a.nbytes for a in arrays) + (0 if np.shares_memory(self.lm_head, self.embed) else self.lm_head.nbytes)
+
 
 def _linear(weight: np.ndarray) -> np.ndarray:
     """HF [out, in] -> kernel [in, out], contiguous."""
@@ -41,36 +48,61 @@ def _linear(weight: np.ndarray) -> np.ndarray:
 
 
 def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """HF per-expert [out, in] weights -> w13 [E, hidden, 2I] (gate then up) and w2 [E, I, hidden]."""
     w13 = np.stack([np.concatenate([_linear(a), _linear(b)], axis=1) for a, b in zip(w1, w3)])
     return np.ascontiguousarray(w13), np.stack([_linear(w) for w in w2])
 
 
-def load_layer(ckpt: Checkpoint, layer: int) -> LayerWeights:
-    """Read one decoder layer (only the selected experts) from a validated checkpoint."""
-    p = layer_prefix(layer)
-    experts = ckpt.experts
-
-    def expert_weights(name: str) -> list[np.ndarray]:
-        return [ckpt.read(expert_key(layer, e, name)) for e in experts]
-
-    w13, w2 = _fuse_experts(expert_weights("w1"), expert_weights("w3"), expert_weights("w2"))
+def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray, w2: np.ndarray) -> LayerWeights:
+    """LayerWeights from full HF-layout dense tensors, keeping this rank's heads (copies, so the full
+    projections are freed)."""
+    q = layout.head_slice(config.num_attention_heads, config.head_dim)
+    kv = layout.head_slice(config.num_key_value_heads, config.head_dim)
     return LayerWeights(
-        input_norm=ckpt.read(f"{p}input_layernorm.weight"),
-        post_norm=ckpt.read(f"{p}post_attention_layernorm.weight"),
-        wq=_linear(ckpt.read(f"{p}self_attn.q_proj.weight")),
-        wk=_linear(ckpt.read(f"{p}self_attn.k_proj.weight")),
-        wv=_linear(ckpt.read(f"{p}self_attn.v_proj.weight")),
-        wo=_linear(ckpt.read(f"{p}self_attn.o_proj.weight")),
-        q_norm=ckpt.read(f"{p}self_attn.q_norm.weight"),
-        k_norm=ckpt.read(f"{p}self_attn.k_norm.weight"),
-        gate=_linear(ckpt.read(f"{p}block_sparse_moe.gate.weight")[experts]),
-        bias=ckpt.read(f"{p}block_sparse_moe.e_score_correction_bias")[experts],
+        input_norm=hf["input_layernorm"],
+        post_norm=hf["post_attention_layernorm"],
+        wq=_linear(hf["q_proj"][q]),
+        wk=_linear(hf["k_proj"][kv]),
+        wv=_linear(hf["v_proj"][kv]),
+        wo=_linear(hf["o_proj"][:, q]),
+        q_norm=hf["q_norm"][q].copy(),
+        k_norm=hf["k_norm"][kv].copy(),
+        gate=_linear(hf["gate"]),
+        bias=hf["bias"],
         w13=w13,
         w2=w2,
     )
 
 
-def load_model_weights(ckpt: Checkpoint) -> ModelWeights:
+_DENSE_KEYS = {
+    "input_layernorm": "input_layernorm.weight",
+    "post_attention_layernorm": "post_attention_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "gate": "block_sparse_moe.gate.weight",
+    "bias": "block_sparse_moe.e_score_correction_bias",
+}
+
+
+def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: ParallelLayout) -> LayerWeights:
+    """Read one decoder layer: router rows of all loaded `experts`, weights of this rank's experts
+    (`ckpt.experts`), attention heads of this rank."""
+    p = layer_prefix(layer)
+    hf = {name: ckpt.read(p + key) for name, key in _DENSE_KEYS.items()}
+    hf["gate"], hf["bias"] = hf["gate"][experts], hf["bias"][experts]
+
+    def expert_weights(name: str) -> list[np.ndarray]:
+        return [ckpt.read(expert_key(layer, e, name)) for e in ckpt.experts]
+
+    w13, w2 = _fuse_experts(expert_weights("w1"), expert_weights("w3"), expert_weights("w2"))
+    return _layer(ckpt.config, layout, hf, w13, w2)
+
+
+def load_model_weights(ckpt: Checkpoint, experts: list[int], layout: ParallelLayout) -> ModelWeights:
     """Read the whole model, one layer at a time."""
     embed = ckpt.read("model.embed_tokens.weight")
     lm_head = embed.T if ckpt.config.tie_word_embeddings else _linear(ckpt.read("lm_head.weight"))
@@ -78,48 +110,51 @@ def load_model_weights(ckpt: Checkpoint) -> ModelWeights:
         embed=embed,
         final_norm=ckpt.read("model.norm.weight"),
         lm_head=lm_head,
-        layers=[load_layer(ckpt, i) for i in range(ckpt.config.num_hidden_layers)],
+        layers=[load_layer(ckpt, i, experts, layout) for i in range(ckpt.config.num_hidden_layers)],
     )
 
 
-def random_model_weights(config: MiniMaxM2Config, experts: list[int], seed: int) -> ModelWeights:
-    """Random weights of the right shapes (std 0.02 matrices, norms near 1, a non-zero router bias)."""
-    rng = np.random.default_rng(seed)
+def random_model_weights(
+    config: MiniMaxM2Config, experts: list[int], seed: int, layout: ParallelLayout = ParallelLayout()
+) -> ModelWeights:
+    """Random weights of the right shapes (std 0.02 matrices, norms near 1, a non-zero router bias).
+
+    Each expert draws from its own generator, so every rank of a layout builds exactly its part of
+    the same model a single process builds."""
     hidden, inter = config.hidden_size, config.intermediate_size
     q_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_key_value_heads * config.head_dim
 
-    def normal(*shape: int) -> np.ndarray:
+    def normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
         return (0.02 * rng.standard_normal(shape)).astype(np.float32)
 
-    def norm(n: int) -> np.ndarray:
+    def norm(rng: np.random.Generator, n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    def layer() -> LayerWeights:
-        gate = normal(config.num_local_experts, hidden)
-        bias = (0.01 * rng.standard_normal(config.num_local_experts)).astype(np.float32)
-        w1 = [normal(inter, hidden) for _ in experts]
-        w3 = [normal(inter, hidden) for _ in experts]
-        w13, w2 = _fuse_experts(w1, w3, [normal(hidden, inter) for _ in experts])
-        return LayerWeights(
-            input_norm=norm(hidden),
-            post_norm=norm(hidden),
-            wq=normal(hidden, q_width),
-            wk=normal(hidden, kv_width),
-            wv=normal(hidden, kv_width),
-            wo=normal(q_width, hidden),
-            q_norm=norm(q_width),
-            k_norm=norm(kv_width),
-            gate=_linear(gate[experts]),
-            bias=bias[experts],
-            w13=w13,
-            w2=w2,
-        )
+    def layer(index: int) -> LayerWeights:
+        rng = np.random.default_rng((seed, index, 0))
+        hf = {
+            "input_layernorm": norm(rng, hidden),
+            "post_attention_layernorm": norm(rng, hidden),
+            "q_proj": normal(rng, q_width, hidden),
+            "k_proj": normal(rng, kv_width, hidden),
+            "v_proj": normal(rng, kv_width, hidden),
+            "o_proj": normal(rng, hidden, q_width),
+            "q_norm": norm(rng, q_width),
+            "k_norm": norm(rng, kv_width),
+            "gate": normal(rng, config.num_local_experts, hidden)[experts],
+            "bias": (0.01 * rng.standard_normal(config.num_local_experts)).astype(np.float32)[experts],
+        }
+        expert_rngs = [np.random.default_rng((seed, index, 1 + e)) for e in layout.local_experts(experts)]
+        mats = [(normal(r, inter, hidden), normal(r, inter, hidden), normal(r, hidden, inter)) for r in expert_rngs]
+        w13, w2 = _fuse_experts([m[0] for m in mats], [m[1] for m in mats], [m[2] for m in mats])
+        return _layer(config, layout, hf, w13, w2)
 
-    embed = normal(config.vocab_size, hidden)
+    rng = np.random.default_rng((seed,))
+    embed = normal(rng, config.vocab_size, hidden)
     return ModelWeights(
         embed=embed,
-        final_norm=norm(hidden),
-        lm_head=embed.T if config.tie_word_embeddings else normal(hidden, config.vocab_size),
-        layers=[layer() for _ in range(config.num_hidden_layers)],
+        final_norm=norm(rng, hidden),
+        lm_head=embed.T if config.tie_word_embeddings else normal(rng, hidden, config.vocab_size),
+        layers=[layer(i) for i in range(config.num_hidden_layers)],
     )

@@ -22,6 +22,8 @@ from kernels import (
     rope_tables,
     token_embedding,
 )
+from kernels.moe_dispatch import moe_block_ep, worst_case_capacity
+from kernels.slots import place_rows
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.layer import decoder_layer
 from minimax_m2.weights import LayerWeights, random_model_weights
@@ -144,3 +146,37 @@ def test_tracer_catches_untraceable_code(allowed, kernel, expected) -> None:
     except TypeError:
         pass
     assert any(expected in v for v in violations(record, allowed))
+
+
+def _distributed_cases():
+    rng, weights, cos, sin = _rng_inputs()
+    w = weights.layers[0]
+    c = CONFIG
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    groups = [[0, 1]]
+    yield "moe_block_ep", moe_block_ep, (x, w.gate, w.bias, w.w13[:4], w.w2[:4], np.array([1])), dict(
+        top_k=2, capacity=worst_case_capacity(3, 1, 4), ep_groups=groups, tp_groups=groups), ("all_to_all", "all_reduce")
+    half_q, half_kv = c.num_attention_heads * c.head_dim // 2, c.num_key_value_heads * c.head_dim // 2
+    cache = np.zeros((1, c.num_key_value_heads // 2, MAX_SEQ, c.head_dim), np.float32)
+    yield "attention tp", attention, (
+        rng.standard_normal((1, 2, 32)).astype(np.float32), np.arange(2, dtype=np.int32), w.wq[:, :half_q],
+        w.wk[:, :half_kv], w.wv[:, :half_kv], w.wo[:half_q], w.q_norm[:half_q], w.k_norm[:half_kv], cos, sin,
+        cache, cache.copy()), dict(head_dim=c.head_dim, eps=1e-6, kv_len=MAX_SEQ, replica_groups=groups), ("all_reduce",)
+    yield "place_rows", place_rows, (x, np.array([2, 0, 5]), np.array([True, False, True])), dict(num_slots=6), ()
+
+
+DISTRIBUTED = list(_distributed_cases())
+
+
+@pytest.mark.parametrize("name, fn, args, kwargs, expected", DISTRIBUTED, ids=[c[0] for c in DISTRIBUTED])
+def test_distributed_kernel_is_traceable(allowed, name, fn, args, kwargs, expected) -> None:
+    """Kernels over two ranks, their collectives recorded (each rank's part played with its own data)."""
+    record = Record()
+    collectives.set_backend(RecordingCollectives(record))
+    try:
+        wrapped = [Recorded(a, record) if isinstance(a, np.ndarray) else a for a in args]
+        fn(*wrapped, **kwargs)
+    finally:
+        collectives.set_backend(None)
+    assert {f"collectives.{c}" for c in expected} <= record.functions
+    assert violations(record, allowed) == [], f"{name} uses what nkipy cannot trace"

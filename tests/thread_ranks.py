@@ -1,0 +1,61 @@
+"""Several ranks as threads of one process, exchanging data through a collectives backend.
+
+Lets kernel-level tests run a multi-rank kernel in milliseconds; the torchrun tests cover real processes.
+"""
+
+import threading
+from typing import Callable
+
+import numpy as np
+
+
+class ThreadCollectives:
+    def __init__(self, world: int):
+        self.world = world
+        self._barrier = threading.Barrier(world, timeout=30)
+        self._box: dict[int, np.ndarray] = {}
+        self._local = threading.local()
+
+    def _members(self, x: np.ndarray, replica_groups) -> list[np.ndarray]:
+        """Every member's x, in the order of this rank's group (every rank calls each collective)."""
+        rank = self._local.rank
+        group = next(g for g in replica_groups if rank in g)
+        self._box[rank] = np.array(x)
+        self._barrier.wait()
+        values = [self._box[m] for m in group]
+        self._barrier.wait()
+        return values
+
+    def all_reduce(self, x, replica_groups):
+        return np.sum(self._members(x, replica_groups), axis=0).astype(np.asarray(x).dtype)
+
+    def all_gather(self, x, all_gather_dim, replica_groups):
+        return np.concatenate(self._members(x, replica_groups), axis=all_gather_dim)
+
+    def all_to_all(self, x, split_dimension, concat_dimension, replica_groups):
+        rank = self._local.rank
+        group = next(g for g in replica_groups if rank in g)
+        chunks = [np.split(v, len(group), axis=split_dimension) for v in self._members(x, replica_groups)]
+        return np.concatenate([chunks[i][group.index(rank)] for i in range(len(group))], axis=concat_dimension)
+
+    def run(self, fn: Callable[[int], object]) -> list:
+        """fn(rank) on every rank at once; their results in rank order."""
+        results: list = [None] * self.world
+        errors: list[BaseException] = []
+
+        def body(rank: int) -> None:
+            self._local.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+                errors.append(err)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
