@@ -3,6 +3,7 @@
   python run_example.py --mode test
   python run_example.py --mode random --num-layers 4 --num-experts 16 --max-new-tokens 16
   python run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --experts 0,1,2,3,4,5,6,7
+  torchrun --nproc-per-node 4 run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --ep 4 --tp 2
 """
 
 import argparse
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2 import MiniMaxM2Model
+from minimax_m2.distributed import CollectiveError, start
 from minimax_m2.run import (
     Sampling,
     kernel_checks,
@@ -19,6 +21,7 @@ from minimax_m2.run import (
     parse_ids,
     random_config,
     report,
+    report_parallel,
     run_kernel_checks,
     timed_generate,
     write_outputs,
@@ -29,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["test", "random", "generate"], default="random")
     p.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (generate mode)")
-    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch")
+    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch (random mode: instead of a random prompt)")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint and `tokenizers`)")
     p.add_argument("--experts", help="comma-separated expert ids to load (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -40,6 +43,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", type=Path)
     p.add_argument("--dump-logits", type=Path)
+    parallel = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node W)")
+    parallel.add_argument("--ep", type=int, default=1, help="ranks W: experts spread over all of them (= torchrun's W)")
+    parallel.add_argument("--tp", type=int, default=1, help="ranks per attention group, splitting heads (divides 8 KV heads)")
+    parallel.add_argument("--capacity-factor", type=float,
+                          help="send-buffer rows per rank as a multiple of the even share; pairs over it are dropped "
+                               "and counted (default: worst-case capacity, nothing dropped)")
+    parallel.add_argument("--collective-timeout", type=float, default=600.0, help="seconds a rank waits for the others")
     random = p.add_argument_group("random mode")
     random.add_argument("--num-layers", type=int, default=4)
     random.add_argument("--num-experts", type=int, default=16)
@@ -58,14 +68,22 @@ def main(argv: list[str]) -> int:
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
 
+    layout, backend = start(args.tp, args.collective_timeout, args.capacity_factor)
+    if layout.world != args.ep:
+        raise ValueError(f"--ep {args.ep} but {layout.world} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
+    leader = layout.rank == 0
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     experts = [int(e) for e in args.experts.split(",")] if args.experts else None
     decode_text = None
     if args.mode == "random":
         config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
-        model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len)
-        prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
-        print(f"random MiniMax-M2: {config}")
+        model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len, layout=layout)
+        if args.prompt_ids:
+            prompt = parse_ids(args.prompt_ids)
+        else:
+            prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
+        if leader:
+            print(f"random MiniMax-M2: {config}")
     else:
         if args.checkpoint is None:
             raise SystemExit("--mode generate needs --checkpoint DIR")
@@ -77,10 +95,15 @@ def main(argv: list[str]) -> int:
             prompt = parse_ids(args.prompt_ids)
         else:
             raise SystemExit("--mode generate needs --prompt-ids or --prompt")
-        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len)
+        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len, layout=layout)
     result = timed_generate(model, prompt, sampling, keep_logits=args.dump_logits is not None)
-    report(result, decode_text)
-    write_outputs(result, args.output_json, args.dump_logits)
+    if leader:
+        report(result, decode_text)
+        if layout.world > 1:
+            report_parallel(model, backend)
+        write_outputs(result, args.output_json, args.dump_logits)
+    if backend:
+        backend.close()
     return 0
 
 
@@ -90,3 +113,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CollectiveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

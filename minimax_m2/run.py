@@ -112,6 +112,16 @@ def report(result: GenerationResult, decode_text: Callable[[list[int]], str] | N
         print(f"decode: {len(result.decode_seconds)} steps, {per_step * 1e3:.2f} ms/step (batch {batch})")
 
 
+def report_parallel(model: MiniMaxM2Model, backend) -> None:
+    """Layout, this rank's resident weight bytes, all_to_all traffic and dropped pairs (rank 0 prints)."""
+    layout, layers = model.layout, model.config.num_hidden_layers
+    print(f"ranks {layout.world} (tp {layout.tp}, {layout.dp} attention groups): "
+          f"{model.weights.layers[0].w13.shape[0]} experts and {model.weights.nbytes() / 2**20:.1f} MiB of weights on rank 0")
+    print(f"all_to_all sent by rank 0: {backend.all_to_all_bytes / 2**20:.2f} MiB over {layers} layers")
+    if layout.capacity_factor is not None:
+        print(f"capacity factor {layout.capacity_factor:g}: {model.dropped_pairs} (token, expert) pairs dropped")
+
+
 def write_outputs(result: GenerationResult, output_json: Path | None, dump_logits: Path | None) -> None:
     if output_json:
         output_json.write_text(json.dumps({

@@ -1,0 +1,120 @@
+"""Multi-process CPU runs: torch.distributed (gloo) as the collectives backend, started by torchrun.
+
+torch is needed only here, and only when more than one rank runs. Every collective has a timeout;
+when one fails (a rank died, or never arrived), the surviving ranks name the ranks that stopped
+answering, found through torchrun's rendezvous store, and exit with an error instead of hanging.
+"""
+
+import os
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import numpy as np
+
+from kernels import collectives
+from kernels.collectives import ReplicaGroups
+from minimax_m2.parallel import ParallelLayout
+
+_REPORT_WAIT_SECONDS = 3.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out on this rank."""
+
+
+def _torch():
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as err:
+        raise ImportError("runs over several ranks need torch for torch.distributed: pip install torch==2.13.0") from err
+    return torch, dist
+
+
+class TorchCollectives:
+    """kernels.collectives backend over torch.distributed gloo; counts the bytes all_to_all sends."""
+
+    def __init__(self, groups: list[ReplicaGroups], timeout_seconds: float):
+        torch, dist = _torch()
+        self._torch, self._dist = torch, dist
+        self.timeout = timeout_seconds
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_seconds))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=timedelta(seconds=timeout_seconds),
+        )
+        self._groups: dict[tuple[int, ...], Any] = {tuple(range(self.world)): None}
+        for replica_groups in groups:
+            for members in replica_groups:
+                if tuple(members) not in self._groups:
+                    self._groups[tuple(members)] = dist.new_group(list(members))
+        self.all_to_all_bytes = 0
+        self._calls = 0
+
+    def _members(self, replica_groups: ReplicaGroups) -> tuple[int, ...]:
+        return next(tuple(g) for g in replica_groups if self.rank in g)
+
+    def _run(self, name: str, members: tuple[int, ...], op: Callable[[], Any]) -> Any:
+        self._calls += 1
+        try:
+            return op()
+        except Exception as err:  # noqa: BLE001 - gloo raises several types; all end the run here
+            silent = self._unresponsive(members)
+            who = f"ranks not responding: {', '.join(map(str, silent))}" if silent else "every rank of the group responded"
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CollectiveError(
+                f"rank {self.rank}: {name} #{self._calls} over ranks {list(members)} failed within the "
+                f"{self.timeout:g} s timeout ({first_line}); {who}"
+            ) from err
+
+    def _unresponsive(self, members: tuple[int, ...]) -> list[int]:
+        """Members that do not report this failure within a few seconds: dead, or stuck elsewhere."""
+        try:
+            self._store.set(f"minimax_m2/failed/{self.rank}", "1")
+            deadline = time.monotonic() + _REPORT_WAIT_SECONDS
+            silent = [m for m in members if m != self.rank]
+            while silent and time.monotonic() < deadline:
+                silent = [m for m in silent if not self._store.check([f"minimax_m2/failed/{m}"])]
+                time.sleep(0.1)
+            return silent
+        except Exception:  # noqa: BLE001 - the store may be gone with its host; then nobody can be named
+            return []
+
+    def all_reduce(self, x: np.ndarray, replica_groups: ReplicaGroups) -> np.ndarray:
+        members = self._members(replica_groups)
+        t = self._torch.from_numpy(np.array(x))
+        self._run("all_reduce", members, lambda: self._dist.all_reduce(t, group=self._groups[members]))
+        return t.numpy()
+
+    def all_gather(self, x: np.ndarray, all_gather_dim: int, replica_groups: ReplicaGroups) -> np.ndarray:
+        members = self._members(replica_groups)
+        t = self._torch.from_numpy(np.ascontiguousarray(x))
+        out = [self._torch.empty_like(t) for _ in members]
+        self._run("all_gather", members, lambda: self._dist.all_gather(out, t, group=self._groups[members]))
+        return np.concatenate([o.numpy() for o in out], axis=all_gather_dim)
+
+    def all_to_all(self, x: np.ndarray, split_dimension: int, concat_dimension: int, replica_groups: ReplicaGroups) -> np.ndarray:
+        members = self._members(replica_groups)
+        t = self._torch.from_numpy(np.ascontiguousarray(np.stack(np.split(x, len(members), axis=split_dimension))))
+        out = self._torch.empty_like(t)
+        self._run("all_to_all", members, lambda: self._dist.all_to_all_single(out, t, group=self._groups[members]))
+        self.all_to_all_bytes += t.numel() * t.element_size() * (len(members) - 1) // len(members)
+        return np.concatenate(list(out.numpy()), axis=concat_dimension)
+
+    def close(self) -> None:
+        self._dist.destroy_process_group()
+
+
+def start(tp: int, timeout_seconds: float, capacity_factor: float | None = None) -> tuple[ParallelLayout, TorchCollectives | None]:
+    """This process's layout from torchrun's environment; with more than one rank, joins the process
+    group and installs the gloo backend. Without torchrun: one rank, no backend."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    layout = ParallelLayout(world, tp, rank, capacity_factor)
+    if world == 1:
+        return layout, None
+    backend = TorchCollectives([layout.ep_groups, layout.tp_groups], timeout_seconds)
+    collectives.set_backend(backend)
+    return layout, backend

@@ -1,0 +1,54 @@
+"""Layouts that cannot fit are refused before any weight is read; a layout run in threads matches."""
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import PROMPT
+from hf_reference import relative_error
+from thread_ranks import ThreadCollectives
+
+import run_example
+from kernels import collectives
+from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model
+from minimax_m2.parallel import ParallelLayout
+
+
+@pytest.mark.parametrize("world, tp, rank, message", [
+    (4, 3, 0, "tp 3 must divide the number of ranks 4"),
+    (2, 1, 2, "rank 2 is outside 0..1"),
+    (0, 1, 0, "must be positive"),
+])
+def test_bad_layouts(world, tp, rank, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ParallelLayout(world, tp, rank)
+
+
+def test_layout_checked_before_weights_are_read(float32_checkpoint, tmp_path) -> None:
+    """Only config.json is present: the layout error comes first."""
+    shutil.copy(float32_checkpoint / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match="16 loaded experts cannot be spread evenly over 3 ranks"):
+        MiniMaxM2Model.from_pretrained(tmp_path, layout=ParallelLayout(3, 1, 0))
+    config = MiniMaxM2Config.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tp 4 does not divide the 2 KV heads"):
+        ParallelLayout(4, 4, 0).check(config, 16)
+
+
+def test_ep_without_torchrun_is_refused(capsys) -> None:
+    with pytest.raises(ValueError, match="launch with torchrun --nproc-per-node 2"):
+        run_example.main(["--mode", "random", "--ep", "2"])
+
+
+@pytest.mark.parametrize("world, tp", [(2, 2), (4, 2)])
+def test_threaded_ranks_match_one_process(float32_checkpoint, world, tp) -> None:
+    want_ids, want = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32).generate(PROMPT, 4, return_logits=True)
+    backend = ThreadCollectives(world)
+    collectives.set_backend(backend)
+    try:
+        results = backend.run(lambda r: MiniMaxM2Model.from_pretrained(
+            float32_checkpoint, max_seq_len=32, layout=ParallelLayout(world, tp, r)).generate(PROMPT, 4, return_logits=True))
+    finally:
+        collectives.set_backend(None)
+    for ids, logits in results:
+        np.testing.assert_array_equal(ids, want_ids)
+        assert relative_error(logits, want) < 1e-5

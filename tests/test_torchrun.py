@@ -1,0 +1,122 @@
+"""Real multi-process runs under torchrun (gloo): expert parallelism over W ranks and tensor-parallel
+attention give the single-process logits and tokens; failures end every rank with a named culprit."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DECODE_STEPS, PROMPT
+from hf_reference import build_model, relative_error, save, tiny_config
+
+from minimax_m2 import MiniMaxM2Model
+from minimax_m2.run import random_config
+
+pytest.importorskip("torch.distributed")
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+TIMEOUT = 240
+
+
+def torchrun(world: int, script: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+
+
+def run_ranks(world: int, tp: int, tmp_path: Path, *args: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """run_example.py over `world` ranks -> (all ids, logits at every position, rank 0's stdout)."""
+    out_json, out_logits = tmp_path / f"ids_{world}_{tp}.json", tmp_path / f"logits_{world}_{tp}.npy"
+    prompts = [arg for row in PROMPT for arg in ("--prompt-ids", ",".join(map(str, row)))]
+    done = torchrun(
+        world, ROOT / "run_example.py", *args, *prompts, "--ep", str(world), "--tp", str(tp),
+        "--max-new-tokens", str(DECODE_STEPS + 1), "--max-seq-len", "32", "--collective-timeout", "60",
+        "--output-json", str(out_json), "--dump-logits", str(out_logits),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    return np.concatenate([result["prompt_ids"], result["generated_ids"]], axis=1), np.load(out_logits), done.stdout
+
+
+def assert_same(got_ids, got_logits, want_ids, want_logits) -> None:
+    assert got_logits.shape == want_logits.shape
+    n = PROMPT.shape[1]
+    assert relative_error(got_logits[:, :n], want_logits[:, :n]) < RTOL, "prefill logits differ"
+    for step in range(DECODE_STEPS):
+        assert relative_error(got_logits[:, n + step], want_logits[:, n + step]) < RTOL, f"decode step {step + 1} differs"
+    np.testing.assert_array_equal(got_ids, want_ids)
+
+
+def single(path: Path, experts: list[int] | None = None):
+    model = MiniMaxM2Model.from_pretrained(path, experts=experts, max_seq_len=32)
+    return model.generate(PROMPT, max_new_tokens=DECODE_STEPS + 1, return_logits=True)
+
+
+@pytest.mark.parametrize("world, tp", [(2, 1), (2, 2), (4, 1), (4, 2)])
+def test_matches_single_process(float32_checkpoint, tmp_path, world, tp) -> None:
+    ids, logits, stdout = run_ranks(world, tp, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint))
+    assert_same(ids, logits, *single(float32_checkpoint))
+    assert f"ranks {world} (tp {tp}" in stdout
+
+
+def test_fp8(fp8_checkpoint, tmp_path) -> None:
+    ids, logits, _ = run_ranks(2, 2, tmp_path, "--mode", "generate", "--checkpoint", str(fp8_checkpoint))
+    assert_same(ids, logits, *single(fp8_checkpoint))
+
+
+def test_expert_subset(float32_checkpoint, tmp_path) -> None:
+    experts = [0, 2, 3, 5, 8, 9, 12, 15]
+    ids, logits, _ = run_ranks(
+        2, 1, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint), "--experts", ",".join(map(str, experts))
+    )
+    assert_same(ids, logits, *single(float32_checkpoint, experts))
+
+
+@pytest.fixture(scope="module")
+def all_on_rank_0(tmp_path_factory) -> Path:
+    """Router bias making every token choose experts 0..3: all on rank 0 of 4 (worst-case capacity)."""
+    config = tiny_config()
+    return save(build_model(config, seed=5, bias_shift={e: 10.0 for e in range(config.num_experts_per_tok)}),
+                tmp_path_factory.mktemp("skewed_ep"))
+
+
+def test_every_token_on_one_rank(all_on_rank_0, tmp_path) -> None:
+    ids, logits, _ = run_ranks(4, 1, tmp_path, "--mode", "generate", "--checkpoint", str(all_on_rank_0))
+    assert_same(ids, logits, *single(all_on_rank_0))
+
+
+def test_capacity_factor_reports_drops(all_on_rank_0, tmp_path) -> None:
+    _, _, stdout = run_ranks(4, 1, tmp_path, "--mode", "generate", "--checkpoint", str(all_on_rank_0), "--capacity-factor", "1")
+    dropped = int(stdout.split("capacity factor 1: ")[1].split()[0])
+    assert dropped > 0
+
+
+def test_random_mode_matches_single_process(tmp_path) -> None:
+    args = ["--mode", "random", "--num-layers", "2", "--num-experts", "8", "--hidden-size", "256", "--vocab-size", "300", "--seed", "3"]
+    ids, logits, _ = run_ranks(2, 2, tmp_path, *args)
+    config = random_config(256, 2, 8, 4, 300)
+    model = MiniMaxM2Model.random(config, seed=3, max_seq_len=32)
+    assert_same(ids, logits, *model.generate(PROMPT, max_new_tokens=DECODE_STEPS + 1, return_logits=True))
+
+
+def test_layout_that_does_not_fit_is_refused(float32_checkpoint) -> None:
+    done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--checkpoint", str(float32_checkpoint),
+                    "--prompt-ids", "1,2", "--ep", "2", "--tp", "2", "--experts", "0,1,2,3,4")
+    assert done.returncode != 0
+    assert "5 loaded experts cannot be spread evenly over 2 ranks" in done.stderr
+
+
+@pytest.mark.parametrize("scenario", ["die", "hang"])
+def test_lost_rank_ends_the_run(scenario) -> None:
+    """Rank 1 of 3 dies or never arrives: the run ends well within a minute, naming rank 1."""
+    start = time.monotonic()
+    done = torchrun(3, ROOT / "tests" / "collective_worker.py", scenario, "5")
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60
+    if scenario == "hang":
+        assert "ranks not responding: 1" in done.stderr
+    else:
+        assert "local_rank: 1" in done.stderr and "exitcode: 7" in done.stderr
