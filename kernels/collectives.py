@@ -58,3 +58,26 @@ def all_to_all(x: Any, split_dimension: int, concat_dimension: int, replica_grou
     if group_size(replica_groups) == 1:
         return x
     return _require_backend().all_to_all(x, split_dimension, concat_dimension, replica_groups)
+
+
+class NkipyCollectives:
+    """Backend for kernels traced by nkipy on Trainium: its in-kernel collectives, compiled into the
+    kernel as HLO. Not exercised here: nkipy needs the Neuron compiler and is absent off Trainium."""
+
+    def __init__(self) -> None:
+        try:
+            from nkipy.distributed import collectives as nkipy_collectives
+        except ImportError as err:
+            raise ImportError("nkipy collectives need nkipy, installed on Trainium hosts with the Neuron SDK") from err
+        self._cc = nkipy_collectives
+
+    def all_reduce(self, x: Any, replica_groups: ReplicaGroups) -> Any:
+        return self._cc.all_reduce(x, replica_groups=replica_groups)
+
+    def all_gather(self, x: Any, all_gather_dim: int, replica_groups: ReplicaGroups) -> Any:
+        return self._cc.all_gather(x, all_gather_dim=all_gather_dim, replica_groups=replica_groups)
+
+    def all_to_all(self, x: Any, split_dimension: int, concat_dimension: int, replica_groups: ReplicaGroups) -> Any:
+        return self._cc.all_to_all(
+            x, split_dimension=split_dimension, concat_dimension=concat_dimension, replica_groups=replica_groups
+        )

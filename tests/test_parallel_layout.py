@@ -52,3 +52,14 @@ def test_threaded_ranks_match_one_process(float32_checkpoint, world, tp) -> None
     for ids, logits in results:
         np.testing.assert_array_equal(ids, want_ids)
         assert relative_error(logits, want) < 1e-5
+
+
+def test_nkipy_backend_says_what_it_needs() -> None:
+    """nkipy is absent here (only a placeholder exists on PyPI): the backend refuses clearly."""
+    try:
+        import nkipy.distributed  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="Trainium"):
+            collectives.NkipyCollectives()
+    else:
+        pytest.skip("nkipy is installed: this host can trace for Trainium")
