@@ -12,12 +12,14 @@ from kernels import (
     grouped_experts,
     lm_head,
     moe_block,
+    moe_block_ep,
     moe_expert,
     moe_router,
     rmsnorm,
     rope_partial,
     rope_tables,
     token_embedding,
+    worst_case_capacity,
 )
 
 RNG_SEED = 1234
@@ -218,6 +220,22 @@ def test_grouped_experts() -> None:
             for r, (e, ok) in enumerate(zip(ids, valid))
         ])
         _close(grouped_experts(x, ids, valid, w13, w2), want)
+
+
+def test_moe_block_ep_one_rank() -> None:
+    """The expert-parallel block on a single rank (collectives are the identity) against the loop;
+    multi-rank runs are checked in tests/test_moe_dispatch.py and tests/test_torchrun.py."""
+    rng = _rng()
+    hidden, inter, experts, top_k, tokens = 16, 8, 6, 2, 5
+    gate, bias = _randn(rng, hidden, experts), _randn(rng, experts, scale=0.1)
+    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
+    x = _randn(rng, tokens, hidden)
+    got, dropped = moe_block_ep(
+        x, gate, bias, w13, w2, np.arange(top_k), top_k=top_k,
+        capacity=worst_case_capacity(tokens, top_k, experts), ep_groups=[[0]],
+    )
+    assert int(dropped) == 0
+    _close(got, _ref_moe(x, gate, bias, w13, w2, top_k))
 
 
 def test_token_embedding() -> None:
