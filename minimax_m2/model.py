@@ -48,7 +48,7 @@ class MiniMaxM2Model:
         weights: ModelWeights,
         experts: list[int],
         max_seq_len: int = 4096,
-        layout: ParallelLayout | None = None,
+        layout: ParallelLayout = ParallelLayout(),
     ):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -56,7 +56,7 @@ class MiniMaxM2Model:
         self.weights = weights
         self.experts = experts
         self.max_seq_len = max_seq_len
-        self.layout = layout or ParallelLayout()
+        self.layout = layout
         self.rope = rope_tables(max_seq_len, config.rotary_dim, config.rope_theta)
         self.position = 0
         self.dropped_pairs = 0
@@ -68,11 +68,10 @@ class MiniMaxM2Model:
         path: str | Path,
         experts: list[int] | None = None,
         max_seq_len: int = 4096,
-        layout: ParallelLayout | None = None,
+        layout: ParallelLayout = ParallelLayout(),
     ) -> "MiniMaxM2Model":
         """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer;
         with a layout, only this rank's experts and attention heads."""
-        layout = layout or ParallelLayout()
         config = MiniMaxM2Config.from_pretrained(path)
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))
@@ -86,10 +85,9 @@ class MiniMaxM2Model:
         seed: int = 0,
         experts: list[int] | None = None,
         max_seq_len: int = 4096,
-        layout: ParallelLayout | None = None,
+        layout: ParallelLayout = ParallelLayout(),
     ) -> "MiniMaxM2Model":
         """A model with random weights of the config's shapes (the same model whatever the layout)."""
-        layout = layout or ParallelLayout()
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))
         return cls(config, random_model_weights(config, chosen, seed, layout), chosen, max_seq_len, layout)
