@@ -7,6 +7,7 @@ import numpy as np
 
 from kernels import (
     attention,
+    lm_head_vocab_parallel,
     block_rows,
     greedy_pick,
     grouped_experts,
@@ -21,6 +22,8 @@ from kernels import (
     token_embedding,
     worst_case_capacity,
 )
+from kernels.moe_grouped import runs_dense
+from kernels.slots import exclusive_cumsum, place_rows
 
 RNG_SEED = 1234
 
@@ -122,7 +125,7 @@ def test_attention() -> None:
     for seq in (5, 1, 1):
         x = _randn(rng, batch, seq, hidden)
         positions = np.arange(start, start + seq)
-        got, _, _ = attention(x, positions, wq, wk, wv, wo, qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, kv_len=max_seq)
+        got = attention(x, positions, wq, wk, wv, wo, qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, kv_len=max_seq)
         want, past_k, past_v = _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, kv_heads, head_dim, rotary_dim, theta, eps)
         _close(got, want)
         start += seq
@@ -222,6 +225,46 @@ def test_grouped_experts() -> None:
         _close(grouped_experts(x, ids, valid, w13, w2), want)
 
 
+def test_grouped_experts_dense_decode() -> None:
+    """Few rows (decode): every held expert runs once over all rows, each row keeping its own expert."""
+    rng = _rng()
+    hidden, inter, experts, rows = 16, 8, 4, 9
+    assert runs_dense(rows, experts), "the case must take the dense path"
+    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
+    x, ids, valid = _randn(rng, rows, hidden), rng.integers(0, experts, rows), rng.random(rows) < 0.7
+    want = np.stack([moe_expert(x[r : r + 1], w13[e], w2[e])[0] * ok for r, (e, ok) in enumerate(zip(ids, valid))])
+    _close(grouped_experts(x, ids, valid, w13, w2), want)
+
+
+def test_exclusive_cumsum() -> None:
+    """Chunked triangular matmuls give the exclusive prefix sums at sizes that are and are not squares."""
+    rng = _rng()
+    for rows in (1, 7, 64, 300):
+        values = rng.integers(0, 5, (rows, 3)).astype(np.int32)
+        got = exclusive_cumsum(values)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.cumsum(values, axis=0) - values)
+
+
+def test_place_rows() -> None:
+    rng = _rng()
+    x = _randn(rng, 5, 3)
+    out = place_rows(x, np.array([4, 0, 2, 4, 1]), np.array([True, True, False, False, True]), 6)
+    want = np.zeros((6, 3), np.float32)
+    want[[4, 0, 1]] = x[[0, 1, 4]]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_lm_head_vocab_parallel_one_rank() -> None:
+    """One rank holding the whole vocabulary, padded by two columns that must never win."""
+    rng = _rng()
+    h, norm, weight = _randn(rng, 2, 3, 16), _randn(rng, 16), _randn(rng, 16, 40)
+    padded = np.concatenate([weight, np.full((16, 2), 100.0, np.float32)], axis=1)
+    logits, tokens = lm_head_vocab_parallel(h, norm, padded, np.array([0], np.int32), eps=1e-6, vocab_size=40)
+    _close(logits, lm_head(h, norm, weight, 1e-6))
+    np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+
+
 def test_moe_block_ep_one_rank() -> None:
     """The expert-parallel block on a single rank (collectives are the identity) against the loop;
     multi-rank runs are checked in tests/test_moe_dispatch.py and tests/test_torchrun.py."""
@@ -231,7 +274,7 @@ def test_moe_block_ep_one_rank() -> None:
     w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
     x = _randn(rng, tokens, hidden)
     got, dropped = moe_block_ep(
-        x, gate, bias, w13, w2, np.arange(top_k), top_k=top_k,
+        x, np.ones(tokens, bool), gate, bias, w13, w2, np.arange(top_k), top_k=top_k,
         capacity=worst_case_capacity(tokens, top_k, experts), ep_groups=[[0]],
     )
     assert int(dropped) == 0

@@ -6,7 +6,7 @@ static shapes, no Python branching on tensor values, only the NumPy calls nkipy 
 
 from kernels.attention import attention
 from kernels.embedding import token_embedding
-from kernels.lm_head import greedy_pick, lm_head
+from kernels.lm_head import greedy_pick, lm_head, lm_head_vocab_parallel
 from kernels.moe_block import moe_block
 from kernels.moe_dispatch import moe_block_ep, worst_case_capacity
 from kernels.moe_expert import moe_expert
@@ -21,6 +21,7 @@ __all__ = [
     "greedy_pick",
     "grouped_experts",
     "lm_head",
+    "lm_head_vocab_parallel",
     "moe_block",
     "moe_block_ep",
     "moe_expert",

@@ -27,14 +27,15 @@ def attention(
     eps: float,
     kv_len: int,
     replica_groups: ReplicaGroups | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """Causal GQA attention for S new tokens at `positions`, continuing a fixed-size KV cache.
 
     x: [B, S, hidden]; positions: [S] int (start_pos + arange(S)); wq: [hidden, Hq*D], wk/wv: [hidden, Hkv*D],
     wo: [Hq*D, hidden]; q_norm: [Hq*D], k_norm: [Hkv*D]; cos/sin_table: [max_seq, R] from `rope_tables`,
     passed in like a weight (a gather at traced positions needs a traced table);
-    k_cache/v_cache: [B, Hkv, max_seq, D], written at `positions`; kv_len: static number of cache slots
-    attended (>= last position + 1). Returns (out [B, S, hidden], k_cache, v_cache).
+    k_cache/v_cache: [B, Hkv, max_seq, D], written in place at `positions`; kv_len: static number of
+    cache slots attended (>= last position + 1). Returns out [B, S, hidden] in x's dtype; scores and
+    softmax are float32.
 
     q and k are RMS-normalised over their whole projection width before the head split. Under tensor
     parallelism (heads split over `replica_groups`) the norm statistics and the output projection's
@@ -62,13 +63,13 @@ def attention(
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
     q = np.transpose(q.reshape(batch, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
     q = q.reshape(batch, kv_heads, group * seq, head_dim)
-    scores = (q @ np.swapaxes(keys, -1, -2)) * np.float32(head_dim**-0.5)
+    scores = (q @ np.swapaxes(keys, -1, -2)).astype(np.float32) * np.float32(head_dim**-0.5)
 
     visible = np.arange(kv_len)[None, :] <= positions[:, None]
     scores = np.where(np.tile(visible, (group, 1)), scores, _MASKED)
     scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
     probs = scores / np.sum(scores, axis=-1, keepdims=True)
 
-    out = (probs @ values).reshape(batch, kv_heads, group, seq, head_dim)
+    out = (probs.astype(values.dtype) @ values).reshape(batch, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, seq, q_heads * head_dim)
-    return all_reduce(out @ wo, replica_groups), k_cache, v_cache
+    return all_reduce(out @ wo, replica_groups)

@@ -1,4 +1,4 @@
-"""Sparse MoE block: router, experts and weighted combine for all tokens at once."""
+"""Sparse MoE block on one rank: router, experts and weighted combine for all tokens at once."""
 
 import numpy as np
 
@@ -9,17 +9,17 @@ from kernels.moe_router import moe_router
 def moe_block(
     x: np.ndarray, gate: np.ndarray, bias: np.ndarray, w13: np.ndarray, w2: np.ndarray, *, top_k: int
 ) -> np.ndarray:
-    """x: [T, hidden] -> [T, hidden].
+    """x: [T, hidden] -> [T, hidden] in x's dtype.
 
-    gate: [hidden, E], bias: [E], w13: [E, hidden, 2I], w2: [E, I, hidden] for the E experts held
-    (all of them, or a loaded subset: routing then chooses among those only).
+    gate: [hidden, E] float32, bias: [E] float32, w13: [E, hidden, 2I], w2: [E, I, hidden] for the E
+    experts held (all of them, or a loaded subset: routing then chooses among those only).
 
     Each token's top_k (token, expert) pairs run through grouped_experts, which reads only the chosen
-    experts' weights and never drops a pair, then are summed with the router weights.
+    experts' weights and never drops a pair, then are summed with the router weights (cast to x's dtype).
     """
     weights, experts = moe_router(x, gate, bias, top_k)
     tokens, hidden = x.shape
     pairs = np.repeat(x, top_k, axis=0)
     chosen = experts.reshape(-1)
     y = grouped_experts(pairs, chosen, chosen >= 0, w13, w2)
-    return np.sum(y.reshape(tokens, top_k, hidden) * weights[:, :, None], axis=1)
+    return np.sum(y.reshape(tokens, top_k, hidden) * weights.astype(x.dtype)[:, :, None], axis=1)

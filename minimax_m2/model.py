@@ -5,16 +5,24 @@ from typing import Iterator
 
 import numpy as np
 
-from kernels import lm_head, rope_tables, token_embedding
-from kernels.collectives import all_gather, all_reduce
+from kernels import rope_tables
+from kernels.collectives import all_reduce
 from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.layer import decoder_layer
 from minimax_m2.parallel import ParallelLayout
+from minimax_m2.program import (
+    RankValues,
+    embedding_unit,
+    kv_len_for,
+    layer_constants,
+    layer_inputs,
+    layer_unit,
+    lm_head_constants,
+    lm_head_unit,
+    token_valid,
+)
 from minimax_m2.sampling import check_sampling, next_tokens
-from minimax_m2.weights import ModelWeights, load_model_weights, random_model_weights
-
-KV_BLOCK = 128
+from minimax_m2.weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
 
 
 def select_experts(config: MiniMaxM2Config, experts: list[int] | None) -> list[int]:
@@ -40,6 +48,10 @@ class MiniMaxM2Model:
     With an expert subset, each layer's router chooses among the loaded experts only (the others are
     masked out before the top-k), so logits equal the full model's whenever the tokens' chosen experts
     are all loaded. Over several ranks every rank holds the same full-batch logits after each forward.
+
+    Every forward runs the device program's units (`minimax_m2.program`): embedding, one layer unit
+    per layer, lm_head. Weights, activations and KV caches are in the weights' dtype (float32, or
+    bfloat16 as on a NeuronCore); the router, norm statistics, softmax and logits stay float32.
     """
 
     def __init__(
@@ -57,7 +69,9 @@ class MiniMaxM2Model:
         self.experts = experts
         self.max_seq_len = max_seq_len
         self.layout = layout
-        self.rope = rope_tables(max_seq_len, config.rotary_dim, config.rope_theta)
+        self.dtype = weights.embed.dtype
+        self.rope = tuple(t.astype(self.dtype) for t in rope_tables(max_seq_len, config.rotary_dim, config.rope_theta))
+        self.rank_values = RankValues.of(config, layout)
         self.position = 0
         self.dropped_pairs = 0
         self._caches: list[tuple[np.ndarray, np.ndarray]] = []
@@ -69,14 +83,16 @@ class MiniMaxM2Model:
         experts: list[int] | None = None,
         max_seq_len: int = 4096,
         layout: ParallelLayout = ParallelLayout(),
+        dtype: str = "float32",
     ) -> "MiniMaxM2Model":
         """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer;
-        with a layout, only this rank's experts and attention heads."""
+        with a layout, only this rank's experts and attention heads. dtype: 'float32' or 'bfloat16'."""
         config = MiniMaxM2Config.from_pretrained(path)
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))
         checkpoint = Checkpoint(path, config, layout.local_experts(chosen))
-        return cls(config, load_model_weights(checkpoint, chosen, layout), chosen, max_seq_len, layout)
+        weights = load_model_weights(checkpoint, chosen, layout, model_dtype(dtype))
+        return cls(config, weights, chosen, max_seq_len, layout)
 
     @classmethod
     def random(
@@ -86,11 +102,13 @@ class MiniMaxM2Model:
         experts: list[int] | None = None,
         max_seq_len: int = 4096,
         layout: ParallelLayout = ParallelLayout(),
+        dtype: str = "float32",
     ) -> "MiniMaxM2Model":
         """A model with random weights of the config's shapes (the same model whatever the layout)."""
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))
-        return cls(config, random_model_weights(config, chosen, seed, layout), chosen, max_seq_len, layout)
+        weights = random_model_weights(config, chosen, seed, layout, model_dtype(dtype))
+        return cls(config, weights, chosen, max_seq_len, layout)
 
     def reset(self) -> None:
         """Empty the KV cache (and the dropped-pair count)."""
@@ -106,7 +124,7 @@ class MiniMaxM2Model:
             self._batch = batch
             rows = self.layout.rows_per_group(batch)
             shape = (rows, c.num_key_value_heads // self.layout.tp, self.max_seq_len, c.head_dim)
-            self._caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(c.num_hidden_layers)]
+            self._caches = [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)) for _ in range(c.num_hidden_layers)]
 
     def _check_input(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -123,34 +141,42 @@ class MiniMaxM2Model:
 
     def forward(self, input_ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
         """int [batch, seq] -> float32 logits [batch, seq, vocab] (or [batch, 1, vocab] for the last
-        position when all_logits is False); continues from the KV cache.
+        position when all_logits is False); continues from the KV cache."""
+        return self._run(input_ids, all_logits)[0]
+
+    def _run(self, input_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+        """forward, also returning the lm_head unit's greedy tokens [batch, seq or 1].
 
         Over several ranks, each attention group runs its share of the batch rows (padded to a
-        multiple of the group count) and the logits are gathered so every rank returns the whole batch.
+        multiple of the group count; padding rows never reach the experts) and the lm_head unit
+        gathers the whole batch on every rank.
         """
         ids = self._check_input(input_ids)
         batch, seq = ids.shape
         self._ensure_caches(batch)
-        layout = self.layout
+        layout, config = self.layout, self.config
         rows = layout.rows_per_group(batch)
-        padded = np.concatenate([ids, np.zeros((rows * layout.dp - batch, seq), ids.dtype)])
+        padded = np.concatenate([ids, np.zeros((rows * layout.dp - batch, seq), ids.dtype)]).astype(np.int32)
         positions = np.arange(self.position, self.position + seq, dtype=np.int32)
-        kv_len = min(self.max_seq_len, -(-(self.position + seq) // KV_BLOCK) * KV_BLOCK)
-        h = token_embedding(padded[layout.group * rows : (layout.group + 1) * rows], self.weights.embed)
+        valid = token_valid(layout, batch)
+        constants = layer_constants(config, layout, rows, seq, kv_len_for(self.position, seq, self.max_seq_len),
+                                    self.weights.layers[0].w13.shape[0])
+        h = embedding_unit(padded[layout.group * rows : (layout.group + 1) * rows], self.weights.embed)
         dropped = np.zeros((), np.int32)
-        for w, (k_cache, v_cache) in zip(self.weights.layers, self._caches):
-            h, layer_dropped = decoder_layer(h, positions, w, k_cache, v_cache, self.rope, self.config, kv_len, layout)
-            dropped = dropped + layer_dropped
+        for w, caches in zip(self.weights.layers, self._caches):
+            out = layer_unit(**layer_inputs(h, positions, valid, self.rank_values, self.rope, caches, w), **constants)
+            if layout.world == 1:
+                h = out
+            else:
+                h, dropped = out[0], dropped + out[1]
         self.position += seq
         if layout.capacity_factor is not None:
             self.dropped_pairs += int(all_reduce(dropped, layout.ep_groups))
         if not all_logits:
             h = h[:, -1:]
-        logits = lm_head(h, self.weights.final_norm, self.weights.lm_head, self.config.rms_norm_eps)
-        if layout.world == 1:
-            return logits
-        gathered = all_gather(logits, 0, layout.ep_groups).reshape(layout.dp, layout.tp, rows, *logits.shape[1:])
-        return gathered[:, 0].reshape(layout.dp * rows, *logits.shape[1:])[:batch]
+        logits, tokens = lm_head_unit(h, self.weights.final_norm, self.weights.lm_head, self.rank_values.vocab_offset,
+                                      **lm_head_constants(config, layout))
+        return logits[:batch], tokens[:batch]
 
     def generate_steps(
         self,
@@ -175,12 +201,15 @@ class MiniMaxM2Model:
         check_sampling(temperature, top_k, top_p)
         rng = np.random.default_rng(seed)
         self.reset()
-        logits = self.forward(ids, all_logits=all_logits)
+        logits, greedy = self._run(ids, all_logits)
         for step in range(max_new_tokens):
-            tokens = next_tokens(logits[:, -1], temperature, top_k, top_p, rng)[:, None]
+            if temperature == 0:
+                tokens = greedy[:, -1:].astype(np.int64)
+            else:
+                tokens = next_tokens(logits[:, -1], temperature, top_k, top_p, rng)[:, None]
             yield tokens, logits
             if step + 1 < max_new_tokens:
-                logits = self.forward(tokens)
+                logits, greedy = self._run(tokens, True)
 
     def generate(
         self,

@@ -82,6 +82,10 @@ class ParallelLayout:
             return worst
         return max(1, min(worst, int(np.ceil(self.capacity_factor * tokens * top_k / self.tp / self.world))))
 
+    def vocab_columns(self, vocab: int) -> int:
+        """lm_head columns each rank holds: the vocabulary split evenly, the last rank zero-padded."""
+        return -(-vocab // self.world)
+
     def rows_per_group(self, batch: int) -> int:
         """Batch rows each attention group runs (the batch is padded to a multiple of dp)."""
         return -(-batch // self.dp)

@@ -1,8 +1,9 @@
 """Model weights in the layout the kernels use ([in, out] matrices, fused expert gate/up), from a
 checkpoint (layer by layer) or random."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import ml_dtypes
 import numpy as np
 
 from minimax_m2.checkpoint import Checkpoint, expert_key, layer_prefix
@@ -29,11 +30,31 @@ class LayerWeights:
     w2: np.ndarray  # [L, I, hidden]
 
 
+LAYER_WEIGHT_NAMES = tuple(f.name for f in fields(LayerWeights))
+FLOAT32_WEIGHTS = ("gate", "bias")  # the router stays float32 whatever the model dtype
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def model_dtype(name: str) -> np.dtype:
+    """'float32' or 'bfloat16' -> the NumPy dtype of weights and activations."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _cast_layer(layer: LayerWeights, dtype: np.dtype) -> LayerWeights:
+    """Every weight in `dtype` except the router's (float32)."""
+    return LayerWeights(**{
+        name: value if name in FLOAT32_WEIGHTS else value.astype(dtype, copy=False)
+        for name, value in vars(layer).items()
+    })
+
+
 @dataclass
 class ModelWeights:
     embed: np.ndarray  # [vocab, hidden]
     final_norm: np.ndarray  # [hidden]
-    lm_head: np.ndarray  # [hidden, vocab] (a view of embed.T when tied)
+    lm_head: np.ndarray  # [hidden, V / W] this rank's vocabulary columns, zero-padded past vocab
     layers: list[LayerWeights]
 
     def nbytes(self) -> int:
@@ -102,20 +123,38 @@ def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: Paralle
     return _layer(ckpt.config, layout, hf, w13, w2)
 
 
-def load_model_weights(ckpt: Checkpoint, experts: list[int], layout: ParallelLayout) -> ModelWeights:
-    """Read the whole model, one layer at a time."""
-    embed = ckpt.read("model.embed_tokens.weight")
-    lm_head = embed.T if ckpt.config.tie_word_embeddings else _linear(ckpt.read("lm_head.weight"))
-    return ModelWeights(
-        embed=embed,
-        final_norm=ckpt.read("model.norm.weight"),
-        lm_head=lm_head,
-        layers=[load_layer(ckpt, i, experts, layout) for i in range(ckpt.config.num_hidden_layers)],
-    )
+def vocab_columns(lm_head: np.ndarray, layout: ParallelLayout) -> np.ndarray:
+    """HF [vocab, hidden] lm_head (or tied embedding) -> this rank's [hidden, V / W] columns, zero-padded
+    past the vocabulary (a view of the transpose on one rank)."""
+    vocab = lm_head.shape[0]
+    width = layout.vocab_columns(vocab)
+    start = min(layout.rank * width, vocab)
+    rows = lm_head[start : start + width]
+    if layout.world == 1:
+        return rows.T
+    return np.pad(rows, ((0, width - rows.shape[0]), (0, 0))).T.copy()
+
+
+def _model(embed: np.ndarray, final_norm: np.ndarray, lm_head_rows: np.ndarray, layers: list[LayerWeights],
+           layout: ParallelLayout, dtype: np.dtype) -> ModelWeights:
+    embed = embed.astype(dtype, copy=False)
+    lm_head_rows = embed if lm_head_rows is None else lm_head_rows.astype(dtype, copy=False)
+    return ModelWeights(embed, final_norm.astype(dtype, copy=False), vocab_columns(lm_head_rows, layout), layers)
+
+
+def load_model_weights(
+    ckpt: Checkpoint, experts: list[int], layout: ParallelLayout, dtype: np.dtype = np.dtype(np.float32)
+) -> ModelWeights:
+    """Read the whole model, one layer at a time, each layer cast to `dtype` as soon as it is read."""
+    tied = ckpt.config.tie_word_embeddings
+    layers = [_cast_layer(load_layer(ckpt, i, experts, layout), dtype) for i in range(ckpt.config.num_hidden_layers)]
+    return _model(ckpt.read("model.embed_tokens.weight"), ckpt.read("model.norm.weight"),
+                  None if tied else ckpt.read("lm_head.weight"), layers, layout, dtype)
 
 
 def random_model_weights(
-    config: MiniMaxM2Config, experts: list[int], seed: int, layout: ParallelLayout = ParallelLayout()
+    config: MiniMaxM2Config, experts: list[int], seed: int, layout: ParallelLayout = ParallelLayout(),
+    dtype: np.dtype = np.dtype(np.float32),
 ) -> ModelWeights:
     """Random weights of the right shapes (std 0.02 matrices, norms near 1, a non-zero router bias).
 
@@ -148,13 +187,10 @@ def random_model_weights(
         expert_rngs = [np.random.default_rng((seed, index, 1 + e)) for e in layout.local_experts(experts)]
         mats = [(normal(r, inter, hidden), normal(r, inter, hidden), normal(r, hidden, inter)) for r in expert_rngs]
         w13, w2 = _fuse_experts([m[0] for m in mats], [m[1] for m in mats], [m[2] for m in mats])
-        return _layer(config, layout, hf, w13, w2)
+        return _cast_layer(_layer(config, layout, hf, w13, w2), dtype)
 
     rng = np.random.default_rng((seed,))
     embed = normal(rng, config.vocab_size, hidden)
-    return ModelWeights(
-        embed=embed,
-        final_norm=norm(rng, hidden),
-        lm_head=embed.T if config.tie_word_embeddings else normal(rng, hidden, config.vocab_size),
-        layers=[layer(i) for i in range(config.num_hidden_layers)],
-    )
+    final_norm = norm(rng, hidden)
+    lm_head = None if config.tie_word_embeddings else normal(rng, config.vocab_size, hidden)
+    return _model(embed, final_norm, lm_head, [layer(i) for i in range(config.num_hidden_layers)], layout, dtype)

@@ -32,7 +32,7 @@ def _run_ep(world: int, tp: int, bias_shift: float = 0.0, capacity: int | None =
     collectives.set_backend(backend)
     try:
         results = backend.run(lambda r: moe_block_ep(
-            x, gate, bias, w13[r * local : (r + 1) * local], w2[r * local : (r + 1) * local],
+            x, np.ones(TOKENS, bool), gate, bias, w13[r * local : (r + 1) * local], w2[r * local : (r + 1) * local],
             np.arange(r % tp, TOP_K, tp), top_k=TOP_K, capacity=cap, ep_groups=ep_groups, tp_groups=tp_groups,
         ))
     finally:
