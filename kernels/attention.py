@@ -3,6 +3,7 @@
 import numpy as np
 
 from kernels.collectives import ReplicaGroups, all_reduce
+from kernels.matmul import matmul
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rope_partial
 
@@ -46,9 +47,9 @@ def attention(
     q_heads = wq.shape[1] // head_dim
     group = q_heads // kv_heads
 
-    q = rmsnorm(x @ wq, q_norm, eps, replica_groups).reshape(batch, seq, q_heads, head_dim)
-    k = rmsnorm(x @ wk, k_norm, eps, replica_groups).reshape(batch, seq, kv_heads, head_dim)
-    v = (x @ wv).reshape(batch, seq, kv_heads, head_dim)
+    q = rmsnorm(matmul(x, wq), q_norm, eps, replica_groups).reshape(batch, seq, q_heads, head_dim)
+    k = rmsnorm(matmul(x, wk), k_norm, eps, replica_groups).reshape(batch, seq, kv_heads, head_dim)
+    v = matmul(x, wv).reshape(batch, seq, kv_heads, head_dim)
 
     cos = np.take(cos_table, positions, axis=0)
     sin = np.take(sin_table, positions, axis=0)
@@ -63,13 +64,13 @@ def attention(
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
     q = np.transpose(q.reshape(batch, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
     q = q.reshape(batch, kv_heads, group * seq, head_dim)
-    scores = (q @ np.swapaxes(keys, -1, -2)).astype(np.float32) * np.float32(head_dim**-0.5)
+    scores = matmul(q, np.swapaxes(keys, -1, -2)).astype(np.float32) * np.float32(head_dim**-0.5)
 
     visible = np.arange(kv_len)[None, :] <= positions[:, None]
     scores = np.where(np.tile(visible, (group, 1)), scores, _MASKED)
     scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
     probs = scores / np.sum(scores, axis=-1, keepdims=True)
 
-    out = (probs.astype(values.dtype) @ values).reshape(batch, kv_heads, group, seq, head_dim)
+    out = matmul(probs.astype(values.dtype), values).reshape(batch, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, seq, q_heads * head_dim)
-    return all_reduce(out @ wo, replica_groups)
+    return all_reduce(matmul(out, wo), replica_groups)

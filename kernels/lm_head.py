@@ -3,6 +3,7 @@
 import numpy as np
 
 from kernels.collectives import ReplicaGroups, all_gather
+from kernels.matmul import matmul
 from kernels.rmsnorm import rmsnorm
 
 _MASKED = np.float32(np.finfo(np.float32).min)
@@ -10,7 +11,7 @@ _MASKED = np.float32(np.finfo(np.float32).min)
 
 def lm_head(h: np.ndarray, norm_weight: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """h: [B, S, hidden], norm_weight: [hidden], weight: [hidden, vocab] -> logits [B, S, vocab] float32."""
-    return (rmsnorm(h, norm_weight, eps) @ weight).astype(np.float32)
+    return matmul(rmsnorm(h, norm_weight, eps), weight).astype(np.float32)
 
 
 def greedy_pick(logits: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from kernels.matmul import matmul
+
 
 def moe_expert(x: np.ndarray, w13: np.ndarray, w2: np.ndarray) -> np.ndarray:
     """down(silu(gate(x)) * up(x)).
@@ -10,7 +12,7 @@ def moe_expert(x: np.ndarray, w13: np.ndarray, w2: np.ndarray) -> np.ndarray:
     -> [..., N, hidden]. Leading axes batch over experts.
     """
     inter = w2.shape[-2]
-    h = x @ w13
+    h = matmul(x, w13)
     gate = h[..., :inter]
     up = h[..., inter:]
-    return (gate / (1.0 + np.exp(-gate)) * up) @ w2
+    return matmul(gate / (1 + np.exp(-gate)) * up, w2)

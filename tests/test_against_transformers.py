@@ -80,3 +80,17 @@ def test_batch_rows_independent(float32_checkpoint, seed) -> None:
     model.reset()
     alone = model.forward(ids[1:2])
     assert relative_error(batched[1:2], alone) < RTOL
+
+
+@pytest.mark.parametrize("checkpoint", ["float32_checkpoint", "fp8_checkpoint"])
+def test_bfloat16_model_stays_close_to_float32(request, checkpoint) -> None:
+    """bf16 weights, activations and KV cache (the device dtype), router and statistics float32: on
+    the float32 model's own tokens, every position's logits within 2e-2 relative."""
+    path = request.getfixturevalue(checkpoint)
+    ids, want = MiniMaxM2Model.from_pretrained(path, max_seq_len=64).generate(PROMPT, DECODE_STEPS, return_logits=True)
+    model = MiniMaxM2Model.from_pretrained(path, max_seq_len=64, dtype="bfloat16")
+    assert model.weights.layers[0].wq.dtype.name == "bfloat16" and model.weights.layers[0].gate.dtype == np.float32
+    got = model.forward(ids[:, :-1])
+    err = relative_error(got, want)
+    print(f"bfloat16 vs float32 logits ({checkpoint}): {err:.2e}")
+    assert err < 2e-2

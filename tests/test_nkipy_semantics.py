@@ -1,0 +1,300 @@
+"""The traced program is the NumPy program: every kernel and every declared device unit, run on arrays
+that compute with nkipy's traced semantics (minimax_m2/nkipy_semantics.py, from
+../shared/nkipy/SEMANTICS.md), equals plain NumPy, records no violation, stays inside the traceable
+subset, and compiles to the same program on every rank. Deliberately wrong kernels show the check bites."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from thread_ranks import ThreadCollectives
+
+from kernels import (
+    attention,
+    collectives,
+    greedy_pick,
+    grouped_experts,
+    lm_head,
+    moe_block,
+    moe_expert,
+    moe_router,
+    rmsnorm,
+    rope_partial,
+    rope_tables,
+    token_embedding,
+)
+from kernels.slots import exclusive_cumsum, place_rows
+from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, outside_subset, trace_unit
+from minimax_m2.parallel import ParallelLayout
+from minimax_m2.program import program_units
+from minimax_m2.weights import LAYER_WEIGHT_NAMES, model_dtype, random_model_weights
+
+OPS_FILE = Path(__file__).resolve().parents[2] / "shared" / "nkipy" / "traceable_ops.json"
+CONFIG = MiniMaxM2Config(
+    vocab_size=250, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=16, num_local_experts=8, num_experts_per_tok=4, rotary_dim=8,
+)
+MAX_SEQ = 24
+WEIGHTS = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head")
+
+
+@pytest.fixture(scope="module")
+def allowed() -> dict | None:
+    return json.loads(OPS_FILE.read_text()) if OPS_FILE.is_file() else None
+
+
+def _copy(inputs: dict) -> dict:
+    return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _mismatch(got, want) -> float:
+    """Largest relative difference over the outputs (inf when shapes or dtypes differ)."""
+    worst = 0.0
+    for g, w in zip(_as_tuple(got), _as_tuple(want)):
+        g, w = np.asarray(g), np.asarray(w)
+        if g.shape != w.shape or g.dtype.kind != w.dtype.kind:
+            return float("inf")
+        diff = np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)), initial=0.0)
+        worst = max(worst, diff / max(np.max(np.abs(w.astype(np.float64)), initial=0.0), 1e-30))
+    return worst
+
+
+def emulate(fn, inputs: dict, constants: dict | None = None):
+    """(program, emulated outputs, plain NumPy outputs) of one call on one rank."""
+    constants = constants or {}
+    collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
+    try:
+        program, traced = trace_unit(fn, _copy(inputs), constants, WEIGHTS)
+    finally:
+        collectives.set_backend(None)
+    collectives.set_backend(LoopbackCollectives())
+    try:
+        plain = fn(**_copy(inputs), **constants)
+    finally:
+        collectives.set_backend(None)
+    return program, traced, plain
+
+
+def assert_same_program_as_numpy(program, traced, plain, allowed, what: str) -> None:
+    assert program.ops, f"{what}: nothing was recorded"
+    assert program.violations == [], f"{what}: {program.violations}"
+    if allowed is not None:
+        assert outside_subset(program, allowed) == [], f"{what} calls what nkipy cannot trace"
+    assert _mismatch(traced, plain) <= 1e-6, f"{what}: traced result differs from NumPy by {_mismatch(traced, plain):.3g}"
+
+
+# --- single kernels ---------------------------------------------------------------------------------
+
+def _kernel_cases():
+    rng = np.random.default_rng(0)
+    w = random_model_weights(CONFIG, list(range(8)), seed=0).layers[0]
+    cos, sin = rope_tables(MAX_SEQ, CONFIG.rotary_dim, CONFIG.rope_theta)
+
+    def x(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def cache():
+        return np.zeros((2, 4, MAX_SEQ, 16), np.float32)
+
+    attn = dict(wq=w.wq, wk=w.wk, wv=w.wv, wo=w.wo, q_norm=w.q_norm, k_norm=w.k_norm, cos_table=cos, sin_table=sin)
+    attn_k = dict(head_dim=16, eps=1e-6, kv_len=MAX_SEQ)
+    ids, valid = rng.integers(0, 8, 40).astype(np.int32), rng.random(40) < 0.7
+    yield "rmsnorm", rmsnorm, dict(x=x(2, 3, 64), weight=w.input_norm), dict(eps=1e-6)
+    yield "rope_partial", rope_partial, dict(x=x(2, 3, 4, 16), cos=cos[:3], sin=sin[:3]), {}
+    yield "attention prefill", attention, dict(x=x(2, 5, 64), positions=np.arange(5, dtype=np.int32), **attn,
+                                               k_cache=cache(), v_cache=cache()), attn_k
+    yield "attention decode", attention, dict(x=x(2, 1, 64), positions=np.array([7], np.int32), **attn,
+                                              k_cache=cache(), v_cache=cache()), attn_k
+    yield "moe_router", moe_router, dict(x=x(6, 64), gate=w.gate, bias=w.bias), dict(top_k=4)
+    yield "moe_expert", moe_expert, dict(x=x(3, 64), w13=w.w13[0], w2=w.w2[0]), {}
+    yield "moe_block decode", moe_block, dict(x=x(2, 64), gate=w.gate, bias=w.bias, w13=w.w13, w2=w.w2), dict(top_k=4)
+    yield "moe_block prefill", moe_block, dict(x=x(40, 64), gate=w.gate, bias=w.bias, w13=w.w13, w2=w.w2), dict(top_k=4)
+    yield "grouped_experts blocked", grouped_experts, dict(x=x(40, 64), expert_ids=ids, valid=valid, w13=w.w13, w2=w.w2), {}
+    yield "grouped_experts one expert", grouped_experts, dict(
+        x=x(40, 64), expert_ids=np.full(40, 5, np.int32), valid=np.ones(40, bool), w13=w.w13, w2=w.w2), {}
+    yield "grouped_experts dense", grouped_experts, dict(
+        x=x(9, 64), expert_ids=ids[:9], valid=valid[:9], w13=w.w13[:4], w2=w.w2[:4]), {}
+    yield "exclusive_cumsum", exclusive_cumsum, dict(values=rng.integers(0, 3, (300, 5)).astype(np.int32)), {}
+    yield "place_rows", place_rows, dict(x=x(3, 64), slot=np.array([2, 0, 5], np.int32),
+                                         valid=np.array([True, False, True])), dict(num_slots=6)
+    yield "token_embedding", token_embedding, dict(input_ids=rng.integers(0, 250, (2, 3)).astype(np.int32),
+                                                   table=x(250, 64)), {}
+    yield "lm_head", lm_head, dict(h=x(2, 1, 64), norm_weight=w.input_norm, weight=x(64, 250)), dict(eps=1e-6)
+    yield "greedy_pick", greedy_pick, dict(logits=x(2, 250)), {}
+
+
+KERNELS = list(_kernel_cases())
+
+
+@pytest.mark.parametrize("name, fn, inputs, constants", KERNELS, ids=[k[0] for k in KERNELS])
+def test_kernel_traces_to_the_numpy_program(allowed, name, fn, inputs, constants) -> None:
+    assert_same_program_as_numpy(*emulate(fn, inputs, constants), allowed, name)
+
+
+# --- the declared device units, over ranks ---------------------------------------------------------
+
+def _rank_units(world: int, tp: int, rank: int, phase: str, batch: int, seq: int, skewed: bool, dtype: str = "float32"):
+    layout = ParallelLayout(world, tp, rank)
+    weights = random_model_weights(CONFIG, list(range(8)), seed=1, layout=layout, dtype=model_dtype(dtype))
+    if skewed:  # every token chooses experts 0..3: all on rank 0
+        weights.layers[0].bias[:4] += 100.0
+    rope = tuple(t.astype(weights.embed.dtype) for t in rope_tables(MAX_SEQ, CONFIG.rotary_dim, CONFIG.rope_theta))
+    return program_units(CONFIG, layout, weights, rope, phase=phase, batch=batch, seq=seq, max_seq_len=MAX_SEQ,
+                         position=0 if phase == "prefill" else 9)
+
+
+def run_ranks(world: int, tp: int, phase: str, batch: int, seq: int, skewed: bool = False, dtype: str = "float32"):
+    """Each rank's units, run emulated and plain with ranks as threads -> per rank [(unit, program, traced, plain)]."""
+    def body(rank: int, emulated: bool):
+        results = []
+        for unit in _rank_units(world, tp, rank, phase, batch, seq, skewed, dtype):
+            if emulated:
+                results.append((unit.name, *trace_unit(unit.fn, _copy(unit.inputs), unit.constants, WEIGHTS)))
+            else:
+                results.append(unit.fn(**_copy(unit.inputs), **unit.constants))
+        return results
+
+    outcomes = []
+    for emulated in (True, False):
+        backend = ThreadCollectives(world)
+        collectives.set_backend(EmulatedCollectives(backend) if emulated else backend)
+        try:
+            outcomes.append(backend.run(lambda r: body(r, emulated)))
+        finally:
+            collectives.set_backend(None)
+    traced, plain = outcomes
+    return [[(name, program, out, want) for (name, program, out), want in zip(t, p)] for t, p in zip(traced, plain)]
+
+
+LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]
+SHAPES = [("prefill", 2, 6, False), ("decode", 3, 1, False), ("prefill", 2, 6, True), ("decode", 1, 1, True)]
+
+
+@pytest.mark.parametrize("world, tp", LAYOUTS, ids=[f"w{w}-tp{t}" for w, t in LAYOUTS])
+@pytest.mark.parametrize("phase, batch, seq, skewed", SHAPES, ids=["prefill", "decode", "prefill-skewed", "decode-skewed"])
+def test_device_units_trace_to_the_numpy_program(allowed, world, tp, phase, batch, seq, skewed) -> None:
+    ranks = run_ranks(world, tp, phase, batch, seq, skewed)
+    for rank, units in enumerate(ranks):
+        for name, program, traced, plain in units:
+            assert_same_program_as_numpy(program, traced, plain, allowed, f"rank {rank} {name}")
+            if name.endswith("_layer") and world > 1:
+                assert int(traced[1]) == 0, f"rank {rank}: pairs dropped at the worst-case capacity"
+    first, last = ranks[0], ranks[-1]
+    for (name, program, _, _), (_, other, _, _) in zip(first, last):
+        assert program.ops == other.ops, f"{name}: rank 0 and rank {world - 1} trace different programs"
+        assert program.constants == other.constants, f"{name}: rank 0 and rank {world - 1} bake in different constants"
+
+
+def test_bfloat16_units_run_bf16_matmuls_except_the_router() -> None:
+    for name, program, traced, plain in run_ranks(2, 1, "prefill", 2, 6, dtype="bfloat16")[0]:
+        assert program.violations == []
+        assert _mismatch(traced, plain) <= 1e-6
+        for m in program.matmuls:
+            float32_ok = m.weight == "gate" or m.with_constant
+            assert m.dtype == ("float32" if float32_ok else "bfloat16"), f"{name}: {m}"
+        if name == "prefill_layer":
+            assert any(m.weight == "gate" and m.dtype == "float32" for m in program.matmuls)
+
+
+# --- the check catches each cause of a wrong traced program --------------------------------------
+
+def _count_positive(x):
+    """Cause 1: a boolean sum is an OR once traced."""
+    return np.sum(x > 0, axis=0)
+
+
+def _gather_at_cumsum(x, ids):
+    """Cause 2: an integer cumsum is float32 once traced, invalid as an index."""
+    return np.take(x, np.cumsum(ids) - 1, axis=0)
+
+
+def _floor_div(ids):
+    """Cause 3: integer // is invalid HLO."""
+    return ids // 2
+
+
+def _negative_take(x, ids):
+    """Cause 4: a negative gather index is clamped, not wrapped."""
+    return np.take(x, ids - 1, axis=0)
+
+
+def _int_divide(ids):
+    """Cause 4: integer / stays integer."""
+    return ids / 2
+
+
+def _constant_result(x):
+    """Cause 5: a result not computed from the inputs."""
+    return x + 1, np.zeros((), np.int32)
+
+
+@dataclass
+class _Weights:
+    w: np.ndarray
+
+
+def _dataclass_weights(x, weights):
+    """Cause 5: weights inside a dataclass are baked in."""
+    return x @ weights.w
+
+
+def _rank_constant(x, *, slots):
+    """Cause 5: a rank-specific array passed as a constant."""
+    return np.take(x, slots, axis=0)
+
+
+WRONG = [
+    ("bool sum", _count_positive, dict(x=np.array([[1.0, -1.0], [2.0, 3.0]], np.float32)), {}, None),
+    ("integer cumsum index", _gather_at_cumsum, dict(x=np.eye(3, dtype=np.float32), ids=np.array([1, 1, 1], np.int32)),
+     {}, "float array used as an index"),
+    ("integer //", _floor_div, dict(ids=np.array([3, 4], np.int32)), {}, "integer np.floor_divide"),
+    ("negative take", _negative_take, dict(x=np.eye(3, dtype=np.float32), ids=np.array([0, 2], np.int32)), {}, None),
+    ("integer /", _int_divide, dict(ids=np.array([3, 4], np.int32)), {}, None),
+    ("constant result", _constant_result, dict(x=np.ones(2, np.float32)), {}, "not computed from the inputs"),
+    ("dataclass weights", _dataclass_weights, dict(x=np.ones((1, 2), np.float32), weights=_Weights(np.eye(2, dtype=np.float32))),
+     {}, "not an array: baked in"),
+    ("rank constant", _rank_constant, dict(x=np.eye(3, dtype=np.float32)), dict(slots=np.array([1], np.int32)),
+     "holds an array"),
+]
+
+
+@pytest.mark.parametrize("name, fn, inputs, constants, violation", WRONG, ids=[w[0] for w in WRONG])
+def test_the_check_catches_a_wrong_kernel(name, fn, inputs, constants, violation) -> None:
+    """Each kernel gives NumPy's answer eagerly; traced, it either records the named violation or
+    computes something else (None: a silent difference, caught by the comparison with NumPy)."""
+    program, traced, plain = emulate(fn, inputs, constants)
+    if violation is None:
+        assert program.violations == []
+        assert _mismatch(traced, plain) > 1e-6, f"{name}: the emulation did not reproduce nkipy's result"
+    else:
+        assert any(violation in v for v in program.violations), program.violations
+
+
+def test_all_to_all_dimensions_must_match() -> None:
+    def swap(x):
+        return collectives.all_to_all(x, 0, 1, [[0, 1]])
+
+    program, _, _ = emulate(swap, dict(x=np.ones((2, 2), np.float32)))
+    assert any("concat_dimension" in v for v in program.violations)
+
+
+def test_value_dependent_branch_is_caught() -> None:
+    def branch(x):
+        return x if np.max(x) > 0 else -x
+
+    program, _ = trace_unit(branch, dict(x=np.ones(3, np.float32)), {})
+    assert any("bool()" in v for v in program.violations)
+
+
+def test_subset_check_names_untraceable_calls(allowed) -> None:
+    if allowed is None:
+        pytest.skip(f"{OPS_FILE} is absent: the nkipy traceable subset ships in ../shared beside the repository")
+    program, _, _ = emulate(lambda x: np.argsort(x), dict(x=np.arange(3.0, dtype=np.float32)))
+    assert "np.argsort" in outside_subset(program, allowed)
