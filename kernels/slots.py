@@ -17,6 +17,12 @@ def _chunk_rows(rows: int) -> int:
     return chunk
 
 
+def _strictly_lower(n: int, like: np.ndarray) -> np.ndarray:
+    """[n, n] float32 ones below the diagonal, as a value of the trace: nkipy's matmul takes no NumPy
+    constant operand, so the constant is added to a zero computed from `like`."""
+    return np.tril(np.ones((n, n), np.float32), -1) + np.zeros_like(like[:1, :1])
+
+
 def exclusive_cumsum(values: np.ndarray) -> np.ndarray:
     """values: [P, G] int >= 0 -> [P, G] int32, out[r, g] = sum of values[:r, g] (exact while the
     totals stay below 2^24).
@@ -29,10 +35,10 @@ def exclusive_cumsum(values: np.ndarray) -> np.ndarray:
     chunks = -(-rows // chunk)
     m = np.pad(values.astype(np.float32), ((0, chunks * chunk - rows), (0, 0)))
     by_position = np.swapaxes(m.reshape(chunks, chunk, groups), 0, 1).reshape(chunk, chunks * groups)
-    within = np.tril(np.ones((chunk, chunk), np.float32), -1) @ by_position  # [C, chunks * G]
+    within = _strictly_lower(chunk, m) @ by_position  # [C, chunks * G]
     within = np.swapaxes(within.reshape(chunk, chunks, groups), 0, 1)  # [chunks, C, G]
     totals = np.sum(m.reshape(chunks, chunk, groups), axis=1)  # [chunks, G]
-    before = np.tril(np.ones((chunks, chunks), np.float32), -1) @ totals  # [chunks, G]
+    before = _strictly_lower(chunks, m) @ totals  # [chunks, G]
     counts = (within + before[:, None, :]).reshape(chunks * chunk, groups)
     return counts[:rows].astype(np.int32)
 

@@ -9,7 +9,8 @@ the semantics nkipy's HLO has where it differs from NumPy (measured, ../shared/n
 - gathers clamp negative or past-the-end indices instead of wrapping;
 
 and records as a violation what gives invalid HLO or a program other than the one NumPy runs:
-integer `//` or `%`, a float used as an index, boolean-mask indexing, value-dependent Python
+integer `//` or `%`, a float used as an index, a NumPy constant as a matmul operand (nkipy's dot
+rejects it: found tracing these kernels with nkipy itself), boolean-mask indexing, value-dependent Python
 (`bool()`, `int()`, iteration), conversion to a plain array, a ufunc method, `all_to_all` with
 different split and concat dimensions, a collective on a value not computed from the inputs, a result
 not computed from the inputs, and any array reaching the unit other than as a top-level argument.
@@ -41,7 +42,6 @@ class Matmul:
     flops: int
     weight: str | None  # name of the weight argument an operand was taken from
     weight_bytes: int
-    with_constant: bool  # an operand is a trace-time constant (the counting triangles of kernels/slots.py)
 
 
 @dataclass
@@ -304,8 +304,9 @@ def _record_matmul(inputs: tuple, values: list, result: np.ndarray) -> None:
     current().matmuls.append(Matmul(
         a.shape, b.shape, str(np.result_type(a, b)), 2 * int(result.size) * int(a.shape[-1]),
         weights[0][0] if weights else None, sum(n for _, n in weights),
-        any(not isinstance(t, Traced) for t in inputs),
     ))
+    if not all(isinstance(t, Traced) for t in inputs):
+        current().violate("a NumPy constant as a matmul operand: nkipy's dot takes traced tensors only")
 
 
 class EmulatedCollectives:

@@ -1,0 +1,100 @@
+"""Every declared device unit traced by nkipy's real tracer (`NKIPyKernel`, HLO backend); where jax is
+also importable, the HLO runs on XLA's CPU backend, one replica per rank, and must equal the NumPy
+units run with ranks as threads. Skipped, saying why, where nkipy is absent (CI, any non-Trainium host)."""
+
+import os
+
+import numpy as np
+import pytest
+from test_nkipy_semantics import LAYOUTS, SHAPES, _copy, _rank_units
+from thread_ranks import ThreadCollectives
+
+from kernels import collectives
+
+nkipy_trace = pytest.importorskip("nkipy.core.trace", reason="nkipy is not installed (it needs the Neuron SDK)")
+
+CASES = [(w, t, *shape) for w, t in LAYOUTS for shape in SHAPES]
+
+
+def _trace(unit):
+    collectives.set_backend(collectives.NkipyCollectives())
+    try:
+        return nkipy_trace.NKIPyKernel(unit.fn, "hlo").specialize(**_copy(unit.inputs), **unit.constants)
+    finally:
+        collectives.set_backend(None)
+
+
+def _numpy_outputs(world: int, tp: int, phase: str, batch: int, seq: int, skewed: bool) -> list[list]:
+    """Per rank, per unit: (user outputs, inputs after the call) of the plain NumPy units."""
+    backend = ThreadCollectives(world)
+
+    def body(rank: int):
+        results = []
+        for unit in _rank_units(world, tp, rank, phase, batch, seq, skewed):
+            inputs = _copy(unit.inputs)
+            out = unit.fn(**inputs, **unit.constants)
+            results.append((out if isinstance(out, tuple) else (out,), inputs))
+        return results
+
+    collectives.set_backend(backend)
+    try:
+        return backend.run(body)
+    finally:
+        collectives.set_backend(None)
+
+
+def _run_on_xla(code, per_rank_inputs: list[dict]) -> list[list[np.ndarray]]:
+    """Execute an HloModule with one replica per rank -> [output][rank]."""
+    jax = pytest.importorskip("jax", reason="jax runs nkipy's HLO on XLA's CPU backend")
+    import jax.extend.backend as jax_backend
+    from jax._src.lib import xla_client
+
+    replicas = len(per_rank_inputs)
+    backend = jax_backend.get_backend("cpu")
+    if len(backend.devices()) < replicas:
+        pytest.skip(f"XLA has {len(backend.devices())} CPU devices; set XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    options = xla_client.CompileOptions()
+    options.num_replicas = replicas
+    build = options.executable_build_options
+    build.num_replicas, build.num_partitions = replicas, 1
+    build.device_assignment = xla_client.DeviceAssignment.create(np.arange(replicas).reshape(replicas, 1))
+    devices = backend.devices()[:replicas]
+    proto = code.to_proto()
+    proto.ClearField("input_output_alias")  # XLA:CPU checks aliased layouts; the written caches stay outputs
+    module = xla_client._xla.mlir.hlo_to_stablehlo(proto.SerializeToString())
+    executable = backend.compile_and_load(module, xla_client.DeviceList(tuple(devices)), options)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("r",)), jax.sharding.PartitionSpec())
+    arguments = []
+    for parameter in code.parameters:
+        name = parameter.name.split(".must_alias_input")[0]
+        shards = [jax.device_put(np.asarray(inputs[name]), d) for inputs, d in zip(per_rank_inputs, devices)]
+        arguments.append(jax.make_array_from_single_device_arrays(shards[0].shape, sharding, shards))
+    results = executable.execute_sharded(arguments).disassemble_into_single_device_arrays()
+    return [[np.asarray(r) for r in output] for output in results]
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-30))
+
+
+@pytest.mark.parametrize("world, tp, phase, batch, seq, skewed", CASES,
+                         ids=[f"w{c[0]}-tp{c[1]}-{c[2]}-b{c[3]}-s{c[4]}{'-skewed' if c[5] else ''}" for c in CASES])
+def test_traced_units_compute_the_numpy_result(world, tp, phase, batch, seq, skewed) -> None:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    ranks = [_rank_units(world, tp, r, phase, batch, seq, skewed) for r in range(world)]
+    want = _numpy_outputs(world, tp, phase, batch, seq, skewed)
+    for index, unit in enumerate(ranks[0]):
+        code = _trace(unit)
+        assert code.to_proto().SerializeToString() == _trace(ranks[-1][index]).to_proto().SerializeToString(), \
+            f"{unit.name}: rank 0 and rank {world - 1} trace different HLO"
+        outputs = _run_on_xla(code, [rank_units[index].inputs for rank_units in ranks])
+        for rank in range(world):
+            user_outputs, written_inputs = want[rank][index]
+            for i, expected in enumerate(user_outputs):
+                err = _relative(outputs[i][rank], expected)
+                assert err <= 1e-5, f"rank {rank} {unit.name} output {i}: traced HLO differs from NumPy by {err:.3g}"
+            for output, parameter in code.input_output_alias.items():
+                name = code.parameters[parameter].name.split(".must_alias_input")[0]
+                err = _relative(outputs[output][rank], written_inputs[name])
+                assert err <= 1e-5, f"rank {rank} {unit.name}: {name} written on the device differs by {err:.3g}"
