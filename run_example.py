@@ -37,6 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--experts", help="comma-separated expert ids to load (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights, activations and KV cache (bfloat16 as on a NeuronCore; router and logits stay float32)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -77,7 +79,8 @@ def main(argv: list[str]) -> int:
     decode_text = None
     if args.mode == "random":
         config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
-        model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len, layout=layout)
+        model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
+                                      dtype=args.dtype)
         if args.prompt_ids:
             prompt = parse_ids(args.prompt_ids)
         else:
@@ -95,7 +98,8 @@ def main(argv: list[str]) -> int:
             prompt = parse_ids(args.prompt_ids)
         else:
             raise SystemExit("--mode generate needs --prompt-ids or --prompt")
-        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len, layout=layout)
+        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
+                                               dtype=args.dtype)
     result = timed_generate(model, prompt, sampling, keep_logits=args.dump_logits is not None)
     if leader:
         report(result, decode_text)

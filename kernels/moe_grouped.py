@@ -24,11 +24,12 @@ def runs_dense(rows: int, num_experts: int) -> bool:
 
     Cost in expert weight reads, an expert applied to R rows costing max(1, R / ROWS_PER_WEIGHT_READ):
     dense reads each of the E experts once; blocked reads one expert per block. Few rows (decode)
-    make dense cheaper whenever there are more blocks than experts.
+    make dense cheaper whenever there are more blocks than experts; a tie goes to dense, which reads
+    fewer bytes.
     """
     dense = num_experts * max(1.0, rows / ROWS_PER_WEIGHT_READ)
     blocked = expert_blocks(rows, num_experts) * max(1.0, block_rows(rows, num_experts) / ROWS_PER_WEIGHT_READ)
-    return dense < blocked
+    return dense <= blocked
 
 
 def expert_blocks(rows: int, num_experts: int) -> int:

@@ -63,6 +63,7 @@ class Program:
     constants: dict[str, int] = field(default_factory=dict)  # digest -> bytes
     matmuls: list[Matmul] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
+    dry: bool = False  # matmuls return zeros of their shape: sizes the program without computing it
 
     @property
     def constant_bytes(self) -> int:
@@ -131,7 +132,7 @@ class Traced(np.lib.mixins.NDArrayOperatorsMixin):
         if name in ("divide", "true_divide") and all(_is_int(v) for v in values):
             result = np.trunc(np.true_divide(*values)).astype(np.int32)
         elif name == "matmul":
-            result = ufunc(*values, **_unwrap(kwargs))
+            result = _matmul_shaped_zeros(*values) if program.dry else ufunc(*values, **_unwrap(kwargs))
             _record_matmul(inputs, values, result)
         else:
             result = getattr(ufunc, method)(*values, **_unwrap(kwargs))
@@ -298,6 +299,11 @@ def _record(name: str, args: Any, kwargs: dict) -> None:
                 program.constants[_digest(leaf)] = leaf.nbytes
 
 
+def _matmul_shaped_zeros(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    return np.zeros(shape, np.result_type(a, b))
+
+
 def _record_matmul(inputs: tuple, values: list, result: np.ndarray) -> None:
     a, b = values
     weights = [(t.weight, t.value.nbytes) for t in inputs if isinstance(t, Traced) and t.weight]
@@ -366,15 +372,17 @@ def _holds_array(value: Any) -> bool:
 
 
 def trace_unit(
-    fn: Callable[..., Any], inputs: dict[str, Any], constants: dict[str, Any], weights: tuple[str, ...] = ()
+    fn: Callable[..., Any], inputs: dict[str, Any], constants: dict[str, Any], weights: tuple[str, ...] = (),
+    dry: bool = False,
 ) -> tuple[Program, Any]:
     """Run fn(**inputs, **constants) as nkipy would trace it -> (program, outputs as plain arrays).
 
     Only top-level np.ndarray inputs become parameters (int64/float64 cast to int32/float32); inputs
     named in `weights` are tagged so matmuls count the bytes they read. Input arrays written by the
-    unit (KV caches) are written in place, as nkipy aliases them.
+    unit (KV caches) are written in place, as nkipy aliases them. `dry` skips the matmuls' arithmetic
+    (their results are zeros): for sizing a program whose values do not matter.
     """
-    program = Program()
+    program = Program(dry=dry)
     _local.program = program
     try:
         args = {}

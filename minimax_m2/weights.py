@@ -194,3 +194,32 @@ def random_model_weights(
     final_norm = norm(rng, hidden)
     lm_head = None if config.tie_word_embeddings else normal(rng, config.vocab_size, hidden)
     return _model(embed, final_norm, lm_head, [layer(i) for i in range(config.num_hidden_layers)], layout, dtype)
+
+
+def zero_model_weights(
+    config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, num_layers: int = 1
+) -> ModelWeights:
+    """Zero weights of this rank's shapes, for sizing the device program at the real model's shapes:
+    np.zeros maps untouched pages lazily, so only the weights a unit actually reads cost memory."""
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_width = config.num_attention_heads // layout.tp * head_dim
+    kv_width = config.num_key_value_heads // layout.tp * head_dim
+    local = len(layout.local_experts(experts))
+    shapes = {
+        "input_norm": (hidden,), "post_norm": (hidden,), "wq": (hidden, q_width), "wk": (hidden, kv_width),
+        "wv": (hidden, kv_width), "wo": (q_width, hidden), "q_norm": (q_width,), "k_norm": (kv_width,),
+        "gate": (hidden, len(experts)), "bias": (len(experts),), "w13": (local, hidden, 2 * inter),
+        "w2": (local, inter, hidden),
+    }
+
+    def layer() -> LayerWeights:
+        return LayerWeights(**{
+            name: np.zeros(shape, np.float32 if name in FLOAT32_WEIGHTS else dtype) for name, shape in shapes.items()
+        })
+
+    return ModelWeights(
+        embed=np.zeros((config.vocab_size, hidden), dtype),
+        final_norm=np.zeros(hidden, dtype),
+        lm_head=np.zeros((hidden, layout.vocab_columns(config.vocab_size)), dtype),
+        layers=[layer() for _ in range(num_layers)],
+    )

@@ -55,3 +55,38 @@ def test_small_capacity_reports_drops() -> None:
     want, results = _run_ep(2, 1, bias_shift=100.0, capacity=2)
     assert [int(d) for _, d in results] == [TOKENS * TOP_K - 2] * 2
     assert np.max(np.abs(results[0][0] - want)) > 1e-3
+
+
+class _CountingSends(ThreadCollectives):
+    """Counts the occupied rows (tag column > 0) of every first all_to_all send buffer."""
+
+    def __init__(self, world: int):
+        super().__init__(world)
+        self.sent_rows = [0] * world
+
+    def all_to_all(self, x, split_dimension, concat_dimension, replica_groups):
+        if x.shape[-1] == HIDDEN + 1:
+            self.sent_rows[self._local.rank] += int(np.sum(x[..., HIDDEN] > 0))
+        return super().all_to_all(x, split_dimension, concat_dimension, replica_groups)
+
+
+def test_padding_rows_are_never_dispatched() -> None:
+    """Rows that only pad the batch (token_valid False) send no pair and come back as zeros."""
+    x, gate, bias, w13, w2 = _weights()
+    world, local = 2, EXPERTS // 2
+    valid = np.arange(TOKENS) < 2
+    backend = _CountingSends(world)
+    collectives.set_backend(backend)
+    try:
+        results = backend.run(lambda r: moe_block_ep(
+            x, valid, gate, bias, w13[r * local : (r + 1) * local], w2[r * local : (r + 1) * local], np.arange(TOP_K),
+            top_k=TOP_K, capacity=worst_case_capacity(TOKENS, TOP_K, local), ep_groups=[[0, 1]],
+        ))
+    finally:
+        collectives.set_backend(None)
+    assert backend.sent_rows == [2 * TOP_K] * world
+    want = moe_block(x[:2], gate, bias, w13, w2, top_k=TOP_K)
+    for got, dropped in results:
+        assert int(dropped) == 0
+        assert np.max(np.abs(got[:2] - want)) / np.max(np.abs(want)) < 1e-5
+        assert not np.any(got[2:])
