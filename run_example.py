@@ -48,6 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parallel = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node W)")
     parallel.add_argument("--ep", type=int, default=1, help="ranks W: experts spread over all of them (= torchrun's W)")
     parallel.add_argument("--tp", type=int, default=1, help="ranks per attention group, splitting heads (divides 8 KV heads)")
+    parallel.add_argument("--moe-tp", type=int, default=1,
+                          help="ranks each expert's intermediate dimension is sliced over (1: whole experts spread over "
+                               "all ranks; W: every expert sliced over all ranks; moe_tp x moe_ep = W)")
     parallel.add_argument("--capacity-factor", type=float,
                           help="send-buffer rows per rank as a multiple of the even share; pairs over it are dropped "
                                "and counted (default: worst-case capacity, nothing dropped)")
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> int:
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
 
-    layout, backend = start(args.tp, args.collective_timeout, args.capacity_factor)
+    layout, backend = start(args.tp, args.collective_timeout, args.capacity_factor, args.moe_tp)
     if layout.world != args.ep:
         raise ValueError(f"--ep {args.ep} but {layout.world} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
     leader = layout.rank == 0

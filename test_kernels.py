@@ -13,7 +13,7 @@ from kernels import (
     grouped_experts,
     lm_head,
     moe_block,
-    moe_block_ep,
+    moe_block_parallel,
     moe_expert,
     moe_router,
     rmsnorm,
@@ -265,17 +265,19 @@ def test_lm_head_vocab_parallel_one_rank() -> None:
     np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
 
 
-def test_moe_block_ep_one_rank() -> None:
-    """The expert-parallel block on a single rank (collectives are the identity) against the loop;
-    multi-rank runs are checked in tests/test_moe_dispatch.py and tests/test_torchrun.py."""
+def test_moe_block_parallel_one_rank() -> None:
+    """The multi-rank MoE block on a single rank (collectives are the identity) against the loop;
+    multi-rank layouts are checked in tests/test_moe_parallel.py and tests/test_torchrun.py."""
     rng = _rng()
     hidden, inter, experts, top_k, tokens = 16, 8, 6, 2, 5
     gate, bias = _randn(rng, hidden, experts), _randn(rng, experts, scale=0.1)
     w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
     x = _randn(rng, tokens, hidden)
-    got, dropped = moe_block_ep(
-        x, np.ones(tokens, bool), gate, bias, w13, w2, np.arange(top_k), top_k=top_k,
-        capacity=worst_case_capacity(tokens, top_k, experts), ep_groups=[[0]],
+    one = [[0]]
+    got, dropped = moe_block_parallel(
+        x, np.ones((1, tokens), bool), np.arange(top_k, dtype=np.int32)[None], np.array([0], np.int32),
+        np.array([0], np.int32), gate, bias, w13, w2, top_k=top_k, capacity=worst_case_capacity(tokens, top_k, experts),
+        slice_groups=one, ep_groups=one, combine_groups=one,
     )
     assert int(dropped) == 0
     _close(got, _ref_moe(x, gate, bias, w13, w2, top_k))

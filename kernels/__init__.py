@@ -8,7 +8,7 @@ from kernels.attention import attention
 from kernels.embedding import token_embedding
 from kernels.lm_head import greedy_pick, lm_head, lm_head_vocab_parallel
 from kernels.moe_block import moe_block
-from kernels.moe_dispatch import moe_block_ep, worst_case_capacity
+from kernels.moe_parallel import moe_block_parallel, worst_case_capacity
 from kernels.moe_expert import moe_expert
 from kernels.moe_grouped import block_rows, grouped_experts
 from kernels.moe_router import moe_router
@@ -23,7 +23,7 @@ __all__ = [
     "lm_head",
     "lm_head_vocab_parallel",
     "moe_block",
-    "moe_block_ep",
+    "moe_block_parallel",
     "moe_expert",
     "moe_router",
     "rmsnorm",

@@ -107,14 +107,16 @@ class TorchCollectives:
         self._dist.destroy_process_group()
 
 
-def start(tp: int, timeout_seconds: float, capacity_factor: float | None = None) -> tuple[ParallelLayout, TorchCollectives | None]:
+def start(tp: int, timeout_seconds: float, capacity_factor: float | None = None,
+          moe_tp: int = 1) -> tuple[ParallelLayout, TorchCollectives | None]:
     """This process's layout from torchrun's environment; with more than one rank, joins the process
     group and installs the gloo backend. Without torchrun: one rank, no backend."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    layout = ParallelLayout(world, tp, rank, capacity_factor)
+    layout = ParallelLayout(world, tp, rank, capacity_factor, moe_tp)
     if world == 1:
         return layout, None
-    backend = TorchCollectives([layout.ep_groups, layout.tp_groups], timeout_seconds)
+    groups = [layout.world_groups, layout.tp_groups, layout.slice_groups, layout.ep_groups, layout.combine_groups]
+    backend = TorchCollectives(groups, timeout_seconds)
     collectives.set_backend(backend)
     return layout, backend

@@ -19,7 +19,7 @@ from minimax_m2.program import (
     layer_unit,
     lm_head_constants,
     lm_head_unit,
-    token_valid,
+    member_valid,
 )
 from minimax_m2.sampling import check_sampling, next_tokens
 from minimax_m2.weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
@@ -158,7 +158,7 @@ class MiniMaxM2Model:
         rows = layout.rows_per_group(batch)
         padded = np.concatenate([ids, np.zeros((rows * layout.dp - batch, seq), ids.dtype)]).astype(np.int32)
         positions = np.arange(self.position, self.position + seq, dtype=np.int32)
-        valid = token_valid(layout, batch)
+        valid = member_valid(layout, batch)
         constants = layer_constants(config, layout, rows, seq, kv_len_for(self.position, seq, self.max_seq_len),
                                     self.weights.layers[0].w13.shape[0])
         h = embedding_unit(padded[layout.group * rows : (layout.group + 1) * rows], self.weights.embed)
@@ -171,7 +171,7 @@ class MiniMaxM2Model:
                 h, dropped = out[0], dropped + out[1]
         self.position += seq
         if layout.capacity_factor is not None:
-            self.dropped_pairs += int(all_reduce(dropped, layout.ep_groups))
+            self.dropped_pairs += int(all_reduce(dropped, layout.world_groups))
         if not all_logits:
             h = h[:, -1:]
         logits, tokens = lm_head_unit(h, self.weights.final_norm, self.weights.lm_head, self.rank_values.vocab_offset,

@@ -1,7 +1,7 @@
 """The device program: the units nkipy compiles for a NeuronCore, declared in one place.
 
 Each unit is a function of arrays only (weights, KV caches, positions, RoPE tables and every
-rank-specific value: expert slots, padding rows, vocabulary offset), with config numbers, shapes and
+rank-specific value: expert slots, padding rows, slice-group positions, vocabulary offset), with config numbers, shapes and
 replica groups as keyword constants. It returns arrays only, and writes its KV caches in place into
 its input arrays (nkipy turns such a write into an aliased output, so the caches stay on the device).
 `MiniMaxM2Model` runs exactly these units on CPU, so every accuracy test tests what would be compiled;
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kernels import attention, lm_head_vocab_parallel, moe_block, moe_block_ep, rmsnorm, token_embedding
+from kernels import attention, lm_head_vocab_parallel, moe_block, moe_block_parallel, rmsnorm, token_embedding
 from kernels.collectives import ReplicaGroups, all_gather, group_size
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.parallel import ParallelLayout
@@ -35,8 +35,10 @@ def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
 def layer_unit(
     h: np.ndarray,
     positions: np.ndarray,
-    token_valid: np.ndarray,
-    expert_slots: np.ndarray,
+    member_valid: np.ndarray,
+    member_slots: np.ndarray,
+    own_members: np.ndarray,
+    own_position: np.ndarray,
     cos_table: np.ndarray,
     sin_table: np.ndarray,
     k_cache: np.ndarray,
@@ -59,15 +61,18 @@ def layer_unit(
     top_k: int,
     kv_len: int,
     capacity: int,
-    ep_groups: ReplicaGroups,
     tp_groups: ReplicaGroups,
+    slice_groups: ReplicaGroups,
+    ep_groups: ReplicaGroups,
+    combine_groups: ReplicaGroups,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
-    h: [B, S, hidden] at positions [S] int32; token_valid: [B] bool (False: a row that only pads the
-    batch to the attention groups, never dispatched to experts); expert_slots: [top_k / tp] int32,
-    which of each token's choices this rank dispatches; k/v_cache: [B, Hkv, max_seq, D], written at
-    `positions`. Weights as in `LayerWeights`. Returns h on one rank; over several, (h, dropped [] int32).
+    h: [B, S, hidden] at positions [S] int32; k/v_cache: [B, Hkv, max_seq, D], written at `positions`.
+    For the M members of this rank's MoE slice group (`kernels.moe_parallel.moe_block_parallel`):
+    member_valid [M, B] bool (False: a row that only pads the batch to the attention groups, never run
+    through experts), member_slots [M, top_k / tp] int32, own_members [A] int32, own_position [1] int32.
+    Weights as in `LayerWeights`. Returns h on one rank; over several, (h, dropped [] int32).
     """
     batch, seq, hidden = h.shape
     h = h + attention(
@@ -75,18 +80,18 @@ def layer_unit(
         head_dim=head_dim, eps=eps, kv_len=kv_len, replica_groups=tp_groups,
     )
     x = rmsnorm(h, post_norm, eps).reshape(batch * seq, hidden)
-    if group_size(ep_groups) == 1:
+    if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         return h + moe_block(x, gate, bias, w13, w2, top_k=top_k).reshape(batch, seq, hidden)
-    moe, dropped = moe_block_ep(
-        x, np.repeat(token_valid, seq), gate, bias, w13, w2, expert_slots,
-        top_k=top_k, capacity=capacity, ep_groups=ep_groups, tp_groups=tp_groups,
+    moe, dropped = moe_block_parallel(
+        x, np.repeat(member_valid, seq, axis=1), member_slots, own_members, own_position, gate, bias, w13, w2,
+        top_k=top_k, capacity=capacity, slice_groups=slice_groups, ep_groups=ep_groups, combine_groups=combine_groups,
     )
     return h + moe.reshape(batch, seq, hidden), dropped
 
 
 def lm_head_unit(
     h: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray, *,
-    eps: float, vocab_size: int, dp: int, tp: int, ep_groups: ReplicaGroups,
+    eps: float, vocab_size: int, dp: int, tp: int, world_groups: ReplicaGroups,
 ) -> tuple[np.ndarray, np.ndarray]:
     """h: [rows, S, hidden] of this rank's attention group -> (logits [dp * rows, S, vocab] float32,
     greedy tokens [dp * rows, S] int32) for the whole batch, identical on every rank.
@@ -95,14 +100,14 @@ def lm_head_unit(
     kept), then each rank projects onto its vocabulary slice lm_head: [hidden, V / W] starting at
     vocab_offset: [1] int32.
     """
-    return lm_head_vocab_parallel(all_rows(h, dp, tp, ep_groups), final_norm, lm_head, vocab_offset, eps=eps, vocab_size=vocab_size,
-                                  replica_groups=ep_groups)
+    return lm_head_vocab_parallel(all_rows(h, dp, tp, world_groups), final_norm, lm_head, vocab_offset, eps=eps,
+                                  vocab_size=vocab_size, replica_groups=world_groups)
 
 
-def all_rows(h: np.ndarray, dp: int, tp: int, ep_groups: ReplicaGroups) -> np.ndarray:
+def all_rows(h: np.ndarray, dp: int, tp: int, world_groups: ReplicaGroups) -> np.ndarray:
     """Every attention group's rows [rows, ...] gathered in group order -> [dp * rows, ...]."""
     rows = h.shape[0]
-    every = all_gather(h, 0, ep_groups).reshape(dp, tp, rows, *h.shape[1:])
+    every = all_gather(h, 0, world_groups).reshape(dp, tp, rows, *h.shape[1:])
     return every[:, 0].reshape(dp * rows, *h.shape[1:])
 
 
@@ -131,40 +136,47 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, rows: int, 
     top_k = config.num_experts_per_tok
     return dict(
         head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, kv_len=kv_len,
-        capacity=layout.capacity(rows * seq, top_k, local_experts),
-        ep_groups=layout.ep_groups, tp_groups=layout.tp_groups,
+        capacity=layout.capacity(rows * seq, top_k, local_experts), tp_groups=layout.tp_groups,
+        slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
     )
 
 
 def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout) -> dict[str, Any]:
     return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
-                ep_groups=layout.ep_groups)
+                world_groups=layout.world_groups)
 
 
 @dataclass
 class RankValues:
     """Rank-specific arrays, passed to the units as data so every rank compiles the same program."""
 
-    expert_slots: np.ndarray  # [top_k / tp] int32
+    member_slots: np.ndarray  # [M, top_k / tp] int32, for each member of the slice group
+    own_members: np.ndarray  # [A] int32, slice-group positions of the members holding this rank's tokens
+    own_position: np.ndarray  # [1] int32, this rank's position in its slice group
     vocab_offset: np.ndarray  # [1] int32
 
     @classmethod
     def of(cls, config: MiniMaxM2Config, layout: ParallelLayout) -> "RankValues":
-        return cls(layout.expert_slots(config.num_experts_per_tok),
-                   np.array([layout.rank * layout.vocab_columns(config.vocab_size)], np.int32))
+        top_k = config.num_experts_per_tok
+        return cls(
+            member_slots=np.stack([layout.expert_slots(top_k, r) for r in layout.slice_members()]),
+            own_members=layout.own_members(),
+            own_position=np.array([layout.slice_rank], np.int32),
+            vocab_offset=np.array([layout.rank * layout.vocab_columns(config.vocab_size)], np.int32),
+        )
 
 
-def token_valid(layout: ParallelLayout, batch: int) -> np.ndarray:
-    """[rows] bool for this rank's attention group: False for the rows that only pad the batch."""
-    rows = layout.rows_per_group(batch)
-    return layout.group * rows + np.arange(rows) < batch
+def member_valid(layout: ParallelLayout, batch: int) -> np.ndarray:
+    """[M, rows] bool for each member of this rank's slice group: False for rows that only pad the batch."""
+    return np.stack([layout.row_valid(batch, r) for r in layout.slice_members()])
 
 
 def layer_inputs(h: np.ndarray, positions: np.ndarray, valid: np.ndarray, rank: RankValues,
                  rope: tuple[np.ndarray, np.ndarray], caches: tuple[np.ndarray, np.ndarray],
                  weights: LayerWeights) -> dict[str, np.ndarray]:
-    """The array arguments of `layer_unit`, by name."""
-    inputs = dict(h=h, positions=positions, token_valid=valid, expert_slots=rank.expert_slots,
+    """The array arguments of `layer_unit`, by name (valid: `member_valid`)."""
+    inputs = dict(h=h, positions=positions, member_valid=valid, member_slots=rank.member_slots,
+                  own_members=rank.own_members, own_position=rank.own_position,
                   cos_table=rope[0], sin_table=rope[1], k_cache=caches[0], v_cache=caches[1])
     inputs.update({name: getattr(weights, name) for name in LAYER_WEIGHT_NAMES})
     return inputs
@@ -202,7 +214,7 @@ def program_units(
     return [
         Unit("embedding", embedding_unit, dict(input_ids=ids, embed=weights.embed)),
         Unit(f"{phase}_layer", layer_unit,
-             layer_inputs(h, positions, token_valid(layout, batch), rank, rope, caches, layer),
+             layer_inputs(h, positions, member_valid(layout, batch), rank, rope, caches, layer),
              layer_constants(config, layout, rows, seq, kv_len, layer.w13.shape[0])),
         Unit("lm_head", lm_head_unit,
              dict(h=h[:, -1:], final_norm=weights.final_norm, lm_head=weights.lm_head, vocab_offset=rank.vocab_offset),

@@ -115,7 +115,7 @@ def report(result: GenerationResult, decode_text: Callable[[list[int]], str] | N
 def report_parallel(model: MiniMaxM2Model, backend) -> None:
     """Layout, this rank's resident weight bytes, all_to_all traffic and dropped pairs (rank 0 prints)."""
     layout, layers = model.layout, model.config.num_hidden_layers
-    print(f"ranks {layout.world} (tp {layout.tp}, {layout.dp} attention groups): "
+    print(f"ranks {layout.world} (tp {layout.tp}, moe_tp {layout.moe_tp} x moe_ep {layout.moe_ep}, {layout.dp} attention groups): "
           f"{model.weights.layers[0].w13.shape[0]} experts and {model.weights.nbytes() / 2**20:.1f} MiB of weights on rank 0")
     print(f"all_to_all sent by rank 0: {backend.all_to_all_bytes / 2**20:.2f} MiB over {layers} layers")
     if layout.capacity_factor is not None:

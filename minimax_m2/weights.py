@@ -14,7 +14,7 @@ from minimax_m2.parallel import ParallelLayout
 @dataclass
 class LayerWeights:
     """One decoder layer on one rank. E = experts loaded (router columns), L = experts this rank holds
-    (all E on one rank); Hq, Hkv = this rank's heads."""
+    (all E on one rank), I' = its part of their intermediate size I; Hq, Hkv = this rank's heads."""
 
     input_norm: np.ndarray  # [hidden]
     post_norm: np.ndarray  # [hidden]
@@ -26,8 +26,8 @@ class LayerWeights:
     k_norm: np.ndarray  # [Hkv*D]
     gate: np.ndarray  # [hidden, E] router columns of the experts loaded
     bias: np.ndarray  # [E] e_score_correction_bias of the experts loaded
-    w13: np.ndarray  # [L, hidden, 2I] gate (w1) then up (w3)
-    w2: np.ndarray  # [L, I, hidden]
+    w13: np.ndarray  # [L, hidden, 2I'] gate (w1) then up (w3)
+    w2: np.ndarray  # [L, I', hidden]
 
 
 LAYER_WEIGHT_NAMES = tuple(f.name for f in fields(LayerWeights))
@@ -68,10 +68,11 @@ def _linear(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T)
 
 
-def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """HF per-expert [out, in] weights -> w13 [E, hidden, 2I] (gate then up) and w2 [E, I, hidden]."""
-    w13 = np.stack([np.concatenate([_linear(a), _linear(b)], axis=1) for a, b in zip(w1, w3)])
-    return np.ascontiguousarray(w13), np.stack([_linear(w) for w in w2])
+def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray], part: slice) -> tuple[np.ndarray, np.ndarray]:
+    """HF per-expert [out, in] weights -> w13 [E, hidden, 2I'] (gate then up) and w2 [E, I', hidden],
+    keeping the `part` of the intermediate dimension (I' of I) this rank holds."""
+    w13 = np.stack([np.concatenate([_linear(a[part]), _linear(b[part])], axis=1) for a, b in zip(w1, w3)])
+    return np.ascontiguousarray(w13), np.stack([_linear(w[:, part]) for w in w2])
 
 
 def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray, w2: np.ndarray) -> LayerWeights:
@@ -119,7 +120,8 @@ def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: Paralle
     def expert_weights(name: str) -> list[np.ndarray]:
         return [ckpt.read(expert_key(layer, e, name)) for e in ckpt.experts]
 
-    w13, w2 = _fuse_experts(expert_weights("w1"), expert_weights("w3"), expert_weights("w2"))
+    part = layout.intermediate_slice(ckpt.config.intermediate_size)
+    w13, w2 = _fuse_experts(expert_weights("w1"), expert_weights("w3"), expert_weights("w2"), part)
     return _layer(ckpt.config, layout, hf, w13, w2)
 
 
@@ -186,7 +188,8 @@ def random_model_weights(
         }
         expert_rngs = [np.random.default_rng((seed, index, 1 + e)) for e in layout.local_experts(experts)]
         mats = [(normal(r, inter, hidden), normal(r, inter, hidden), normal(r, hidden, inter)) for r in expert_rngs]
-        w13, w2 = _fuse_experts([m[0] for m in mats], [m[1] for m in mats], [m[2] for m in mats])
+        part = layout.intermediate_slice(inter)
+        w13, w2 = _fuse_experts([m[0] for m in mats], [m[1] for m in mats], [m[2] for m in mats], part)
         return _cast_layer(_layer(config, layout, hf, w13, w2), dtype)
 
     rng = np.random.default_rng((seed,))
@@ -208,8 +211,8 @@ def zero_model_weights(
     shapes = {
         "input_norm": (hidden,), "post_norm": (hidden,), "wq": (hidden, q_width), "wk": (hidden, kv_width),
         "wv": (hidden, kv_width), "wo": (q_width, hidden), "q_norm": (q_width,), "k_norm": (kv_width,),
-        "gate": (hidden, len(experts)), "bias": (len(experts),), "w13": (local, hidden, 2 * inter),
-        "w2": (local, inter, hidden),
+        "gate": (hidden, len(experts)), "bias": (len(experts),), "w13": (local, hidden, 2 * inter // layout.moe_tp),
+        "w2": (local, inter // layout.moe_tp, hidden),
     }
 
     def layer() -> LayerWeights:

@@ -140,8 +140,9 @@ def test_kernel_traces_to_the_numpy_program(allowed, name, fn, inputs, constants
 
 # --- the declared device units, over ranks ---------------------------------------------------------
 
-def _rank_units(world: int, tp: int, rank: int, phase: str, batch: int, seq: int, skewed: bool, dtype: str = "float32"):
-    layout = ParallelLayout(world, tp, rank)
+def _rank_units(world: int, tp: int, moe_tp: int, rank: int, phase: str, batch: int, seq: int, skewed: bool,
+                dtype: str = "float32"):
+    layout = ParallelLayout(world, tp, rank, moe_tp=moe_tp)
     weights = random_model_weights(CONFIG, list(range(8)), seed=1, layout=layout, dtype=model_dtype(dtype))
     if skewed:  # every token chooses experts 0..3: all on rank 0
         weights.layers[0].bias[:4] += 100.0
@@ -150,11 +151,12 @@ def _rank_units(world: int, tp: int, rank: int, phase: str, batch: int, seq: int
                          position=0 if phase == "prefill" else 9)
 
 
-def run_ranks(world: int, tp: int, phase: str, batch: int, seq: int, skewed: bool = False, dtype: str = "float32"):
+def run_ranks(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int, skewed: bool = False,
+              dtype: str = "float32"):
     """Each rank's units, run emulated and plain with ranks as threads -> per rank [(unit, program, traced, plain)]."""
     def body(rank: int, emulated: bool):
         results = []
-        for unit in _rank_units(world, tp, rank, phase, batch, seq, skewed, dtype):
+        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed, dtype):
             if emulated:
                 results.append((unit.name, *trace_unit(unit.fn, _copy(unit.inputs), unit.constants, WEIGHTS)))
             else:
@@ -173,16 +175,16 @@ def run_ranks(world: int, tp: int, phase: str, batch: int, seq: int, skewed: boo
     return [[(name, program, out, want) for (name, program, out), want in zip(t, p)] for t, p in zip(traced, plain)]
 
 
-LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (2, 1, 2), (4, 2, 4), (4, 1, 2), (4, 2, 2)]
 SHAPES = [("prefill", 2, 6, False), ("prefill", 2, 64, False), ("decode", 3, 1, False), ("prefill", 2, 6, True),
           ("decode", 1, 1, True)]
 
 
-@pytest.mark.parametrize("world, tp", LAYOUTS, ids=[f"w{w}-tp{t}" for w, t in LAYOUTS])
+@pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])
 @pytest.mark.parametrize("phase, batch, seq, skewed", SHAPES,
                          ids=["prefill", "long-prefill", "decode", "prefill-skewed", "decode-skewed"])
-def test_device_units_trace_to_the_numpy_program(allowed, world, tp, phase, batch, seq, skewed) -> None:
-    ranks = run_ranks(world, tp, phase, batch, seq, skewed)
+def test_device_units_trace_to_the_numpy_program(allowed, world, tp, moe_tp, phase, batch, seq, skewed) -> None:
+    ranks = run_ranks(world, tp, moe_tp, phase, batch, seq, skewed)
     for rank, units in enumerate(ranks):
         for name, program, traced, plain in units:
             assert_same_program_as_numpy(program, traced, plain, allowed, f"rank {rank} {name}")
@@ -195,7 +197,7 @@ def test_device_units_trace_to_the_numpy_program(allowed, world, tp, phase, batc
 
 
 def test_bfloat16_units_run_bf16_matmuls_except_the_router() -> None:
-    for name, program, traced, plain in run_ranks(2, 1, "prefill", 2, 6, dtype="bfloat16")[0]:
+    for name, program, traced, plain in run_ranks(2, 1, 1, "prefill", 2, 6, dtype="bfloat16")[0]:
         assert program.violations == []
         assert _mismatch(traced, plain) <= 1e-6
         for m in program.matmuls:

@@ -13,7 +13,7 @@ from kernels import collectives
 
 nkipy_trace = pytest.importorskip("nkipy.core.trace", reason="nkipy is not installed (it needs the Neuron SDK)")
 
-CASES = [(w, t, *shape) for w, t in LAYOUTS for shape in SHAPES]
+CASES = [(*layout, *shape) for layout in LAYOUTS for shape in SHAPES]
 
 
 def _trace(unit):
@@ -24,13 +24,13 @@ def _trace(unit):
         collectives.set_backend(None)
 
 
-def _numpy_outputs(world: int, tp: int, phase: str, batch: int, seq: int, skewed: bool) -> list[list]:
+def _numpy_outputs(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int, skewed: bool) -> list[list]:
     """Per rank, per unit: (user outputs, inputs after the call) of the plain NumPy units."""
     backend = ThreadCollectives(world)
 
     def body(rank: int):
         results = []
-        for unit in _rank_units(world, tp, rank, phase, batch, seq, skewed):
+        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed):
             inputs = _copy(unit.inputs)
             out = unit.fn(**inputs, **unit.constants)
             results.append((out if isinstance(out, tuple) else (out,), inputs))
@@ -78,12 +78,12 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-30))
 
 
-@pytest.mark.parametrize("world, tp, phase, batch, seq, skewed", CASES,
-                         ids=[f"w{c[0]}-tp{c[1]}-{c[2]}-b{c[3]}-s{c[4]}{'-skewed' if c[5] else ''}" for c in CASES])
-def test_traced_units_compute_the_numpy_result(world, tp, phase, batch, seq, skewed) -> None:
+@pytest.mark.parametrize("world, tp, moe_tp, phase, batch, seq, skewed", CASES,
+                         ids=[f"w{c[0]}-tp{c[1]}-moetp{c[2]}-{c[3]}-b{c[4]}-s{c[5]}{'-skewed' if c[6] else ''}" for c in CASES])
+def test_traced_units_compute_the_numpy_result(world, tp, moe_tp, phase, batch, seq, skewed) -> None:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    ranks = [_rank_units(world, tp, r, phase, batch, seq, skewed) for r in range(world)]
-    want = _numpy_outputs(world, tp, phase, batch, seq, skewed)
+    ranks = [_rank_units(world, tp, moe_tp, r, phase, batch, seq, skewed) for r in range(world)]
+    want = _numpy_outputs(world, tp, moe_tp, phase, batch, seq, skewed)
     for index, unit in enumerate(ranks[0]):
         code = _trace(unit)
         assert code.to_proto().SerializeToString() == _trace(ranks[-1][index]).to_proto().SerializeToString(), \

@@ -14,20 +14,28 @@ from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model
 from minimax_m2.parallel import ParallelLayout
 
 
-@pytest.mark.parametrize("world, tp, rank, message", [
-    (4, 3, 0, "tp 3 must divide the number of ranks 4"),
-    (2, 1, 2, "rank 2 is outside 0..1"),
-    (0, 1, 0, "must be positive"),
+@pytest.mark.parametrize("world, tp, rank, moe_tp, message", [
+    (4, 3, 0, 1, "tp 3 must divide the number of ranks 4"),
+    (2, 1, 2, 1, "rank 2 is outside 0..1"),
+    (0, 1, 0, 1, "must be positive"),
+    (4, 1, 0, 3, "moe_tp 3 must divide the number of ranks 4"),
+    (12, 4, 0, 6, "moe_tp 6 and tp 4 must nest"),
 ])
-def test_bad_layouts(world, tp, rank, message) -> None:
+def test_bad_layouts(world, tp, rank, moe_tp, message) -> None:
     with pytest.raises(ValueError, match=message):
-        ParallelLayout(world, tp, rank)
+        ParallelLayout(world, tp, rank, moe_tp=moe_tp)
+
+
+def test_sliced_experts_must_divide_the_intermediate_size(float32_checkpoint) -> None:
+    config = MiniMaxM2Config.from_pretrained(float32_checkpoint)
+    with pytest.raises(ValueError, match="moe_tp 32 does not divide the expert intermediate size 48"):
+        ParallelLayout(32, 1, 0, moe_tp=32).check(config, 16)
 
 
 def test_layout_checked_before_weights_are_read(float32_checkpoint, tmp_path) -> None:
     """Only config.json is present: the layout error comes first."""
     shutil.copy(float32_checkpoint / "config.json", tmp_path / "config.json")
-    with pytest.raises(ValueError, match="16 loaded experts cannot be spread evenly over 3 ranks"):
+    with pytest.raises(ValueError, match="16 loaded experts cannot be spread evenly over 3 rank groups"):
         MiniMaxM2Model.from_pretrained(tmp_path, layout=ParallelLayout(3, 1, 0))
     config = MiniMaxM2Config.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="tp 4 does not divide the 2 KV heads"):

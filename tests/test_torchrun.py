@@ -27,12 +27,12 @@ def torchrun(world: int, script: Path, *args: str) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
 
 
-def run_ranks(world: int, tp: int, tmp_path: Path, *args: str) -> tuple[np.ndarray, np.ndarray, str]:
+def run_ranks(world: int, tp: int, tmp_path: Path, *args: str, moe_tp: int = 1) -> tuple[np.ndarray, np.ndarray, str]:
     """run_example.py over `world` ranks -> (all ids, logits at every position, rank 0's stdout)."""
-    out_json, out_logits = tmp_path / f"ids_{world}_{tp}.json", tmp_path / f"logits_{world}_{tp}.npy"
+    out_json, out_logits = tmp_path / f"ids_{world}_{tp}_{moe_tp}.json", tmp_path / f"logits_{world}_{tp}_{moe_tp}.npy"
     prompts = [arg for row in PROMPT for arg in ("--prompt-ids", ",".join(map(str, row)))]
     done = torchrun(
-        world, ROOT / "run_example.py", *args, *prompts, "--ep", str(world), "--tp", str(tp),
+        world, ROOT / "run_example.py", *args, *prompts, "--ep", str(world), "--tp", str(tp), "--moe-tp", str(moe_tp),
         "--max-new-tokens", str(DECODE_STEPS + 1), "--max-seq-len", "32", "--collective-timeout", "60",
         "--output-json", str(out_json), "--dump-logits", str(out_logits),
     )
@@ -55,22 +55,30 @@ def single(path: Path, experts: list[int] | None = None):
     return model.generate(PROMPT, max_new_tokens=DECODE_STEPS + 1, return_logits=True)
 
 
-@pytest.mark.parametrize("world, tp", [(2, 1), (2, 2), (4, 1), (4, 2)])
-def test_matches_single_process(float32_checkpoint, tmp_path, world, tp) -> None:
-    ids, logits, stdout = run_ranks(world, tp, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint))
+LAYOUTS = [(2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (2, 1, 2), (2, 2, 2), (4, 1, 4), (4, 2, 4), (4, 1, 2), (4, 2, 2)]
+
+
+@pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])
+def test_matches_single_process(float32_checkpoint, tmp_path, world, tp, moe_tp) -> None:
+    ids, logits, stdout = run_ranks(world, tp, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint),
+                                    moe_tp=moe_tp)
     assert_same(ids, logits, *single(float32_checkpoint))
-    assert f"ranks {world} (tp {tp}" in stdout
+    assert f"ranks {world} (tp {tp}, moe_tp {moe_tp}" in stdout
 
 
-def test_fp8(fp8_checkpoint, tmp_path) -> None:
-    ids, logits, _ = run_ranks(2, 2, tmp_path, "--mode", "generate", "--checkpoint", str(fp8_checkpoint))
+@pytest.mark.parametrize("moe_tp", [1, 2], ids=["experts-spread", "experts-sliced"])
+def test_fp8(fp8_checkpoint, tmp_path, moe_tp) -> None:
+    """Slices of 24 of 48 intermediate rows cut through the 16-row scale blocks: dequantised first."""
+    ids, logits, _ = run_ranks(2, 2, tmp_path, "--mode", "generate", "--checkpoint", str(fp8_checkpoint), moe_tp=moe_tp)
     assert_same(ids, logits, *single(fp8_checkpoint))
 
 
-def test_expert_subset(float32_checkpoint, tmp_path) -> None:
+@pytest.mark.parametrize("moe_tp", [1, 2], ids=["experts-spread", "experts-sliced"])
+def test_expert_subset(float32_checkpoint, tmp_path, moe_tp) -> None:
     experts = [0, 2, 3, 5, 8, 9, 12, 15]
     ids, logits, _ = run_ranks(
-        2, 1, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint), "--experts", ",".join(map(str, experts))
+        2, 1, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint), "--experts", ",".join(map(str, experts)),
+        moe_tp=moe_tp,
     )
     assert_same(ids, logits, *single(float32_checkpoint, experts))
 
@@ -106,7 +114,7 @@ def test_layout_that_does_not_fit_is_refused(float32_checkpoint) -> None:
     done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--checkpoint", str(float32_checkpoint),
                     "--prompt-ids", "1,2", "--ep", "2", "--tp", "2", "--experts", "0,1,2,3,4")
     assert done.returncode != 0
-    assert "5 loaded experts cannot be spread evenly over 2 ranks" in done.stderr
+    assert "5 loaded experts cannot be spread evenly over 2 rank groups" in done.stderr
 
 
 @pytest.mark.parametrize("scenario", ["die", "hang"])

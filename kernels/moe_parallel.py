@@ -1,0 +1,117 @@
+"""MoE block over ranks: experts sliced over `moe_tp` ranks and spread over `moe_ep` rank groups.
+
+Layout (W = moe_tp x moe_ep ranks): a slice group of moe_tp ranks holds the same L experts, each rank
+one slice of their intermediate dimension; the moe_ep slice groups hold different experts. moe_tp = 1
+is pure expert parallelism (whole experts, pairs exchanged with all_to_all); moe_ep = 1 slices every
+expert over all ranks (no exchange of pairs at all).
+"""
+
+import ml_dtypes
+import numpy as np
+
+from kernels.collectives import ReplicaGroups, all_gather, all_reduce, all_to_all, group_size
+from kernels.moe_grouped import grouped_experts
+from kernels.moe_router import moe_router
+from kernels.slots import place_rows, rank_within
+
+
+def worst_case_capacity(tokens: int, slots_per_token: int, local_experts: int) -> int:
+    """Pairs one rank can send to one other rank at most: a token names each expert once, so it sends
+    at most min(slots_per_token, local_experts) pairs to any rank."""
+    return tokens * min(slots_per_token, local_experts)
+
+
+def _exact_integers(dtype: np.dtype) -> int:
+    """Largest n such that every integer 0..n is exactly representable in the float `dtype`."""
+    return 2 ** (ml_dtypes.finfo(dtype).nmant + 1)
+
+
+def dispatch_experts(
+    x: np.ndarray, chosen: np.ndarray, valid: np.ndarray, w13: np.ndarray, w2: np.ndarray, *,
+    capacity: int, ep_groups: ReplicaGroups,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair r through expert chosen[r], held by the rank of `ep_groups` at position chosen[r] // L.
+
+    x: [P, hidden] pair rows, chosen: [P] int expert ids among all L * W experts of the group,
+    valid: [P] bool; w13: [L, hidden, 2I'], w2: [L, I', hidden] this rank's (slices of its) experts.
+    Returns (y [P, hidden], zero for pairs not run; kept [P] bool, False for valid pairs over capacity).
+
+    Each valid pair goes through a send buffer [W, capacity, hidden + 1] (the extra column carries local
+    expert id + 1, 0 marking an empty slot), one all_to_all; received rows run through the local
+    experts, a second all_to_all returns them. With capacity = worst_case_capacity nothing is dropped.
+    """
+    pairs, hidden = x.shape
+    world = group_size(ep_groups)
+    local = w13.shape[0]
+    if local + 1 > _exact_integers(x.dtype):
+        raise ValueError(f"{local} experts per rank: their ids are not exact in a {x.dtype} tag column")
+    first = np.arange(world, dtype=np.int32)[None, :] * local  # first expert of each rank
+    goes_to = (chosen[:, None] >= first) & (chosen[:, None] < first + local) & valid[:, None]  # [P, W]
+    destination = goes_to.astype(np.int32)
+    place = rank_within(destination)
+    kept = valid & (place < capacity)
+    rank = np.sum(destination * np.arange(world, dtype=np.int32)[None, :], axis=1)
+    slot = rank * capacity + place
+    tag = (chosen - rank * local + 1).astype(x.dtype)
+    send = place_rows(np.concatenate([x, tag[:, None]], axis=1), slot, kept, world * capacity)
+
+    received = all_to_all(send.reshape(world, capacity, hidden + 1), 0, 0, ep_groups).reshape(world * capacity, hidden + 1)
+    local_tag = np.rint(received[:, hidden].astype(np.float32)).astype(np.int32)
+    y = grouped_experts(received[:, :hidden], np.maximum(local_tag - 1, 0), local_tag > 0, w13, w2)
+    returned = all_to_all(y.reshape(world, capacity, hidden), 0, 0, ep_groups).reshape(world * capacity, hidden)
+    return np.where(kept[:, None], np.take(returned, np.where(kept, slot, 0), axis=0), np.zeros_like(x[:1])), kept
+
+
+def moe_block_parallel(
+    x: np.ndarray,
+    member_valid: np.ndarray,
+    member_slots: np.ndarray,
+    own_members: np.ndarray,
+    own_position: np.ndarray,
+    gate: np.ndarray,
+    bias: np.ndarray,
+    w13: np.ndarray,
+    w2: np.ndarray,
+    *,
+    top_k: int,
+    capacity: int,
+    slice_groups: ReplicaGroups,
+    ep_groups: ReplicaGroups,
+    combine_groups: ReplicaGroups,
+) -> tuple[np.ndarray, np.ndarray]:
+    """x: [T, hidden] this rank's tokens -> (out [T, hidden], dropped [] int32: pairs of this rank's
+    tokens over capacity).
+
+    Rank-specific data (arrays, so every rank traces the same program), for the M members of this
+    rank's slice group: member_valid [M, T] bool (False: rows that only pad the batch, never run),
+    member_slots [M, top_k / tp] int32 (which of each token's top_k choices the member handles: the tp
+    ranks of an attention group hold the same tokens and split their choices), own_members [A] int32
+    (the members holding this rank's tokens), own_position [1] int32 (this rank's place in the group).
+    gate: [hidden, E], bias: [E] for every loaded expert; w13: [L, hidden, 2I/M], w2: [L, I/M, hidden]
+    this rank's slices of the experts of its slice group.
+
+    1. The slice group's tokens are gathered (every member then holds the same M * T rows) and routed.
+    2. Each member's pairs (its rows x its slots) run through this rank's slices, dispatched over
+       `ep_groups` to the slice group holding the expert when moe_ep > 1.
+    3. Weighted sums per row are all-reduced over the slice group (summing the slices), this rank
+       adds up its own members' rows, and `combine_groups` sums the choices split over attention tp
+       ranks outside the slice group.
+    """
+    tokens, hidden = x.shape
+    members, per_token = member_slots.shape
+    rows = all_gather(x, 0, slice_groups)  # [M * T, hidden]
+    weights, experts = moe_router(rows, gate, bias, top_k)
+    chosen = np.take_along_axis(experts.reshape(members, tokens, top_k), member_slots[:, None, :], axis=2).reshape(-1)
+    pair_weights = np.take_along_axis(weights.reshape(members, tokens, top_k), member_slots[:, None, :], axis=2)
+    valid = np.repeat(member_valid.reshape(-1), per_token)
+    pairs = np.repeat(rows, per_token, axis=0)
+    if group_size(ep_groups) == 1:
+        y, kept = grouped_experts(pairs, chosen, valid, w13, w2), valid
+    else:
+        y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, ep_groups=ep_groups)
+    per_row = np.sum(y.reshape(members, tokens, per_token, hidden) * pair_weights.astype(x.dtype)[..., None], axis=2)
+    per_row = all_reduce(per_row, slice_groups)  # [M, T, hidden], every slice summed
+    mine = np.sum(np.take(per_row, own_members, axis=0), axis=0)
+    mine_pairs = np.repeat(np.arange(members, dtype=np.int32), tokens * per_token) == own_position
+    dropped = np.sum((valid & np.logical_not(kept) & mine_pairs).astype(np.int32))
+    return all_reduce(mine, combine_groups), dropped
