@@ -275,8 +275,8 @@ def test_moe_block_parallel_one_rank() -> None:
     x = _randn(rng, tokens, hidden)
     one = [[0]]
     got, dropped = moe_block_parallel(
-        x, np.ones((1, tokens), bool), np.arange(top_k, dtype=np.int32)[None], np.array([0], np.int32),
-        np.array([0], np.int32), gate, bias, w13, w2, top_k=top_k, capacity=worst_case_capacity(tokens, top_k, experts),
+        x, np.arange(tokens, dtype=np.int32), np.zeros(tokens, np.int32), np.ones(tokens, bool),
+        np.arange(top_k, dtype=np.int32)[None], np.array([0], np.int32), np.array([0], np.int32), gate, bias, w13, w2, top_k=top_k, capacity=worst_case_capacity(tokens, top_k, experts),
         slice_groups=one, ep_groups=one, combine_groups=one,
     )
     assert int(dropped) == 0

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from kernels.collectives import ReplicaGroups, all_reduce
+from kernels.collectives import ReplicaGroups, all_reduce, group_size
 from kernels.matmul import matmul
-from kernels.rmsnorm import rmsnorm
+from kernels.rmsnorm import normalize, sum_of_squares
 from kernels.rope import rope_partial
 
 _MASKED = np.float32(np.finfo(np.float32).min)
@@ -39,16 +39,19 @@ def attention(
     softmax are float32.
 
     q and k are RMS-normalised over their whole projection width before the head split. Under tensor
-    parallelism (heads split over `replica_groups`) the norm statistics and the output projection's
-    partial sums are all-reduced over the group.
+    parallelism (heads split over `replica_groups`) the q and k sums of squares are all-reduced together
+    over the group, and so are the output projection's partial sums.
     """
     batch, seq, _ = x.shape
     kv_heads = k_cache.shape[1]
     q_heads = wq.shape[1] // head_dim
     group = q_heads // kv_heads
 
-    q = rmsnorm(matmul(x, wq), q_norm, eps, replica_groups).reshape(batch, seq, q_heads, head_dim)
-    k = rmsnorm(matmul(x, wk), k_norm, eps, replica_groups).reshape(batch, seq, kv_heads, head_dim)
+    q, k = matmul(x, wq), matmul(x, wk)
+    ranks = group_size(replica_groups)
+    sums = all_reduce(np.concatenate([sum_of_squares(q), sum_of_squares(k)], axis=-1), replica_groups)  # one exchange
+    q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(batch, seq, q_heads, head_dim)
+    k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(batch, seq, kv_heads, head_dim)
     v = matmul(x, wv).reshape(batch, seq, kv_heads, head_dim)
 
     cos = np.take(cos_table, positions, axis=0)

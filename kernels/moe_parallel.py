@@ -64,7 +64,9 @@ def dispatch_experts(
 
 def moe_block_parallel(
     x: np.ndarray,
-    member_valid: np.ndarray,
+    union_rows: np.ndarray,
+    union_member: np.ndarray,
+    union_valid: np.ndarray,
     member_slots: np.ndarray,
     own_members: np.ndarray,
     own_position: np.ndarray,
@@ -83,35 +85,41 @@ def moe_block_parallel(
     tokens over capacity).
 
     Rank-specific data (arrays, so every rank traces the same program), for the M members of this
-    rank's slice group: member_valid [M, T] bool (False: rows that only pad the batch, never run),
-    member_slots [M, top_k / tp] int32 (which of each token's top_k choices the member handles: the tp
-    ranks of an attention group hold the same tokens and split their choices), own_members [A] int32
-    (the members holding this rank's tokens), own_position [1] int32 (this rank's place in the group).
+    rank's slice group, whose tokens are gathered into M * T rows:
+      union_rows [U] int32: the gathered rows that are not batch padding (U, the most any slice group
+        has, is static; shorter lists are filled with invalid entries), union_member [U] int32 the
+        member each came from, union_valid [U] bool;
+      member_slots [M, top_k / tp] int32: which of each token's top_k choices a member handles (the tp
+        ranks of an attention group hold the same tokens and split their choices);
+      own_members [A] int32: the members holding this rank's tokens; own_position [1] int32: this rank's.
     gate: [hidden, E], bias: [E] for every loaded expert; w13: [L, hidden, 2I/M], w2: [L, I/M, hidden]
     this rank's slices of the experts of its slice group.
 
-    1. The slice group's tokens are gathered (every member then holds the same M * T rows) and routed.
-    2. Each member's pairs (its rows x its slots) run through this rank's slices, dispatched over
+    1. The slice group's tokens are gathered, the U real ones kept (padding rows never reach an
+       expert) and routed.
+    2. Their pairs (each row x its member's slots) run through this rank's slices, dispatched over
        `ep_groups` to the slice group holding the expert when moe_ep > 1.
-    3. Weighted sums per row are all-reduced over the slice group (summing the slices), this rank
-       adds up its own members' rows, and `combine_groups` sums the choices split over attention tp
-       ranks outside the slice group.
+    3. Weighted sums per row are all-reduced over the slice group (summing the slices), put back in
+       place, this rank adds up its own members' rows, and `combine_groups` sums the choices split
+       over attention tp ranks outside the slice group.
     """
     tokens, hidden = x.shape
     members, per_token = member_slots.shape
-    rows = all_gather(x, 0, slice_groups)  # [M * T, hidden]
+    rows = np.take(all_gather(x, 0, slice_groups), union_rows, axis=0)  # [U, hidden]
     weights, experts = moe_router(rows, gate, bias, top_k)
-    chosen = np.take_along_axis(experts.reshape(members, tokens, top_k), member_slots[:, None, :], axis=2).reshape(-1)
-    pair_weights = np.take_along_axis(weights.reshape(members, tokens, top_k), member_slots[:, None, :], axis=2)
-    valid = np.repeat(member_valid.reshape(-1), per_token)
+    slots = np.take(member_slots, union_member, axis=0)  # [U, per_token]
+    chosen = np.take_along_axis(experts, slots, axis=1).reshape(-1)
+    pair_weights = np.take_along_axis(weights, slots, axis=1)
+    valid = np.repeat(union_valid, per_token)
     pairs = np.repeat(rows, per_token, axis=0)
     if group_size(ep_groups) == 1:
         y, kept = grouped_experts(pairs, chosen, valid, w13, w2), valid
     else:
         y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, ep_groups=ep_groups)
-    per_row = np.sum(y.reshape(members, tokens, per_token, hidden) * pair_weights.astype(x.dtype)[..., None], axis=2)
-    per_row = all_reduce(per_row, slice_groups)  # [M, T, hidden], every slice summed
-    mine = np.sum(np.take(per_row, own_members, axis=0), axis=0)
-    mine_pairs = np.repeat(np.arange(members, dtype=np.int32), tokens * per_token) == own_position
+    per_row = np.sum(y.reshape(-1, per_token, hidden) * pair_weights.astype(x.dtype)[..., None], axis=1)
+    per_row = all_reduce(per_row, slice_groups)  # [U, hidden], every slice summed
+    every = place_rows(per_row, union_rows, union_valid, members * tokens).reshape(members, tokens, hidden)
+    mine = np.sum(np.take(every, own_members, axis=0), axis=0)
+    mine_pairs = np.repeat(union_member == own_position, per_token)
     dropped = np.sum((valid & np.logical_not(kept) & mine_pairs).astype(np.int32))
     return all_reduce(mine, combine_groups), dropped

@@ -19,7 +19,6 @@ from minimax_m2.program import (
     layer_unit,
     lm_head_constants,
     lm_head_unit,
-    member_valid,
 )
 from minimax_m2.sampling import check_sampling, next_tokens
 from minimax_m2.weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
@@ -158,13 +157,13 @@ class MiniMaxM2Model:
         rows = layout.rows_per_group(batch)
         padded = np.concatenate([ids, np.zeros((rows * layout.dp - batch, seq), ids.dtype)]).astype(np.int32)
         positions = np.arange(self.position, self.position + seq, dtype=np.int32)
-        valid = member_valid(layout, batch)
-        constants = layer_constants(config, layout, rows, seq, kv_len_for(self.position, seq, self.max_seq_len),
+        union = layout.union_tokens(batch, seq)
+        constants = layer_constants(config, layout, len(union[0]), kv_len_for(self.position, seq, self.max_seq_len),
                                     self.weights.layers[0].w13.shape[0])
         h = embedding_unit(padded[layout.group * rows : (layout.group + 1) * rows], self.weights.embed)
         dropped = np.zeros((), np.int32)
         for w, caches in zip(self.weights.layers, self._caches):
-            out = layer_unit(**layer_inputs(h, positions, valid, self.rank_values, self.rope, caches, w), **constants)
+            out = layer_unit(**layer_inputs(h, positions, union, self.rank_values, self.rope, caches, w), **constants)
             if layout.world == 1:
                 h = out
             else:

@@ -137,9 +137,8 @@ class ParallelLayout:
         """Positions in the slice group of the members holding this rank's tokens (its attention group)."""
         return np.array([i for i, r in enumerate(self.slice_members()) if r // self.tp == self.group], np.int32)
 
-    def capacity(self, tokens: int, top_k: int, local_experts: int) -> int:
-        """Send-buffer rows per destination for `tokens` tokens of each slice-group member."""
-        rows = tokens * self.moe_tp
+    def capacity(self, rows: int, top_k: int, local_experts: int) -> int:
+        """Send-buffer rows per destination for the `rows` gathered tokens of a slice group."""
         worst = worst_case_capacity(rows, top_k // self.tp, local_experts)
         if self.capacity_factor is None:
             return worst
@@ -152,6 +151,20 @@ class ParallelLayout:
     def rows_per_group(self, batch: int) -> int:
         """Batch rows each attention group runs (the batch is padded to a multiple of dp)."""
         return -(-batch // self.dp)
+
+    def union_tokens(self, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's slice group gathers its members' rows x seq tokens: (indices of those that are not
+        batch padding, the member holding each, valid), all [U] with U the most any slice group has."""
+        tokens = self.rows_per_group(batch) * seq
+
+        def real(members: list[int]) -> list[int]:
+            return [m * tokens + t for m, rank in enumerate(members) for t in range(tokens)
+                    if self.row_valid(batch, rank)[t // seq]]
+
+        size = max(len(real(g)) for g in self.slice_groups)
+        mine = real(self.slice_members())
+        rows = np.array(mine + [0] * (size - len(mine)), np.int32)
+        return rows, rows // tokens, np.arange(size) < len(mine)
 
     def row_valid(self, batch: int, rank: int) -> np.ndarray:
         """[rows] bool for `rank`'s attention group: False for the rows that only pad the batch."""

@@ -35,7 +35,9 @@ def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
 def layer_unit(
     h: np.ndarray,
     positions: np.ndarray,
-    member_valid: np.ndarray,
+    union_rows: np.ndarray,
+    union_member: np.ndarray,
+    union_valid: np.ndarray,
     member_slots: np.ndarray,
     own_members: np.ndarray,
     own_position: np.ndarray,
@@ -69,9 +71,10 @@ def layer_unit(
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
     h: [B, S, hidden] at positions [S] int32; k/v_cache: [B, Hkv, max_seq, D], written at `positions`.
-    For the M members of this rank's MoE slice group (`kernels.moe_parallel.moe_block_parallel`):
-    member_valid [M, B] bool (False: a row that only pads the batch to the attention groups, never run
-    through experts), member_slots [M, top_k / tp] int32, own_members [A] int32, own_position [1] int32.
+    union_rows, union_member [U] int32, union_valid [U] bool (the gathered tokens of this rank's MoE
+    slice group that are not batch padding: padding never reaches an expert), member_slots
+    [M, top_k / tp] int32, own_members [A] int32, own_position [1] int32: see
+    `kernels.moe_parallel.moe_block_parallel`.
     Weights as in `LayerWeights`. Returns h on one rank; over several, (h, dropped [] int32).
     """
     batch, seq, hidden = h.shape
@@ -83,7 +86,7 @@ def layer_unit(
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         return h + moe_block(x, gate, bias, w13, w2, top_k=top_k).reshape(batch, seq, hidden)
     moe, dropped = moe_block_parallel(
-        x, np.repeat(member_valid, seq, axis=1), member_slots, own_members, own_position, gate, bias, w13, w2,
+        x, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
         top_k=top_k, capacity=capacity, slice_groups=slice_groups, ep_groups=ep_groups, combine_groups=combine_groups,
     )
     return h + moe.reshape(batch, seq, hidden), dropped
@@ -130,13 +133,13 @@ def kv_len_for(position: int, seq: int, max_seq_len: int) -> int:
     return min(max_seq_len, -(-(position + seq) // KV_BLOCK) * KV_BLOCK)
 
 
-def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, rows: int, seq: int, kv_len: int,
+def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, kv_len: int,
                     local_experts: int) -> dict[str, Any]:
-    """Keyword constants of `layer_unit` for `rows` batch rows of `seq` tokens per attention group."""
+    """Keyword constants of `layer_unit`; union: the real tokens a slice group gathers (U)."""
     top_k = config.num_experts_per_tok
     return dict(
         head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, kv_len=kv_len,
-        capacity=layout.capacity(rows * seq, top_k, local_experts), tp_groups=layout.tp_groups,
+        capacity=layout.capacity(union, top_k, local_experts), tp_groups=layout.tp_groups,
         slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
     )
 
@@ -166,16 +169,12 @@ class RankValues:
         )
 
 
-def member_valid(layout: ParallelLayout, batch: int) -> np.ndarray:
-    """[M, rows] bool for each member of this rank's slice group: False for rows that only pad the batch."""
-    return np.stack([layout.row_valid(batch, r) for r in layout.slice_members()])
-
-
-def layer_inputs(h: np.ndarray, positions: np.ndarray, valid: np.ndarray, rank: RankValues,
-                 rope: tuple[np.ndarray, np.ndarray], caches: tuple[np.ndarray, np.ndarray],
+def layer_inputs(h: np.ndarray, positions: np.ndarray, union: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 rank: RankValues, rope: tuple[np.ndarray, np.ndarray], caches: tuple[np.ndarray, np.ndarray],
                  weights: LayerWeights) -> dict[str, np.ndarray]:
-    """The array arguments of `layer_unit`, by name (valid: `member_valid`)."""
-    inputs = dict(h=h, positions=positions, member_valid=valid, member_slots=rank.member_slots,
+    """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`)."""
+    inputs = dict(h=h, positions=positions, union_rows=union[0], union_member=union[1], union_valid=union[2],
+                  member_slots=rank.member_slots,
                   own_members=rank.own_members, own_position=rank.own_position,
                   cos_table=rope[0], sin_table=rope[1], k_cache=caches[0], v_cache=caches[1])
     inputs.update({name: getattr(weights, name) for name in LAYER_WEIGHT_NAMES})
@@ -211,11 +210,12 @@ def program_units(
     positions = np.arange(position, position + seq, dtype=np.int32)
     layer = weights.layers[0]
     kv_len = kv_len_for(position, seq, max_seq_len)
+    union = layout.union_tokens(batch, seq)
     return [
         Unit("embedding", embedding_unit, dict(input_ids=ids, embed=weights.embed)),
         Unit(f"{phase}_layer", layer_unit,
-             layer_inputs(h, positions, member_valid(layout, batch), rank, rope, caches, layer),
-             layer_constants(config, layout, rows, seq, kv_len, layer.w13.shape[0])),
+             layer_inputs(h, positions, union, rank, rope, caches, layer),
+             layer_constants(config, layout, len(union[0]), kv_len, layer.w13.shape[0])),
         Unit("lm_head", lm_head_unit,
              dict(h=h[:, -1:], final_norm=weights.final_norm, lm_head=weights.lm_head, vocab_offset=rank.vocab_offset),
              lm_head_constants(config, layout)),

@@ -44,12 +44,12 @@ def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capaci
     def rank(r: int):
         layout = ParallelLayout(world, tp, r, moe_tp=moe_tp)
         values = RankValues.of(CONFIG, layout)
-        valid = np.stack([np.arange(TOKENS) < valid_rows] * moe_tp)
+        rows = np.array([m * TOKENS + t for m in range(moe_tp) for t in range(valid_rows)], np.int32)
         local_w13, local_w2 = _rank_weights(layout, w13, w2)
         return moe_block_parallel(
-            x[layout.group], valid, values.member_slots, values.own_members, values.own_position, gate, bias,
-            local_w13, local_w2, top_k=TOP_K,
-            capacity=capacity or ParallelLayout(world, tp, r, moe_tp=moe_tp).capacity(TOKENS, TOP_K, local_w13.shape[0]),
+            x[layout.group], rows, rows // TOKENS, np.ones(len(rows), bool), values.member_slots, values.own_members,
+            values.own_position, gate, bias, local_w13, local_w2, top_k=TOP_K,
+            capacity=capacity or layout.capacity(len(rows), TOP_K, local_w13.shape[0]),
             slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
         )
 
@@ -99,7 +99,7 @@ class _CountingSends(ThreadCollectives):
 
 
 def test_padding_rows_are_never_dispatched() -> None:
-    """Rows that only pad the batch (member_valid False) send no pair and come back as zeros."""
+    """Rows that only pad the batch (left out of union_rows) send no pair and come back as zeros."""
     want, results, backend = run_layout(2, 1, 1, valid_rows=2, backend_type=_CountingSends)
     assert backend.sent_rows == [2 * TOP_K] * 2
     for rank, (got, dropped) in enumerate(results):

@@ -26,6 +26,16 @@ def test_bad_layouts(world, tp, rank, moe_tp, message) -> None:
         ParallelLayout(world, tp, rank, moe_tp=moe_tp)
 
 
+def test_union_leaves_out_padding_rows() -> None:
+    """Batch 1 over 4 attention groups of 1 rank, experts sliced over all 4: one real token of 4 gathered."""
+    rows, member, valid = ParallelLayout(4, 1, 2, moe_tp=4).union_tokens(batch=1, seq=3)
+    np.testing.assert_array_equal(rows, [0, 1, 2])
+    np.testing.assert_array_equal(member, [0, 0, 0])
+    assert valid.all()
+    rows, _, valid = ParallelLayout(4, 1, 2, moe_tp=2).union_tokens(batch=1, seq=1)
+    assert rows.shape == (1,) and not valid.any(), "slice group {2, 3} holds only padding"
+
+
 def test_sliced_experts_must_divide_the_intermediate_size(float32_checkpoint) -> None:
     config = MiniMaxM2Config.from_pretrained(float32_checkpoint)
     with pytest.raises(ValueError, match="moe_tp 32 does not divide the expert intermediate size 48"):
@@ -47,14 +57,18 @@ def test_ep_without_torchrun_is_refused(capsys) -> None:
         run_example.main(["--mode", "random", "--ep", "2"])
 
 
-@pytest.mark.parametrize("world, tp", [(2, 2), (4, 2)])
-def test_threaded_ranks_match_one_process(float32_checkpoint, world, tp) -> None:
-    want_ids, want = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32).generate(PROMPT, 4, return_logits=True)
+@pytest.mark.parametrize("world, tp, moe_tp, batch", [(2, 2, 1, 2), (4, 2, 1, 2), (4, 1, 4, 1), (4, 1, 1, 1), (4, 2, 2, 1)],
+                         ids=["w2-tp2", "w4-tp2", "w4-sliced-batch1", "w4-spread-batch1", "w4-mixed-batch1"])
+def test_threaded_ranks_match_one_process(float32_checkpoint, world, tp, moe_tp, batch) -> None:
+    """Batch 1 over 4 attention groups leaves 3 groups of padding rows: they never reach an expert."""
+    prompt = PROMPT[:batch]
+    want_ids, want = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32).generate(prompt, 4, return_logits=True)
     backend = ThreadCollectives(world)
     collectives.set_backend(backend)
     try:
         results = backend.run(lambda r: MiniMaxM2Model.from_pretrained(
-            float32_checkpoint, max_seq_len=32, layout=ParallelLayout(world, tp, r)).generate(PROMPT, 4, return_logits=True))
+            float32_checkpoint, max_seq_len=32, layout=ParallelLayout(world, tp, r, moe_tp=moe_tp)
+        ).generate(prompt, 4, return_logits=True))
     finally:
         collectives.set_backend(None)
     for ids, logits in results:

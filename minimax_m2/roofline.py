@@ -1,0 +1,160 @@
+"""A roofline projection of the declared device program.
+
+Each unit of `minimax_m2.program` is recorded (nkipy's emulated semantics, matmuls sized not
+computed, zero weights of one rank's shapes) and costed from what it reads, computes and exchanges:
+
+    unit time = max(bytes read / memory bandwidth, matmul FLOPs / matmul rate)
+              + recorded ops x per-op overhead
+              + sum over its collectives of (latency + bytes on the wire / link bandwidth)
+
+with bytes read = weights and KV cache slices the matmuls read. Collectives are not overlapped with
+compute (a conservative choice). TTFT = embedding + layers x prefill layer + lm_head; TPOT the same
+with the decode layer.
+"""
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from kernels import collectives, rope_tables
+from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.nkipy_semantics import Collective, EmulatedCollectives, LoopbackCollectives, Program, trace_unit
+from minimax_m2.parallel import ParallelLayout
+from minimax_m2.program import program_units
+from minimax_m2.weights import LAYER_WEIGHT_NAMES, zero_model_weights
+
+READ_BY_MATMULS = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head", "k_cache", "v_cache")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What one rank has, with where each figure comes from."""
+
+    name: str
+    memory_bytes_per_s: float
+    matmul_flops_per_s: float
+    op_overhead_s: float  # per recorded op (dispatch): ~0 on a compiled device program
+    collective_latency_s: float
+    local_link_bytes_per_s: float  # collectives whose ranks share one chip (or one host)
+    remote_link_bytes_per_s: float  # collectives across chips
+    ranks_per_chip: int
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+TRN2 = Hardware(
+    name="trn2.48xlarge, one logical NeuronCore (LNC=2: 4 per Trainium2 chip, 64 per instance)",
+    memory_bytes_per_s=2.9e12 / 4,
+    matmul_flops_per_s=667e12 / 4,
+    op_overhead_s=0.0,
+    collective_latency_s=10e-6,
+    local_link_bytes_per_s=3.5e12 / 4,
+    remote_link_bytes_per_s=1.28e12 / 4,
+    ranks_per_chip=4,
+    sources={
+        "HBM 2.9 TB/s and 667 dense BF16 TFLOPS per Trainium2 chip, 3.5 TB/s DMA, NeuronLink-v3 1.28 TB/s per chip":
+            "AWS Neuron docs, Trainium2 architecture (awsdocs-neuron.readthedocs-hosted.com, "
+            "about-neuron/arch/neuron-hardware/trainium2)",
+        "16 chips in a 4x4 2D torus; LNC=2 gives 4 logical cores per chip, 64 ranks, ~24 GiB HBM each":
+            "AWS Neuron docs, Trn2 architecture and training best practices",
+        "per-rank figures": "chip figures divided by 4 logical cores",
+        "collective latency 10 us per collective": "ASSUMED: no public per-collective latency for Trainium2 was "
+                                                  "found; TPOT is also printed at 5 and 20 us",
+        "matmuls at the dense BF16 peak, memory at the HBM peak": "ASSUMED: a roofline, not a measurement",
+    },
+)
+
+NXDI_MEASURED = [
+    ("NxDI MiniMax-M2 BF16, TP64, batch 1, trn2.48xlarge (measured)", 13.56),
+    ("NxDI fork, TP32 (measured)", 19.9),
+]
+
+
+@dataclass
+class UnitCost:
+    name: str
+    bytes_read: int
+    flops: int
+    ops: int
+    collectives: list[Collective]
+
+    def seconds(self, hw: Hardware) -> float:
+        compute = max(self.bytes_read / hw.memory_bytes_per_s, self.flops / hw.matmul_flops_per_s)
+        return compute + self.ops * hw.op_overhead_s + sum(collective_seconds(c, hw) for c in self.collectives)
+
+    def collective_seconds(self, hw: Hardware) -> float:
+        return sum(collective_seconds(c, hw) for c in self.collectives)
+
+
+def wire_bytes(c: Collective) -> float:
+    """Bytes one rank sends for a collective over n ranks (ring algorithms)."""
+    n = len(c.replica_groups[0])
+    if n == 1:
+        return 0.0
+    if c.name == "all_reduce":
+        return 2 * (n - 1) / n * c.payload_bytes
+    if c.name == "all_gather":
+        return (n - 1) * c.payload_bytes
+    return (n - 1) / n * c.payload_bytes  # all_to_all, reduce_scatter
+
+
+def collective_seconds(c: Collective, hw: Hardware) -> float:
+    group = c.replica_groups[0]
+    if len(group) == 1:
+        return 0.0
+    local = len({r // hw.ranks_per_chip for r in group}) == 1
+    return hw.collective_latency_s + wire_bytes(c) / (hw.local_link_bytes_per_s if local else hw.remote_link_bytes_per_s)
+
+
+def unit_cost(name: str, program: Program) -> UnitCost:
+    return UnitCost(name, program.weight_bytes(), program.flops, len(program.ops),
+                    [c for c in program.collectives if len(c.replica_groups[0]) > 1])
+
+
+def record_units(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int, context: int,
+                 dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)) -> list[UnitCost]:
+    """Rank 0's units for one phase, recorded at the config's shapes with zero weights."""
+    experts = list(range(config.num_local_experts))
+    weights = zero_model_weights(config, experts, layout, dtype)
+    rope = tuple(t.astype(dtype) for t in rope_tables(context, config.rotary_dim, config.rope_theta))
+    position = 0 if phase == "prefill" else context - 1
+    units = program_units(config, layout, weights, rope, phase=phase, batch=batch, seq=seq, max_seq_len=context,
+                          position=position)
+    costs = []
+    collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
+    try:
+        for unit in units:
+            program, _ = trace_unit(unit.fn, unit.inputs, unit.constants, READ_BY_MATMULS, dry=True)
+            if program.violations:
+                raise ValueError(f"{unit.name} records violations: {program.violations}")
+            costs.append(unit_cost(unit.name, program))
+    finally:
+        collectives.set_backend(None)
+    return costs
+
+
+def step_seconds(costs: list[UnitCost], layers: int, hw: Hardware) -> float:
+    """embedding + layers x layer unit + lm_head."""
+    embedding, layer, head = costs
+    return embedding.seconds(hw) + layers * layer.seconds(hw) + head.seconds(hw)
+
+
+def moe_tp_choices(world: int, tp: int, config: MiniMaxM2Config, num_experts: int) -> list[int]:
+    """Every moe_tp that fits: divides W and the intermediate size, nests with tp, leaves whole experts per group."""
+    return [m for m in range(1, world + 1)
+            if world % m == 0 and config.intermediate_size % m == 0 and (m % tp == 0 or tp % m == 0)
+            and num_experts % (world // m) == 0]
+
+
+def fastest_moe_tp(config: MiniMaxM2Config, world: int, tp: int, batch: int, context: int, num_experts: int,
+                   hw: Hardware = TRN2) -> int:
+    """The moe_tp whose decode step at this batch the projection says is fastest (ties: fewer slices)."""
+    choices = moe_tp_choices(world, tp, config, num_experts)
+    if len(choices) == 1:
+        return choices[0]
+    timed = []
+    for m in choices:
+        layout = ParallelLayout(world, tp, 0, moe_tp=m)
+        costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=context)
+        timed.append((step_seconds(costs, config.num_hidden_layers, hw), m))
+    return min(timed)[1]
