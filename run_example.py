@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minimax_m2 import MiniMaxM2Model
-from minimax_m2.distributed import CollectiveError, start
+from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model
+from minimax_m2.distributed import CollectiveError, start, world_size
+from minimax_m2.roofline import fastest_moe_tp
 from minimax_m2.run import (
     Sampling,
     kernel_checks,
@@ -48,9 +49,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parallel = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node W)")
     parallel.add_argument("--ep", type=int, default=1, help="ranks W: experts spread over all of them (= torchrun's W)")
     parallel.add_argument("--tp", type=int, default=1, help="ranks per attention group, splitting heads (divides 8 KV heads)")
-    parallel.add_argument("--moe-tp", type=int, default=1,
+    parallel.add_argument("--moe-tp", type=int,
                           help="ranks each expert's intermediate dimension is sliced over (1: whole experts spread over "
-                               "all ranks; W: every expert sliced over all ranks; moe_tp x moe_ep = W)")
+                               "all ranks; W: every expert sliced over all ranks; moe_tp x moe_ep = W). Default: the "
+                               "layout the trn2 roofline projection says decodes this batch fastest")
     parallel.add_argument("--capacity-factor", type=float,
                           help="send-buffer rows per rank as a multiple of the even share; pairs over it are dropped "
                                "and counted (default: worst-case capacity, nothing dropped)")
@@ -73,26 +75,21 @@ def main(argv: list[str]) -> int:
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
 
-    layout, backend = start(args.tp, args.collective_timeout, args.capacity_factor, args.moe_tp)
-    if layout.world != args.ep:
-        raise ValueError(f"--ep {args.ep} but {layout.world} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
-    leader = layout.rank == 0
+    if world_size() != args.ep:
+        raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     experts = [int(e) for e in args.experts.split(",")] if args.experts else None
     decode_text = None
     if args.mode == "random":
         config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
-        model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
-                                      dtype=args.dtype)
         if args.prompt_ids:
             prompt = parse_ids(args.prompt_ids)
         else:
             prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
-        if leader:
-            print(f"random MiniMax-M2: {config}")
     else:
         if args.checkpoint is None:
             raise SystemExit("--mode generate needs --checkpoint DIR")
+        config = MiniMaxM2Config.from_pretrained(args.checkpoint)
         if args.prompt:
             tokenizer = load_tokenizer(args.checkpoint)
             prompt = np.array([tokenizer.encode(args.prompt).ids], dtype=np.int64)
@@ -101,6 +98,16 @@ def main(argv: list[str]) -> int:
             prompt = parse_ids(args.prompt_ids)
         else:
             raise SystemExit("--mode generate needs --prompt-ids or --prompt")
+    moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, args.tp, len(prompt), args.max_seq_len,
+                                           len(experts) if experts else config.num_local_experts)
+    layout, backend = start(args.tp, args.collective_timeout, args.capacity_factor, moe_tp)
+    leader = layout.rank == 0
+    if args.mode == "random":
+        model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
+                                      dtype=args.dtype)
+        if leader:
+            print(f"random MiniMax-M2: {config}")
+    else:
         model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
                                                dtype=args.dtype)
     result = timed_generate(model, prompt, sampling, keep_logits=args.dump_logits is not None)

@@ -1,18 +1,22 @@
-"""Expert parallelism on CPU: decode ms/token beside the expert weight bytes each rank reads per decode
-step, all_to_all bytes per token per layer and resident weight bytes per rank, for W = 1, 2, 4 ranks
-(torchrun, gloo) and attention tp 1, 2 on the medium random config, batch 1.
+"""MoE layouts on CPU: measured decode ms/token beside what the roofline projection predicts from the
+recorded program and this machine's measured figures, with the expert weight bytes each rank reads per
+decode step, all_to_all bytes and resident weight bytes per rank. Medium random config, batch 1,
+torchrun (gloo) with W = 1, 2, 4 ranks, attention tp 1 and 2, experts spread (moe_tp 1), sliced over all
+ranks (moe_tp W) and mixed.
 
-  python benchmarks/bench_expert_parallel.py [--layouts 1x1 2x1 4x1 2x2 4x2] [--prompt-len 32] [--decode-steps 16]
+  python benchmarks/bench_expert_parallel.py [--layouts 1x1x1 2x1x1 ...] [--prompt-len 32] [--decode-steps 16]
 
-Each layout (ranks x tp) is one torchrun launch of this script with --worker; rank 0 reports one JSON
-line. The bytes a rank reads come from its recorded decode program (every rank runs the same one).
-The ranks share this machine's 2 cores and one memory bus (torchrun gives each one BLAS thread), so
-wall time at W > 1 measures the sum of all ranks' traffic; bytes per rank are what carry over to
-separate NeuronCores.
+A layout is RANKSxTPxMOE_TP. Each one is a torchrun launch of this script with --worker; rank 0 reports one
+JSON line. The machine figures (memory bandwidth of a one-thread GEMV, matmul rate, NumPy per-op cost) are
+measured once in a separate one-thread process; the collective latency in each launch. The W ranks
+share this machine's cores and memory bus, so the projection gives each rank its share of them:
+wall time at W > 1 measures the sum of all ranks' traffic, while the bytes per rank are what carry over
+to separate NeuronCores.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,28 +31,65 @@ from benchmarks.medium_config import MEDIUM  # noqa: E402
 from kernels import collectives  # noqa: E402
 from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model  # noqa: E402
 from minimax_m2.distributed import start  # noqa: E402
-from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
-from minimax_m2.program import program_units  # noqa: E402
+from minimax_m2.roofline import Hardware, record_units, step_seconds  # noqa: E402
 
 MARK = "RESULT "
+CORES = os.cpu_count() or 1
 
 
-def expert_bytes_per_step(model: MiniMaxM2Model, backend) -> int:
-    """Expert weight bytes this rank's decode program reads per token, over all layers (recorded, not run)."""
-    layer = program_units(model.config, model.layout, model.weights, model.rope, phase="decode", batch=1, seq=1,
-                          max_seq_len=model.max_seq_len, position=model.max_seq_len - 1)[1]
-    collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
-    try:
-        program, _ = trace_unit(layer.fn, layer.inputs, layer.constants, ("w13", "w2"), dry=True)
-    finally:
-        collectives.set_backend(backend)
-    return program.weight_bytes() * model.config.num_hidden_layers
+def measure_machine() -> dict:
+    """One-thread figures of this machine (run in a process started with OMP_NUM_THREADS=1)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4096, 16384), dtype=np.float32)  # 256 MiB, streamed like decode weights
+    x = rng.standard_normal((1, 4096), dtype=np.float32)
+    a, b = rng.standard_normal((512, 1024), dtype=np.float32), rng.standard_normal((1024, 1024), dtype=np.float32)
+    small = np.ones(1000, np.float32)
+
+    def best(fn, repeat: int) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return {
+        "memory_bytes_per_s": w.nbytes / best(lambda: x @ w, 5),
+        "matmul_flops_per_s": 2 * 512 * 1024 * 1024 / best(lambda: a @ b, 5),
+        "op_overhead_s": best(lambda: [small + small for _ in range(1000)], 5) / 1000,
+    }
 
 
-def worker(prompt_len: int, steps: int, tp: int) -> None:
-    layout, backend = start(tp=tp, timeout_seconds=600)
+def collective_latency(backend, layout) -> float:
+    """Seconds per small all_reduce over all ranks (gloo), measured after the run."""
+    x = np.ones(8, np.float32)
+    backend.all_reduce(x, layout.world_groups)
+    start = time.perf_counter()
+    for _ in range(50):
+        backend.all_reduce(x, layout.world_groups)
+    return (time.perf_counter() - start) / 50
+
+
+def cpu_share(machine: dict, world: int, latency: float) -> Hardware:
+    """One rank's share of this machine when `world` ranks run at once on its cores."""
+    share = min(world, CORES) / world
+    return Hardware(
+        name=f"this machine, one of {world} ranks on {CORES} cores",
+        memory_bytes_per_s=machine["memory_bytes_per_s"] * share,
+        matmul_flops_per_s=machine["matmul_flops_per_s"] * share,
+        op_overhead_s=machine["op_overhead_s"] / share,
+        collective_latency_s=latency,
+        local_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
+        remote_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
+        ranks_per_chip=world,
+    )
+
+
+def worker(prompt_len: int, steps: int, tp: int, moe_tp: int, machine: dict) -> None:
+    layout, backend = start(tp=tp, timeout_seconds=600, moe_tp=moe_tp)
     config = MiniMaxM2Config.from_dict(MEDIUM)
-    model = MiniMaxM2Model.random(config, seed=0, max_seq_len=prompt_len + steps + 1, layout=layout)
+    context = prompt_len + steps + 1
+    model = MiniMaxM2Model.random(config, seed=0, max_seq_len=context, layout=layout)
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt_len))
     token = model.forward(prompt, all_logits=False)[:, -1].argmax(-1)[:, None]
     sent_before = backend.all_to_all_bytes if backend else 0
@@ -57,12 +98,15 @@ def worker(prompt_len: int, steps: int, tp: int) -> None:
         token = model.forward(token)[:, -1].argmax(-1)[:, None]
     decode = (time.perf_counter() - begin) / steps
     sent = (backend.all_to_all_bytes if backend else 0) - sent_before
+    latency = collective_latency(backend, layout) if backend else 0.0
+    costs = record_units(config, layout, phase="decode", batch=1, seq=1, context=context, dtype=np.dtype(np.float32))
+    collectives.set_backend(backend)
+    predicted = step_seconds(costs, config.num_hidden_layers, cpu_share(machine, layout.world, latency))
     if layout.rank == 0:
         print(MARK + json.dumps({
-            "ranks": layout.world,
-            "tp": layout.tp,
-            "expert_read_bytes_per_step": expert_bytes_per_step(model, backend),
-            "decode_ms": decode * 1e3,
+            "ranks": layout.world, "tp": layout.tp, "moe_tp": layout.moe_tp,
+            "decode_ms": decode * 1e3, "predicted_ms": predicted * 1e3, "collective_latency_us": latency * 1e6,
+            "expert_read_bytes_per_step": config.num_hidden_layers * costs[1].expert_bytes,
             "a2a_bytes_per_token_layer": sent / steps / config.num_hidden_layers,
             "weight_bytes_rank0": model.weights.nbytes(),
             "expert_bytes_rank0": sum(w.w13.nbytes + w.w2.nbytes for w in model.weights.layers),
@@ -74,36 +118,48 @@ def worker(prompt_len: int, steps: int, tp: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "4x1", "2x2", "4x2"], help="RANKSxTP")
+    p.add_argument("--layouts", nargs="+", help="RANKSxTPxMOE_TP",
+                   default=["1x1x1", "2x1x1", "2x1x2", "4x1x1", "4x1x4", "4x1x2", "2x2x1", "4x2x1", "4x2x4"])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--moe-tp", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--machine", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        worker(args.prompt_len, args.decode_steps, args.tp)
+    if args.measure:
+        print(json.dumps(measure_machine()))
         return
+    if args.worker:
+        worker(args.prompt_len, args.decode_steps, args.tp, args.moe_tp, json.loads(args.machine))
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    machine = json.loads(subprocess.run([sys.executable, __file__, "--measure"], capture_output=True, text=True,
+                                        check=True, env=env, cwd=ROOT).stdout)
     rows = []
-    for world, tp in (map(int, layout.split("x")) for layout in args.layouts):
+    for world, tp, moe_tp in (map(int, layout.split("x")) for layout in args.layouts):
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
-             "--worker", "--tp", str(tp), "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps)],
+             "--worker", "--tp", str(tp), "--moe-tp", str(moe_tp), "--prompt-len", str(args.prompt_len),
+             "--decode-steps", str(args.decode_steps), "--machine", json.dumps(machine)],
             capture_output=True, text=True, check=False, cwd=ROOT,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
         if done.returncode or not lines:
-            sys.exit(f"W={world} failed:\n{done.stderr[-2000:]}")
+            sys.exit(f"{world}x{tp}x{moe_tp} failed:\n{done.stderr[-2000:]}")
         rows.append(json.loads(lines[0][len(MARK):]))
-    base = rows[0]
+    print(f"machine (one thread): GEMV {machine['memory_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
+          f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {machine['op_overhead_s'] * 1e6:.2f} us per NumPy op; "
+          f"{CORES} cores")
     print(f"medium config, batch 1, prompt {args.prompt_len}, {args.decode_steps} decode steps, float32")
-    print(f"{'ranks':>5}{'tp':>4}{'experts/rank':>14}{'decode ms/tok':>15}{'expert MiB read/step':>22}"
-          f"{'all ranks':>11}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}{'of which experts':>18}{'vs W=1':>8}")
+    print(f"{'ranks':>5}{'tp':>4}{'moe_tp':>7}{'measured ms':>12}{'predicted ms':>13}{'ratio':>7}{'coll. us':>9}"
+          f"{'expert MiB read/rank':>21}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}")
     for r in rows:
-        read = r["expert_read_bytes_per_step"] / 2**20
-        print(f"{r['ranks']:>5}{r['tp']:>4}{r['experts_rank0']:>14}{r['decode_ms']:>15.2f}{read:>22.1f}"
-              f"{read * r['ranks']:>11.1f}{r['a2a_bytes_per_token_layer'] / 1024:>19.1f}"
-              f"{r['weight_bytes_rank0'] / 2**20:>18.1f}{r['expert_bytes_rank0'] / 2**20:>18.1f}"
-              f"{r['expert_bytes_rank0'] / base['expert_bytes_rank0']:>7.2f}x")
+        print(f"{r['ranks']:>5}{r['tp']:>4}{r['moe_tp']:>7}{r['decode_ms']:>12.1f}{r['predicted_ms']:>13.1f}"
+              f"{r['decode_ms'] / r['predicted_ms']:>7.2f}{r['collective_latency_us']:>9.0f}"
+              f"{r['expert_read_bytes_per_step'] / 2**20:>21.1f}{r['a2a_bytes_per_token_layer'] / 1024:>19.1f}"
+              f"{r['weight_bytes_rank0'] / 2**20:>18.1f}")
 
 
 if __name__ == "__main__":

@@ -107,11 +107,16 @@ class TorchCollectives:
         self._dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """Ranks torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(tp: int, timeout_seconds: float, capacity_factor: float | None = None,
           moe_tp: int = 1) -> tuple[ParallelLayout, TorchCollectives | None]:
     """This process's layout from torchrun's environment; with more than one rank, joins the process
     group and installs the gloo backend. Without torchrun: one rank, no backend."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank = int(os.environ.get("RANK", "0"))
     layout = ParallelLayout(world, tp, rank, capacity_factor, moe_tp)
     if world == 1:

@@ -74,6 +74,7 @@ NXDI_MEASURED = [
 class UnitCost:
     name: str
     bytes_read: int
+    expert_bytes: int  # of bytes_read, the experts' weights
     flops: int
     ops: int
     collectives: list[Collective]
@@ -107,7 +108,7 @@ def collective_seconds(c: Collective, hw: Hardware) -> float:
 
 
 def unit_cost(name: str, program: Program) -> UnitCost:
-    return UnitCost(name, program.weight_bytes(), program.flops, len(program.ops),
+    return UnitCost(name, program.weight_bytes(), program.weight_bytes(("w13", "w2")), program.flops, len(program.ops),
                     [c for c in program.collectives if len(c.replica_groups[0]) > 1])
 
 
