@@ -6,6 +6,7 @@ naming the key, raised before any weight is read.
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def _ignore_reason(key: str, config: MiniMaxM2Config, experts: set[int]) -> str 
     return None
 
 
+def _inside(root: Path, name: object) -> bool:
+    """True when the index entry `name` names a file inside `root` once '..' is normalised. The file may
+    be a symlink (a Hugging Face cache snapshot links every file into the repository's blobs)."""
+    if not isinstance(name, str) or Path(name).is_absolute():
+        return False
+    return Path(os.path.normpath(root.absolute() / name)).is_relative_to(Path(os.path.normpath(root.absolute())))
+
+
 def _resolve_files(root: Path) -> dict[str, Path]:
     """Map each key named by the index (or the single file) to its shard path, refusing paths outside root."""
     index_path = root / INDEX_FILE
@@ -107,10 +116,9 @@ def _resolve_files(root: Path) -> dict[str, Path]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index_path}: malformed index ({err})") from err
-    resolved_root = root.resolve()
     files = {}
     for key, name in weight_map.items():
-        if not isinstance(name, str) or Path(name).is_absolute() or not (root / name).resolve().is_relative_to(resolved_root):
+        if not _inside(root, name):
             raise CheckpointError(f"{index_path}: {key!r} points to {name!r}, outside the checkpoint directory")
         path = root / name
         if not path.is_file():
@@ -192,12 +200,16 @@ class Checkpoint:
         return []
 
     def read(self, key: str) -> np.ndarray:
-        """Tensor `key` as float32; float8 weights dequantised as fp8 * weight_scale_inv of their block."""
+        """Tensor `key` as float32; float8 weights dequantised as fp8 * weight_scale_inv of their block.
+        A tensor holding NaN or inf is a CheckpointError naming it."""
         shard = self._file_of[key]
         value = shard.read(key)
-        if shard.dtype(key) != "F8_E4M3":
-            return value
-        scale = self._file_of[key + "_scale_inv"].read(key + "_scale_inv")
-        rows, cols = self.config.fp8_block_size
-        per_element = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)
-        return value * per_element[: value.shape[0], : value.shape[1]]
+        if shard.dtype(key) == "F8_E4M3":
+            scale = self._file_of[key + "_scale_inv"].read(key + "_scale_inv")
+            rows, cols = self.config.fp8_block_size
+            per_element = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)
+            value = value * per_element[: value.shape[0], : value.shape[1]]
+        if not np.isfinite(value).all():
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            raise CheckpointError(f"tensor {key!r} in {shard.path.name} holds {bad} NaN or inf values")
+        return value

@@ -132,3 +132,29 @@ def test_prompt_longer_than_cache(float32_checkpoint) -> None:
 def test_missing_checkpoint_files(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         MiniMaxM2Model.from_pretrained(tmp_path)
+
+
+def test_hub_cache_snapshot_with_symlinked_shards_loads(sharded_checkpoint, tmp_path) -> None:
+    """The layout `hf download` / snapshot_download writes without --local-dir: every file in
+    snapshots/<revision>/ is a symlink into ../../blobs."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(sharded_checkpoint.iterdir())):
+        (blobs / f"blob{i}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("../..") / "blobs" / f"blob{i}")
+    want = MiniMaxM2Model.from_pretrained(sharded_checkpoint, max_seq_len=8).forward(PROMPT[:, :3])
+    got = MiniMaxM2Model.from_pretrained(snapshot, max_seq_len=8).forward(PROMPT[:, :3])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_is_named(float32_checkpoint, tmp_path, bad) -> None:
+    q_proj = "model.layers.1.self_attn.q_proj.weight"
+
+    def poison(t):
+        t[q_proj][3, 5] = bad
+
+    path = _rewrite(float32_checkpoint, tmp_path / "c", poison)
+    with pytest.raises(CheckpointError, match=f"tensor '{q_proj}' in model.safetensors holds 1 NaN or inf values"):
+        MiniMaxM2Model.from_pretrained(path)
