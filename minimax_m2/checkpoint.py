@@ -104,6 +104,12 @@ def _inside(root: Path, name: object) -> bool:
     return Path(os.path.normpath(root.absolute() / name)).is_relative_to(Path(os.path.normpath(root.absolute())))
 
 
+def needed_keys(keys, config: MiniMaxM2Config, experts: list[int]) -> list[str]:
+    """The keys no rule ignores for this expert selection: the tensors a load reads or must validate."""
+    chosen = set(experts)
+    return [k for k in keys if _ignore_reason(k, config, chosen) is None]
+
+
 def _resolve_files(root: Path) -> dict[str, Path]:
     """Map each key named by the index (or the single file) to its shard path, refusing paths outside root."""
     index_path = root / INDEX_FILE
@@ -120,10 +126,7 @@ def _resolve_files(root: Path) -> dict[str, Path]:
     for key, name in weight_map.items():
         if not _inside(root, name):
             raise CheckpointError(f"{index_path}: {key!r} points to {name!r}, outside the checkpoint directory")
-        path = root / name
-        if not path.is_file():
-            raise CheckpointError(f"{index_path}: {key!r} points to missing file {name!r}")
-        files[key] = path
+        files[key] = root / name
     return files
 
 
@@ -135,7 +138,12 @@ class Checkpoint:
         self.config = config
         self.experts = experts
         indexed = _resolve_files(self.root)
-        shards = {p: SafetensorsFile(p) for p in sorted(set(indexed.values()))}
+        needed = needed_keys(indexed, config, experts) if "" not in indexed else [""]
+        for key in needed:
+            if not indexed[key].is_file():
+                raise CheckpointError(f"{self.root / INDEX_FILE}: {key!r} points to missing file {indexed[key].name!r}")
+        # shards holding only tensors ignored by rule (other experts, MTP) need not be present
+        shards = {p: SafetensorsFile(p) for p in sorted({indexed[k] for k in needed})}
         self._file_of: dict[str, SafetensorsFile] = {}
         for shard in shards.values():
             for key in shard.keys():
@@ -144,7 +152,7 @@ class Checkpoint:
                 if "" not in indexed and indexed.get(key) != shard.path:
                     raise CheckpointError(f"{key!r} is in {shard.path.name} but the index does not list it there")
                 self._file_of[key] = shard
-        missing_from_files = sorted(k for k in indexed if k and k not in self._file_of)
+        missing_from_files = sorted(k for k in needed if k and k not in self._file_of)
         if missing_from_files:
             raise CheckpointError(f"index lists keys absent from their shard: {missing_from_files[:_MAX_LISTED]}")
         self._validate()

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 _MAX_HEADER = 100 * 1024 * 1024
@@ -68,6 +69,7 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: malformed safetensors header: not a JSON object")
         header.pop("__metadata__", None)
         self._data_start = 8 + header_len
+        self._mapped: np.memmap | None = None
         data_size = size - self._data_start
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for key, entry in header.items():
@@ -96,6 +98,15 @@ class SafetensorsFile:
     def dtype(self, key: str) -> str:
         """safetensors dtype name, e.g. 'F32', 'BF16', 'F8_E4M3'."""
         return self._entries[key][0]
+
+    def map(self, key: str) -> np.ndarray:
+        """The tensor `key` as a read-only view of the memory-mapped file, in its stored dtype (BF16 as
+        ml_dtypes.bfloat16): no copy, pages are read when touched."""
+        dtype, shape, begin, end = self._entries[key]
+        if self._mapped is None:
+            self._mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+        stored = np.dtype(ml_dtypes.bfloat16) if dtype == "BF16" else _DTYPES[dtype]
+        return self._mapped[self._data_start + begin : self._data_start + end].view(stored).reshape(shape)
 
     def read(self, key: str) -> np.ndarray:
         """The tensor `key` decoded to float32 (exactly, for every supported float dtype)."""

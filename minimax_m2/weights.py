@@ -68,19 +68,24 @@ def _linear(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T)
 
 
+def expert_part(w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, part: slice) -> tuple[np.ndarray, np.ndarray]:
+    """One expert's HF [out, in] weights -> w13 [hidden, 2I'] (gate then up) and w2 [I', hidden], keeping
+    the `part` of the intermediate dimension (I' of I) a rank holds."""
+    return np.concatenate([_linear(w1[part]), _linear(w3[part])], axis=1), _linear(w2[:, part])
+
+
 def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray], part: slice) -> tuple[np.ndarray, np.ndarray]:
-    """HF per-expert [out, in] weights -> w13 [E, hidden, 2I'] (gate then up) and w2 [E, I', hidden],
-    keeping the `part` of the intermediate dimension (I' of I) this rank holds."""
-    w13 = np.stack([np.concatenate([_linear(a[part]), _linear(b[part])], axis=1) for a, b in zip(w1, w3)])
-    return np.ascontiguousarray(w13), np.stack([_linear(w[:, part]) for w in w2])
+    """expert_part of every expert, stacked: w13 [E, hidden, 2I'], w2 [E, I', hidden]."""
+    parts = [expert_part(a, b, c, part) for a, b, c in zip(w1, w3, w2)]
+    return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
 
-def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray, w2: np.ndarray) -> LayerWeights:
-    """LayerWeights from full HF-layout dense tensors, keeping this rank's heads (copies, so the full
-    projections are freed)."""
+def dense_part(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A rank's non-expert LayerWeights fields from full HF-layout dense tensors (its heads, as copies,
+    so the full projections are freed; router columns of the loaded experts)."""
     q = layout.head_slice(config.num_attention_heads, config.head_dim)
     kv = layout.head_slice(config.num_key_value_heads, config.head_dim)
-    return LayerWeights(
+    return dict(
         input_norm=hf["input_layernorm"],
         post_norm=hf["post_attention_layernorm"],
         wq=_linear(hf["q_proj"][q]),
@@ -91,9 +96,11 @@ def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.nda
         k_norm=hf["k_norm"][kv].copy(),
         gate=_linear(hf["gate"]),
         bias=hf["bias"],
-        w13=w13,
-        w2=w2,
     )
+
+
+def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray, w2: np.ndarray) -> LayerWeights:
+    return LayerWeights(**dense_part(config, layout, hf), w13=w13, w2=w2)
 
 
 _DENSE_KEYS = {
@@ -110,12 +117,18 @@ _DENSE_KEYS = {
 }
 
 
-def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: ParallelLayout) -> LayerWeights:
-    """Read one decoder layer: router rows of all loaded `experts`, weights of this rank's experts
-    (`ckpt.experts`), attention heads of this rank."""
+def read_dense(ckpt: Checkpoint, layer: int, experts: list[int]) -> dict[str, np.ndarray]:
+    """A layer's non-expert tensors as stored (HF layout, float32), router rows of the loaded `experts`."""
     p = layer_prefix(layer)
     hf = {name: ckpt.read(p + key) for name, key in _DENSE_KEYS.items()}
     hf["gate"], hf["bias"] = hf["gate"][experts], hf["bias"][experts]
+    return hf
+
+
+def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: ParallelLayout) -> LayerWeights:
+    """Read one decoder layer: router rows of all loaded `experts`, weights of this rank's experts
+    (`ckpt.experts`), attention heads of this rank."""
+    hf = read_dense(ckpt, layer, experts)
 
     def expert_weights(name: str) -> list[np.ndarray]:
         return [ckpt.read(expert_key(layer, e, name)) for e in ckpt.experts]
