@@ -14,6 +14,7 @@ import numpy as np
 
 from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model
 from minimax_m2.distributed import CollectiveError, start, world_size
+from minimax_m2.prepare import prepared_layout
 from minimax_m2.roofline import fastest_moe_tp
 from minimax_m2.run import (
     Sampling,
@@ -32,7 +33,9 @@ from minimax_m2.run import (
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["test", "random", "generate"], default="random")
-    p.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (generate mode)")
+    p.add_argument("--checkpoint", type=Path, help="HF checkpoint directory or cache snapshot (generate mode)")
+    p.add_argument("--weights", type=Path, help="directory written by prepare_weights.py (generate mode, instead of "
+                                                "--checkpoint; its layout is this run's)")
     p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch (random mode: instead of a random prompt)")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint and `tokenizers`)")
     p.add_argument("--experts", help="comma-separated expert ids to load (default: all)")
@@ -87,18 +90,22 @@ def main(argv: list[str]) -> int:
         else:
             prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
     else:
-        if args.checkpoint is None:
-            raise SystemExit("--mode generate needs --checkpoint DIR")
-        config = MiniMaxM2Config.from_pretrained(args.checkpoint)
+        if (args.checkpoint is None) == (args.weights is None):
+            raise ValueError("--mode generate needs --checkpoint DIR or --weights DIR (one of them)")
+        prepared = prepared_layout(args.weights) if args.weights else None
+        config = prepared[0] if prepared else MiniMaxM2Config.from_pretrained(args.checkpoint)
         if args.prompt:
-            tokenizer = load_tokenizer(args.checkpoint)
+            tokenizer = load_tokenizer(args.checkpoint or args.weights)
             prompt = np.array([tokenizer.encode(args.prompt).ids], dtype=np.int64)
             decode_text = tokenizer.decode
         elif args.prompt_ids:
             prompt = parse_ids(args.prompt_ids)
         else:
             raise SystemExit("--mode generate needs --prompt-ids or --prompt")
-    moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, args.tp, len(prompt), args.max_seq_len,
+    if args.mode == "generate" and prepared:
+        moe_tp = prepared[1]["moe_tp"]
+    else:
+        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, args.tp, len(prompt), args.max_seq_len,
                                            len(experts) if experts else config.num_local_experts)
     layout, backend = start(args.tp, args.collective_timeout, args.capacity_factor, moe_tp)
     leader = layout.rank == 0
@@ -107,6 +114,8 @@ def main(argv: list[str]) -> int:
                                       dtype=args.dtype)
         if leader:
             print(f"random MiniMax-M2: {config}")
+    elif args.weights:
+        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout)
     else:
         model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
                                                dtype=args.dtype)

@@ -10,6 +10,7 @@ from kernels.collectives import all_reduce
 from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.parallel import ParallelLayout
+from minimax_m2.prepare import load_prepared
 from minimax_m2.program import (
     RankValues,
     embedding_unit,
@@ -92,6 +93,14 @@ class MiniMaxM2Model:
         checkpoint = Checkpoint(path, config, layout.local_experts(chosen))
         weights = load_model_weights(checkpoint, chosen, layout, model_dtype(dtype))
         return cls(config, weights, chosen, max_seq_len, layout)
+
+    @classmethod
+    def from_prepared(cls, path: str | Path, max_seq_len: int = 4096,
+                      layout: ParallelLayout = ParallelLayout()) -> "MiniMaxM2Model":
+        """This rank's file of a directory written by prepare_weights.py, memory-mapped: no transposes and
+        no copies; the model runs in the prepared dtype. The manifest must match the layout."""
+        config, experts, weights = load_prepared(path, layout)
+        return cls(config, weights, experts, max_seq_len, layout)
 
     @classmethod
     def random(

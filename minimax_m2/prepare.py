@@ -139,7 +139,7 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
     for rank in ranks:
         tmp = out / (rank_file(rank.rank, rank.world) + ".tmp")
         writers[rank.rank] = SafetensorsWriter(tmp, _shapes(config, experts, rank, dtype), {"format": FORMAT})
-    total = sum(w.nbytes for w in writers.values())
+    total = sum(w.data_bytes for w in writers.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="written", position=1) as written:
         def put(rank: ParallelLayout, key: str, value: np.ndarray, index: int | None = None) -> None:
             writers[rank.rank].write(key, value, index)
@@ -177,11 +177,7 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
         manifest["files"][name] = {"rank": rank.rank, "bytes": writer.nbytes, "sha256": sha256(out / name)}
 
 
-def load_prepared(path: str | Path, layout: ParallelLayout) -> tuple[MiniMaxM2Config, list[int], ModelWeights]:
-    """This rank's prepared weights, memory-mapped (no transposes, no copies): (config, experts, weights).
-
-    The manifest must name the same layout, and the file must have the manifest's size."""
-    root = Path(path)
+def _manifest(root: Path) -> dict[str, Any]:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: not a directory written by prepare_weights.py")
@@ -191,6 +187,21 @@ def load_prepared(path: str | Path, layout: ParallelLayout) -> tuple[MiniMaxM2Co
         raise ValueError(f"{manifest_path} is not valid JSON: {err}") from err
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def prepared_layout(path: str | Path) -> tuple[MiniMaxM2Config, dict[str, int]]:
+    """The config and layout ({world, tp, moe_tp}) a directory was prepared for."""
+    manifest = _manifest(Path(path))
+    return config_from_record(manifest["config"]), manifest["layout"]
+
+
+def load_prepared(path: str | Path, layout: ParallelLayout) -> tuple[MiniMaxM2Config, list[int], ModelWeights]:
+    """This rank's prepared weights, memory-mapped (no transposes, no copies): (config, experts, weights).
+
+    The manifest must name the same layout, and the file must have the manifest's size."""
+    root = Path(path)
+    manifest = _manifest(root)
     if manifest["layout"] != _layout_record(layout):
         raise ValueError(f"{root} was prepared for layout {manifest['layout']}, but this run is {_layout_record(layout)}")
     name = rank_file(layout.rank, layout.world)

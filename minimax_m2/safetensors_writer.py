@@ -31,6 +31,7 @@ class SafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self._data_start = 8 + len(encoded)
+        self.data_bytes = offset
         self.nbytes = self._data_start + offset
         self._file = open(self.path, "wb")
         self._file.write(len(encoded).to_bytes(8, "little") + encoded)

@@ -1,0 +1,51 @@
+"""What prepare_weights.py runs: resolve the source, check the layout, prepare, summarise."""
+
+import argparse
+import time
+
+import numpy as np
+
+from minimax_m2.checkpoint import Checkpoint
+from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.model import select_experts
+from minimax_m2.parallel import ParallelLayout
+from minimax_m2.prepare import prepare
+from minimax_m2.weights import model_dtype
+
+
+def parse_experts(spec: str | None) -> list[int] | None:
+    """'0-7' or '0,3,5' or '0-3,8' -> ids; None -> None (all)."""
+    if not spec:
+        return None
+    ids = []
+    try:
+        for part in spec.split(","):
+            first, _, last = part.partition("-")
+            ids.extend(range(int(first), int(last or first) + 1))
+    except ValueError as err:
+        raise ValueError(f"--experts takes ids and ranges like 0-7 or 0,3,5, got {spec!r}") from err
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.repo_id is None):
+        raise ValueError("give either a checkpoint directory or --repo-id")
+    experts = parse_experts(args.experts)
+    layout = ParallelLayout(args.ep, args.tp, 0, moe_tp=args.moe_tp)
+    if args.repo_id:
+        from minimax_m2.download import fetch
+
+        root, revision = fetch(args.repo_id, args.revision, experts)
+        source = {"repo_id": args.repo_id, "revision": revision}
+    else:
+        root = args.checkpoint
+        source = {"path": str(root.resolve())}
+    config = MiniMaxM2Config.from_pretrained(root)
+    chosen = select_experts(config, experts)
+    layout.check(config, len(chosen))
+    begin = time.perf_counter()
+    manifest = prepare(Checkpoint(root, config, chosen), chosen, layout, args.out, model_dtype(args.dtype), source)
+    sizes = [f["bytes"] for f in manifest["files"].values()]
+    print(f"prepared {len(sizes)} rank files in {args.out} ({manifest['skipped']} already complete) in "
+          f"{time.perf_counter() - begin:.1f} s: {np.mean(sizes) / 2**20:,.1f} MiB per rank, {sum(sizes) / 2**20:,.1f} MiB in all")
+    return 0
