@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     experts = [int(e) for e in args.experts.split(",")] if args.experts else None
-    decode_text = None
+    decode_text, prepared = None, None
     if args.mode == "random":
         config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
         if args.prompt_ids:
@@ -102,12 +102,13 @@ def main(argv: list[str]) -> int:
             prompt = parse_ids(args.prompt_ids)
         else:
             raise SystemExit("--mode generate needs --prompt-ids or --prompt")
-    if args.mode == "generate" and prepared:
-        moe_tp = prepared[1]["moe_tp"]
+    if prepared:
+        tp, moe_tp = prepared[1]["tp"], prepared[1]["moe_tp"]
     else:
-        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, args.tp, len(prompt), args.max_seq_len,
-                                           len(experts) if experts else config.num_local_experts)
-    layout, backend = start(args.tp, args.collective_timeout, args.capacity_factor, moe_tp)
+        tp = args.tp
+        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, tp, len(prompt), args.max_seq_len,
+                                               len(experts) if experts else config.num_local_experts)
+    layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
     leader = layout.rank == 0
     if args.mode == "random":
         model = MiniMaxM2Model.random(config, seed=args.seed, experts=experts, max_seq_len=args.max_seq_len, layout=layout,

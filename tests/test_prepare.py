@@ -137,3 +137,54 @@ def test_bad_arguments_are_one_line_errors(float32_checkpoint, tmp_path, args, m
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [message.split(": ", 1)[0] + ": " + done.stderr.split(": ", 1)[1].strip()]
     assert message in done.stderr
+
+
+def _shard_by_expert(repo: Path) -> Path:
+    """Re-shard a single-file checkpoint as the hub's are: experts 0-7 of each layer in one shard, 8-15 in
+    another, everything else in a third."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(repo / "model.safetensors")
+    (repo / "model.safetensors").unlink()
+
+    def shard(key: str) -> str:
+        if ".experts." not in key:
+            return "model-00001-of-00003.safetensors"
+        return "model-00002-of-00003.safetensors" if int(key.split(".experts.")[1].split(".")[0]) < 8 \
+            else "model-00003-of-00003.safetensors"
+
+    weight_map = {key: shard(key) for key in tensors}
+    for name in set(weight_map.values()):
+        save_file({k: v for k, v in tensors.items() if weight_map[k] == name}, repo / name, metadata={"format": "pt"})
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return repo
+
+
+def test_repo_id_downloads_only_the_shards_needed(tmp_path_factory, tmp_path) -> None:
+    """A hub served on 127.0.0.1 (HF_ENDPOINT): config, index and tokenizer files first, then only the
+    shards holding the selected experts' tensors; an expert subset skips shards of other experts only."""
+    from hub_server import HubServer
+
+    repo = _shard_by_expert(save(build_model(tiny_config(), seed=4), tmp_path_factory.mktemp("repo")))
+    weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="30")
+    with HubServer("acme/tiny-m2", repo) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), "--repo-id", "acme/tiny-m2",
+                               "--experts", "0-3", "--out", str(tmp_path / "w"), "--dtype", "float32"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        downloaded = set(hub.downloaded)
+    shards = {name for key, name in weight_map.items() if ".experts." not in key or
+              int(key.split(".experts.")[1].split(".")[0]) < 4}
+    other_experts_only = set(weight_map.values()) - shards
+    assert other_experts_only, "the test needs shards that hold only other experts"
+    assert {"config.json", "model.safetensors.index.json"} <= downloaded
+    assert downloaded & set(weight_map.values()) == shards
+    assert f"downloading {len(shards)} of {len(set(weight_map.values()))} shard files" in done.stdout
+    manifest = json.loads((tmp_path / "w" / MANIFEST).read_text())
+    assert manifest["source"] == {"repo_id": "acme/tiny-m2", "revision": "0123456789abcdef0123456789abcdef01234567"}
+    got = MiniMaxM2Model.from_prepared(tmp_path / "w", max_seq_len=16).forward(PROMPT)
+    want = MiniMaxM2Model.from_pretrained(repo, experts=[0, 1, 2, 3], max_seq_len=16).forward(PROMPT)
+    np.testing.assert_array_equal(got, want)

@@ -128,3 +128,13 @@ def test_lost_rank_ends_the_run(scenario) -> None:
         assert "ranks not responding: 1" in done.stderr
     else:
         assert "local_rank: 1" in done.stderr and "exitcode: 7" in done.stderr
+
+
+def test_each_rank_loads_its_prepared_file(fp8_checkpoint, tmp_path) -> None:
+    out = tmp_path / "prepared"
+    done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(fp8_checkpoint), "--out", str(out),
+                           "--dtype", "float32", "--ep", "2", "--tp", "2", "--moe-tp", "2"],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    ids, logits, _ = run_ranks(2, 2, tmp_path, "--mode", "generate", "--weights", str(out), moe_tp=2)
+    assert_same(ids, logits, *single(fp8_checkpoint))
