@@ -112,7 +112,7 @@ def test_random_mode_matches_single_process(tmp_path) -> None:
 
 def test_layout_that_does_not_fit_is_refused(float32_checkpoint) -> None:
     done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--checkpoint", str(float32_checkpoint),
-                    "--prompt-ids", "1,2", "--ep", "2", "--tp", "2", "--experts", "0,1,2,3,4")
+                    "--prompt-ids", "1,2", "--ep", "2", "--tp", "2", "--moe-tp", "1", "--experts", "0,1,2,3,4")
     assert done.returncode != 0
     assert "5 loaded experts cannot be spread evenly over 2 rank groups" in done.stderr
 
