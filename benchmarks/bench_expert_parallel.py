@@ -32,18 +32,26 @@ from kernels import collectives  # noqa: E402
 from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model  # noqa: E402
 from minimax_m2.distributed import start  # noqa: E402
 from minimax_m2.roofline import Hardware, record_units, step_seconds  # noqa: E402
+from minimax_m2.run import random_config  # noqa: E402
 
 MARK = "RESULT "
 CORES = os.cpu_count() or 1
 
 
 def measure_machine() -> dict:
-    """One-thread figures of this machine (run in a process started with OMP_NUM_THREADS=1)."""
+    """One-thread figures of this machine (run in a process started with OMP_NUM_THREADS=1): GEMV bandwidth,
+    matmul rate, and the cost of one recorded op, from a decode step of a model too small for anything else
+    to count."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4096, 16384), dtype=np.float32)  # 256 MiB, streamed like decode weights
     x = rng.standard_normal((1, 4096), dtype=np.float32)
     a, b = rng.standard_normal((512, 1024), dtype=np.float32), rng.standard_normal((1024, 1024), dtype=np.float32)
-    small = np.ones(1000, np.float32)
+    tiny = random_config(128, 2, 4, 2, 256)  # a model whose bytes and FLOPs are negligible: its time is per-op cost
+    model = MiniMaxM2Model.random(tiny, max_seq_len=64)
+    model.forward(np.zeros((1, 8), np.int64))
+    ops = sum(c.ops * (tiny.num_hidden_layers if i == 1 else 1)
+              for i, c in enumerate(record_units(tiny, model.layout, phase="decode", batch=1, seq=1, context=64,
+                                                 dtype=np.dtype(np.float32))))
 
     def best(fn, repeat: int) -> float:
         times = []
@@ -56,21 +64,27 @@ def measure_machine() -> dict:
     return {
         "memory_bytes_per_s": w.nbytes / best(lambda: x @ w, 5),
         "matmul_flops_per_s": 2 * 512 * 1024 * 1024 / best(lambda: a @ b, 5),
-        "op_overhead_s": best(lambda: [small + small for _ in range(1000)], 5) / 1000,
+        "op_overhead_s": best(lambda: model.forward(np.zeros((1, 1), np.int64)), 20) / ops,
     }
 
 
-def collective_latency(backend, layout) -> float:
-    """Seconds per small all_reduce over all ranks (gloo), measured after the run."""
-    x = np.ones(8, np.float32)
-    backend.all_reduce(x, layout.world_groups)
-    start = time.perf_counter()
-    for _ in range(50):
-        backend.all_reduce(x, layout.world_groups)
-    return (time.perf_counter() - start) / 50
+def collective_latency(backend, layout) -> dict[str, float]:
+    """Seconds per small collective of each kind over all ranks (gloo), measured after the run."""
+    x = np.ones((layout.world, 8), np.float32)
+    calls = {"all_reduce": lambda: backend.all_reduce(x, layout.world_groups),
+             "all_gather": lambda: backend.all_gather(x, 0, layout.world_groups),
+             "all_to_all": lambda: backend.all_to_all(x, 0, 0, layout.world_groups)}
+    latency = {}
+    for name, call in calls.items():
+        call()
+        start = time.perf_counter()
+        for _ in range(30):
+            call()
+        latency[name] = (time.perf_counter() - start) / 30
+    return latency
 
 
-def cpu_share(machine: dict, world: int, latency: float) -> Hardware:
+def cpu_share(machine: dict, world: int, latency: dict[str, float]) -> Hardware:
     """One rank's share of this machine when `world` ranks run at once on its cores."""
     share = min(world, CORES) / world
     return Hardware(
@@ -78,7 +92,8 @@ def cpu_share(machine: dict, world: int, latency: float) -> Hardware:
         memory_bytes_per_s=machine["memory_bytes_per_s"] * share,
         matmul_flops_per_s=machine["matmul_flops_per_s"] * share,
         op_overhead_s=machine["op_overhead_s"] / share,
-        collective_latency_s=latency,
+        collective_latency_s=max(latency.values(), default=0.0),
+        latency_by_collective=latency,
         local_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
         remote_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
         ranks_per_chip=world,
@@ -98,14 +113,14 @@ def worker(prompt_len: int, steps: int, tp: int, moe_tp: int, machine: dict) -> 
         token = model.forward(token)[:, -1].argmax(-1)[:, None]
     decode = (time.perf_counter() - begin) / steps
     sent = (backend.all_to_all_bytes if backend else 0) - sent_before
-    latency = collective_latency(backend, layout) if backend else 0.0
+    latency = collective_latency(backend, layout) if backend else {}
     costs = record_units(config, layout, phase="decode", batch=1, seq=1, context=context, dtype=np.dtype(np.float32))
     collectives.set_backend(backend)
     predicted = step_seconds(costs, config.num_hidden_layers, cpu_share(machine, layout.world, latency))
     if layout.rank == 0:
         print(MARK + json.dumps({
             "ranks": layout.world, "tp": layout.tp, "moe_tp": layout.moe_tp,
-            "decode_ms": decode * 1e3, "predicted_ms": predicted * 1e3, "collective_latency_us": latency * 1e6,
+            "decode_ms": decode * 1e3, "predicted_ms": predicted * 1e3, "collective_latency_us": {k: v * 1e6 for k, v in latency.items()},
             "expert_read_bytes_per_step": config.num_hidden_layers * costs[1].expert_bytes,
             "a2a_bytes_per_token_layer": sent / steps / config.num_hidden_layers,
             "weight_bytes_rank0": model.weights.nbytes(),
@@ -153,11 +168,12 @@ def main() -> None:
           f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {machine['op_overhead_s'] * 1e6:.2f} us per NumPy op; "
           f"{CORES} cores")
     print(f"medium config, batch 1, prompt {args.prompt_len}, {args.decode_steps} decode steps, float32")
-    print(f"{'ranks':>5}{'tp':>4}{'moe_tp':>7}{'measured ms':>12}{'predicted ms':>13}{'ratio':>7}{'coll. us':>9}"
+    print(f"{'ranks':>5}{'tp':>4}{'moe_tp':>7}{'measured ms':>12}{'predicted ms':>13}{'ratio':>7}{'ar/ag/a2a us':>19}"
           f"{'expert MiB read/rank':>21}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}")
     for r in rows:
         print(f"{r['ranks']:>5}{r['tp']:>4}{r['moe_tp']:>7}{r['decode_ms']:>12.1f}{r['predicted_ms']:>13.1f}"
-              f"{r['decode_ms'] / r['predicted_ms']:>7.2f}{r['collective_latency_us']:>9.0f}"
+              f"{r['decode_ms'] / r['predicted_ms']:>7.2f}"
+              f"{'/'.join(f'{v:.0f}' for v in r['collective_latency_us'].values()) or '-':>19}"
               f"{r['expert_read_bytes_per_step'] / 2**20:>21.1f}{r['a2a_bytes_per_token_layer'] / 1024:>19.1f}"
               f"{r['weight_bytes_rank0'] / 2**20:>18.1f}")
 

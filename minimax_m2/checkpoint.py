@@ -178,6 +178,8 @@ class Checkpoint:
             stored = self._file_of[key].shape(key)
             if stored != shape:
                 problems.append(f"tensor {key!r} has shape {list(stored)}, expected {list(shape)}")
+            if self._file_of[key].dtype(key).startswith("I"):
+                problems.append(f"tensor {key!r} is {self._file_of[key].dtype(key)}: weights must be floating point")
             if self._file_of[key].dtype(key) == "F8_E4M3":
                 problems.extend(self._fp8_problems(key, shape))
         for key in self._file_of:

@@ -42,7 +42,19 @@ class MiniMaxM2Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "MiniMaxM2Config":
-        """Read the fields of a HF config dict, accepting both RoPE spellings; refuse variants not supported."""
+        """Read the fields of a HF config dict, accepting both RoPE spellings; refuse variants not supported,
+        missing keys and values of the wrong type, naming the key."""
+        if not isinstance(raw, dict):
+            raise ValueError("config.json must hold a JSON object")
+        missing = [k for k in _REQUIRED if k not in raw]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(repr(k) for k in missing)}")
+        for key, kind in _TYPES.items():
+            value = raw.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+                raise ValueError(f"config.json: {key!r} is {value!r}, expected {'an integer' if kind is int else 'a number'}")
+            if kind is int and value is not None and value < 1 and key not in ("rotary_dim",):
+                raise ValueError(f"config.json: {key!r} is {value}, expected a positive integer")
         _refuse_unsupported(raw)
         rope = raw.get("rope_parameters") or {}
         head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
@@ -83,6 +95,12 @@ class MiniMaxM2Config:
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_file} is not valid JSON: {err}") from err
         return cls.from_dict(raw)
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "num_local_experts", "num_experts_per_tok")
+_TYPES = {**{k: int for k in _REQUIRED}, "head_dim": int, "rotary_dim": int, "max_position_embeddings": int,
+          "rope_theta": (int, float), "rms_norm_eps": (int, float)}
 
 
 def _refuse_unsupported(raw: dict[str, Any]) -> None:

@@ -84,14 +84,16 @@ class MiniMaxM2Model:
         max_seq_len: int = 4096,
         layout: ParallelLayout = ParallelLayout(),
         dtype: str = "float32",
+        progress: bool = False,
     ) -> "MiniMaxM2Model":
         """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer;
-        with a layout, only this rank's experts and attention heads. dtype: 'float32' or 'bfloat16'."""
+        with a layout, only this rank's experts and attention heads. dtype: 'float32' or 'bfloat16';
+        progress: a bar over the layers."""
         config = MiniMaxM2Config.from_pretrained(path)
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))
         checkpoint = Checkpoint(path, config, layout.local_experts(chosen))
-        weights = load_model_weights(checkpoint, chosen, layout, model_dtype(dtype))
+        weights = load_model_weights(checkpoint, chosen, layout, model_dtype(dtype), progress)
         return cls(config, weights, chosen, max_seq_len, layout)
 
     @classmethod
@@ -111,11 +113,12 @@ class MiniMaxM2Model:
         max_seq_len: int = 4096,
         layout: ParallelLayout = ParallelLayout(),
         dtype: str = "float32",
+        progress: bool = False,
     ) -> "MiniMaxM2Model":
         """A model with random weights of the config's shapes (the same model whatever the layout)."""
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))
-        weights = random_model_weights(config, chosen, seed, layout, model_dtype(dtype))
+        weights = random_model_weights(config, chosen, seed, layout, model_dtype(dtype), progress)
         return cls(config, weights, chosen, max_seq_len, layout)
 
     def reset(self) -> None:
@@ -195,10 +198,14 @@ class MiniMaxM2Model:
         top_p: float | None = None,
         seed: int | None = None,
         all_logits: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """From an empty cache, yield (next tokens [batch, 1], logits of the forward that chose them)
         once per new token: the prefill's logits ([batch, prompt, vocab], or its last position only
-        unless all_logits), then each decode step's [batch, 1, vocab]."""
+        unless all_logits), then each decode step's [batch, 1, vocab].
+
+        A row that produced one of `eos_token_ids` is finished: its later tokens repeat the first EOS id,
+        and generation stops when every row is finished."""
         ids = np.asarray(input_ids)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -210,12 +217,18 @@ class MiniMaxM2Model:
         rng = np.random.default_rng(seed)
         self.reset()
         logits, greedy = self._run(ids, all_logits)
+        finished = np.zeros(ids.shape[0], bool)
         for step in range(max_new_tokens):
             if temperature == 0:
                 tokens = greedy[:, -1:].astype(np.int64)
             else:
                 tokens = next_tokens(logits[:, -1], temperature, top_k, top_p, rng)[:, None]
+            if eos_token_ids:
+                tokens = np.where(finished[:, None], eos_token_ids[0], tokens)
+                finished |= np.isin(tokens[:, 0], eos_token_ids)
             yield tokens, logits
+            if finished.all() and eos_token_ids:
+                return
             if step + 1 < max_new_tokens:
                 logits, greedy = self._run(tokens, True)
 
@@ -228,13 +241,16 @@ class MiniMaxM2Model:
         top_p: float | None = None,
         seed: int | None = None,
         return_logits: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Prompt [batch, prompt] -> ids [batch, prompt + max_new_tokens], from an empty cache.
+        """Prompt [batch, prompt] -> ids [batch, prompt + new], from an empty cache: new = max_new_tokens,
+        or fewer when every row reached one of `eos_token_ids` (see generate_steps).
 
         With return_logits, also the float32 logits at every fed position,
         [batch, prompt + max_new_tokens - 1, vocab] (prefill positions, then each decode step).
         """
-        steps = list(self.generate_steps(input_ids, max_new_tokens, temperature, top_k, top_p, seed, return_logits))
+        steps = list(self.generate_steps(input_ids, max_new_tokens, temperature, top_k, top_p, seed, return_logits,
+                                         eos_token_ids))
         ids = np.concatenate([np.asarray(input_ids)] + [tokens for tokens, _ in steps], axis=1)
         if not return_logits:
             return ids

@@ -40,6 +40,7 @@ class Hardware:
     remote_link_bytes_per_s: float  # collectives across chips
     ranks_per_chip: int
     sources: dict[str, str] = field(default_factory=dict)
+    latency_by_collective: dict[str, float] = field(default_factory=dict)  # overrides collective_latency_s by name
 
 
 TRN2 = Hardware(
@@ -104,7 +105,8 @@ def collective_seconds(c: Collective, hw: Hardware) -> float:
     if len(group) == 1:
         return 0.0
     local = len({r // hw.ranks_per_chip for r in group}) == 1
-    return hw.collective_latency_s + wire_bytes(c) / (hw.local_link_bytes_per_s if local else hw.remote_link_bytes_per_s)
+    latency = hw.latency_by_collective.get(c.name, hw.collective_latency_s)
+    return latency + wire_bytes(c) / (hw.local_link_bytes_per_s if local else hw.remote_link_bytes_per_s)
 
 
 def unit_cost(name: str, program: Program) -> UnitCost:

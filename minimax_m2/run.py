@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 
 
@@ -37,8 +39,14 @@ def kernel_checks(module) -> dict[str, Callable[[], None]]:
 
 def random_config(hidden_size: int, num_layers: int, num_experts: int, top_k: int, vocab_size: int) -> MiniMaxM2Config:
     """A scaled-down MiniMax-M2: head_dim 32, heads = hidden / 32, 4 query heads per KV head, half-rotary."""
-    if hidden_size % 128:
-        raise ValueError(f"--hidden-size must be a multiple of 128, got {hidden_size}")
+    if hidden_size < 128 or hidden_size % 128:
+        raise ValueError(f"--hidden-size must be a positive multiple of 128, got {hidden_size}")
+    for flag, value in (("--num-layers", num_layers), ("--num-experts", num_experts), ("--experts-per-token", top_k),
+                        ("--vocab-size", vocab_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if top_k > num_experts:
+        raise ValueError(f"--experts-per-token {top_k} exceeds --num-experts {num_experts}")
     heads = hidden_size // 32
     return MiniMaxM2Config(
         vocab_size=vocab_size,
@@ -55,15 +63,6 @@ def random_config(hidden_size: int, num_layers: int, num_experts: int, top_k: in
 
 
 @dataclass
-class Sampling:
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-
-@dataclass
 class GenerationResult:
     prompt_ids: np.ndarray  # [B, prompt]
     generated_ids: np.ndarray  # [B, new]
@@ -72,13 +71,16 @@ class GenerationResult:
     decode_seconds: list[float]
 
 
-def timed_generate(model: MiniMaxM2Model, prompt: np.ndarray, sampling: Sampling, keep_logits: bool) -> GenerationResult:
-    """Generate from `prompt`, timing the prefill and each decode step."""
+def timed_generate(model: MiniMaxM2Model, prompt: np.ndarray, sampling: Sampling, keep_logits: bool,
+                   on_tokens: Callable[[np.ndarray], None] | None = None, progress: bool = False) -> GenerationResult:
+    """Generate from `prompt`, timing the prefill and each decode step; on_tokens([batch, 1]) as they come;
+    progress: a bar over the new tokens."""
     steps = model.generate_steps(
         prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
-        all_logits=keep_logits,
+        all_logits=keep_logits, eos_token_ids=sampling.eos_token_ids,
     )
     seconds, tokens, logits = [], [], []
+    bar = tqdm(total=sampling.max_new_tokens, desc="generating", unit="token", disable=not progress, leave=False, delay=2)
     while True:
         start = time.perf_counter()
         try:
@@ -86,8 +88,12 @@ def timed_generate(model: MiniMaxM2Model, prompt: np.ndarray, sampling: Sampling
         except StopIteration:
             break
         seconds.append(time.perf_counter() - start)
+        if on_tokens:
+            on_tokens(new)
+        bar.update()
         tokens.append(new)
         logits.append(step_logits)
+    bar.close()
     return GenerationResult(
         prompt_ids=prompt,
         generated_ids=np.concatenate(tokens, axis=1),
@@ -134,15 +140,15 @@ def write_outputs(result: GenerationResult, output_json: Path | None, dump_logit
         print(f"wrote {dump_logits} {list(result.logits.shape)}")
 
 
-def load_tokenizer(checkpoint: Path):
+def load_tokenizer(checkpoint: Path, flag: str = "--prompt"):
     """The checkpoint's tokenizer.json through the `tokenizers` package; a clear error when either is absent."""
     path = checkpoint / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"--prompt needs {path}; pass --prompt-ids instead")
+        raise FileNotFoundError(f"{flag} needs {path}; pass --prompt-ids instead")
     try:
         from tokenizers import Tokenizer
     except ImportError as err:
-        raise ImportError("--prompt needs the `tokenizers` package: pip install tokenizers") from err
+        raise ImportError(f"{flag} needs the `tokenizers` package: pip install tokenizers") from err
     return Tokenizer.from_file(str(path))
 
 

@@ -2,9 +2,11 @@
 checkpoint (layer by layer) or random."""
 
 from dataclasses import dataclass, fields
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
 from minimax_m2.checkpoint import Checkpoint, expert_key, layer_prefix
 from minimax_m2.config import MiniMaxM2Config
@@ -157,19 +159,25 @@ def _model(embed: np.ndarray, final_norm: np.ndarray, lm_head_rows: np.ndarray, 
     return ModelWeights(embed, final_norm.astype(dtype, copy=False), vocab_columns(lm_head_rows, layout), layers)
 
 
+def _layers(count: int, progress: bool, what: str) -> Iterable[int]:
+    return tqdm(range(count), desc=what, unit="layer", disable=not progress, leave=False, delay=2)
+
+
 def load_model_weights(
-    ckpt: Checkpoint, experts: list[int], layout: ParallelLayout, dtype: np.dtype = np.dtype(np.float32)
+    ckpt: Checkpoint, experts: list[int], layout: ParallelLayout, dtype: np.dtype = np.dtype(np.float32),
+    progress: bool = False,
 ) -> ModelWeights:
     """Read the whole model, one layer at a time, each layer cast to `dtype` as soon as it is read."""
     tied = ckpt.config.tie_word_embeddings
-    layers = [_cast_layer(load_layer(ckpt, i, experts, layout), dtype) for i in range(ckpt.config.num_hidden_layers)]
+    layers = [_cast_layer(load_layer(ckpt, i, experts, layout), dtype)
+              for i in _layers(ckpt.config.num_hidden_layers, progress, "loading")]
     return _model(ckpt.read("model.embed_tokens.weight"), ckpt.read("model.norm.weight"),
                   None if tied else ckpt.read("lm_head.weight"), layers, layout, dtype)
 
 
 def random_model_weights(
     config: MiniMaxM2Config, experts: list[int], seed: int, layout: ParallelLayout = ParallelLayout(),
-    dtype: np.dtype = np.dtype(np.float32),
+    dtype: np.dtype = np.dtype(np.float32), progress: bool = False,
 ) -> ModelWeights:
     """Random weights of the right shapes (std 0.02 matrices, norms near 1, a non-zero router bias).
 
@@ -209,7 +217,8 @@ def random_model_weights(
     embed = normal(rng, config.vocab_size, hidden)
     final_norm = norm(rng, hidden)
     lm_head = None if config.tie_word_embeddings else normal(rng, config.vocab_size, hidden)
-    return _model(embed, final_norm, lm_head, [layer(i) for i in range(config.num_hidden_layers)], layout, dtype)
+    layers = [layer(i) for i in _layers(config.num_hidden_layers, progress, "building")]
+    return _model(embed, final_norm, lm_head, layers, layout, dtype)
 
 
 def zero_model_weights(

@@ -9,6 +9,7 @@ from hf_reference import relative_error
 from thread_ranks import ThreadCollectives
 
 import run_example
+from minimax_m2.cli import main
 from kernels import collectives
 from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model
 from minimax_m2.parallel import ParallelLayout
@@ -54,7 +55,7 @@ def test_layout_checked_before_weights_are_read(float32_checkpoint, tmp_path) ->
 
 def test_ep_without_torchrun_is_refused(capsys) -> None:
     with pytest.raises(ValueError, match="launch with torchrun --nproc-per-node 2"):
-        run_example.main(["--mode", "random", "--ep", "2"])
+        main(run_example.parse_args(["--mode", "random", "--ep", "2"]))
 
 
 @pytest.mark.parametrize("world, tp, moe_tp, batch", [(2, 2, 1, 2), (4, 2, 1, 2), (4, 1, 4, 1), (4, 1, 1, 1), (4, 2, 2, 1)],

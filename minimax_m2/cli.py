@@ -1,0 +1,174 @@
+"""What run_example.py runs, once its arguments are parsed: checks first, then the model."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from minimax_m2.chat import format_chat
+from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.detokenize import IncrementalDetokenizer
+from minimax_m2.distributed import start, world_size
+from minimax_m2.generation import checkpoint_defaults, resolve_sampling
+from minimax_m2.model import MiniMaxM2Model
+from minimax_m2.parsers import parse_output
+from minimax_m2.prepare import prepared_layout
+from minimax_m2.roofline import fastest_moe_tp
+from minimax_m2.run import (
+    kernel_checks,
+    load_tokenizer,
+    parse_ids,
+    random_config,
+    report,
+    report_parallel,
+    run_kernel_checks,
+    timed_generate,
+    write_outputs,
+)
+
+
+def _check_writable(flag: str, path: Path | None) -> None:
+    """Open the output for appending now (removing it again if it did not exist), so a path that cannot
+    be written fails before any work."""
+    if path is None:
+        return
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write there ({err.strerror})") from err
+    if not existed:
+        path.unlink()
+
+
+def _experts(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    try:
+        return [int(e) for e in spec.split(",")]
+    except ValueError as err:
+        raise ValueError(f"--experts takes comma-separated expert ids, got {spec!r}") from err
+
+
+def _chat_messages(turns: list[str]) -> list[dict]:
+    messages = []
+    for turn in turns:
+        if turn.startswith("system:"):
+            messages.insert(0, {"role": "system", "content": turn.removeprefix("system:").strip()})
+        elif turn.strip():
+            messages.append({"role": "user", "content": turn})
+        else:
+            raise ValueError("--chat turns must not be empty")
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError("--chat needs at least one user turn")
+    return messages
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.mode == "test":
+        import test_kernels
+
+        return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
+    for flag, path in (("--output-json", args.output_json), ("--dump-logits", args.dump_logits)):
+        _check_writable(flag, path)
+    if world_size() == 1 and (args.ep > 1 or args.tp > 1):
+        raise ValueError(f"--ep {args.ep} --tp {args.tp} need {max(args.ep, args.tp)} ranks: launch with "
+                         f"torchrun --nproc-per-node {args.ep} run_example.py ...")
+    if world_size() != args.ep:
+        raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
+    if args.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
+    experts = _experts(args.experts)
+    warnings, tokenizer, source, prepared, messages = [], None, None, None, None
+    if args.mode == "random":
+        if args.checkpoint or args.weights:
+            warnings.append("--checkpoint / --weights have no effect in random mode")
+        if args.prompt is not None or args.chat:
+            raise ValueError("--prompt and --chat need a checkpoint's tokenizer: use --mode generate")
+        if args.batch < 1 or args.prompt_len < 1:
+            raise ValueError(f"--batch and --prompt-len must be at least 1, got {args.batch} and {args.prompt_len}")
+        config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
+        prompt = parse_ids(args.prompt_ids) if args.prompt_ids else \
+            np.random.default_rng(args.model_seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
+    else:
+        if (args.checkpoint is None) == (args.weights is None):
+            raise ValueError("--mode generate needs --checkpoint DIR or --weights DIR (one of them)")
+        source = args.checkpoint or args.weights
+        prepared = prepared_layout(args.weights) if args.weights else None
+        config = prepared[0] if prepared else MiniMaxM2Config.from_pretrained(args.checkpoint)
+        given = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--prompt", args.prompt),
+                                          ("--chat", args.chat)) if value is not None]
+        if len(given) != 1:
+            raise ValueError("--mode generate needs exactly one of --prompt-ids, --prompt or --chat")
+        if args.prompt_ids:
+            prompt = parse_ids(args.prompt_ids)
+        else:
+            tokenizer = load_tokenizer(source, given[0])
+            if args.chat:
+                messages = _chat_messages(args.chat)
+                text = format_chat(source, messages)
+            elif not args.prompt.strip():
+                raise ValueError("--prompt is empty")
+            else:
+                text = args.prompt
+            prompt = np.array([tokenizer.encode(text, add_special_tokens=False).ids], dtype=np.int64)
+    sampling, more = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,
+                                      args.top_p, args.seed)
+    warnings += more
+    if args.max_seq_len > config.max_position_embeddings:
+        warnings.append(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings "
+                        f"{config.max_position_embeddings}")
+    if prompt.shape[1] + sampling.max_new_tokens - 1 > args.max_seq_len:
+        raise ValueError(f"a prompt of {prompt.shape[1]} tokens + {sampling.max_new_tokens} new tokens exceeds "
+                         f"--max-seq-len {args.max_seq_len}")
+    outside = prompt[(prompt < 0) | (prompt >= config.vocab_size)]
+    if outside.size:
+        raise ValueError(f"token ids {sorted(set(outside.tolist()))[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
+
+    if prepared:
+        tp, moe_tp = prepared[1]["tp"], prepared[1]["moe_tp"]
+    else:
+        tp = args.tp
+        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, tp, len(prompt), args.max_seq_len,
+                                               len(experts) if experts else config.num_local_experts)
+    layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
+    leader = layout.rank == 0
+    for warning in warnings if leader else []:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.mode == "random":
+        model = MiniMaxM2Model.random(config, seed=args.model_seed, experts=experts, max_seq_len=args.max_seq_len,
+                                      layout=layout, dtype=args.dtype, progress=leader)
+        if leader:
+            print(f"random MiniMax-M2: {config}")
+    elif args.weights:
+        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout)
+    else:
+        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len,
+                                               layout=layout, dtype=args.dtype, progress=leader)
+    detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader else None
+
+    def stream(tokens: np.ndarray) -> None:
+        print(detokenizer.feed(int(tokens[0, 0])), end="", flush=True)
+
+    result = timed_generate(model, prompt, sampling, keep_logits=args.dump_logits is not None,
+                            on_tokens=stream if detokenizer else None, progress=leader and detokenizer is None)
+    if leader:
+        if detokenizer:
+            print()
+            if detokenizer.unknown:
+                print(f"warning: ids {sorted(set(detokenizer.unknown))[:10]} are not in the tokenizer: not shown",
+                      file=sys.stderr)
+        report(result, tokenizer.decode if tokenizer else None)
+        if messages:
+            parsed = parse_output(tokenizer.decode(result.generated_ids[0].tolist(), skip_special_tokens=True))
+            print(f"reasoning: {parsed.reasoning!r}\ncontent: {parsed.content!r}")
+            for call in parsed.tool_calls:
+                print(f"tool call: {call['function']['name']}({call['function']['arguments']})")
+        if layout.world > 1:
+            report_parallel(model, backend)
+        write_outputs(result, args.output_json, args.dump_logits)
+    if backend:
+        backend.close()
+    return 0

@@ -1,0 +1,158 @@
+"""run_example.py as a user meets it: one-line `error:` naming the flag or key (exit 2, before any work),
+warnings for flags without effect, generation_config.json defaults, EOS, chat and streamed text."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PROMPT
+
+from minimax_m2 import MiniMaxM2Model
+from minimax_m2.detokenize import IncrementalDetokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_example.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, message: str) -> None:
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(float32_checkpoint, tmp_path_factory) -> Path:
+    """The float32 checkpoint plus a byte-level tokenizer of exactly its 256 ids: every byte one token,
+    so a multi-byte character spans several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = tmp_path_factory.mktemp("tokenized")
+    for file in float32_checkpoint.iterdir():
+        shutil.copy(file, path / file.name)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["hello"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tokenizer.get_vocab_size() == 256
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+def _config_without(checkpoint: Path, tmp_path: Path, change) -> Path:
+    shutil.copytree(checkpoint, tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    change(config)
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "c"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "generate", "--prompt-ids", "1,2"], "--mode generate needs --checkpoint DIR or --weights DIR"),
+    (["--mode", "random", "--experts", "a,b"], "--experts takes comma-separated expert ids"),
+    (["--mode", "random", "--tp", "2"], "launch with torchrun --nproc-per-node 1"),
+    (["--mode", "random", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["--mode", "random", "--top-p", "1.5", "--temperature", "1"], "--top-p must be in (0, 1]"),
+    (["--mode", "random", "--batch", "0"], "--batch and --prompt-len must be at least 1"),
+    (["--mode", "random", "--vocab-size", "0"], "--vocab-size must be at least 1"),
+    (["--mode", "random", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--mode", "random", "--output-json", "/nonexistent-dir/out.json"], "--output-json /nonexistent-dir/out.json: cannot write"),
+    (["--mode", "random", "--dump-logits", "/proc/x.npy"], "--dump-logits /proc/x.npy: cannot write"),
+    (["--mode", "random", "--prompt-len", "30", "--max-seq-len", "16"], "exceeds --max-seq-len 16"),
+    (["--mode", "random", "--prompt", "hi"], "--prompt and --chat need a checkpoint's tokenizer"),
+])
+def test_bad_flags_fail_before_any_work(args, message) -> None:
+    assert_one_line_error(run(*args), message)
+
+
+def test_generate_needs_exactly_one_prompt(float32_checkpoint) -> None:
+    assert_one_line_error(run("--mode", "generate", "--checkpoint", str(float32_checkpoint)),
+                          "needs exactly one of --prompt-ids, --prompt or --chat")
+
+
+def test_empty_prompt(with_tokenizer) -> None:
+    assert_one_line_error(run("--mode", "generate", "--checkpoint", str(with_tokenizer), "--prompt", " "), "--prompt is empty")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("hidden_size"), "config.json lacks 'hidden_size'"),
+    (lambda c: c.update(hidden_size="128"), "config.json: 'hidden_size' is '128', expected an integer"),
+])
+def test_bad_config_is_named(float32_checkpoint, tmp_path, change, message) -> None:
+    path = _config_without(float32_checkpoint, tmp_path, change)
+    assert_one_line_error(run("--mode", "generate", "--checkpoint", str(path), "--prompt-ids", "1,2"), message)
+
+
+def test_warnings_for_flags_without_effect(float32_checkpoint) -> None:
+    done = run("--mode", "random", "--num-layers", "1", "--max-new-tokens", "2", "--top-k", "5",
+               "--checkpoint", str(float32_checkpoint), "--max-seq-len", "300000")
+    assert done.returncode == 0, done.stderr
+    assert "warning: --top-k / --top-p have no effect at temperature 0" in done.stderr
+    assert "warning: --checkpoint / --weights have no effect in random mode" in done.stderr
+    assert "exceeds the model's max_position_embeddings" in done.stderr
+
+
+def test_help_documents_every_option() -> None:
+    import run_example
+
+    actions = [a for a in run_example.build_parser()._actions if a.option_strings]
+    undocumented = [a.option_strings[0] for a in actions if not a.help]
+    assert undocumented == [], f"options without help: {undocumented}"
+    with_default = [a for a in actions if a.default not in (None, False) and a.default != "==SUPPRESS=="]
+    assert all("default" in a.help for a in with_default), [a.option_strings[0] for a in with_default if "default" not in a.help]
+    assert run("--help").returncode == 0
+
+
+def test_random_seed_changes_sampling_only() -> None:
+    outs = [run("--mode", "random", "--num-layers", "1", "--max-new-tokens", "4", "--temperature", "1", "--seed", s)
+            for s in ("1", "2")]
+    prompts = [line for out in outs for line in out.stdout.splitlines() if "prompt ids" in line]
+    assert prompts[0] == prompts[1], "--seed must not change the random model or prompt"
+
+
+def test_generation_config_and_eos(float32_checkpoint, tmp_path) -> None:
+    """generation_config.json gives the defaults; a row stops at its EOS, and generation ends when all have."""
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
+    greedy = model.generate(PROMPT, 6)[:, PROMPT.shape[1]:]
+    eos = int(greedy[0, 2])
+    ids = model.generate(PROMPT, 6, eos_token_ids=(eos,))[:, PROMPT.shape[1]:]
+    assert ids[0, 2] == eos and (ids[0, 3:] == eos).all(), "row 0 continues after its EOS"
+    if eos not in greedy[1]:
+        np.testing.assert_array_equal(ids[1], greedy[1][: ids.shape[1]])
+    path = tmp_path / "c"
+    shutil.copytree(float32_checkpoint, path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 9999], "do_sample": False}))
+    out = tmp_path / "ids.json"
+    done = run("--mode", "generate", "--checkpoint", str(path), "--prompt-ids", ",".join(map(str, PROMPT[0])),
+               "--max-new-tokens", "6", "--output-json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["generated_ids"] == [greedy[0, :3].tolist()]
+
+
+def test_incremental_detokenizer_holds_split_characters(with_tokenizer) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(with_tokenizer / "tokenizer.json"))
+    text = "héllo wörld ☃!"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) > len(text), "multi-byte characters must span several tokens"
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.feed(i) for i in ids]
+    assert "".join(pieces) == text
+    assert "" in pieces and all("\ufffd" not in p for p in pieces)
+    assert detokenizer.feed(10**6) == "" and detokenizer.unknown == [10**6]
+
+
+def test_chat_streams_text_and_parses_output(with_tokenizer) -> None:
+    done = run("--mode", "generate", "--checkpoint", str(with_tokenizer), "--chat", "system: Be brief.", "--chat",
+               "Hi there", "--max-new-tokens", "5", "--max-seq-len", "400")
+    assert done.returncode == 0, done.stderr
+    assert "reasoning: " in done.stdout and "content: " in done.stdout and "[0] text:" in done.stdout
