@@ -103,7 +103,7 @@ def test_capacity_factor_reports_drops(all_on_rank_0, tmp_path) -> None:
 
 
 def test_random_mode_matches_single_process(tmp_path) -> None:
-    args = ["--mode", "random", "--num-layers", "2", "--num-experts", "8", "--hidden-size", "256", "--vocab-size", "300", "--seed", "3"]
+    args = ["--mode", "random", "--num-layers", "2", "--num-experts", "8", "--hidden-size", "256", "--vocab-size", "300", "--model-seed", "3"]
     ids, logits, _ = run_ranks(2, 2, tmp_path, *args)
     config = random_config(256, 2, 8, 4, 300)
     model = MiniMaxM2Model.random(config, seed=3, max_seq_len=32)
