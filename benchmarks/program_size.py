@@ -18,56 +18,40 @@ import json
 import sys
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import collectives, rope_tables  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
-from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
-from minimax_m2.program import program_units  # noqa: E402
-from minimax_m2.weights import LAYER_WEIGHT_NAMES, zero_model_weights  # noqa: E402
+from minimax_m2.roofline import record_programs  # noqa: E402
+from minimax_m2.weights import LAYER_WEIGHT_NAMES  # noqa: E402
 
 CONTEXT = 4096
 CONSTANT_LIMIT = 16 * 2**20
-WEIGHTS = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head")
 EXPERT_WEIGHTS = ("w13", "w2")
+OTHER_WEIGHTS = tuple(n for n in LAYER_WEIGHT_NAMES if n not in EXPERT_WEIGHTS) + ("embed", "final_norm", "lm_head")
 SCENARIOS = [("prefill", 1, 2048), ("decode", 1, 1), ("decode", 32, 1)]
 LAYOUTS = [("1 rank", ParallelLayout()), ("64 ranks (ep 64, tp 8)", ParallelLayout(world=64, tp=8, rank=0))]
 
 
 def record(config: MiniMaxM2Config, layout: ParallelLayout, phase: str, batch: int, seq: int) -> list[dict]:
     """One row per unit of rank 0's program for this phase."""
-    dtype = np.dtype(ml_dtypes.bfloat16)
-    experts = list(range(config.num_local_experts))
-    weights = zero_model_weights(config, experts, layout, dtype)
-    rope = tuple(t.astype(dtype) for t in rope_tables(CONTEXT, config.rotary_dim, config.rope_theta))
-    position = 0 if phase == "prefill" else CONTEXT - 1
-    units = program_units(config, layout, weights, rope, phase=phase, batch=batch, seq=seq, max_seq_len=CONTEXT,
-                          position=position)
+    units, programs = record_programs(config, layout, phase=phase, batch=batch, seq=seq, context=CONTEXT)
+    layer = units[1].inputs
+    local = layer["w13"].shape[0]
+    expert_bytes = layer["w13"][0].nbytes + layer["w2"][0].nbytes
     rows = []
-    collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
-    try:
-        for unit in units:
-            program, _ = trace_unit(unit.fn, unit.inputs, unit.constants, WEIGHTS, dry=True)
-            local = weights.layers[0].w13.shape[0]
-            expert_bytes = weights.layers[0].w13[0].nbytes + weights.layers[0].w2[0].nbytes
-            received = (layout.world * unit.constants["capacity"] if layout.world > 1
-                        else layout.rows_per_group(batch) * seq * config.num_experts_per_tok) \
-                if unit.name.endswith("_layer") else 0
-            rows.append(dict(
-                unit=unit.name, violations=program.violations, matmuls=len(program.matmuls),
-                gflop=program.flops / 1e9,
-                expert_weight_bytes=program.weight_bytes(EXPERT_WEIGHTS),
-                other_weight_bytes=program.weight_bytes() - program.weight_bytes(EXPERT_WEIGHTS),
-                constant_bytes=program.constant_bytes, largest_constant=program.largest_constant,
-                collectives=[(c.name, c.payload_bytes) for c in program.collectives],
-                experts_held=local, expert_bytes=expert_bytes, received_slots=received,
-            ))
-    finally:
-        collectives.set_backend(None)
+    for unit, program in zip(units, programs):
+        received = (layout.world * unit.constants["capacity"] if layout.world > 1
+                    else layout.rows_per_group(batch) * seq * config.num_experts_per_tok) \
+            if unit.name.endswith("_layer") else 0
+        rows.append(dict(
+            unit=unit.name, violations=program.violations, matmuls=len(program.matmuls), gflop=program.flops / 1e9,
+            expert_weight_bytes=program.weight_bytes(EXPERT_WEIGHTS), other_weight_bytes=program.weight_bytes(OTHER_WEIGHTS),
+            constant_bytes=program.constant_bytes, largest_constant=program.largest_constant,
+            collectives=[(c.name, c.payload_bytes) for c in program.collectives],
+            experts_held=local, expert_bytes=expert_bytes, received_slots=received,
+        ))
     return rows
 
 

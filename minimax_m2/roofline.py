@@ -21,7 +21,7 @@ from kernels import collectives, rope_tables
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.nkipy_semantics import Collective, EmulatedCollectives, LoopbackCollectives, Program, trace_unit
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.program import program_units
+from minimax_m2.program import Unit, program_units
 from minimax_m2.weights import LAYER_WEIGHT_NAMES, zero_model_weights
 
 READ_BY_MATMULS = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head", "k_cache", "v_cache")
@@ -114,26 +114,34 @@ def unit_cost(name: str, program: Program) -> UnitCost:
                     [c for c in program.collectives if len(c.replica_groups[0]) > 1])
 
 
-def record_units(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int, context: int,
-                 dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)) -> list[UnitCost]:
-    """Rank 0's units for one phase, recorded at the config's shapes with zero weights."""
+def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int,
+                    context: int, dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)) -> tuple[list[Unit], list[Program]]:
+    """Rank 0's units for one phase and their recorded programs, at the config's shapes with zero weights
+    (matmuls sized, not computed); a unit recording a violation is an error."""
     experts = list(range(config.num_local_experts))
     weights = zero_model_weights(config, experts, layout, dtype)
     rope = tuple(t.astype(dtype) for t in rope_tables(context, config.rotary_dim, config.rope_theta))
     position = 0 if phase == "prefill" else context - 1
     units = program_units(config, layout, weights, rope, phase=phase, batch=batch, seq=seq, max_seq_len=context,
                           position=position)
-    costs = []
+    programs = []
     collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
     try:
         for unit in units:
             program, _ = trace_unit(unit.fn, unit.inputs, unit.constants, READ_BY_MATMULS, dry=True)
             if program.violations:
                 raise ValueError(f"{unit.name} records violations: {program.violations}")
-            costs.append(unit_cost(unit.name, program))
+            programs.append(program)
     finally:
         collectives.set_backend(None)
-    return costs
+    return units, programs
+
+
+def record_units(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int, context: int,
+                 dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)) -> list[UnitCost]:
+    """The costs of rank 0's units for one phase (see record_programs)."""
+    units, programs = record_programs(config, layout, phase=phase, batch=batch, seq=seq, context=context, dtype=dtype)
+    return [unit_cost(unit.name, program) for unit, program in zip(units, programs)]
 
 
 def step_seconds(costs: list[UnitCost], layers: int, hw: Hardware) -> float:
