@@ -4,6 +4,7 @@
   python run_example.py --mode random --num-layers 4 --num-experts 16 --max-new-tokens 16
   python run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --experts 0,1,2,3,4,5,6,7
   python run_example.py --mode generate --checkpoint DIR --chat "system: Be brief." --chat "Hello!"
+  python run_example.py --mode serve --checkpoint DIR --port 8000        # OpenAI-compatible /v1 endpoints
   torchrun --nproc-per-node 4 run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --ep 4 --tp 2
 """
 
@@ -18,8 +19,9 @@ from minimax_m2.distributed import CollectiveError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
-    p.add_argument("--mode", choices=["test", "random", "generate"], default="random",
-                   help="test: kernel self-checks; random: a random-weight model; generate: a checkpoint" + d)
+    p.add_argument("--mode", choices=["test", "random", "generate", "serve"], default="random",
+                   help="test: kernel self-checks; random: a random-weight model; generate: a checkpoint; "
+                        "serve: an OpenAI-compatible server for a checkpoint" + d)
     p.add_argument("--checkpoint", type=Path, help="HF checkpoint directory or cache snapshot (generate mode)")
     p.add_argument("--weights", type=Path, help="directory written by prepare_weights.py (generate mode, instead of "
                                                 "--checkpoint; its layout is this run's)")
@@ -39,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed" + d)
     p.add_argument("--output-json", type=Path, help="write {prompt_ids, generated_ids} here")
     p.add_argument("--dump-logits", type=Path, help="write float32 logits [batch, positions, vocab] here (.npy)")
+    server = p.add_argument_group("serve mode")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on" + d)
+    server.add_argument("--port", type=int, default=8000, help="port to listen on" + d)
+    server.add_argument("--served-model-name", help="model id clients use (default: the checkpoint directory's name)")
     parallel = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node W)")
     parallel.add_argument("--ep", type=int, default=1, help="ranks W (= torchrun's process count)" + d)
     parallel.add_argument("--tp", type=int, default=1, help="ranks per attention group, splitting heads (divides 8 KV heads)" + d)

@@ -66,11 +66,37 @@ def _chat_messages(turns: list[str]) -> list[dict]:
     return messages
 
 
+def serve_checkpoint(args: argparse.Namespace) -> int:
+    """--mode serve: one process, a checkpoint or prepared weights with a tokenizer."""
+    from minimax_m2.server import Engine, serve
+
+    if world_size() > 1:
+        raise ValueError("--mode serve runs in one process; serving over several ranks is not supported yet")
+    if (args.checkpoint is None) == (args.weights is None):
+        raise ValueError("--mode serve needs --checkpoint DIR or --weights DIR (one of them)")
+    source = args.checkpoint or args.weights
+    tokenizer = load_tokenizer(source, "--mode serve")
+    defaults, warnings = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,
+                                          args.top_p, args.seed)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.weights:
+        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len)
+    else:
+        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=_experts(args.experts), max_seq_len=args.max_seq_len,
+                                               dtype=args.dtype, progress=True)
+    name = args.served_model_name or source.resolve().name
+    serve(Engine.for_model(name, model, tokenizer, defaults, source), args.host, args.port)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     if args.mode == "test":
         import test_kernels
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
+    if args.mode == "serve":
+        return serve_checkpoint(args)
     for flag, path in (("--output-json", args.output_json), ("--dump-logits", args.dump_logits)):
         _check_writable(flag, path)
     if world_size() == 1 and (args.ep > 1 or args.tp > 1):

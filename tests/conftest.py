@@ -1,5 +1,6 @@
 """Shared tiny checkpoints, built once per test session by transformers."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,3 +33,21 @@ def sharded_checkpoint(hf_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fp8_checkpoint(float32_checkpoint, tmp_path_factory) -> Path:
     return hf_reference.write_fp8(float32_checkpoint, tmp_path_factory.mktemp("fp8"))
+
+
+@pytest.fixture(scope="session")
+def with_tokenizer(float32_checkpoint, tmp_path_factory) -> Path:
+    """The float32 checkpoint plus a byte-level tokenizer of exactly its 256 ids: every byte one token,
+    so a multi-byte character spans several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = tmp_path_factory.mktemp("tokenized")
+    for file in float32_checkpoint.iterdir():
+        shutil.copy(file, path / file.name)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["hello"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tokenizer.get_vocab_size() == 256
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,24 +28,6 @@ def assert_one_line_error(done: subprocess.CompletedProcess, message: str) -> No
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert message in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def with_tokenizer(float32_checkpoint, tmp_path_factory) -> Path:
-    """The float32 checkpoint plus a byte-level tokenizer of exactly its 256 ids: every byte one token,
-    so a multi-byte character spans several tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    path = tmp_path_factory.mktemp("tokenized")
-    for file in float32_checkpoint.iterdir():
-        shutil.copy(file, path / file.name)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(["hello"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    assert tokenizer.get_vocab_size() == 256
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path
 
 
 def _config_without(checkpoint: Path, tmp_path: Path, change) -> Path:
@@ -156,3 +139,35 @@ def test_chat_streams_text_and_parses_output(with_tokenizer) -> None:
                "Hi there", "--max-new-tokens", "5", "--max-seq-len", "400")
     assert done.returncode == 0, done.stderr
     assert "reasoning: " in done.stdout and "content: " in done.stdout and "[0] text:" in done.stdout
+
+
+def test_serve_mode_answers_on_loopback(with_tokenizer) -> None:
+    """run_example.py --mode serve as a user starts it: /v1/models answers, then the process is stopped."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "run_example.py"), "--mode", "serve", "--checkpoint",
+                               str(with_tokenizer), "--port", str(port), "--max-seq-len", "256"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        answer = None
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as reply:
+                    answer = json.loads(reply.read())
+                break
+            except OSError:
+                if server.poll() is not None:
+                    break
+                time.sleep(0.1)
+        assert answer and answer["data"][0]["id"] == with_tokenizer.name
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_needs_a_tokenizer(float32_checkpoint) -> None:
+    assert_one_line_error(run("--mode", "serve", "--checkpoint", str(float32_checkpoint)), "--mode serve needs")
