@@ -158,3 +158,9 @@ def test_non_finite_weight_is_named(float32_checkpoint, tmp_path, bad) -> None:
     path = _rewrite(float32_checkpoint, tmp_path / "c", poison)
     with pytest.raises(CheckpointError, match=f"tensor '{q_proj}' in model.safetensors holds 1 NaN or inf values"):
         MiniMaxM2Model.from_pretrained(path)
+
+
+def test_integer_weight_is_refused(float32_checkpoint, tmp_path) -> None:
+    path = _rewrite(float32_checkpoint, tmp_path / "c", lambda t: t.update({O_PROJ: t[O_PROJ].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=f"tensor '{O_PROJ}' is I32: weights must be floating point"):
+        MiniMaxM2Model.from_pretrained(path)
