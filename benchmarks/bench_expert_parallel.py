@@ -68,6 +68,28 @@ def measure_machine() -> dict:
     }
 
 
+def _gemv_seconds(start_at: float) -> float:
+    """One process of the concurrent bandwidth probe: five GEMVs of 256 MiB from a common start time."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4096, 16384), dtype=np.float32)
+    x = rng.standard_normal((1, 4096), dtype=np.float32)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    begin = time.perf_counter()
+    for _ in range(5):
+        x @ w
+    return (time.perf_counter() - begin) / 5
+
+
+def concurrent_bandwidth(processes: int) -> float:
+    """Bytes/s all of `processes` one-thread processes stream together (they share the memory bus)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        seconds = pool.map(_gemv_seconds, [time.time() + 5.0] * processes)
+    return processes * 4096 * 16384 * 4 / max(seconds)
+
+
 def collective_latency(backend, layout) -> dict[str, float]:
     """Seconds per small collective of each kind over all ranks (gloo), measured after the run."""
     x = np.ones((layout.world, 8), np.float32)
@@ -85,11 +107,13 @@ def collective_latency(backend, layout) -> dict[str, float]:
 
 
 def cpu_share(machine: dict, world: int, latency: dict[str, float]) -> Hardware:
-    """One rank's share of this machine when `world` ranks run at once on its cores."""
+    """One rank's share of this machine when `world` ranks run at once on its cores (memory: what all
+    busy cores stream together, measured, split over the ranks)."""
     share = min(world, CORES) / world
+    busy = min(world, CORES)
     return Hardware(
         name=f"this machine, one of {world} ranks on {CORES} cores",
-        memory_bytes_per_s=machine["memory_bytes_per_s"] * share,
+        memory_bytes_per_s=machine["bandwidth_by_processes"][str(busy)] / world,
         matmul_flops_per_s=machine["matmul_flops_per_s"] * share,
         op_overhead_s=machine["op_overhead_s"] / share,
         collective_latency_s=max(latency.values(), default=0.0),
@@ -152,6 +176,8 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     machine = json.loads(subprocess.run([sys.executable, __file__, "--measure"], capture_output=True, text=True,
                                         check=True, env=env, cwd=ROOT).stdout)
+    os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # for the spawned probe processes
+    machine["bandwidth_by_processes"] = {str(n): concurrent_bandwidth(n) for n in range(1, CORES + 1)}
     rows = []
     for world, tp, moe_tp in (map(int, layout.split("x")) for layout in args.layouts):
         done = subprocess.run(
@@ -164,6 +190,8 @@ def main() -> None:
         if done.returncode or not lines:
             sys.exit(f"{world}x{tp}x{moe_tp} failed:\n{done.stderr[-2000:]}")
         rows.append(json.loads(lines[0][len(MARK):]))
+    together = ", ".join(f"{n} at once {b / 1e9:.1f}" for n, b in machine["bandwidth_by_processes"].items())
+    print(f"GEMV bandwidth of one-thread processes streaming together: {together} GB/s")
     print(f"machine (one thread): GEMV {machine['memory_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
           f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {machine['op_overhead_s'] * 1e6:.2f} us per NumPy op; "
           f"{CORES} cores")

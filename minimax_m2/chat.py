@@ -7,7 +7,7 @@ when the checkpoint has one; otherwise `render_chat` writes the format as docume
     ]~!b[]~b]system\\n<system text><tools section>[e~[\\n
     ]~b]user\\n<text>[e~[\\n
     ]~b]ai\\n<think>\\n<reasoning>\\n</think>\\n\\n<text><tool calls>[e~[\\n
-    ]~b]tool\\n<result>[e~[\\n
+    ]~b]tool\\n<response>result</response>[e~[\\n
     ]~b]ai\\n<think>\\n                      <- the generation prompt: reasoning already opened
 """
 
@@ -24,7 +24,8 @@ TOOLS_HEADER = ("\n\n# Tools\nYou may call one or more tools to assist with the 
                 "Here are the tools available in JSONSchema format:\n\n<tools>\n")
 TOOLS_FOOTER = ("</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n\n"
                 "<minimax:tool_call>\n<invoke name=\"tool-name-1\">\n"
-                "<parameter name=\"param-key-1\">param-value-1</parameter>\n...\n</invoke>")
+                "<parameter name=\"param-key-1\">param-value-1</parameter>\n"
+                "<parameter name=\"param-key-2\">param-value-2</parameter>\n...\n</invoke>\n</minimax:tool_call>")
 
 Message = dict[str, Any]
 
@@ -37,6 +38,16 @@ def _function(tool: dict) -> dict:
 def _tools_section(tools: list[dict]) -> str:
     listed = "".join(f"<tool>{json.dumps(_function(t), ensure_ascii=False)}</tool>\n" for t in tools)
     return TOOLS_HEADER + listed + TOOLS_FOOTER
+
+
+def _text(content: Any) -> str:
+    """Message content as text: a string, or the text parts of an OpenAI content list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content
+                   if isinstance(p, str) or isinstance(p, dict) and p.get("type") == "text")
 
 
 def _value(value: Any) -> str:
@@ -59,10 +70,11 @@ def render_tool_calls(calls: list[dict]) -> str:
 
 
 def render_chat(messages: list[Message], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
-    """The project's implementation of the format. Reasoning (`reasoning_content`) of assistant turns is
-    kept only after the last user message, as the hub template does."""
+    """The project's implementation of the format. Reasoning of assistant turns (`reasoning_content`, or a
+    <think> block inside the content) is kept only after the last user message; consecutive tool
+    results share one tool turn, each in <response>...</response>."""
     if messages and messages[0]["role"] == "system":
-        system, rest = messages[0].get("content") or "", messages[1:]
+        system, rest = _text(messages[0].get("content")) or DEFAULT_SYSTEM, messages[1:]
     else:
         system, rest = DEFAULT_SYSTEM, messages
     text = f"{BEGIN}{ROLES['system']}\n{system}{_tools_section(tools) if tools else ''}{END}\n"
@@ -71,9 +83,17 @@ def render_chat(messages: list[Message], tools: list[dict] | None = None, add_ge
         role = message["role"]
         if role not in ROLES or role == "system":
             raise ValueError(f"message {i + 1}: role {role!r} is not one of user, assistant, tool (system only first)")
-        body = message.get("content") or ""
+        body = _text(message.get("content"))
+        if role == "tool":
+            first = i == 0 or rest[i - 1]["role"] != "tool"
+            last = i == len(rest) - 1 or rest[i + 1]["role"] != "tool"
+            text += (ROLES["tool"] if first else "") + f"\n<response>{body}</response>" + (f"{END}\n" if last else "")
+            continue
         if role == "assistant":
             reasoning = message.get("reasoning_content")
+            if not isinstance(reasoning, str) and "</think>" in body:
+                reasoning = body.split("</think>")[0].strip("\n").split("<think>")[-1].strip("\n")
+                body = body.split("</think>")[-1].strip("\n")
             thought = f"<think>\n{reasoning}\n</think>\n\n" if reasoning and i > last_user else ""
             body = thought + body + render_tool_calls(message.get("tool_calls") or [])
         text += f"{ROLES[role]}\n{body}{END}\n"

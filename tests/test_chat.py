@@ -21,6 +21,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "", "reasoning_content": "Call the tool.",
      "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
     {"role": "tool", "content": '{"temp": 21}'},
+    {"role": "tool", "content": '{"rain": false}'},
     {"role": "assistant", "content": "21 degrees.", "reasoning_content": "Report it."},
     {"role": "user", "content": "Thanks"},
 ]
@@ -49,15 +50,16 @@ When making tool calls, use XML format to invoke tools and pass parameters:
 <minimax:tool_call>
 <invoke name="tool-name-1">
 <parameter name="param-key-1">param-value-1</parameter>
+<parameter name="param-key-2">param-value-2</parameter>
 ...
 </invoke>
+</minimax:tool_call>
 {%- endif %}[e~[
 {% for m in rest -%}
 {%- if m.role == 'user' %}]~b]user
 {{ m.content }}[e~[
-{% elif m.role == 'tool' %}]~b]tool
-{{ m.content }}[e~[
-{% else %}]~b]ai
+{% elif m.role == 'tool' %}{% if loop.first or rest[loop.index0 - 1].role != 'tool' %}]~b]tool{% endif %}{{ "\n" }}<response>{{ m.content }}</response>{% if loop.last or rest[loop.index0 + 1].role != 'tool' %}[e~[
+{% endif %}{% else %}]~b]ai
 {% if m.reasoning_content and loop.index0 > ns.last_user %}<think>
 {{ m.reasoning_content }}
 </think>
@@ -84,7 +86,7 @@ def test_format_of_a_conversation() -> None:
     assert '<tool>{"name": "get_weather"' in text
     assert "]~b]user\nWeather in Paris?[e~[\n" in text
     assert '<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n' in text
-    assert "]~b]tool\n{\"temp\": 21}[e~[\n" in text
+    assert ']~b]tool\n<response>{"temp": 21}</response>\n<response>{"rain": false}</response>[e~[\n' in text
     assert "Call the tool." not in text and "Report it." not in text, "reasoning before the last user turn is dropped"
     assert text.endswith("]~b]user\nThanks[e~[\n" + GENERATION_PROMPT)
     assert render_chat([{"role": "user", "content": "hi"}]).startswith(f"]~!b[]~b]system\n{DEFAULT_SYSTEM}[e~[\n")
@@ -93,7 +95,7 @@ def test_format_of_a_conversation() -> None:
 @pytest.mark.parametrize("conversation, tools", [
     ([{"role": "user", "content": "hi"}], None),
     (CONVERSATION, [WEATHER]),
-    (CONVERSATION[:5], None),
+    (CONVERSATION[:6], None),
 ], ids=["user", "tools", "reasoning-kept-after-last-user"])
 def test_checkpoint_template_and_builtin_format_agree(conversation, tools, tmp_path) -> None:
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: F401 - the template path needs jinja2
