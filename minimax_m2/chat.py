@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from minimax_m2.files import read_json
+
 BEGIN = "]~!b["
 END = "[e~["
 ROLES = {"system": "]~b]system", "user": "]~b]user", "assistant": "]~b]ai", "tool": "]~b]tool"}
@@ -107,7 +109,7 @@ def checkpoint_template(path: Path) -> str | None:
         return file.read_text()
     config = path / "tokenizer_config.json"
     if config.is_file():
-        template = json.loads(config.read_text()).get("chat_template")
+        template = read_json(config, "").get("chat_template")
         if isinstance(template, str):
             return template
     return None

@@ -1,9 +1,10 @@
 """MiniMax-M2 hyper-parameters, read from a Hugging Face config.json."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from minimax_m2.files import read_json
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,7 @@ class MiniMaxM2Config:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MiniMaxM2Config":
         """Read `config.json` from a checkpoint directory."""
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint directory")
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(Path(path) / "config.json", "not a Hugging Face checkpoint directory"))
 
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

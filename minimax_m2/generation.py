@@ -1,9 +1,10 @@
 """Generation settings as transformers resolves them: the checkpoint's generation_config.json, then flags."""
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from minimax_m2.files import read_json
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,7 @@ def checkpoint_defaults(path: Path | None) -> dict:
     file = path / "generation_config.json" if path else None
     if file is None or not file.is_file():
         return {}
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    raw = read_json(file, "")
     return {k: raw[k] for k in ("do_sample", "temperature", "top_k", "top_p", "eos_token_id") if k in raw}
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from minimax_m2.checkpoint import Checkpoint, expert_key
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.files import read_json
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.safetensors_file import SafetensorsFile
 from minimax_m2.safetensors_writer import SafetensorsWriter
@@ -109,7 +110,7 @@ def prepare(
     """
     config = checkpoint.config
     out.mkdir(parents=True, exist_ok=True)
-    old = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
+    old = _manifest(out) if (out / MANIFEST).is_file() else None
     expected = {"format": FORMAT, "config": _config_record(config), "layout": _layout_record(layout),
                 "experts": experts, "dtype": np.dtype(dtype).name}
     if old and any(old.get(k) != v for k, v in expected.items()):
@@ -178,15 +179,9 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
 
 
 def _manifest(root: Path) -> dict[str, Any]:
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: not a directory written by prepare_weights.py")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_path} is not valid JSON: {err}") from err
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_json(root / MANIFEST, "not a directory written by prepare_weights.py")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{root / MANIFEST}: not a manifest of format {FORMAT!r}")
     return manifest
 
 
