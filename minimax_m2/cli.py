@@ -9,7 +9,7 @@ import numpy as np
 from minimax_m2.chat import format_chat
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.detokenize import IncrementalDetokenizer
-from minimax_m2.distributed import start, world_size
+from minimax_m2.distributed import rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.parsers import parse_output
@@ -40,7 +40,7 @@ def _check_writable(flag: str, path: Path | None) -> None:
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot write there ({err.strerror})") from err
     if not existed:
-        path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def _experts(spec: str | None) -> list[int] | None:
@@ -97,8 +97,9 @@ def main(args: argparse.Namespace) -> int:
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
     if args.mode == "serve":
         return serve_checkpoint(args)
-    for flag, path in (("--output-json", args.output_json), ("--dump-logits", args.dump_logits)):
-        _check_writable(flag, path)
+    if rank() == 0:  # the rank that writes them
+        for flag, path in (("--output-json", args.output_json), ("--dump-logits", args.dump_logits)):
+            _check_writable(flag, path)
     if world_size() == 1 and (args.ep > 1 or args.tp > 1):
         raise ValueError(f"--ep {args.ep} --tp {args.tp} need {max(args.ep, args.tp)} ranks: launch with "
                          f"torchrun --nproc-per-node {args.ep} run_example.py ...")

@@ -112,13 +112,17 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def start(tp: int, timeout_seconds: float, capacity_factor: float | None = None,
           moe_tp: int = 1) -> tuple[ParallelLayout, TorchCollectives | None]:
     """This process's layout from torchrun's environment; with more than one rank, joins the process
     group and installs the gloo backend. Without torchrun: one rank, no backend."""
     world = world_size()
-    rank = int(os.environ.get("RANK", "0"))
-    layout = ParallelLayout(world, tp, rank, capacity_factor, moe_tp)
+    layout = ParallelLayout(world, tp, rank(), capacity_factor, moe_tp)
     if world == 1:
         return layout, None
     groups = [layout.world_groups, layout.tp_groups, layout.slice_groups, layout.ep_groups, layout.combine_groups]
