@@ -43,11 +43,12 @@ def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w1
     w13 [E, hidden, 2I], w2 [E, I, hidden] -> [P, hidden] (zero rows where not valid).
 
     When cheaper (`runs_dense`: few rows over few experts, as in expert-parallel decode) each of the
-    E experts runs on all rows and each row keeps its own expert's output: each expert is read once. Otherwise rows are placed expert by
-    expert into slots, each expert's run padded to a multiple of B rows (a power of two), so every
-    block of B slots belongs to one expert; at most P + E * (B - 1) slots are used, a bound known at
-    trace time, so however the rows are routed none is dropped. Each block gathers its expert's
-    weights by the traced block expert id and runs one matmul.
+    E experts runs on all rows and each row keeps its own expert's output: each expert is read once.
+    Otherwise rows are placed expert by expert into slots, each expert's run padded to a multiple of
+    B rows (a power of two), so every block of B slots belongs to one expert; at most
+    P + E * (B - 1) slots are used, a bound known at trace time, so however the rows are routed none
+    is dropped. Each block gathers its expert's weights by the traced block expert id and runs one
+    matmul.
     """
     rows = x.shape[0]
     num_experts = w13.shape[0]

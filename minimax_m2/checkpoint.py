@@ -97,11 +97,12 @@ def _ignore_reason(key: str, config: MiniMaxM2Config, experts: set[int]) -> str 
 
 
 def _inside(root: Path, name: object) -> bool:
-    """True when the index entry `name` names a file inside `root` once '..' is normalised. The file may
-    be a symlink (a Hugging Face cache snapshot links every file into the repository's blobs)."""
+    """True when the index entry `name` names a file inside `root` (absolute, normalised) once '..' is
+    normalised. The file may be a symlink (a Hugging Face cache snapshot links every file into the
+    repository's blobs)."""
     if not isinstance(name, str) or Path(name).is_absolute():
         return False
-    return Path(os.path.normpath(root.absolute() / name)).is_relative_to(Path(os.path.normpath(root.absolute())))
+    return Path(os.path.normpath(root / name)).is_relative_to(root)
 
 
 def needed_keys(keys, config: MiniMaxM2Config, experts: list[int]) -> list[str]:
@@ -123,8 +124,9 @@ def _resolve_files(root: Path) -> dict[str, Path]:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index_path}: malformed index ({err})") from err
     files = {}
+    normalised = Path(os.path.normpath(root.absolute()))
     for key, name in weight_map.items():
-        if not _inside(root, name):
+        if not _inside(normalised, name):
             raise CheckpointError(f"{index_path}: {key!r} points to {name!r}, outside the checkpoint directory")
         files[key] = root / name
     return files

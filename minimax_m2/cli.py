@@ -11,7 +11,8 @@ from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.detokenize import IncrementalDetokenizer
 from minimax_m2.distributed import rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
-from minimax_m2.model import MiniMaxM2Model
+from minimax_m2.model import MiniMaxM2Model, check_vocabulary
+from minimax_m2.parallel import ParallelLayout
 from minimax_m2.parsers import parse_output
 from minimax_m2.prepare import prepared_layout
 from minimax_m2.roofline import fastest_moe_tp
@@ -66,25 +67,35 @@ def _chat_messages(turns: list[str]) -> list[dict]:
     return messages
 
 
+def _source(args: argparse.Namespace) -> Path:
+    """The --checkpoint or --weights directory of generate and serve mode (exactly one of them)."""
+    if (args.checkpoint is None) == (args.weights is None):
+        raise ValueError(f"--mode {args.mode} needs --checkpoint DIR or --weights DIR (one of them)")
+    return args.checkpoint or args.weights
+
+
+def _load_model(args: argparse.Namespace, layout: ParallelLayout, experts: list[int] | None,
+                progress: bool) -> MiniMaxM2Model:
+    """The model of --weights (prepared, memory-mapped) or of --checkpoint."""
+    if args.weights:
+        return MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout)
+    return MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
+                                          dtype=args.dtype, progress=progress)
+
+
 def serve_checkpoint(args: argparse.Namespace) -> int:
     """--mode serve: one process, a checkpoint or prepared weights with a tokenizer."""
     from minimax_m2.server import Engine, serve
 
     if world_size() > 1:
         raise ValueError("--mode serve runs in one process; serving over several ranks is not supported yet")
-    if (args.checkpoint is None) == (args.weights is None):
-        raise ValueError("--mode serve needs --checkpoint DIR or --weights DIR (one of them)")
-    source = args.checkpoint or args.weights
+    source = _source(args)
     tokenizer = load_tokenizer(source, "--mode serve")
     defaults, warnings = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,
                                           args.top_p, args.seed)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    if args.weights:
-        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len)
-    else:
-        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=_experts(args.experts), max_seq_len=args.max_seq_len,
-                                               dtype=args.dtype, progress=True)
+    model = _load_model(args, ParallelLayout(), _experts(args.experts), progress=True)
     name = args.served_model_name or source.resolve().name
     serve(Engine.for_model(name, model, tokenizer, defaults, source), args.host, args.port)
     return 0
@@ -120,9 +131,7 @@ def main(args: argparse.Namespace) -> int:
         prompt = parse_ids(args.prompt_ids) if args.prompt_ids else \
             np.random.default_rng(args.model_seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
     else:
-        if (args.checkpoint is None) == (args.weights is None):
-            raise ValueError("--mode generate needs --checkpoint DIR or --weights DIR (one of them)")
-        source = args.checkpoint or args.weights
+        source = _source(args)
         prepared = prepared_layout(args.weights) if args.weights else None
         config = prepared[0] if prepared else MiniMaxM2Config.from_pretrained(args.checkpoint)
         given = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--prompt", args.prompt),
@@ -150,9 +159,7 @@ def main(args: argparse.Namespace) -> int:
     if prompt.shape[1] + sampling.max_new_tokens - 1 > args.max_seq_len:
         raise ValueError(f"a prompt of {prompt.shape[1]} tokens + {sampling.max_new_tokens} new tokens exceeds "
                          f"--max-seq-len {args.max_seq_len}")
-    outside = prompt[(prompt < 0) | (prompt >= config.vocab_size)]
-    if outside.size:
-        raise ValueError(f"token ids {sorted(set(outside.tolist()))[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
+    check_vocabulary(prompt, config.vocab_size)
 
     if prepared:
         tp, moe_tp = prepared[1]["tp"], prepared[1]["moe_tp"]
@@ -169,11 +176,8 @@ def main(args: argparse.Namespace) -> int:
                                       layout=layout, dtype=args.dtype, progress=leader)
         if leader:
             print(f"random MiniMax-M2: {config}")
-    elif args.weights:
-        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout)
     else:
-        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len,
-                                               layout=layout, dtype=args.dtype, progress=leader)
+        model = _load_model(args, layout, experts, progress=leader)
     detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader else None
 
     def stream(tokens: np.ndarray) -> None:

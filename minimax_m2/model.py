@@ -25,6 +25,13 @@ from minimax_m2.sampling import check_sampling, next_tokens
 from minimax_m2.weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
 
 
+def check_vocabulary(ids: np.ndarray, vocab_size: int) -> None:
+    """Raise naming the token ids outside 0..vocab_size-1."""
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary 0..{vocab_size - 1}")
+
+
 def select_experts(config: MiniMaxM2Config, experts: list[int] | None) -> list[int]:
     """The sorted expert ids to load (all when None); refuses ids out of range, repeats, or fewer than top-k."""
     if experts is None:
@@ -141,9 +148,7 @@ class MiniMaxM2Model:
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids must be a non-empty integer array [batch, seq], got {ids.dtype} {ids.shape}")
-        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
+        check_vocabulary(ids, self.config.vocab_size)
         if self.position + ids.shape[1] > self.max_seq_len:
             raise ValueError(
                 f"{ids.shape[1]} tokens at position {self.position} exceed max_seq_len {self.max_seq_len}"

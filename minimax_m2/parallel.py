@@ -157,13 +157,12 @@ class ParallelLayout:
         batch padding, the member holding each, valid), all [U] with U the most any slice group has."""
         tokens = self.rows_per_group(batch) * seq
 
-        def real(members: list[int]) -> list[int]:
-            return [m * tokens + t for m, rank in enumerate(members) for t in range(tokens)
-                    if self.row_valid(batch, rank)[t // seq]]
+        def real(members: list[int]) -> np.ndarray:
+            return np.flatnonzero(np.concatenate([np.repeat(self.row_valid(batch, rank), seq) for rank in members]))
 
         size = max(len(real(g)) for g in self.slice_groups)
         mine = real(self.slice_members())
-        rows = np.array(mine + [0] * (size - len(mine)), np.int32)
+        rows = np.pad(mine, (0, size - len(mine))).astype(np.int32)
         return rows, rows // tokens, np.arange(size) < len(mine)
 
     def row_valid(self, batch: int, rank: int) -> np.ndarray:

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,10 @@ from minimax_m2.parallel import ParallelLayout
 from minimax_m2.safetensors_file import SafetensorsFile
 from minimax_m2.safetensors_writer import SafetensorsWriter
 from minimax_m2.weights import (
-    FLOAT32_WEIGHTS,
     LAYER_WEIGHT_NAMES,
     LayerWeights,
     ModelWeights,
+    cast_weight,
     dense_part,
     expert_part,
     read_dense,
@@ -78,10 +77,6 @@ def _shapes(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout,
     return entries
 
 
-def _cast(name: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return value.astype(np.float32 if name in FLOAT32_WEIGHTS else dtype)
-
-
 def _finished(out: Path, manifest: dict | None, name: str) -> bool:
     """True when `name` is in the manifest and the file on disk has its size and sha256."""
     entry = (manifest or {}).get("files", {}).get(name)
@@ -124,11 +119,9 @@ def prepare(
             manifest["files"][name] = old["files"][name]
         else:
             todo.append(rank)
-    started = time.perf_counter()
     if todo:
         _write_ranks(checkpoint, experts, todo, out, dtype, manifest)
     _write_manifest(out, manifest)
-    manifest["seconds"] = time.perf_counter() - started
     manifest["skipped"] = len(ranks) - len(todo)
     return manifest
 
@@ -154,13 +147,13 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
             put(rank, "final_norm", final_norm)
             put(rank, "lm_head", np.ascontiguousarray(vocab_columns(head, rank)).astype(dtype))
         del embed, head
-        holders = {e: [(r, r.local_experts(experts).index(e)) for r in ranks if e in r.local_experts(experts)]
-                   for e in experts}
+        held = {r.rank: r.local_experts(experts) for r in ranks}
+        holders = {e: [(r, held[r.rank].index(e)) for r in ranks if e in held[r.rank]] for e in experts}
         for layer in tqdm(range(config.num_hidden_layers), desc="layers", unit="layer", position=0):
             hf = read_dense(checkpoint, layer, experts)
             for rank in ranks:
                 for name, value in dense_part(config, rank, hf).items():
-                    put(rank, f"layers.{layer}.{name}", _cast(name, value, dtype))
+                    put(rank, f"layers.{layer}.{name}", cast_weight(name, value, dtype))
             del hf
             for e in experts:
                 if not holders[e]:

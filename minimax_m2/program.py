@@ -123,9 +123,6 @@ class Unit:
     inputs: dict[str, np.ndarray]
     constants: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self) -> Any:
-        return self.fn(**self.inputs, **self.constants)
-
 
 def kv_len_for(position: int, seq: int, max_seq_len: int) -> int:
     """Cache slots attended after writing `seq` tokens at `position`: whole blocks of KV_BLOCK (one

@@ -44,12 +44,13 @@ def model_dtype(name: str) -> np.dtype:
     return DTYPES[name]
 
 
+def cast_weight(name: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A layer weight in `dtype`, except the router's, which stays float32."""
+    return value.astype(np.float32 if name in FLOAT32_WEIGHTS else dtype, copy=False)
+
+
 def _cast_layer(layer: LayerWeights, dtype: np.dtype) -> LayerWeights:
-    """Every weight in `dtype` except the router's (float32)."""
-    return LayerWeights(**{
-        name: value if name in FLOAT32_WEIGHTS else value.astype(dtype, copy=False)
-        for name, value in vars(layer).items()
-    })
+    return LayerWeights(**{name: cast_weight(name, value, dtype) for name, value in vars(layer).items()})
 
 
 @dataclass
