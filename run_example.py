@@ -6,6 +6,7 @@
   python run_example.py --mode generate --checkpoint DIR --chat "system: Be brief." --chat "Hello!"
   python run_example.py --mode serve --checkpoint DIR --port 8000        # OpenAI-compatible /v1 endpoints
   torchrun --nproc-per-node 4 run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --ep 4 --tp 2
+  torchrun --nproc-per-node 64 run_example.py --mode generate --weights PREPARED --prompt "Hi" --ep 64 --device neuron
 """
 
 import argparse
@@ -33,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", help="comma-separated expert ids to load (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per row" + d)
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length: prompt + new tokens" + d)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights, activations and KV cache (bfloat16 as on a NeuronCore; router and logits stay float32)" + d)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weights, activations and KV cache; router and logits stay float32 (default: float32 on cpu, "
+                        "bfloat16 on neuron)")
+    p.add_argument("--device", choices=["cpu", "neuron"], default="cpu",
+                   help="cpu: the units run as NumPy here; neuron: compiled by nkipy for this rank's NeuronCore "
+                        "(Trainium hosts; not yet run on hardware)" + d)
+    p.add_argument("--build-dir", type=Path, default=Path("build/neuron"),
+                   help="where --device neuron keeps compiled units" + d)
     p.add_argument("--temperature", type=float, help="0 is greedy (default: generation_config.json, else greedy)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely (default: generation_config.json)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: generation_config.json)")

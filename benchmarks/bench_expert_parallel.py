@@ -8,10 +8,13 @@ ranks (moe_tp W) and mixed.
 
 A layout is RANKSxTPxMOE_TP. Each one is a torchrun launch of this script with --worker; rank 0 reports one
 JSON line. The machine figures (memory bandwidth of a one-thread GEMV, matmul rate, NumPy per-op cost) are
-measured once in a separate one-thread process; the collective latency in each launch. The W ranks
-share this machine's cores and memory bus, so the projection gives each rank its share of them:
-wall time at W > 1 measures the sum of all ranks' traffic, while the bytes per rank are what carry over
-to separate NeuronCores.
+measured once in a separate one-thread process; the collective latency in each launch, between
+stretches of compute as in the program. A CPU thread
+streams a matmul's weights and then computes (measured and printed: a 32-row matmul takes the sum of
+the two, not the larger), so the CPU projection adds memory and matmul time where the Trainium one
+takes the larger. The W ranks share this machine's cores and memory bus, so the projection gives each
+rank its share of them: wall time at W > 1 measures the sum of all ranks' work, while the bytes per
+rank are what carry over to separate NeuronCores.
 """
 
 import argparse
@@ -61,10 +64,14 @@ def measure_machine() -> dict:
             times.append(time.perf_counter() - start)
         return min(times)
 
+    skinny = rng.standard_normal((32, 4096), dtype=np.float32)  # 32 rows, as an expert-parallel rank's decode
     return {
         "memory_bytes_per_s": w.nbytes / best(lambda: x @ w, 5),
         "matmul_flops_per_s": 2 * 512 * 1024 * 1024 / best(lambda: a @ b, 5),
         "op_overhead_s": best(lambda: model.forward(np.zeros((1, 1), np.int64)), 20) / ops,
+        "skinny_matmul_s": best(lambda: skinny @ w, 5),
+        "skinny_matmul_flops": 2 * 32 * 4096 * 16384,
+        "skinny_matmul_bytes": w.nbytes,
     }
 
 
@@ -91,18 +98,28 @@ def concurrent_bandwidth(processes: int) -> float:
 
 
 def collective_latency(backend, layout) -> dict[str, float]:
-    """Seconds per small collective of each kind over all ranks (gloo), measured after the run."""
+    """Seconds each small collective of each kind adds over all ranks (gloo), measured after the run the
+    way the program meets them: between stretches of compute (a 16 MiB GEMV), as the extra time over the
+    compute alone. Idle ranks answer faster than busy ones on this machine, so idle latency would
+    understate what a collective costs inside a decode step."""
     x = np.ones((layout.world, 8), np.float32)
+    rng = np.random.default_rng(layout.rank)
+    w, v = rng.standard_normal((1024, 4096), dtype=np.float32), rng.standard_normal((1, 1024), dtype=np.float32)
     calls = {"all_reduce": lambda: backend.all_reduce(x, layout.world_groups),
              "all_gather": lambda: backend.all_gather(x, 0, layout.world_groups),
              "all_to_all": lambda: backend.all_to_all(x, 0, 0, layout.world_groups)}
+
+    def seconds(step, repeat: int = 50) -> float:
+        backend.all_reduce(x, layout.world_groups)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            step()
+        return (time.perf_counter() - start) / repeat
+
     latency = {}
     for name, call in calls.items():
-        call()
-        start = time.perf_counter()
-        for _ in range(30):
-            call()
-        latency[name] = (time.perf_counter() - start) / 30
+        compute = seconds(lambda: v @ w)
+        latency[name] = max(0.0, seconds(lambda: (v @ w, call())) - compute)
     return latency
 
 
@@ -121,6 +138,7 @@ def cpu_share(machine: dict, world: int, latency: dict[str, float]) -> Hardware:
         local_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
         remote_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
         ranks_per_chip=world,
+        overlaps_memory_and_compute=False,
     )
 
 
@@ -195,6 +213,11 @@ def main() -> None:
     print(f"machine (one thread): GEMV {machine['memory_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
           f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {machine['op_overhead_s'] * 1e6:.2f} us per NumPy op; "
           f"{CORES} cores")
+    memory = machine["skinny_matmul_bytes"] / machine["memory_bytes_per_s"]
+    matmul = machine["skinny_matmul_flops"] / machine["matmul_flops_per_s"]
+    print(f"32-row matmul streaming 256 MiB of weights: {machine['skinny_matmul_s'] * 1e3:.1f} ms measured; "
+          f"read {memory * 1e3:.1f} + matmul {matmul * 1e3:.1f} = {(memory + matmul) * 1e3:.1f} ms if one follows "
+          f"the other, {max(memory, matmul) * 1e3:.1f} ms if they overlap: the projection adds them")
     print(f"medium config, batch 1, prompt {args.prompt_len}, {args.decode_steps} decode steps, float32")
     print(f"{'ranks':>5}{'tp':>4}{'moe_tp':>7}{'measured ms':>12}{'predicted ms':>13}{'ratio':>7}{'ar/ag/a2a us':>19}"
           f"{'expert MiB read/rank':>21}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}")

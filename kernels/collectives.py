@@ -22,10 +22,12 @@ class Backend(Protocol):
 _backend: Backend | None = None
 
 
-def set_backend(backend: Backend | None) -> None:
-    """Install the transport used by groups larger than one rank (None removes it)."""
+def set_backend(backend: Backend | None) -> Backend | None:
+    """Install the transport used by groups larger than one rank (None removes it); returns the one
+    it replaces."""
     global _backend
-    _backend = backend
+    previous, _backend = _backend, backend
+    return previous
 
 
 def group_size(replica_groups: ReplicaGroups | None) -> int:

@@ -14,6 +14,7 @@ from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.parsers import parse_output
+from minimax_m2.neuron import NeuronRunner
 from minimax_m2.prepare import prepared_layout
 from minimax_m2.roofline import fastest_moe_tp
 from minimax_m2.run import (
@@ -75,15 +76,19 @@ def _source(args: argparse.Namespace) -> Path:
 
 
 def _load_model(args: argparse.Namespace, layout: ParallelLayout, experts: list[int] | None,
-                progress: bool) -> MiniMaxM2Model:
-    """The model of --weights (prepared, memory-mapped) or of --checkpoint."""
+                progress: bool, runner: NeuronRunner | None) -> MiniMaxM2Model:
+    """The model of --weights (prepared, memory-mapped) or of --checkpoint, run by `runner` (default:
+    NumPy on this CPU)."""
     if args.weights:
-        return MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout)
-    return MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len, layout=layout,
-                                          dtype=args.dtype, progress=progress)
+        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout)
+    else:
+        model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len,
+                                               layout=layout, dtype=args.dtype, progress=progress)
+    model.runner = runner or model.runner
+    return model
 
 
-def serve_checkpoint(args: argparse.Namespace) -> int:
+def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> int:
     """--mode serve: one process, a checkpoint or prepared weights with a tokenizer."""
     from minimax_m2.server import Engine, serve
 
@@ -95,7 +100,7 @@ def serve_checkpoint(args: argparse.Namespace) -> int:
                                           args.top_p, args.seed)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    model = _load_model(args, ParallelLayout(), _experts(args.experts), progress=True)
+    model = _load_model(args, ParallelLayout(), _experts(args.experts), progress=True, runner=runner)
     name = args.served_model_name or source.resolve().name
     serve(Engine.for_model(name, model, tokenizer, defaults, source), args.host, args.port)
     return 0
@@ -106,8 +111,10 @@ def main(args: argparse.Namespace) -> int:
         import test_kernels
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
+    runner = NeuronRunner(args.build_dir) if args.device == "neuron" else None
+    args.dtype = args.dtype or ("bfloat16" if runner else "float32")
     if args.mode == "serve":
-        return serve_checkpoint(args)
+        return serve_checkpoint(args, runner)
     if rank() == 0:  # the rank that writes them
         for flag, path in (("--output-json", args.output_json), ("--dump-logits", args.dump_logits)):
             _check_writable(flag, path)
@@ -174,10 +181,11 @@ def main(args: argparse.Namespace) -> int:
     if args.mode == "random":
         model = MiniMaxM2Model.random(config, seed=args.model_seed, experts=experts, max_seq_len=args.max_seq_len,
                                       layout=layout, dtype=args.dtype, progress=leader)
+        model.runner = runner or model.runner
         if leader:
             print(f"random MiniMax-M2: {config}")
     else:
-        model = _load_model(args, layout, experts, progress=leader)
+        model = _load_model(args, layout, experts, progress=leader, runner=runner)
     detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader else None
 
     def stream(tokens: np.ndarray) -> None:

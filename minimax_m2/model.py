@@ -1,7 +1,7 @@
 """MiniMaxM2Model: the whole causal LM with a fixed-size KV cache, from a checkpoint or random."""
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -13,13 +13,14 @@ from minimax_m2.parallel import ParallelLayout
 from minimax_m2.prepare import load_prepared
 from minimax_m2.program import (
     RankValues,
-    embedding_unit,
+    Unit,
+    embedding_call,
     kv_len_for,
+    layer_call,
     layer_constants,
     layer_inputs,
-    layer_unit,
-    lm_head_constants,
-    lm_head_unit,
+    lm_head_call,
+    run_on_cpu,
 )
 from minimax_m2.sampling import check_sampling, next_tokens
 from minimax_m2.weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
@@ -57,8 +58,9 @@ class MiniMaxM2Model:
     are all loaded. Over several ranks every rank holds the same full-batch logits after each forward.
 
     Every forward runs the device program's units (`minimax_m2.program`): embedding, one layer unit
-    per layer, lm_head. Weights, activations and KV caches are in the weights' dtype (float32, or
-    bfloat16 as on a NeuronCore); the router, norm statistics, softmax and logits stay float32.
+    per layer, lm_head, each through `runner` (`run_on_cpu`: NumPy here; `minimax_m2.neuron.NeuronRunner`:
+    compiled for a NeuronCore). Weights, activations and KV caches are in the weights' dtype (float32,
+    or bfloat16 as on a NeuronCore); the router, norm statistics, softmax and logits stay float32.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class MiniMaxM2Model:
         self.position = 0
         self.dropped_pairs = 0
         self._caches: list[tuple[np.ndarray, np.ndarray]] = []
+        self.runner: Callable[[Unit], Any] = run_on_cpu
 
     @classmethod
     def from_pretrained(
@@ -177,10 +180,12 @@ class MiniMaxM2Model:
         union = layout.union_tokens(batch, seq)
         constants = layer_constants(config, layout, len(union[0]), kv_len_for(self.position, seq, self.max_seq_len),
                                     self.weights.layers[0].w13.shape[0])
-        h = embedding_unit(padded[layout.group * rows : (layout.group + 1) * rows], self.weights.embed)
+        h = self.runner(embedding_call(padded[layout.group * rows : (layout.group + 1) * rows], self.weights))
         dropped = np.zeros((), np.int32)
+        phase = "decode" if seq == 1 else "prefill"
         for w, caches in zip(self.weights.layers, self._caches):
-            out = layer_unit(**layer_inputs(h, positions, union, self.rank_values, self.rope, caches, w), **constants)
+            out = self.runner(layer_call(phase, layer_inputs(h, positions, union, self.rank_values, self.rope, caches, w),
+                                         constants))
             if layout.world == 1:
                 h = out
             else:
@@ -190,8 +195,7 @@ class MiniMaxM2Model:
             self.dropped_pairs += int(all_reduce(dropped, layout.world_groups))
         if not all_logits:
             h = h[:, -1:]
-        logits, tokens = lm_head_unit(h, self.weights.final_norm, self.weights.lm_head, self.rank_values.vocab_offset,
-                                      **lm_head_constants(config, layout))
+        logits, tokens = self.runner(lm_head_call(h, self.weights, self.rank_values, config, layout))
         return logits[:batch], tokens[:batch]
 
     def generate_steps(

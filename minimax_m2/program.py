@@ -124,6 +124,11 @@ class Unit:
     constants: dict[str, Any] = field(default_factory=dict)
 
 
+def run_on_cpu(unit: Unit) -> Any:
+    """A unit run as plain NumPy in this process (the model's default runner)."""
+    return unit.fn(**unit.inputs, **unit.constants)
+
+
 def kv_len_for(position: int, seq: int, max_seq_len: int) -> int:
     """Cache slots attended after writing `seq` tokens at `position`: whole blocks of KV_BLOCK (one
     compiled decode program per block count)."""
@@ -178,6 +183,22 @@ def layer_inputs(h: np.ndarray, positions: np.ndarray, union: tuple[np.ndarray, 
     return inputs
 
 
+def embedding_call(input_ids: np.ndarray, weights: ModelWeights) -> Unit:
+    return Unit("embedding", embedding_unit, dict(input_ids=input_ids, embed=weights.embed))
+
+
+def layer_call(phase: str, inputs: dict[str, np.ndarray], constants: dict[str, Any]) -> Unit:
+    """The layer unit of 'prefill' or 'decode' with `layer_inputs` and `layer_constants`."""
+    return Unit(f"{phase}_layer", layer_unit, inputs, constants)
+
+
+def lm_head_call(h: np.ndarray, weights: ModelWeights, rank: RankValues, config: MiniMaxM2Config,
+                 layout: ParallelLayout) -> Unit:
+    return Unit("lm_head", lm_head_unit,
+                dict(h=h, final_norm=weights.final_norm, lm_head=weights.lm_head, vocab_offset=rank.vocab_offset),
+                lm_head_constants(config, layout))
+
+
 def program_units(
     config: MiniMaxM2Config,
     layout: ParallelLayout,
@@ -209,11 +230,8 @@ def program_units(
     kv_len = kv_len_for(position, seq, max_seq_len)
     union = layout.union_tokens(batch, seq)
     return [
-        Unit("embedding", embedding_unit, dict(input_ids=ids, embed=weights.embed)),
-        Unit(f"{phase}_layer", layer_unit,
-             layer_inputs(h, positions, union, rank, rope, caches, layer),
-             layer_constants(config, layout, len(union[0]), kv_len, layer.w13.shape[0])),
-        Unit("lm_head", lm_head_unit,
-             dict(h=h[:, -1:], final_norm=weights.final_norm, lm_head=weights.lm_head, vocab_offset=rank.vocab_offset),
-             lm_head_constants(config, layout)),
+        embedding_call(ids, weights),
+        layer_call(phase, layer_inputs(h, positions, union, rank, rope, caches, layer),
+                   layer_constants(config, layout, len(union[0]), kv_len, layer.w13.shape[0])),
+        lm_head_call(h[:, -1:], weights, rank, config, layout),
     ]

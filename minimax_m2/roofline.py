@@ -7,9 +7,11 @@ computed, zero weights of one rank's shapes) and costed from what it reads, comp
               + recorded ops x per-op overhead
               + sum over its collectives of (latency + bytes on the wire / link bandwidth)
 
-with bytes read = weights and KV cache slices the matmuls read. Collectives are not overlapped with
-compute (a conservative choice). TTFT = embedding + layers x prefill layer + lm_head; TPOT the same
-with the decode layer.
+with bytes read = weights and KV cache slices the matmuls read. The max assumes weight reads overlap
+the matmuls (a NeuronCore's DMA queues prefetch while its engines compute); hardware that does one
+then the other (a CPU thread in BLAS, measured by benchmarks/bench_expert_parallel.py) adds them.
+Collectives are not overlapped with compute (a conservative choice). TTFT = embedding + layers x
+prefill layer + lm_head; TPOT the same with the decode layer.
 """
 
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ class Hardware:
     ranks_per_chip: int
     sources: dict[str, str] = field(default_factory=dict)
     latency_by_collective: dict[str, float] = field(default_factory=dict)  # overrides collective_latency_s by name
+    overlaps_memory_and_compute: bool = True  # False: a matmul streams its weights, then computes (time is the sum)
 
 
 TRN2 = Hardware(
@@ -81,7 +84,8 @@ class UnitCost:
     collectives: list[Collective]
 
     def seconds(self, hw: Hardware) -> float:
-        compute = max(self.bytes_read / hw.memory_bytes_per_s, self.flops / hw.matmul_flops_per_s)
+        memory, matmul = self.bytes_read / hw.memory_bytes_per_s, self.flops / hw.matmul_flops_per_s
+        compute = max(memory, matmul) if hw.overlaps_memory_and_compute else memory + matmul
         return compute + self.ops * hw.op_overhead_s + sum(collective_seconds(c, hw) for c in self.collectives)
 
     def collective_seconds(self, hw: Hardware) -> float:

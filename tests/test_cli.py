@@ -56,6 +56,15 @@ def test_bad_flags_fail_before_any_work(args, message) -> None:
     assert_one_line_error(run(*args), message)
 
 
+def test_neuron_device_needs_nkipy() -> None:
+    try:
+        import nkipy.runtime  # noqa: F401
+    except ImportError:
+        assert_one_line_error(run("--mode", "random", "--device", "neuron"), "--device neuron needs nkipy")
+    else:
+        pytest.skip("nkipy is installed: this host can compile for a NeuronCore")
+
+
 def test_generate_needs_exactly_one_prompt(float32_checkpoint) -> None:
     assert_one_line_error(run("--mode", "generate", "--checkpoint", str(float32_checkpoint)),
                           "needs exactly one of --prompt-ids, --prompt or --chat")

@@ -98,3 +98,39 @@ def test_traced_units_compute_the_numpy_result(world, tp, moe_tp, phase, batch, 
                 name = code.parameters[parameter].name.split(".must_alias_input")[0]
                 err = _relative(outputs[output][rank], written_inputs[name])
                 assert err <= 1e-5, f"rank {rank} {unit.name}: {name} written on the device differs by {err:.3g}"
+
+
+class XlaKernel:
+    """DeviceKernel stand-in that compiles with nkipy's real tracer: its NEFF names are the traced HLO's
+    parameter and result names; it runs the HLO on XLA's CPU backend."""
+
+    @classmethod
+    def compile_and_load(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs):
+        from test_neuron_runner import Info
+
+        kernel = cls()
+        kernel.code = nkipy_trace.NKIPyKernel(fn, "hlo").specialize(**_copy(kwargs))
+        kernel.input_tensors_info = {p.name: Info(p.shape, str(p.dtype)) for p in kernel.code.parameters}
+        kernel.output_tensors_info = {r.name: Info(r.shape, str(r.dtype)) for r in kernel.code.results}
+        return kernel
+
+    def __call__(self, inputs: dict, outputs: dict) -> None:
+        results = _run_on_xla(self.code, [{k.split(".must_alias_input")[0]: t.numpy() for k, t in inputs.items()}])
+        for name, result in zip(self.output_tensors_info, results):
+            outputs[name].array[...] = result[0]
+
+
+def test_neuron_runner_runs_nkipys_traced_units(float32_checkpoint) -> None:
+    """The runner's NEFF names and in-place cache writes, against nkipy's traced program run on XLA:CPU."""
+    from conftest import PROMPT
+    from test_neuron_runner import FakeTensor
+
+    from minimax_m2 import MiniMaxM2Model
+    from minimax_m2.neuron import NeuronRunner
+
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
+    want_ids, want = model.generate(PROMPT, 4, return_logits=True)
+    model.runner = NeuronRunner(runtime=(XlaKernel, FakeTensor, collectives.NkipyCollectives()))
+    ids, logits = model.generate(PROMPT, 4, return_logits=True)
+    np.testing.assert_array_equal(ids, want_ids)
+    assert _relative(logits, want) <= 1e-5

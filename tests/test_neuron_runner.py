@@ -1,0 +1,120 @@
+"""The NeuronCore runner's plumbing, with stand-ins for nkipy's DeviceKernel and DeviceTensor that keep
+its NEFF naming (nkipy is absent here): same tokens and logits as NumPy, each unit compiled once per
+shape, weights and KV caches copied to the device once, cache writes kept on the device."""
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import PROMPT
+
+from minimax_m2 import MiniMaxM2Model
+from minimax_m2.neuron import WRITTEN, NeuronRunner
+from minimax_m2.nkipy_semantics import LoopbackCollectives
+
+
+class FakeTensor:
+    """DeviceTensor stand-in: the device's copy of an array."""
+
+    uploads: Counter = Counter()
+
+    def __init__(self, array: np.ndarray, name: str):
+        self.array, self.shape, self.dtype, self.name = array.copy(), array.shape, array.dtype, name
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, name: str | None = None) -> "FakeTensor":
+        cls.uploads[name] += 1
+        return cls(np.ascontiguousarray(array), name)
+
+    def numpy(self) -> np.ndarray:
+        return self.array.copy()
+
+
+@dataclass
+class Info:
+    shape: tuple
+    dtype: str
+
+
+class FakeKernel:
+    """DeviceKernel stand-in with nkipy's NEFF names: an argument the unit writes is the input
+    '<name>.must_alias_input' and the output '<name>'; returned arrays are 'output<i>'. Runs the unit
+    as NumPy on copies of the device tensors and writes its results into the output tensors."""
+
+    compiled: Counter = Counter()
+
+    def __init__(self, fn, arrays: dict[str, np.ndarray], constants: dict[str, Any]):
+        probe = {k: v.copy() for k, v in arrays.items()}
+        returned = self._as_tuple(fn(**probe, **constants))
+        self.fn, self.constants = fn, constants
+        self.written = [k for k in arrays if not np.array_equal(probe[k], arrays[k])]
+        self.input_tensors_info = {k + WRITTEN if k in self.written else k: Info(v.shape, str(v.dtype))
+                                   for k, v in arrays.items()}
+        self.output_tensors_info = {f"output{i}": Info(r.shape, str(r.dtype)) for i, r in enumerate(returned)}
+        self.output_tensors_info.update({k: self.input_tensors_info[k + WRITTEN] for k in self.written})
+
+    @staticmethod
+    def _as_tuple(result) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(r) for r in (result if isinstance(result, tuple) else (result,)))
+
+    @classmethod
+    def compile_and_load(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs):
+        cls.compiled[name] += 1
+        arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
+        return cls(fn, arrays, {k: v for k, v in kwargs.items() if k not in arrays})
+
+    def __call__(self, inputs: dict[str, FakeTensor], outputs: dict[str, FakeTensor]) -> None:
+        assert set(inputs) == set(self.input_tensors_info) and set(outputs) == set(self.output_tensors_info)
+        for k, t in inputs.items():
+            assert t.shape == tuple(self.input_tensors_info[k].shape), k
+        args = {k.removesuffix(WRITTEN): t.numpy() for k, t in inputs.items()}
+        for i, r in enumerate(self._as_tuple(self.fn(**args, **self.constants))):
+            outputs[f"output{i}"].array[...] = r
+        for k in self.written:
+            outputs[k].array[...] = args[k]
+
+
+@pytest.fixture()
+def runner() -> NeuronRunner:
+    FakeTensor.uploads.clear()
+    FakeKernel.compiled.clear()
+    return NeuronRunner(runtime=(FakeKernel, FakeTensor, LoopbackCollectives()))
+
+
+def test_units_on_the_device_give_the_numpy_tokens_and_logits(float32_checkpoint, runner) -> None:
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
+    want_ids, want = model.generate(PROMPT, 5, return_logits=True)
+    model.runner = runner
+    ids, logits = model.generate(PROMPT, 5, return_logits=True)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(logits, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+    layers = model.config.num_hidden_layers
+    assert FakeKernel.compiled == Counter(embedding=2, prefill_layer=1, decode_layer=1, lm_head=2), "once per phase"
+    assert FakeTensor.uploads["k_cache"] == FakeTensor.uploads["wq"] == layers, "copied to the device once"
+    assert FakeTensor.uploads["h"] == (layers + 1) * 5, "hidden states are copied in on every layer and lm_head call"
+
+
+def test_a_new_cache_replaces_the_old_on_the_device(float32_checkpoint, runner) -> None:
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
+    model.runner = runner
+    first = model.generate(PROMPT, 3, return_logits=True)
+    again = model.generate(PROMPT, 3, return_logits=True)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    layers = model.config.num_hidden_layers
+    assert FakeTensor.uploads["k_cache"] == 2 * layers
+    on_device = Counter(t.name for t in runner._resident.values())
+    assert on_device["k_cache"] == on_device["v_cache"] == layers, "the first generation's caches were released"
+
+
+def test_missing_runtime_is_named() -> None:
+    try:
+        import nkipy.runtime  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="--device neuron needs nkipy"):
+            NeuronRunner()
+    else:
+        pytest.skip("nkipy is installed")

@@ -1,0 +1,67 @@
+"""The roofline projection counts what the recorded program reads, computes and exchanges."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from minimax_m2.nkipy_semantics import Collective
+from minimax_m2.parallel import ParallelLayout
+from minimax_m2.roofline import TRN2, UnitCost, fastest_moe_tp, record_units, step_seconds
+from minimax_m2.run import random_config
+
+CONFIG = random_config(128, 2, 16, 2, 256)  # 16 experts, top 2, intermediate 64
+EXPERT_BYTES = 3 * CONFIG.hidden_size * CONFIG.intermediate_size * 4  # w1, w3, w2 in float32
+
+
+def decode_layer(world: int, moe_tp: int, tp: int = 1) -> UnitCost:
+    costs = record_units(CONFIG, ParallelLayout(world, tp, 0, moe_tp=moe_tp), phase="decode", batch=1, seq=1,
+                         context=16, dtype=np.dtype(np.float32))
+    return costs[1]
+
+
+def test_one_rank_reads_the_chosen_experts() -> None:
+    layer = decode_layer(1, 1)
+    assert layer.expert_bytes == CONFIG.num_experts_per_tok * EXPERT_BYTES
+    assert not layer.collectives
+
+
+def test_sliced_experts_read_a_slice_of_each_chosen_expert() -> None:
+    layer = decode_layer(4, 4)
+    assert layer.expert_bytes == CONFIG.num_experts_per_tok * EXPERT_BYTES // 4
+    assert "all_to_all" not in {c.name for c in layer.collectives}
+
+
+def test_expert_parallel_reads_at_most_its_experts_and_exchanges_pairs_twice() -> None:
+    """4 ranks of 4 experts; 4 x 2 received slots (capacity: 1 token x 2 choices): each held expert once."""
+    layer = decode_layer(4, 1)
+    assert layer.expert_bytes == 4 * EXPERT_BYTES
+    exchanges = [c for c in layer.collectives if c.name == "all_to_all"]
+    assert [c.payload_bytes for c in exchanges] == [4 * 2 * (CONFIG.hidden_size + 1) * 4, 4 * 2 * CONFIG.hidden_size * 4]
+
+
+def test_memory_and_matmul_overlap_only_where_the_hardware_says() -> None:
+    cost = UnitCost("u", bytes_read=2_000, expert_bytes=0, flops=3_000, ops=0, collectives=[])
+    hw = dataclasses.replace(TRN2, memory_bytes_per_s=1_000.0, matmul_flops_per_s=1_000.0)
+    assert cost.seconds(hw) == pytest.approx(3.0)
+    assert cost.seconds(dataclasses.replace(hw, overlaps_memory_and_compute=False)) == pytest.approx(5.0)
+
+
+def test_collectives_cost_latency_and_link_time_by_chip() -> None:
+    """An all_reduce of 4 ranks sends 2 x 3/4 of its payload; across chips it uses the slower link."""
+    hw = dataclasses.replace(TRN2, collective_latency_s=1.0, local_link_bytes_per_s=1_000.0,
+                             remote_link_bytes_per_s=100.0, ranks_per_chip=4)
+    within = UnitCost("u", 0, 0, 0, 0, [Collective("all_reduce", 1_000, ((0, 1, 2, 3),))])
+    across = UnitCost("u", 0, 0, 0, 0, [Collective("all_reduce", 1_000, ((0, 4, 8, 12),))])
+    assert within.seconds(hw) == pytest.approx(1.0 + 1.5)
+    assert across.seconds(hw) == pytest.approx(1.0 + 15.0)
+
+
+def test_step_is_embedding_layers_and_head() -> None:
+    costs = record_units(CONFIG, ParallelLayout(1, 1, 0), phase="decode", batch=1, seq=1, context=16)
+    embedding, layer, head = (c.seconds(TRN2) for c in costs)
+    assert step_seconds(costs, CONFIG.num_hidden_layers, TRN2) == pytest.approx(embedding + 2 * layer + head)
+
+
+def test_batch_one_prefers_experts_sliced_over_every_rank() -> None:
+    assert fastest_moe_tp(CONFIG, 4, 1, batch=1, context=16, num_experts=16) == 4
