@@ -6,15 +6,16 @@ ranks (moe_tp W) and mixed.
 
   python benchmarks/bench_expert_parallel.py [--layouts 1x1x1 2x1x1 ...] [--prompt-len 32] [--decode-steps 16]
 
-A layout is RANKSxTPxMOE_TP. Each one is a torchrun launch of this script with --worker; rank 0 reports one
-JSON line. The machine figures (memory bandwidth of a one-thread GEMV, matmul rate, NumPy per-op cost) are
-measured once in a separate one-thread process; the collective latency in each launch, between
-stretches of compute as in the program. A CPU thread
+A layout is RANKSxTPxMOE_TP. Each one is a torchrun launch of this script with --worker, repeated
+--repeat times (medians reported); rank 0 reports one JSON line. The W ranks share this machine's
+cores and memory bus, so each rank's figures are measured as its share: W one-thread processes run the
+same probe at once (GEMV bandwidth, matmul rate, and the cost of one recorded NumPy op, from a model too
+small for bytes or FLOPs to count), and each launch measures what each collective kind adds between
+stretches of compute, as the program meets them. Wall time at W > 1 thus measures the sum of all
+ranks' work, while the bytes per rank are what carry over to separate NeuronCores. A CPU thread
 streams a matmul's weights and then computes (measured and printed: a 32-row matmul takes the sum of
 the two, not the larger), so the CPU projection adds memory and matmul time where the Trainium one
-takes the larger. The W ranks share this machine's cores and memory bus, so the projection gives each
-rank its share of them: wall time at W > 1 measures the sum of all ranks' work, while the bytes per
-rank are what carry over to separate NeuronCores.
+takes the larger.
 """
 
 import argparse
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.medium_config import MEDIUM  # noqa: E402
-from kernels import collectives  # noqa: E402
 from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model  # noqa: E402
 from minimax_m2.distributed import start  # noqa: E402
 from minimax_m2.roofline import Hardware, record_units, step_seconds  # noqa: E402
@@ -41,102 +41,97 @@ MARK = "RESULT "
 CORES = os.cpu_count() or 1
 
 
-def measure_machine() -> dict:
-    """One-thread figures of this machine (run in a process started with OMP_NUM_THREADS=1): GEMV bandwidth,
-    matmul rate, and the cost of one recorded op, from a decode step of a model too small for anything else
-    to count."""
+def measure_machine(start_at: float = 0.0) -> dict:
+    """One-thread figures of this process (started with OMP_NUM_THREADS=1), measured from `start_at`
+    (time.time(); processes given the same start measure at once): GEMV bandwidth, matmul rate, and the
+    cost of one recorded op, from a decode step of a model too small for anything else to count."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4096, 16384), dtype=np.float32)  # 256 MiB, streamed like decode weights
     x = rng.standard_normal((1, 4096), dtype=np.float32)
+    skinny = rng.standard_normal((32, 4096), dtype=np.float32)  # 32 rows, as an expert-parallel rank's decode
     a, b = rng.standard_normal((512, 1024), dtype=np.float32), rng.standard_normal((1024, 1024), dtype=np.float32)
-    tiny = random_config(128, 2, 4, 2, 256)  # a model whose bytes and FLOPs are negligible: its time is per-op cost
+    tiny = random_config(128, 2, 4, 2, 256)
     model = MiniMaxM2Model.random(tiny, max_seq_len=64)
     model.forward(np.zeros((1, 8), np.int64))
     ops = sum(c.ops * (tiny.num_hidden_layers if i == 1 else 1)
               for i, c in enumerate(record_units(tiny, model.layout, phase="decode", batch=1, seq=1, context=64,
                                                  dtype=np.dtype(np.float32))))
 
-    def best(fn, repeat: int) -> float:
+    def median(fn, repeat: int) -> float:
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return min(times)
+        return float(np.median(times))
 
-    skinny = rng.standard_normal((32, 4096), dtype=np.float32)  # 32 rows, as an expert-parallel rank's decode
+    while time.time() < start_at:
+        time.sleep(0.001)
     return {
-        "memory_bytes_per_s": w.nbytes / best(lambda: x @ w, 5),
-        "matmul_flops_per_s": 2 * 512 * 1024 * 1024 / best(lambda: a @ b, 5),
-        "op_overhead_s": best(lambda: model.forward(np.zeros((1, 1), np.int64)), 20) / ops,
-        "skinny_matmul_s": best(lambda: skinny @ w, 5),
+        "memory_bytes_per_s": w.nbytes / median(lambda: x @ w, 9),
+        "matmul_flops_per_s": 2 * 512 * 1024 * 1024 / median(lambda: a @ b, 25),
+        "op_overhead_s": median(lambda: model.forward(np.zeros((1, 1), np.int64)), 25) / ops,
+        "skinny_matmul_s": median(lambda: skinny @ w, 5),
         "skinny_matmul_flops": 2 * 32 * 4096 * 16384,
         "skinny_matmul_bytes": w.nbytes,
     }
 
 
-def _gemv_seconds(start_at: float) -> float:
-    """One process of the concurrent bandwidth probe: five GEMVs of 256 MiB from a common start time."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((4096, 16384), dtype=np.float32)
-    x = rng.standard_normal((1, 4096), dtype=np.float32)
-    while time.time() < start_at:
-        time.sleep(0.001)
-    begin = time.perf_counter()
-    for _ in range(5):
-        x @ w
-    return (time.perf_counter() - begin) / 5
-
-
-def concurrent_bandwidth(processes: int) -> float:
-    """Bytes/s all of `processes` one-thread processes stream together (they share the memory bus)."""
+def shared_machine(processes: int) -> dict:
+    """One process's figures while `processes` one-thread processes run the same probe at once (the mean
+    over them): its share of the cores and the memory bus."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        seconds = pool.map(_gemv_seconds, [time.time() + 5.0] * processes)
-    return processes * 4096 * 16384 * 4 / max(seconds)
+        figures = pool.map(measure_machine, [time.time() + 15.0] * processes)
+        pool.close()
+        pool.join()
+    return {key: float(np.mean([f[key] for f in figures])) for key in figures[0]}
 
 
-def collective_latency(backend, layout) -> dict[str, float]:
-    """Seconds each small collective of each kind adds over all ranks (gloo), measured after the run the
-    way the program meets them: between stretches of compute (a 16 MiB GEMV), as the extra time over the
-    compute alone. Idle ranks answer faster than busy ones on this machine, so idle latency would
-    understate what a collective costs inside a decode step."""
-    x = np.ones((layout.world, 8), np.float32)
+def collective_latency(backend, layout, costs: list) -> dict[tuple[str, int], float]:
+    """Seconds each collective of the recorded program adds, by (kind, ranks in its group), measured after
+    the run over the program's own replica groups (gloo) the way the program meets them: between
+    stretches of compute (a 16 MiB GEMV), as the extra time over the compute alone. Idle ranks answer
+    faster than busy ones on this machine, so idle latency would understate what a collective costs."""
     rng = np.random.default_rng(layout.rank)
     w, v = rng.standard_normal((1024, 4096), dtype=np.float32), rng.standard_normal((1, 1024), dtype=np.float32)
-    calls = {"all_reduce": lambda: backend.all_reduce(x, layout.world_groups),
-             "all_gather": lambda: backend.all_gather(x, 0, layout.world_groups),
-             "all_to_all": lambda: backend.all_to_all(x, 0, 0, layout.world_groups)}
+    kinds = {(c.name, len(c.replica_groups[0])): c.replica_groups for cost in costs for c in cost.collectives}
 
     def seconds(step, repeat: int = 50) -> float:
-        backend.all_reduce(x, layout.world_groups)
+        backend.all_reduce(np.zeros(1, np.float32), layout.world_groups)
         start = time.perf_counter()
         for _ in range(repeat):
             step()
         return (time.perf_counter() - start) / repeat
 
+    def call(name: str, groups) -> None:
+        x = np.ones((len(groups[0]), 8), np.float32)
+        if name == "all_to_all":
+            backend.all_to_all(x, 0, 0, groups)
+        elif name == "all_gather":
+            backend.all_gather(x, 0, groups)
+        else:
+            backend.all_reduce(x, groups)
+
     latency = {}
-    for name, call in calls.items():
+    for (name, size), groups in sorted(kinds.items()):
         compute = seconds(lambda: v @ w)
-        latency[name] = max(0.0, seconds(lambda: (v @ w, call())) - compute)
+        latency[name, size] = max(0.0, seconds(lambda: (v @ w, call(name, groups))) - compute)
     return latency
 
 
-def cpu_share(machine: dict, world: int, latency: dict[str, float]) -> Hardware:
-    """One rank's share of this machine when `world` ranks run at once on its cores (memory: what all
-    busy cores stream together, measured, split over the ranks)."""
-    share = min(world, CORES) / world
-    busy = min(world, CORES)
+def this_machine(figures: dict, world: int, latency: dict[str, float]) -> Hardware:
+    """One rank of `world` on this machine: its share of the machine, measured with `world` processes."""
     return Hardware(
         name=f"this machine, one of {world} ranks on {CORES} cores",
-        memory_bytes_per_s=machine["bandwidth_by_processes"][str(busy)] / world,
-        matmul_flops_per_s=machine["matmul_flops_per_s"] * share,
-        op_overhead_s=machine["op_overhead_s"] / share,
+        memory_bytes_per_s=figures["memory_bytes_per_s"],
+        matmul_flops_per_s=figures["matmul_flops_per_s"],
+        op_overhead_s=figures["op_overhead_s"],
         collective_latency_s=max(latency.values(), default=0.0),
         latency_by_collective=latency,
-        local_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
-        remote_link_bytes_per_s=machine["memory_bytes_per_s"] * share,
+        local_link_bytes_per_s=figures["memory_bytes_per_s"],
+        remote_link_bytes_per_s=figures["memory_bytes_per_s"],
         ranks_per_chip=world,
         overlaps_memory_and_compute=False,
     )
@@ -155,14 +150,13 @@ def worker(prompt_len: int, steps: int, tp: int, moe_tp: int, machine: dict) -> 
         token = model.forward(token)[:, -1].argmax(-1)[:, None]
     decode = (time.perf_counter() - begin) / steps
     sent = (backend.all_to_all_bytes if backend else 0) - sent_before
-    latency = collective_latency(backend, layout) if backend else {}
     costs = record_units(config, layout, phase="decode", batch=1, seq=1, context=context, dtype=np.dtype(np.float32))
-    collectives.set_backend(backend)
-    predicted = step_seconds(costs, config.num_hidden_layers, cpu_share(machine, layout.world, latency))
+    latency = collective_latency(backend, layout, costs) if backend else {}
+    predicted = step_seconds(costs, config.num_hidden_layers, this_machine(machine, layout.world, latency))
     if layout.rank == 0:
         print(MARK + json.dumps({
             "ranks": layout.world, "tp": layout.tp, "moe_tp": layout.moe_tp,
-            "decode_ms": decode * 1e3, "predicted_ms": predicted * 1e3, "collective_latency_us": {k: v * 1e6 for k, v in latency.items()},
+            "decode_ms": decode * 1e3, "predicted_ms": predicted * 1e3, "collective_latency_us": {f"{k}/{n}": v * 1e6 for (k, n), v in latency.items()},
             "expert_read_bytes_per_step": config.num_hidden_layers * costs[1].expert_bytes,
             "a2a_bytes_per_token_layer": sent / steps / config.num_hidden_layers,
             "weight_bytes_rank0": model.weights.nbytes(),
@@ -179,54 +173,61 @@ def main() -> None:
                    default=["1x1x1", "2x1x1", "2x1x2", "4x1x1", "4x1x4", "4x1x2", "2x2x1", "4x2x1", "4x2x4"])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3, help="launches per layout; medians are reported")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--moe-tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--machine", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.measure:
-        print(json.dumps(measure_machine()))
-        return
     if args.worker:
         worker(args.prompt_len, args.decode_steps, args.tp, args.moe_tp, json.loads(args.machine))
         return
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    machine = json.loads(subprocess.run([sys.executable, __file__, "--measure"], capture_output=True, text=True,
-                                        check=True, env=env, cwd=ROOT).stdout)
-    os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # for the spawned probe processes
-    machine["bandwidth_by_processes"] = {str(n): concurrent_bandwidth(n) for n in range(1, CORES + 1)}
+    os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # one thread per rank and probe process
+    layouts = [tuple(map(int, layout.split("x"))) for layout in args.layouts]
+    machines = {world: shared_machine(world) for world in sorted({w for w, _, _ in layouts})}
     rows = []
-    for world, tp, moe_tp in (map(int, layout.split("x")) for layout in args.layouts):
-        done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
-             "--worker", "--tp", str(tp), "--moe-tp", str(moe_tp), "--prompt-len", str(args.prompt_len),
-             "--decode-steps", str(args.decode_steps), "--machine", json.dumps(machine)],
-            capture_output=True, text=True, check=False, cwd=ROOT,
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
-        if done.returncode or not lines:
-            sys.exit(f"{world}x{tp}x{moe_tp} failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(lines[0][len(MARK):]))
-    together = ", ".join(f"{n} at once {b / 1e9:.1f}" for n, b in machine["bandwidth_by_processes"].items())
-    print(f"GEMV bandwidth of one-thread processes streaming together: {together} GB/s")
-    print(f"machine (one thread): GEMV {machine['memory_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
-          f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {machine['op_overhead_s'] * 1e6:.2f} us per NumPy op; "
-          f"{CORES} cores")
-    memory = machine["skinny_matmul_bytes"] / machine["memory_bytes_per_s"]
-    matmul = machine["skinny_matmul_flops"] / machine["matmul_flops_per_s"]
-    print(f"32-row matmul streaming 256 MiB of weights: {machine['skinny_matmul_s'] * 1e3:.1f} ms measured; "
+    for world, tp, moe_tp in layouts:
+        runs = []
+        for _ in range(args.repeat):
+            done = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
+                 "--worker", "--tp", str(tp), "--moe-tp", str(moe_tp), "--prompt-len", str(args.prompt_len),
+                 "--decode-steps", str(args.decode_steps), "--machine", json.dumps(machines[world])],
+                capture_output=True, text=True, check=False, cwd=ROOT,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+            if done.returncode or not lines:
+                sys.exit(f"{world}x{tp}x{moe_tp} failed:\n{done.stderr[-2000:]}")
+            runs.append(json.loads(lines[0][len(MARK):]))
+        row = dict(runs[0])
+        for key in ("decode_ms", "predicted_ms"):
+            row[key] = float(np.median([r[key] for r in runs]))
+        row["collective_latency_us"] = {k: float(np.median([r["collective_latency_us"][k] for r in runs]))
+                                        for k in runs[0]["collective_latency_us"]}
+        row["decode_ms_runs"] = [round(r["decode_ms"], 1) for r in runs]
+        rows.append(row)
+    alone = machines[1] if 1 in machines else shared_machine(1)
+    for world, m in machines.items():
+        print(f"one of {world} one-thread processes at once: GEMV {m['memory_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
+              f"{m['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {m['op_overhead_s'] * 1e6:.2f} us per NumPy op; {CORES} cores")
+    memory = alone["skinny_matmul_bytes"] / alone["memory_bytes_per_s"]
+    matmul = alone["skinny_matmul_flops"] / alone["matmul_flops_per_s"]
+    print(f"32-row matmul streaming 256 MiB of weights, alone: {alone['skinny_matmul_s'] * 1e3:.1f} ms measured; "
           f"read {memory * 1e3:.1f} + matmul {matmul * 1e3:.1f} = {(memory + matmul) * 1e3:.1f} ms if one follows "
           f"the other, {max(memory, matmul) * 1e3:.1f} ms if they overlap: the projection adds them")
-    print(f"medium config, batch 1, prompt {args.prompt_len}, {args.decode_steps} decode steps, float32")
-    print(f"{'ranks':>5}{'tp':>4}{'moe_tp':>7}{'measured ms':>12}{'predicted ms':>13}{'ratio':>7}{'ar/ag/a2a us':>19}"
-          f"{'expert MiB read/rank':>21}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}")
+    print(f"medium config, batch 1, prompt {args.prompt_len}, {args.decode_steps} decode steps, float32; "
+          f"medians of {args.repeat} launches")
+    short = {"all_reduce": "ar", "all_gather": "ag", "all_to_all": "a2a"}
+    print(f"{'ranks':>5}{'tp':>4}{'moe_tp':>7}{'measured ms':>12}{'predicted ms':>13}{'ratio':>7}"
+          f"{'expert MiB read/rank':>21}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}   collective ms by kind/ranks; "
+          f"launches ms")
     for r in rows:
+        latency = " ".join(f"{short[k.split('/')[0]]}/{k.split('/')[1]} {v / 1e3:.1f}"
+                           for k, v in r["collective_latency_us"].items()) or "-"
         print(f"{r['ranks']:>5}{r['tp']:>4}{r['moe_tp']:>7}{r['decode_ms']:>12.1f}{r['predicted_ms']:>13.1f}"
-              f"{r['decode_ms'] / r['predicted_ms']:>7.2f}"
-              f"{'/'.join(f'{v:.0f}' for v in r['collective_latency_us'].values()) or '-':>19}"
-              f"{r['expert_read_bytes_per_step'] / 2**20:>21.1f}{r['a2a_bytes_per_token_layer'] / 1024:>19.1f}"
-              f"{r['weight_bytes_rank0'] / 2**20:>18.1f}")
+              f"{r['decode_ms'] / r['predicted_ms']:>7.2f}{r['expert_read_bytes_per_step'] / 2**20:>21.1f}"
+              f"{r['a2a_bytes_per_token_layer'] / 1024:>19.1f}{r['weight_bytes_rank0'] / 2**20:>18.1f}   {latency}; "
+              f"{r['decode_ms_runs']}")
 
 
 if __name__ == "__main__":

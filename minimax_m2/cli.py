@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
         import test_kernels
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
-    runner = NeuronRunner(args.build_dir) if args.device == "neuron" else None
+    runner = NeuronRunner(args.build_dir, rank()) if args.device == "neuron" else None
     args.dtype = args.dtype or ("bfloat16" if runner else "float32")
     if args.mode == "serve":
         return serve_checkpoint(args, runner)

@@ -12,6 +12,7 @@ names, `.must_alias_input` marking written ones; outputs `output<i>` and written
 checked here only with stand-ins for DeviceKernel and DeviceTensor (tests/test_neuron_runner.py).
 """
 
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,13 @@ def _numpy_dtype(name: Any) -> np.dtype:
 class NeuronRunner:
     """Runs a `Unit` on this rank's NeuronCore: `runner(unit)` returns what `unit.fn` returns, as NumPy."""
 
-    def __init__(self, build_dir: str | Path = "build/neuron", compiler_args: str | None = None,
+    def __init__(self, build_dir: str | Path = "build/neuron", rank: int = 0, compiler_args: str | None = None,
                  runtime: tuple[Any, Any, collectives.Backend] | None = None):
-        """runtime: (DeviceKernel, DeviceTensor, the collectives backend units are traced with); nkipy's
-        by default."""
+        """rank: this process's rank, which gets NeuronCore `rank` (as nkipy's examples do, unless
+        NEURON_RT_VISIBLE_CORES is set); runtime: (DeviceKernel, DeviceTensor, the collectives backend
+        units are traced with), nkipy's by default. Create it before the Neuron runtime starts."""
+        os.environ.setdefault("NEURON_RT_VISIBLE_CORES", str(rank))
+        os.environ.setdefault("NEURON_RT_ROOT_COMM_ID", "localhost:61239")
         self._kernel_type, self._tensor_type, self._traced_collectives = runtime or nkipy_runtime()
         self.build_dir = str(build_dir)
         self.compiler_args = compiler_args

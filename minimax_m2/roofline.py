@@ -42,7 +42,8 @@ class Hardware:
     remote_link_bytes_per_s: float  # collectives across chips
     ranks_per_chip: int
     sources: dict[str, str] = field(default_factory=dict)
-    latency_by_collective: dict[str, float] = field(default_factory=dict)  # overrides collective_latency_s by name
+    # overrides collective_latency_s for a (kind, ranks in the group), e.g. ("all_reduce", 2)
+    latency_by_collective: dict[tuple[str, int], float] = field(default_factory=dict)
     overlaps_memory_and_compute: bool = True  # False: a matmul streams its weights, then computes (time is the sum)
 
 
@@ -109,7 +110,7 @@ def collective_seconds(c: Collective, hw: Hardware) -> float:
     if len(group) == 1:
         return 0.0
     local = len({r // hw.ranks_per_chip for r in group}) == 1
-    latency = hw.latency_by_collective.get(c.name, hw.collective_latency_s)
+    latency = hw.latency_by_collective.get((c.name, len(group)), hw.collective_latency_s)
     return latency + wire_bytes(c) / (hw.local_link_bytes_per_s if local else hw.remote_link_bytes_per_s)
 
 
@@ -129,7 +130,7 @@ def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: s
     units = program_units(config, layout, weights, rope, phase=phase, batch=batch, seq=seq, max_seq_len=context,
                           position=position)
     programs = []
-    collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
+    previous = collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
     try:
         for unit in units:
             program, _ = trace_unit(unit.fn, unit.inputs, unit.constants, READ_BY_MATMULS, dry=True)
@@ -137,7 +138,7 @@ def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: s
                 raise ValueError(f"{unit.name} records violations: {program.violations}")
             programs.append(program)
     finally:
-        collectives.set_backend(None)
+        collectives.set_backend(previous)
     return units, programs
 
 

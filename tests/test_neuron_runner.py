@@ -2,6 +2,7 @@
 its NEFF naming (nkipy is absent here): same tokens and logits as NumPy, each unit compiled once per
 shape, weights and KV caches copied to the device once, cache writes kept on the device."""
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -76,11 +77,28 @@ class FakeKernel:
             outputs[k].array[...] = args[k]
 
 
+STAND_INS = (FakeKernel, FakeTensor, LoopbackCollectives())
+
+
+@pytest.fixture(autouse=True)
+def neuron_environment(monkeypatch) -> None:
+    for name in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_ROOT_COMM_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture()
 def runner() -> NeuronRunner:
     FakeTensor.uploads.clear()
     FakeKernel.compiled.clear()
-    return NeuronRunner(runtime=(FakeKernel, FakeTensor, LoopbackCollectives()))
+    return NeuronRunner(runtime=STAND_INS)
+
+
+def test_each_rank_takes_its_own_neuron_core(monkeypatch) -> None:
+    NeuronRunner(rank=3, runtime=STAND_INS)
+    assert os.environ["NEURON_RT_VISIBLE_CORES"] == "3"
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "8-11")
+    NeuronRunner(rank=3, runtime=STAND_INS)
+    assert os.environ["NEURON_RT_VISIBLE_CORES"] == "8-11", "a core set by the user is kept"
 
 
 def test_units_on_the_device_give_the_numpy_tokens_and_logits(float32_checkpoint, runner) -> None:
