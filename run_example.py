@@ -2,7 +2,7 @@
 
   python run_example.py --mode test
   python run_example.py --mode random --num-layers 4 --num-experts 16 --max-new-tokens 16
-  python run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --experts 0,1,2,3,4,5,6,7
+  python run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --experts 0-7
   python run_example.py --mode generate --checkpoint DIR --chat "system: Be brief." --chat "Hello!"
   python run_example.py --mode serve --checkpoint DIR --port 8000        # OpenAI-compatible /v1 endpoints
   torchrun --nproc-per-node 4 run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --ep 4 --tp 2
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint and `tokenizers`)")
     p.add_argument("--chat", action="append", help="a chat turn, repeatable: 'system: ...' for the system prompt, "
                                                    "anything else a user turn; formatted as MiniMax-M2's chat")
-    p.add_argument("--experts", help="comma-separated expert ids to load (default: all)")
+    p.add_argument("--experts", help="expert ids and ranges to load, like 0-7 or 0,3,5 (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per row" + d)
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length: prompt + new tokens" + d)
     p.add_argument("--dtype", choices=["float32", "bfloat16"],

@@ -11,7 +11,7 @@ from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.detokenize import IncrementalDetokenizer
 from minimax_m2.distributed import rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
-from minimax_m2.model import MiniMaxM2Model, check_vocabulary
+from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.parsers import parse_output
 from minimax_m2.neuron import NeuronRunner
@@ -43,15 +43,6 @@ def _check_writable(flag: str, path: Path | None) -> None:
         raise ValueError(f"{flag} {path}: cannot write there ({err.strerror})") from err
     if not existed:
         path.unlink(missing_ok=True)
-
-
-def _experts(spec: str | None) -> list[int] | None:
-    if not spec:
-        return None
-    try:
-        return [int(e) for e in spec.split(",")]
-    except ValueError as err:
-        raise ValueError(f"--experts takes comma-separated expert ids, got {spec!r}") from err
 
 
 def _chat_messages(turns: list[str]) -> list[dict]:
@@ -100,7 +91,7 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
                                           args.top_p, args.seed)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    model = _load_model(args, ParallelLayout(), _experts(args.experts), progress=True, runner=runner)
+    model = _load_model(args, ParallelLayout(), parse_experts(args.experts), progress=True, runner=runner)
     name = args.served_model_name or source.resolve().name
     serve(Engine.for_model(name, model, tokenizer, defaults, source), args.host, args.port)
     return 0
@@ -125,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
     if args.max_seq_len < 1:
         raise ValueError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
-    experts = _experts(args.experts)
+    experts = parse_experts(args.experts)
     warnings, tokenizer, source, prepared, messages = [], None, None, None, None
     if args.mode == "random":
         if args.checkpoint or args.weights:

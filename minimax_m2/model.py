@@ -33,6 +33,20 @@ def check_vocabulary(ids: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary 0..{vocab_size - 1}")
 
 
+def parse_experts(spec: str | None) -> list[int] | None:
+    """'0-7' or '0,3,5' or '0-3,8' -> ids; None -> None (all)."""
+    if not spec:
+        return None
+    ids = []
+    try:
+        for part in spec.split(","):
+            first, _, last = part.partition("-")
+            ids.extend(range(int(first), int(last or first) + 1))
+    except ValueError as err:
+        raise ValueError(f"--experts takes ids and ranges like 0-7 or 0,3,5, got {spec!r}") from err
+    return ids
+
+
 def select_experts(config: MiniMaxM2Config, experts: list[int] | None) -> list[int]:
     """The sorted expert ids to load (all when None); refuses ids out of range, repeats, or fewer than top-k."""
     if experts is None:

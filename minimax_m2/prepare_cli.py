@@ -7,24 +7,10 @@ import numpy as np
 
 from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.model import select_experts
+from minimax_m2.model import parse_experts, select_experts
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.prepare import prepare
 from minimax_m2.weights import model_dtype
-
-
-def parse_experts(spec: str | None) -> list[int] | None:
-    """'0-7' or '0,3,5' or '0-3,8' -> ids; None -> None (all)."""
-    if not spec:
-        return None
-    ids = []
-    try:
-        for part in spec.split(","):
-            first, _, last = part.partition("-")
-            ids.extend(range(int(first), int(last or first) + 1))
-    except ValueError as err:
-        raise ValueError(f"--experts takes ids and ranges like 0-7 or 0,3,5, got {spec!r}") from err
-    return ids
 
 
 def run(args: argparse.Namespace) -> int:

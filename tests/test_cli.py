@@ -40,7 +40,7 @@ def _config_without(checkpoint: Path, tmp_path: Path, change) -> Path:
 
 @pytest.mark.parametrize("args, message", [
     (["--mode", "generate", "--prompt-ids", "1,2"], "--mode generate needs --checkpoint DIR or --weights DIR"),
-    (["--mode", "random", "--experts", "a,b"], "--experts takes comma-separated expert ids"),
+    (["--mode", "random", "--experts", "a,b"], "--experts takes ids and ranges like 0-7 or 0,3,5"),
     (["--mode", "random", "--tp", "2"], "launch with torchrun --nproc-per-node 1"),
     (["--mode", "random", "--temperature", "nan"], "--temperature must be a finite number"),
     (["--mode", "random", "--top-p", "1.5", "--temperature", "1"], "--top-p must be in (0, 1]"),
