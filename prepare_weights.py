@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from minimax_m2.prepare_cli import run
+from minimax_m2.run import exit_with
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -31,8 +32,4 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(run(parse_args(sys.argv[1:])))
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(lambda: run(parse_args(sys.argv[1:])))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from minimax_m2.cli import main
-from minimax_m2.distributed import CollectiveError
+from minimax_m2.run import exit_with
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,11 +80,4 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args(sys.argv[1:])))
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except CollectiveError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    exit_with(lambda: main(parse_args(sys.argv[1:])))

@@ -105,23 +105,18 @@ def collective_latency(backend, layout, costs: list) -> dict[tuple[str, int], fl
             step()
         return (time.perf_counter() - start) / repeat
 
-    def call(name: str, groups) -> None:
-        x = np.ones((len(groups[0]), 8), np.float32)
-        if name == "all_to_all":
-            backend.all_to_all(x, 0, 0, groups)
-        elif name == "all_gather":
-            backend.all_gather(x, 0, groups)
-        else:
-            backend.all_reduce(x, groups)
-
+    calls = {"all_reduce": lambda x, groups: backend.all_reduce(x, groups),
+             "all_gather": lambda x, groups: backend.all_gather(x, 0, groups),
+             "all_to_all": lambda x, groups: backend.all_to_all(x, 0, 0, groups)}
     latency = {}
     for (name, size), groups in sorted(kinds.items()):
+        x = np.ones((size, 8), np.float32)
         compute = seconds(lambda: v @ w)
-        latency[name, size] = max(0.0, seconds(lambda: (v @ w, call(name, groups))) - compute)
+        latency[name, size] = max(0.0, seconds(lambda: (v @ w, calls[name](x, groups))) - compute)
     return latency
 
 
-def this_machine(figures: dict, world: int, latency: dict[str, float]) -> Hardware:
+def this_machine(figures: dict, world: int, latency: dict[tuple[str, int], float]) -> Hardware:
     """One rank of `world` on this machine: its share of the machine, measured with `world` processes."""
     return Hardware(
         name=f"this machine, one of {world} ranks on {CORES} cores",

@@ -62,7 +62,7 @@ def render_tool_calls(calls: list[dict]) -> str:
         return ""
     invokes = []
     for call in calls:
-        function = call.get("function", call)
+        function = _function(call)
         arguments = function.get("arguments") or {}
         if isinstance(arguments, str):
             arguments = json.loads(arguments) if arguments.strip() else {}

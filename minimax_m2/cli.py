@@ -12,9 +12,9 @@ from minimax_m2.detokenize import IncrementalDetokenizer
 from minimax_m2.distributed import rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts
+from minimax_m2.neuron import NeuronRunner
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.parsers import parse_output
-from minimax_m2.neuron import NeuronRunner
 from minimax_m2.prepare import prepared_layout
 from minimax_m2.roofline import fastest_moe_tp
 from minimax_m2.run import (

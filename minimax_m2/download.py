@@ -11,6 +11,7 @@ from pathlib import Path
 
 from minimax_m2.checkpoint import INDEX_FILE, SINGLE_FILE, needed_keys
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.model import select_experts
 
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                "special_tokens_map.json")
@@ -44,8 +45,7 @@ def fetch(repo_id: str, revision: str | None, experts: list[int] | None) -> tupl
         every = shards
     else:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-        chosen = list(range(config.num_local_experts)) if experts is None else experts
-        keep = needed_keys(weight_map, config, chosen)
+        keep = needed_keys(weight_map, config, select_experts(config, experts))
         shards = sorted({weight_map[k] for k in keep})
         every = sorted(set(weight_map.values()))
     info = hub.HfApi().get_paths_info(repo_id, shards, revision=revision)

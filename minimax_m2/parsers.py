@@ -26,6 +26,17 @@ def _held(text: str, tag: str) -> int:
     return 0
 
 
+def _segments(text: str, inside: bool, open_tag: str, close_tag: str) -> tuple[list[tuple[bool, str]], str, bool]:
+    """`text` cut at alternating tags (close_tag first when `inside`): the completed segments as
+    (inside, text), the text after the last tag, and whether that text is inside."""
+    segments = []
+    while (at := text.find(close_tag if inside else open_tag)) >= 0:
+        segments.append((inside, text[:at]))
+        text = text[at + len(close_tag if inside else open_tag):]
+        inside = not inside
+    return segments, text, inside
+
+
 class ReasoningParser:
     """feed(text) -> (reasoning, content) released so far by this piece. The newlines that follow
     </think> are dropped from the content."""
@@ -42,20 +53,14 @@ class ReasoningParser:
         return text
 
     def feed(self, text: str) -> tuple[str, str]:
-        pending = self._pending + text
         reasoning, content = [], []
-        while True:
-            tag = THINK_CLOSE if self.inside else THINK_OPEN
-            at = pending.find(tag)
-            if at < 0:
-                break
-            if self.inside:
-                reasoning.append(pending[:at])
+        segments, pending, self.inside = _segments(self._pending + text, self.inside, THINK_OPEN, THINK_CLOSE)
+        for inside, segment in segments:
+            if inside:
+                reasoning.append(segment)
                 self._after_close = True
             else:
-                content.append(self._content(pending[:at]))
-            pending = pending[at + len(tag):]
-            self.inside = not self.inside
+                content.append(self._content(segment))
         keep = _held(pending, THINK_CLOSE if self.inside else THINK_OPEN)
         out, self._pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
         if self.inside:
@@ -117,19 +122,13 @@ class ToolCallParser:
         self._inside = False
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
-        pending = self._pending + text
         content, calls = [], []
-        while True:
-            tag = CALL_CLOSE if self._inside else CALL_OPEN
-            at = pending.find(tag)
-            if at < 0:
-                break
-            if self._inside:
-                calls.extend(parse_invokes(pending[:at], self.tools))
+        segments, pending, self._inside = _segments(self._pending + text, self._inside, CALL_OPEN, CALL_CLOSE)
+        for inside, segment in segments:
+            if inside:
+                calls.extend(parse_invokes(segment, self.tools))
             else:
-                content.append(pending[:at])
-            pending = pending[at + len(tag):]
-            self._inside = not self._inside
+                content.append(segment)
         if self._inside:
             self._pending = pending
         else:

@@ -141,12 +141,13 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
 
         embed = checkpoint.read("model.embed_tokens.weight")
         head = embed if config.tie_word_embeddings else checkpoint.read("lm_head.weight")
+        embed_cast = embed.astype(dtype)  # the same for every rank
         final_norm = checkpoint.read("model.norm.weight").astype(dtype)
         for rank in ranks:
-            put(rank, "embed", embed.astype(dtype))
+            put(rank, "embed", embed_cast)
             put(rank, "final_norm", final_norm)
             put(rank, "lm_head", np.ascontiguousarray(vocab_columns(head, rank)).astype(dtype))
-        del embed, head
+        del embed, embed_cast, head
         held = {r.rank: r.local_experts(experts) for r in ranks}
         holders = {e: [(r, held[r.rank].index(e)) for r in ranks if e in held[r.rank]] for e in experts}
         for layer in tqdm(range(config.num_hidden_layers), desc="layers", unit="layer", position=0):

@@ -87,7 +87,7 @@ class UnitCost:
     def seconds(self, hw: Hardware) -> float:
         memory, matmul = self.bytes_read / hw.memory_bytes_per_s, self.flops / hw.matmul_flops_per_s
         compute = max(memory, matmul) if hw.overlaps_memory_and_compute else memory + matmul
-        return compute + self.ops * hw.op_overhead_s + sum(collective_seconds(c, hw) for c in self.collectives)
+        return compute + self.ops * hw.op_overhead_s + self.collective_seconds(hw)
 
     def collective_seconds(self, hw: Hardware) -> float:
         return sum(collective_seconds(c, hw) for c in self.collectives)

@@ -1,7 +1,8 @@
-"""What run_example.py runs: kernel self-checks, a random-weight model, a real checkpoint."""
+"""What run_example.py runs: kernel self-checks, a random-weight model, a real checkpoint; how the scripts exit."""
 
 import inspect
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.distributed import CollectiveError
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 
@@ -161,3 +163,17 @@ def parse_ids(rows: list[str]) -> np.ndarray:
     if not ids or len({len(r) for r in ids}) != 1 or not ids[0]:
         raise ValueError("--prompt-ids rows must be non-empty and of equal length (a batch of equal-length prompts)")
     return np.array(ids, dtype=np.int64)
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """sys.exit(main()), where bad input is one `error:` line and exit 2 and a rank lost in a collective is
+    one `error:` line and exit 1: never a traceback."""
+    try:
+        code = main()
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except CollectiveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
