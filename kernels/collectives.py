@@ -8,6 +8,8 @@ torch.distributed (gloo) in CPU processes (see `minimax_m2.distributed`).
 
 from typing import Any, Protocol, Sequence
 
+import numpy as np
+
 ReplicaGroups = Sequence[Sequence[int]]
 
 
@@ -60,6 +62,18 @@ def all_to_all(x: Any, split_dimension: int, concat_dimension: int, replica_grou
     if group_size(replica_groups) == 1:
         return x
     return _require_backend().all_to_all(x, split_dimension, concat_dimension, replica_groups)
+
+
+def sum_in_rank_order(values: Sequence[np.ndarray]) -> np.ndarray:
+    """The all_reduce sum the CPU backends compute from every member's array (in group order): floats
+    accumulate in float32 rank by rank and the result takes the members' dtype (a bfloat16 sum is rounded
+    once, and every backend gives the same bits); integers add in their own dtype."""
+    first = values[0]
+    total = np.zeros(first.shape, np.float32 if first.dtype.kind == "V" or np.issubdtype(first.dtype, np.floating)
+                     else first.dtype)
+    for value in values:
+        total = total + value.astype(total.dtype)
+    return total.astype(first.dtype)
 
 
 class NkipyCollectives:

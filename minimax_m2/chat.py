@@ -109,7 +109,8 @@ def checkpoint_template(path: Path) -> str | None:
         return file.read_text()
     config = path / "tokenizer_config.json"
     if config.is_file():
-        template = read_json(config, "").get("chat_template")
+        raw = read_json(config, "")
+        template = raw.get("chat_template") if isinstance(raw, dict) else None
         if isinstance(template, str):
             return template
     return None
@@ -118,6 +119,7 @@ def checkpoint_template(path: Path) -> str | None:
 def render_with_template(template: str, messages: list[Message], tools: list[dict] | None = None,
                          add_generation_prompt: bool = True) -> str:
     """Render a jinja2 chat template as transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
+    from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -127,7 +129,12 @@ def render_with_template(template: str, messages: list[Message], tools: list[dic
     env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False: json.dumps(value, indent=indent,
                                                                                     ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+    try:
+        return env.from_string(template).render(messages=messages, tools=tools,
+                                                add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        line = f" line {err.lineno}" if getattr(err, "lineno", None) else ""
+        raise ValueError(f"the checkpoint's chat template{line}: {err.message or type(err).__name__}") from None
 
 
 def format_chat(path: Path | None, messages: list[Message], tools: list[dict] | None = None) -> str:

@@ -5,7 +5,6 @@ modules, a tied lm_head); anything else, a missing key or a wrong shape is a `Ch
 naming the key, raised before any weight is read.
 """
 
-import json
 import os
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.files import read_json
 from minimax_m2.safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -111,6 +111,15 @@ def needed_keys(keys, config: MiniMaxM2Config, experts: list[int]) -> list[str]:
     return [k for k in keys if _ignore_reason(k, config, chosen) is None]
 
 
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name), checked to be exactly that."""
+    index = read_json(index_path, "")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: malformed index: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
 def _resolve_files(root: Path) -> dict[str, Path]:
     """Map each key named by the index (or the single file) to its shard path, refusing paths outside root."""
     index_path = root / INDEX_FILE
@@ -119,10 +128,7 @@ def _resolve_files(root: Path) -> dict[str, Path]:
         if not single.is_file():
             raise CheckpointError(f"{root}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
         return {"": single}
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index_path}: malformed index ({err})") from err
+    weight_map = read_weight_map(index_path)
     files = {}
     normalised = Path(os.path.normpath(root.absolute()))
     for key, name in weight_map.items():

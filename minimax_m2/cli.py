@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
+from minimax_m2 import checks
 from minimax_m2.chat import format_chat
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.detokenize import IncrementalDetokenizer
 from minimax_m2.distributed import rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
-from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts
+from minimax_m2.memory import available_memory, check_fits, plan_memory
+from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts, select_experts
 from minimax_m2.neuron import NeuronRunner
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.parsers import parse_output
@@ -28,6 +30,7 @@ from minimax_m2.run import (
     timed_generate,
     write_outputs,
 )
+from minimax_m2.weights import model_dtype
 
 
 def _check_writable(flag: str, path: Path | None) -> None:
@@ -43,6 +46,18 @@ def _check_writable(flag: str, path: Path | None) -> None:
         raise ValueError(f"{flag} {path}: cannot write there ({err.strerror})") from err
     if not existed:
         path.unlink(missing_ok=True)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Numbers given on the command line, by range, before any work."""
+    checks.number("--collective-timeout", args.collective_timeout, 0, 1e6)
+    checks.integer("--max-seq-len", args.max_seq_len)
+    checks.integer("--max-new-tokens", args.max_new_tokens)
+    for flag, value in (("--batch", args.batch), ("--prompt-len", args.prompt_len)):
+        checks.integer(flag, value)
+    checks.integer("--port", args.port, 0, 65535)
+    if args.capacity_factor is not None:
+        checks.number("--capacity-factor", args.capacity_factor, 0, 1e6)
 
 
 def _chat_messages(turns: list[str]) -> list[dict]:
@@ -66,17 +81,41 @@ def _source(args: argparse.Namespace) -> Path:
     return args.checkpoint or args.weights
 
 
+def _check_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, device: str,
+                  batch: int, step_tokens: int, kept_logits: int, max_seq_len: int, leader: bool) -> None:
+    """Print this rank's memory plan and refuse the run, before any allocation, when it cannot fit."""
+    rows = layout.rows_per_group(batch)
+    plan = plan_memory(config, layout, num_experts, dtype, kv_rows=rows, max_seq_len=max_seq_len, step_rows=rows,
+                       step_tokens=step_tokens, kept_logits=kept_logits)
+    available, where = available_memory(device, min(layout.world, world_size()))
+    check_fits(plan, available, where)
+    if leader:
+        print(f"memory plan per rank: {plan.describe()} of {available / 2**30:.1f} GiB ({where})")
+
+
 def _load_model(args: argparse.Namespace, layout: ParallelLayout, experts: list[int] | None,
                 progress: bool, runner: NeuronRunner | None) -> MiniMaxM2Model:
-    """The model of --weights (prepared, memory-mapped) or of --checkpoint, run by `runner` (default:
-    NumPy on this CPU)."""
+    """The model of --weights (prepared, memory-mapped, checked) or of --checkpoint, run by `runner`
+    (default: NumPy on this CPU)."""
     if args.weights:
-        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout)
+        model = MiniMaxM2Model.from_prepared(args.weights, max_seq_len=args.max_seq_len, layout=layout,
+                                             verify=not args.no_verify)
     else:
         model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len,
                                                layout=layout, dtype=args.dtype, progress=progress)
     model.runner = runner or model.runner
     return model
+
+
+def _config_and_experts(args: argparse.Namespace, source: Path) -> tuple[MiniMaxM2Config, list[int], dict | None]:
+    """The config, the experts a run loads and, for prepared weights, their layout."""
+    if args.weights:
+        if args.experts:
+            raise ValueError("--experts has no effect with --weights: the experts were chosen when preparing")
+        config, prepared, experts = prepared_layout(source)
+        return config, experts, prepared
+    config = MiniMaxM2Config.from_pretrained(source)
+    return config, select_experts(config, parse_experts(args.experts, config.num_local_experts)), None
 
 
 def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> int:
@@ -91,7 +130,10 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
                                           args.top_p, args.seed)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    model = _load_model(args, ParallelLayout(), parse_experts(args.experts), progress=True, runner=runner)
+    config, experts, _ = _config_and_experts(args, source)
+    _check_memory(config, ParallelLayout(), len(experts), model_dtype(args.dtype), args.device, 1, args.max_seq_len, 0,
+                  args.max_seq_len, True)
+    model = _load_model(args, ParallelLayout(), experts, progress=True, runner=runner)
     name = args.served_model_name or source.resolve().name
     serve(Engine.for_model(name, model, tokenizer, defaults, source), args.host, args.port)
     return 0
@@ -102,6 +144,7 @@ def main(args: argparse.Namespace) -> int:
         import test_kernels
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
+    _check_flags(args)
     runner = NeuronRunner(args.build_dir, rank()) if args.device == "neuron" else None
     args.dtype = args.dtype or ("bfloat16" if runner else "float32")
     if args.mode == "serve":
@@ -114,30 +157,25 @@ def main(args: argparse.Namespace) -> int:
                          f"torchrun --nproc-per-node {args.ep} run_example.py ...")
     if world_size() != args.ep:
         raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
-    if args.max_seq_len < 1:
-        raise ValueError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
-    experts = parse_experts(args.experts)
     warnings, tokenizer, source, prepared, messages = [], None, None, None, None
     if args.mode == "random":
         if args.checkpoint or args.weights:
             warnings.append("--checkpoint / --weights have no effect in random mode")
         if args.prompt is not None or args.chat:
             raise ValueError("--prompt and --chat need a checkpoint's tokenizer: use --mode generate")
-        if args.batch < 1 or args.prompt_len < 1:
-            raise ValueError(f"--batch and --prompt-len must be at least 1, got {args.batch} and {args.prompt_len}")
         config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
-        prompt = parse_ids(args.prompt_ids) if args.prompt_ids else \
-            np.random.default_rng(args.model_seed).integers(0, config.vocab_size, (args.batch, args.prompt_len))
+        experts = select_experts(config, parse_experts(args.experts, config.num_local_experts))
+        rows = parse_ids(args.prompt_ids) if args.prompt_ids else None
+        shape = (len(rows), len(rows[0])) if rows else (args.batch, args.prompt_len)
     else:
         source = _source(args)
-        prepared = prepared_layout(args.weights) if args.weights else None
-        config = prepared[0] if prepared else MiniMaxM2Config.from_pretrained(args.checkpoint)
+        config, experts, prepared = _config_and_experts(args, source)
         given = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--prompt", args.prompt),
                                           ("--chat", args.chat)) if value is not None]
         if len(given) != 1:
             raise ValueError("--mode generate needs exactly one of --prompt-ids, --prompt or --chat")
         if args.prompt_ids:
-            prompt = parse_ids(args.prompt_ids)
+            rows = parse_ids(args.prompt_ids)
         else:
             tokenizer = load_tokenizer(source, given[0])
             if args.chat:
@@ -147,24 +185,34 @@ def main(args: argparse.Namespace) -> int:
                 raise ValueError("--prompt is empty")
             else:
                 text = args.prompt
-            prompt = np.array([tokenizer.encode(text, add_special_tokens=False).ids], dtype=np.int64)
+            rows = [tokenizer.encode(text, add_special_tokens=False).ids]
+        shape = (len(rows), len(rows[0]))
+    if rows and len({len(r) for r in rows}) != 1:
+        raise ValueError("--prompt-ids rows must be of equal length (a batch of equal-length prompts)")
     sampling, more = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,
                                       args.top_p, args.seed)
     warnings += more
     if args.max_seq_len > config.max_position_embeddings:
         warnings.append(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings "
                         f"{config.max_position_embeddings}")
-    if prompt.shape[1] + sampling.max_new_tokens - 1 > args.max_seq_len:
-        raise ValueError(f"a prompt of {prompt.shape[1]} tokens + {sampling.max_new_tokens} new tokens exceeds "
+    if shape[1] + sampling.max_new_tokens - 1 > args.max_seq_len:
+        raise ValueError(f"a prompt of {shape[1]} tokens + {sampling.max_new_tokens} new tokens exceeds "
                          f"--max-seq-len {args.max_seq_len}")
-    check_vocabulary(prompt, config.vocab_size)
+    if rows:
+        check_vocabulary(np.array(rows), config.vocab_size)
 
     if prepared:
-        tp, moe_tp = prepared[1]["tp"], prepared[1]["moe_tp"]
+        tp, moe_tp = prepared["tp"], prepared["moe_tp"]
     else:
         tp = args.tp
-        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, tp, len(prompt), args.max_seq_len,
-                                               len(experts) if experts else config.num_local_experts)
+        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, tp, shape[0], args.max_seq_len, len(experts))
+    planned = ParallelLayout(args.ep, tp, rank(), args.capacity_factor, moe_tp)
+    planned.check(config, len(experts))
+    kept = shape[0] * (shape[1] + sampling.max_new_tokens - 1) if args.dump_logits else 0
+    _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, shape[0], shape[1], kept,
+                  args.max_seq_len, rank() == 0)
+    prompt = np.array(rows) if rows else \
+        np.random.default_rng(args.model_seed).integers(0, config.vocab_size, shape)
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
     leader = layout.rank == 0
     for warning in warnings if leader else []:

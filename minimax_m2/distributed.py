@@ -10,13 +10,23 @@ import time
 from datetime import timedelta
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 from kernels import collectives
-from kernels.collectives import ReplicaGroups
+from kernels.collectives import ReplicaGroups, sum_in_rank_order
 from minimax_m2.parallel import ParallelLayout
 
 _REPORT_WAIT_SECONDS = 3.0
+_ABORT_KEY = "minimax_m2/bad_input"
+
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _carried(x: np.ndarray) -> np.ndarray:
+    """x as an array gloo can carry: bfloat16 as its bytes (values unchanged; gloo has no 16-bit integers)."""
+    return x.view(np.uint8) if x.dtype == BFLOAT16 else x
 
 
 class CollectiveError(RuntimeError):
@@ -83,25 +93,48 @@ class TorchCollectives:
             return []
 
     def all_reduce(self, x: np.ndarray, replica_groups: ReplicaGroups) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype == BFLOAT16:  # gloo has no bfloat16 reduction: gather the bits, add in rank order
+            return sum_in_rank_order(self._gather(x, replica_groups))
         members = self._members(replica_groups)
         t = self._torch.from_numpy(np.array(x))
         self._run("all_reduce", members, lambda: self._dist.all_reduce(t, group=self._groups[members]))
         return t.numpy()
 
     def all_gather(self, x: np.ndarray, all_gather_dim: int, replica_groups: ReplicaGroups) -> np.ndarray:
+        return np.concatenate(self._gather(x, replica_groups), axis=all_gather_dim)
+
+    def _gather(self, x: np.ndarray, replica_groups: ReplicaGroups) -> list[np.ndarray]:
+        """Every member's x, in group order (bfloat16 travels as its bytes, unchanged)."""
         members = self._members(replica_groups)
-        t = self._torch.from_numpy(np.ascontiguousarray(x))
+        x = np.ascontiguousarray(x)
+        t = self._torch.from_numpy(_carried(x))
         out = [self._torch.empty_like(t) for _ in members]
         self._run("all_gather", members, lambda: self._dist.all_gather(out, t, group=self._groups[members]))
-        return np.concatenate([o.numpy() for o in out], axis=all_gather_dim)
+        return [o.numpy().view(x.dtype) for o in out]
 
     def all_to_all(self, x: np.ndarray, split_dimension: int, concat_dimension: int, replica_groups: ReplicaGroups) -> np.ndarray:
         members = self._members(replica_groups)
-        t = self._torch.from_numpy(np.ascontiguousarray(np.stack(np.split(x, len(members), axis=split_dimension))))
+        x = np.ascontiguousarray(np.stack(np.split(x, len(members), axis=split_dimension)))
+        t = self._torch.from_numpy(_carried(x))
         out = self._torch.empty_like(t)
         self._run("all_to_all", members, lambda: self._dist.all_to_all_single(out, t, group=self._groups[members]))
         self.all_to_all_bytes += t.numel() * t.element_size() * (len(members) - 1) // len(members)
-        return np.concatenate(list(out.numpy()), axis=concat_dimension)
+        return np.concatenate(list(out.numpy().view(x.dtype)), axis=concat_dimension)
+
+    def abort(self, message: str) -> None:
+        """Tell every rank that this one stops on bad input (they then stop quietly, not as a lost rank)."""
+        try:
+            self._store.set(_ABORT_KEY, message)
+        except Exception:  # noqa: BLE001 - with the store gone nobody can be told; they time out instead
+            pass
+
+    def aborted(self) -> str | None:
+        """The message of a rank that stopped on bad input, if one did."""
+        try:
+            return self._store.get(_ABORT_KEY).decode() if self._store.check([_ABORT_KEY]) else None
+        except Exception:  # noqa: BLE001
+            return None
 
     def close(self) -> None:
         self._dist.destroy_process_group()
@@ -128,4 +161,14 @@ def start(tp: int, timeout_seconds: float, capacity_factor: float | None = None,
     groups = [layout.world_groups, layout.tp_groups, layout.slice_groups, layout.ep_groups, layout.combine_groups]
     backend = TorchCollectives(groups, timeout_seconds)
     collectives.set_backend(backend)
+    global active
+    active = backend
     return layout, backend
+
+
+active: TorchCollectives | None = None  # this process's backend once `start` has joined the process group
+
+
+def under_torchrun() -> bool:
+    """True when torchrun started this process (its launcher turns any non-zero exit into a traceback)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ

@@ -6,16 +6,12 @@ downloaded into the HF cache with the hub's own progress bars. Returns the cache
 which `Checkpoint` reads like any checkpoint directory.
 """
 
-import json
 from pathlib import Path
 
-from minimax_m2.checkpoint import INDEX_FILE, SINGLE_FILE, needed_keys
+from minimax_m2.checkpoint import INDEX_FILE, SINGLE_FILE, needed_keys, read_weight_map
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.model import select_experts
-
-EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
-               "special_tokens_map.json")
-
+from minimax_m2.model import parse_experts, select_experts
+from minimax_m2.prepare import CARRIED_FILES
 
 def _hub():
     try:
@@ -25,14 +21,14 @@ def _hub():
     return huggingface_hub
 
 
-def fetch(repo_id: str, revision: str | None, experts: list[int] | None) -> tuple[Path, str]:
-    """Download what `experts` (None: all) need -> (snapshot directory, commit hash)."""
+def fetch(repo_id: str, revision: str | None, experts: str | None) -> tuple[Path, str]:
+    """Download what the `--experts` spec (None: all) needs -> (snapshot directory, commit hash)."""
     hub = _hub()
     from huggingface_hub.errors import EntryNotFoundError
 
     config_path = Path(hub.hf_hub_download(repo_id, "config.json", revision=revision))
     root = config_path.parent
-    for name in EXTRA_FILES:
+    for name in CARRIED_FILES:
         try:
             hub.hf_hub_download(repo_id, name, revision=revision)
         except EntryNotFoundError:
@@ -44,8 +40,8 @@ def fetch(repo_id: str, revision: str | None, experts: list[int] | None) -> tupl
         shards = [SINGLE_FILE]
         every = shards
     else:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        keep = needed_keys(weight_map, config, select_experts(config, experts))
+        weight_map = read_weight_map(index_path)
+        keep = needed_keys(weight_map, config, select_experts(config, parse_experts(experts, config.num_local_experts)))
         shards = sorted({weight_map[k] for k in keep})
         every = sorted(set(weight_map.values()))
     info = hub.HfApi().get_paths_info(repo_id, shards, revision=revision)

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from minimax_m2 import checks
 from minimax_m2.files import read_json
 
 
@@ -17,13 +18,23 @@ class Sampling:
     eos_token_ids: tuple[int, ...] = ()
 
 
+_DEFAULTS = {
+    "do_sample": checks.boolean,
+    "temperature": lambda where, value: checks.number(where, value, 0, 1e4, low_open=False),
+    "top_k": lambda where, value: checks.integer(where, value, 0),
+    "top_p": lambda where, value: checks.number(where, value, 0, 1),
+    "eos_token_id": lambda where, value: tuple(checks.integers(where, value)),
+}
+
+
 def checkpoint_defaults(path: Path | None) -> dict:
-    """do_sample, temperature, top_k, top_p and eos_token_id of generation_config.json (empty when absent)."""
+    """do_sample, temperature, top_k, top_p and eos_token_id (a tuple) of generation_config.json, each
+    checked by type and range (empty when the file is absent; null values are left out)."""
     file = path / "generation_config.json" if path else None
     if file is None or not file.is_file():
         return {}
-    raw = read_json(file, "")
-    return {k: raw[k] for k in ("do_sample", "temperature", "top_k", "top_p", "eos_token_id") if k in raw}
+    raw = checks.mapping(str(file), read_json(file, ""))
+    return {k: check(f"{file}: {k!r}", raw[k]) for k, check in _DEFAULTS.items() if raw.get(k) is not None}
 
 
 def resolve_sampling(defaults: dict, max_new_tokens: int, temperature: float | None, top_k: int | None,
@@ -34,7 +45,7 @@ def resolve_sampling(defaults: dict, max_new_tokens: int, temperature: float | N
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampled = defaults.get("do_sample", False)
     temperature = temperature if temperature is not None else (defaults.get("temperature", 1.0) if sampled else 0.0)
-    top_k = top_k if top_k is not None else (defaults.get("top_k") if sampled else None)
+    top_k = top_k if top_k is not None else ((defaults.get("top_k") or None) if sampled else None)
     top_p = top_p if top_p is not None else (defaults.get("top_p") if sampled else None)
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"--temperature must be a finite number >= 0, got {temperature}")
@@ -46,6 +57,4 @@ def resolve_sampling(defaults: dict, max_new_tokens: int, temperature: float | N
     if temperature == 0 and (top_k is not None or top_p is not None):
         warnings.append("--top-k / --top-p have no effect at temperature 0 (greedy decoding)")
         top_k = top_p = None
-    eos = defaults.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    return Sampling(max_new_tokens, temperature, top_k, top_p, seed, eos_ids), warnings
+    return Sampling(max_new_tokens, temperature, top_k, top_p, seed, defaults.get("eos_token_id", ())), warnings

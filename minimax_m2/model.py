@@ -33,17 +33,21 @@ def check_vocabulary(ids: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary 0..{vocab_size - 1}")
 
 
-def parse_experts(spec: str | None) -> list[int] | None:
-    """'0-7' or '0,3,5' or '0-3,8' -> ids; None -> None (all)."""
+def parse_experts(spec: str | None, num_experts: int) -> list[int] | None:
+    """'0-7' or '0,3,5' or '0-3,8' -> ids, each in 0..num_experts-1 (checked before any range is
+    expanded); None -> None (all)."""
     if not spec:
         return None
     ids = []
-    try:
-        for part in spec.split(","):
-            first, _, last = part.partition("-")
-            ids.extend(range(int(first), int(last or first) + 1))
-    except ValueError as err:
-        raise ValueError(f"--experts takes ids and ranges like 0-7 or 0,3,5, got {spec!r}") from err
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"--experts takes ids and ranges like 0-7 or 0,3,5, got {spec!r}") from None
+        if not 0 <= low <= high < num_experts:
+            raise ValueError(f"--experts {part!r} is not an ascending range inside 0..{num_experts - 1}")
+        ids.extend(range(low, high + 1))
     return ids
 
 
@@ -121,11 +125,12 @@ class MiniMaxM2Model:
         return cls(config, weights, chosen, max_seq_len, layout)
 
     @classmethod
-    def from_prepared(cls, path: str | Path, max_seq_len: int = 4096,
-                      layout: ParallelLayout = ParallelLayout()) -> "MiniMaxM2Model":
+    def from_prepared(cls, path: str | Path, max_seq_len: int = 4096, layout: ParallelLayout = ParallelLayout(),
+                      verify: bool = True) -> "MiniMaxM2Model":
         """This rank's file of a directory written by prepare_weights.py, memory-mapped: no transposes and
-        no copies; the model runs in the prepared dtype. The manifest must match the layout."""
-        config, experts, weights = load_prepared(path, layout)
+        no copies; the model runs in the prepared dtype. The manifest must match the layout; with `verify`
+        every tensor's checksum is checked (see `minimax_m2.prepare.load_prepared`)."""
+        config, experts, weights = load_prepared(path, layout, verify)
         return cls(config, weights, experts, max_seq_len, layout)
 
     @classmethod

@@ -3,21 +3,34 @@
 `prepare` streams a Hugging Face checkpoint layer by layer, reading each tensor once for all ranks and
 writing each rank's part (its heads, its experts or expert slices, its vocabulary columns) straight to
 that rank's file, in kernel layout ([in, out] matrices, fused gate/up), keyed by the units' argument
-names (`embed`, `final_norm`, `lm_head`, `layers.<i>.<name>` for each `LayerWeights` field). Files are
-written under a temporary name and renamed when complete, then recorded in `manifest.json` with their
-size and sha256; a rerun verifies finished files and writes only the others.
+names (`embed`, `final_norm`, `lm_head`, `layers.<i>.<name>` for each `LayerWeights` field). Every array
+is checked finite after its cast. Files are written under a temporary name and renamed when complete;
+`manifest.json` records the config, layout, dtype, experts and, per file, its size and the CRC32 of
+every tensor. Each file's header also names its rank, layout and config. The source's tokenizer,
+generation and chat-template files are copied beside them, so a prepared directory runs on its own.
+A rerun verifies finished files and writes only the others; a lock refuses a second run writing into
+the same directory, and a failed run removes its temporary files.
+
+Loading (`load_prepared`) checks that the file is this rank's of this layout, that the manifest's config
+is the one the file was prepared from, every tensor's name, dtype and shape, and (unless told not to)
+every tensor's CRC32 against the manifest: the checksum guarantees the bytes prepared, which were
+checked finite.
 """
 
-import dataclasses
-import hashlib
+import fcntl
 import json
 import os
+import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from minimax_m2 import checks
 from minimax_m2.checkpoint import Checkpoint, expert_key
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.files import read_json
@@ -25,44 +38,32 @@ from minimax_m2.parallel import ParallelLayout
 from minimax_m2.safetensors_file import SafetensorsFile
 from minimax_m2.safetensors_writer import SafetensorsWriter
 from minimax_m2.weights import (
+    FLOAT32_WEIGHTS,
     LAYER_WEIGHT_NAMES,
     LayerWeights,
     ModelWeights,
     cast_weight,
     dense_part,
     expert_part,
+    model_dtype,
     read_dense,
     vocab_columns,
     zero_model_weights,
 )
 
 MANIFEST = "manifest.json"
-FORMAT = "minimax-m2-prepared/1"
+LOCK = ".prepare.lock"
+FORMAT = "minimax-m2-prepared/2"
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja")
 
 
 def rank_file(rank: int, world: int) -> str:
     return f"rank-{rank:05d}-of-{world:05d}.safetensors"
 
 
-def _layout_record(layout: ParallelLayout) -> dict[str, Any]:
+def _layout_record(layout: ParallelLayout) -> dict[str, int]:
     return {"world": layout.world, "tp": layout.tp, "moe_tp": layout.moe_tp}
-
-
-def _config_record(config: MiniMaxM2Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_record(record: dict[str, Any]) -> MiniMaxM2Config:
-    block = record.get("fp8_block_size")
-    return MiniMaxM2Config(**{**record, "fp8_block_size": tuple(block) if block else None})
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _shapes(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype) -> dict:
@@ -77,17 +78,59 @@ def _shapes(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout,
     return entries
 
 
+def tensor_checksums(file: SafetensorsFile) -> dict[str, int]:
+    """CRC32 of every tensor's bytes, computed over the memory-mapped file on a few threads."""
+    def crc(key: str) -> int:
+        return zlib.crc32(file.map(key).reshape(-1).view(np.uint8))
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(file.keys(), pool.map(crc, file.keys())))
+
+
+def _file_metadata(layout: ParallelLayout, config: MiniMaxM2Config) -> dict[str, str]:
+    """What each rank file's header says it is."""
+    return {"format": FORMAT, "rank": str(layout.rank), "layout": json.dumps(_layout_record(layout)),
+            "config": json.dumps(config.record(), sort_keys=True)}
+
+
 def _finished(out: Path, manifest: dict | None, name: str) -> bool:
-    """True when `name` is in the manifest and the file on disk has its size and sha256."""
+    """True when `name` is in the manifest and the file on disk has its size and checksums."""
     entry = (manifest or {}).get("files", {}).get(name)
     path = out / name
-    return bool(entry) and path.is_file() and path.stat().st_size == entry["bytes"] and sha256(path) == entry["sha256"]
+    if not entry or not path.is_file() or path.stat().st_size != entry["bytes"]:
+        return False
+    try:
+        return tensor_checksums(SafetensorsFile(path)) == entry["tensors"]
+    except ValueError:
+        return False
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold `out`'s lock for the whole preparation; a second preparation into `out` is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ValueError(f"{out} is being written by another prepare_weights.py (pid {holder}): wait for it to "
+                             "finish or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def prepare(
@@ -98,41 +141,83 @@ def prepare(
     dtype: np.dtype,
     source: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write every rank's file of `layout` (its `rank` is ignored) into `out`; returns the manifest.
+    """Write every rank's file of `layout` (its `rank` is ignored) and the carried files into `out`;
+    returns the manifest (with 'skipped': files already complete).
 
     `checkpoint` must be opened for all `experts` (every rank's are read). Peak memory: one layer's
     dense tensors plus one expert, whatever the number of ranks.
     """
     config = checkpoint.config
-    out.mkdir(parents=True, exist_ok=True)
-    old = _manifest(out) if (out / MANIFEST).is_file() else None
-    expected = {"format": FORMAT, "config": _config_record(config), "layout": _layout_record(layout),
-                "experts": experts, "dtype": np.dtype(dtype).name}
-    if old and any(old.get(k) != v for k, v in expected.items()):
-        old = None  # another preparation: start again
-    manifest = {**expected, "source": source, "files": {}}
-    ranks = [ParallelLayout(layout.world, layout.tp, r, moe_tp=layout.moe_tp) for r in range(layout.world)]
-    todo = []
-    for rank in ranks:
-        name = rank_file(rank.rank, rank.world)
-        if _finished(out, old, name):
-            manifest["files"][name] = old["files"][name]
-        else:
-            todo.append(rank)
-    if todo:
-        _write_ranks(checkpoint, experts, todo, out, dtype, manifest)
-    _write_manifest(out, manifest)
+    with _locked(out):
+        for stale in out.glob("*.tmp"):
+            stale.unlink()
+        old = _read_manifest(out) if (out / MANIFEST).is_file() else None
+        expected = {"format": FORMAT, "config": config.record(), "layout": _layout_record(layout),
+                    "experts": experts, "dtype": np.dtype(dtype).name}
+        if old and any(old.get(k) != v for k, v in expected.items()):
+            for name in old.get("files", {}):  # another preparation: start again
+                (out / name).unlink(missing_ok=True)
+            old = None
+        manifest = {**expected, "source": source, "files": {}, "carried": _carry(checkpoint.root, out)}
+        ranks = [ParallelLayout(layout.world, layout.tp, r, moe_tp=layout.moe_tp) for r in range(layout.world)]
+        todo = []
+        for rank in ranks:
+            name = rank_file(rank.rank, rank.world)
+            if _finished(out, old, name):
+                manifest["files"][name] = old["files"][name]
+            else:
+                todo.append(rank)
+        if todo:
+            _write_ranks(checkpoint, experts, todo, out, dtype, manifest)
+        _write_json(out / MANIFEST, manifest)
     manifest["skipped"] = len(ranks) - len(todo)
     return manifest
 
 
+def _carry(root: Path, out: Path) -> list[str]:
+    """Copy the source's tokenizer, generation and chat-template files into `out`; their names."""
+    carried = []
+    for name in CARRIED_FILES:
+        if (root / name).is_file():
+            shutil.copyfile(root / name, out / name)
+            carried.append(name)
+    return carried
+
+
 def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[ParallelLayout], out: Path, dtype: np.dtype,
                  manifest: dict) -> None:
+    """Write `ranks`' files under temporary names, then rename each; on any failure remove them all."""
     config = checkpoint.config
-    writers = {}
+    writers: dict[int, SafetensorsWriter] = {}
+    try:
+        for rank in ranks:
+            tmp = out / (rank_file(rank.rank, rank.world) + ".tmp")
+            writers[rank.rank] = SafetensorsWriter(tmp, _shapes(config, experts, rank, dtype),
+                                                   _file_metadata(rank, config))
+        _fill(checkpoint, experts, ranks, writers, dtype)
+        for rank in ranks:
+            writers[rank.rank].close()
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
     for rank in ranks:
-        tmp = out / (rank_file(rank.rank, rank.world) + ".tmp")
-        writers[rank.rank] = SafetensorsWriter(tmp, _shapes(config, experts, rank, dtype), {"format": FORMAT})
+        writer, name = writers[rank.rank], rank_file(rank.rank, rank.world)
+        os.replace(writer.path, out / name)
+        manifest["files"][name] = {"rank": rank.rank, "bytes": writer.nbytes,
+                                   "tensors": tensor_checksums(SafetensorsFile(out / name))}
+
+
+def _finite(key: str, value: np.ndarray) -> np.ndarray:
+    """value, refused when its cast left NaN or inf (a float32 beyond bfloat16's range rounds to inf)."""
+    if not np.isfinite(value.astype(np.float32, copy=False)).all():
+        raise ValueError(f"{key}: NaN or inf after casting to {value.dtype}")
+    return value
+
+
+def _fill(checkpoint: Checkpoint, experts: list[int], ranks: list[ParallelLayout],
+          writers: dict[int, SafetensorsWriter], dtype: np.dtype) -> None:
+    config = checkpoint.config
     total = sum(w.data_bytes for w in writers.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="written", position=1) as written:
         def put(rank: ParallelLayout, key: str, value: np.ndarray, index: int | None = None) -> None:
@@ -141,12 +226,12 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
 
         embed = checkpoint.read("model.embed_tokens.weight")
         head = embed if config.tie_word_embeddings else checkpoint.read("lm_head.weight")
-        embed_cast = embed.astype(dtype)  # the same for every rank
-        final_norm = checkpoint.read("model.norm.weight").astype(dtype)
+        embed_cast = _finite("embed", embed.astype(dtype))  # the same for every rank
+        final_norm = _finite("final_norm", checkpoint.read("model.norm.weight").astype(dtype))
         for rank in ranks:
             put(rank, "embed", embed_cast)
             put(rank, "final_norm", final_norm)
-            put(rank, "lm_head", np.ascontiguousarray(vocab_columns(head, rank)).astype(dtype))
+            put(rank, "lm_head", _finite("lm_head", np.ascontiguousarray(vocab_columns(head, rank)).astype(dtype)))
         del embed, embed_cast, head
         held = {r.rank: r.local_experts(experts) for r in ranks}
         holders = {e: [(r, held[r.rank].index(e)) for r in ranks if e in held[r.rank]] for e in experts}
@@ -154,7 +239,8 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
             hf = read_dense(checkpoint, layer, experts)
             for rank in ranks:
                 for name, value in dense_part(config, rank, hf).items():
-                    put(rank, f"layers.{layer}.{name}", cast_weight(name, value, dtype))
+                    key = f"layers.{layer}.{name}"
+                    put(rank, key, _finite(key, cast_weight(name, value, dtype)))
             del hf
             for e in experts:
                 if not holders[e]:
@@ -162,35 +248,52 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
                 w1, w3, w2 = (checkpoint.read(expert_key(layer, e, n)) for n in ("w1", "w3", "w2"))
                 for rank, index in holders[e]:
                     w13_part, w2_part = expert_part(w1, w3, w2, rank.intermediate_slice(config.intermediate_size))
-                    put(rank, f"layers.{layer}.w13", w13_part.astype(dtype), index)
-                    put(rank, f"layers.{layer}.w2", w2_part.astype(dtype), index)
-    for rank in ranks:
-        writer = writers[rank.rank]
-        writer.close()
-        name = rank_file(rank.rank, rank.world)
-        os.replace(writer.path, out / name)
-        manifest["files"][name] = {"rank": rank.rank, "bytes": writer.nbytes, "sha256": sha256(out / name)}
+                    put(rank, f"layers.{layer}.w13", _finite(f"layers.{layer}.w13", w13_part.astype(dtype)), index)
+                    put(rank, f"layers.{layer}.w2", _finite(f"layers.{layer}.w2", w2_part.astype(dtype)), index)
 
 
-def _manifest(root: Path) -> dict[str, Any]:
-    manifest = read_json(root / MANIFEST, "not a directory written by prepare_weights.py")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{root / MANIFEST}: not a manifest of format {FORMAT!r}")
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json, checked by structure: format, config, layout, experts, dtype and files."""
+    where = root / MANIFEST
+    manifest = checks.mapping(str(where), read_json(where, "not a directory written by prepare_weights.py"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{where}: not a manifest of format {FORMAT!r} (got {manifest.get('format')!r}): rerun "
+                         "prepare_weights.py")
+    for key in ("config", "layout", "files"):
+        checks.mapping(f"{where}: {key!r}", manifest.get(key))
+    layout = manifest["layout"]
+    for key in ("world", "tp", "moe_tp"):
+        checks.integer(f"{where}: 'layout.{key}'", layout.get(key))
+    if not isinstance(manifest.get("experts"), list):
+        raise ValueError(f"{where}: 'experts' is {manifest.get('experts')!r}, expected a list of expert ids")
+    checks.integers(f"{where}: 'experts'", manifest["experts"])
+    model_dtype(checks.text(f"{where}: 'dtype'", manifest.get("dtype")))
+    for name, entry in manifest["files"].items():
+        entry = checks.mapping(f"{where}: files[{name!r}]", entry)
+        checks.integer(f"{where}: files[{name!r}].bytes", entry.get("bytes"), 1, 1 << 50)
+        checks.mapping(f"{where}: files[{name!r}].tensors", entry.get("tensors"))
     return manifest
 
 
-def prepared_layout(path: str | Path) -> tuple[MiniMaxM2Config, dict[str, int]]:
-    """The config and layout ({world, tp, moe_tp}) a directory was prepared for."""
-    manifest = _manifest(Path(path))
-    return config_from_record(manifest["config"]), manifest["layout"]
+def prepared_layout(path: str | Path) -> tuple[MiniMaxM2Config, dict[str, int], list[int]]:
+    """The config, layout ({world, tp, moe_tp}) and experts a directory was prepared for."""
+    root = Path(path)
+    manifest = _read_manifest(root)
+    return (MiniMaxM2Config.from_record(manifest["config"], f"{root / MANIFEST}: 'config'"), manifest["layout"],
+            manifest["experts"])
 
 
-def load_prepared(path: str | Path, layout: ParallelLayout) -> tuple[MiniMaxM2Config, list[int], ModelWeights]:
+def load_prepared(path: str | Path, layout: ParallelLayout,
+                  verify: bool = True) -> tuple[MiniMaxM2Config, list[int], ModelWeights]:
     """This rank's prepared weights, memory-mapped (no transposes, no copies): (config, experts, weights).
 
-    The manifest must name the same layout, and the file must have the manifest's size."""
+    Checked: the manifest names this layout; the file has the manifest's size; its header names this
+    rank, this layout and the manifest's config; every tensor has its name, dtype and shape; and, with
+    `verify`, every tensor's CRC32 equals the manifest's (one read of the file)."""
     root = Path(path)
-    manifest = _manifest(root)
+    manifest = _read_manifest(root)
+    config = MiniMaxM2Config.from_record(manifest["config"], f"{root / MANIFEST}: 'config'")
     if manifest["layout"] != _layout_record(layout):
         raise ValueError(f"{root} was prepared for layout {manifest['layout']}, but this run is {_layout_record(layout)}")
     name = rank_file(layout.rank, layout.world)
@@ -200,14 +303,40 @@ def load_prepared(path: str | Path, layout: ParallelLayout) -> tuple[MiniMaxM2Co
         raise FileNotFoundError(f"{file} is missing: rerun prepare_weights.py to finish it")
     if file.stat().st_size != entry["bytes"]:
         raise ValueError(f"{file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}: rerun prepare_weights.py")
-    config = config_from_record(manifest["config"])
     experts = manifest["experts"]
     layout.check(config, len(experts))
     tensors = SafetensorsFile(file)
-    expected = _shapes(config, experts, layout, np.dtype(np.float32))
-    for key, (_, shape) in expected.items():
-        if key not in tensors.keys() or tensors.shape(key) != tuple(shape):
-            raise ValueError(f"{file}: tensor {key!r} is missing or not of shape {list(shape)}")
+    stamped = {k: tensors.metadata.get(k) for k in ("rank", "layout")}
+    if stamped != {"rank": str(layout.rank), "layout": json.dumps(_layout_record(layout))}:
+        raise ValueError(f"{file} holds the weights of rank {stamped['rank']} of layout {stamped['layout']}, not rank "
+                         f"{layout.rank} of {_layout_record(layout)}: files were renamed or swapped")
+    prepared_from = tensors.metadata.get("config")
+    if prepared_from != json.dumps(config.record(), sort_keys=True):
+        changed = _changed_fields(json.loads(prepared_from or "{}"), config.record())
+        raise ValueError(f"{root / MANIFEST}: its config differs from the one {name} was prepared with ({changed})")
+    dtype = model_dtype(manifest["dtype"])
+    for key, (kind, shape) in _shapes(config, experts, layout, dtype).items():
+        name_part = key.rsplit(".", 1)[-1]
+        want = np.dtype(np.float32) if name_part in FLOAT32_WEIGHTS else dtype
+        if key not in tensors.keys() or tensors.shape(key) != tuple(shape) or tensors.map(key).dtype != want:
+            raise ValueError(f"{file}: tensor {key!r} is missing or not {want.name} of shape {list(shape)}")
+    if verify:
+        _verify(file, tensors, entry["tensors"])
     layers = [LayerWeights(**{n: tensors.map(f"layers.{i}.{n}") for n in LAYER_WEIGHT_NAMES})
               for i in range(config.num_hidden_layers)]
     return config, experts, ModelWeights(tensors.map("embed"), tensors.map("final_norm"), tensors.map("lm_head"), layers)
+
+
+def _changed_fields(before: dict, after: dict) -> str:
+    changed = [f"{k}: {before.get(k)!r} prepared, {after.get(k)!r} now" for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)]
+    return "; ".join(changed) or "unreadable"
+
+
+def _verify(file: Path, tensors: SafetensorsFile, expected: dict[str, int]) -> None:
+    """Every tensor's CRC32 against the manifest; names the first tensor that differs."""
+    found = tensor_checksums(tensors)
+    bad = [key for key in tensors.keys() if found[key] != expected.get(key)]
+    if bad:
+        raise ValueError(f"{file}: tensor {bad[0]!r}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} differ from "
+                         "what was prepared (checksum mismatch): the file is damaged; rerun prepare_weights.py")

@@ -1,6 +1,7 @@
 """What prepare_weights.py runs: resolve the source, check the layout, prepare, summarise."""
 
 import argparse
+import signal
 import time
 
 import numpy as np
@@ -13,25 +14,31 @@ from minimax_m2.prepare import prepare
 from minimax_m2.weights import model_dtype
 
 
+def _interrupted(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.repo_id is None):
         raise ValueError("give either a checkpoint directory or --repo-id")
-    experts = parse_experts(args.experts)
+    signal.signal(signal.SIGTERM, _interrupted)  # so a terminated run removes its temporary files
     layout = ParallelLayout(args.ep, args.tp, 0, moe_tp=args.moe_tp)
     if args.repo_id:
         from minimax_m2.download import fetch
 
-        root, revision = fetch(args.repo_id, args.revision, experts)
+        root, revision = fetch(args.repo_id, args.revision, args.experts)
         source = {"repo_id": args.repo_id, "revision": revision}
     else:
         root = args.checkpoint
         source = {"path": str(root.resolve())}
     config = MiniMaxM2Config.from_pretrained(root)
-    chosen = select_experts(config, experts)
+    chosen = select_experts(config, parse_experts(args.experts, config.num_local_experts))
     layout.check(config, len(chosen))
     begin = time.perf_counter()
     manifest = prepare(Checkpoint(root, config, chosen), chosen, layout, args.out, model_dtype(args.dtype), source)
     sizes = [f["bytes"] for f in manifest["files"].values()]
+    carried = ", ".join(manifest["carried"]) or "none found"
     print(f"prepared {len(sizes)} rank files in {args.out} ({manifest['skipped']} already complete) in "
-          f"{time.perf_counter() - begin:.1f} s: {np.mean(sizes) / 2**20:,.1f} MiB per rank, {sum(sizes) / 2**20:,.1f} MiB in all")
+          f"{time.perf_counter() - begin:.1f} s: {np.mean(sizes) / 2**20:,.1f} MiB per rank, {sum(sizes) / 2**20:,.1f} MiB "
+          f"in all; carried from the source: {carried}")
     return 0

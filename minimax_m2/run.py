@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import os
 import sys
 import time
 import traceback
@@ -13,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2 import distributed
 from minimax_m2.distributed import CollectiveError
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
@@ -130,15 +132,24 @@ def report_parallel(model: MiniMaxM2Model, backend) -> None:
         print(f"capacity factor {layout.capacity_factor:g}: {model.dropped_pairs} (token, expert) pairs dropped")
 
 
+def write_output(flag: str, path: Path, write: Callable) -> None:
+    """write(file) into `path`, every error (a full disk included, which np.save alone can miss) one
+    ValueError naming the flag."""
+    try:
+        with open(path, "wb") as file:
+            write(file)
+            file.flush()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: {err.strerror or err}") from None
+
+
 def write_outputs(result: GenerationResult, output_json: Path | None, dump_logits: Path | None) -> None:
     if output_json:
-        output_json.write_text(json.dumps({
-            "prompt_ids": result.prompt_ids.tolist(),
-            "generated_ids": result.generated_ids.tolist(),
-        }))
+        record = {"prompt_ids": result.prompt_ids.tolist(), "generated_ids": result.generated_ids.tolist()}
+        write_output("--output-json", output_json, lambda f: f.write(json.dumps(record).encode()))
         print(f"wrote {output_json}")
     if dump_logits:
-        np.save(dump_logits, result.logits.astype(np.float32))
+        write_output("--dump-logits", dump_logits, lambda f: np.save(f, result.logits.astype(np.float32)))
         print(f"wrote {dump_logits} {list(result.logits.shape)}")
 
 
@@ -151,29 +162,66 @@ def load_tokenizer(checkpoint: Path, flag: str = "--prompt"):
         from tokenizers import Tokenizer
     except ImportError as err:
         raise ImportError(f"{flag} needs the `tokenizers` package: pip install tokenizers") from err
-    return Tokenizer.from_file(str(path))
-
-
-def parse_ids(rows: list[str]) -> np.ndarray:
-    """['1,2,3', '4,5,6'] -> int64 [2, 3]; rows must have equal length."""
     try:
-        ids = [[int(t) for t in row.split(",") if t.strip()] for row in rows]
-    except ValueError as err:
-        raise ValueError(f"--prompt-ids takes comma-separated integers: {err}") from err
-    if not ids or len({len(r) for r in ids}) != 1 or not ids[0]:
-        raise ValueError("--prompt-ids rows must be non-empty and of equal length (a batch of equal-length prompts)")
-    return np.array(ids, dtype=np.int64)
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for any malformed file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a tokenizer file the `tokenizers` package can read ({first})") from None
+
+
+def parse_ids(rows: list[str]) -> list[list[int]]:
+    """['1,2,3', '4,5'] -> [[1, 2, 3], [4, 5]]: non-empty rows of non-negative ids below 2**31."""
+    ids = []
+    for row in rows:
+        try:
+            values = [int(t) for t in row.split(",") if t.strip()]
+        except ValueError as err:
+            raise ValueError(f"--prompt-ids takes comma-separated integers: {err}") from None
+        if not values:
+            raise ValueError("--prompt-ids rows must not be empty")
+        outside = [v for v in values if not 0 <= v < 2**31]
+        if outside:
+            raise ValueError(f"--prompt-ids {outside[0]} is not a token id (ids are 0 .. vocabulary size - 1)")
+        ids.append(values)
+    return ids
+
+
+BAD_INPUT = (ValueError, FileNotFoundError, ImportError, OSError)
 
 
 def exit_with(main: Callable[[], int]) -> None:
     """sys.exit(main()), where bad input is one `error:` line and exit 2 and a rank lost in a collective is
-    one `error:` line and exit 1: never a traceback."""
+    one `error:` line and exit 1: never a traceback (MINIMAX_M2_TRACEBACK=1 adds one for anything unexpected).
+
+    Under torchrun, whose launcher answers any non-zero exit with a traceback of its own, bad input ends
+    every rank with status 0 and one `error:` line: from rank 0 when every rank sees the problem (before
+    the ranks connect), else from the rank that saw it, which tells the others through the rendezvous
+    store so that they stop at once and quietly. A lost or stalled rank still ends the others with
+    status 1, so that torchrun stops the stalled one and names it."""
+    quiet = False
     try:
         code = main()
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
     except CollectiveError as err:
-        print(f"error: {err}", file=sys.stderr)
         code = 1
+        quiet = distributed.active is not None and distributed.active.aborted() is not None
+        message = str(err)
+    except BAD_INPUT as err:
+        code, message = 2, str(err)
+        if distributed.active is not None:
+            message = f"rank {distributed.rank()}: {message}"
+            distributed.active.abort(message)
+        else:
+            quiet = distributed.rank() != 0
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    except MemoryError:
+        code, message = 1, "out of memory (the run's memory plan underestimated what this step needed)"
+    except Exception as err:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        if os.environ.get("MINIMAX_M2_TRACEBACK"):
+            raise
+        code, message = 1, f"internal error: {type(err).__name__}: {err} (rerun with MINIMAX_M2_TRACEBACK=1 for the traceback)"
+    if code and not quiet:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if code == 2 or quiet:
+        code = 0 if distributed.under_torchrun() else code
     sys.exit(code)

@@ -67,26 +67,51 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: malformed safetensors header: {err}") from err
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: malformed safetensors header: not a JSON object")
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"{self.path}: malformed safetensors header: __metadata__ must map names to strings")
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + header_len
         self._mapped: np.memmap | None = None
-        data_size = size - self._data_start
-        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for key, entry in header.items():
-            try:
-                dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{self.path}: malformed header entry for {key!r}") from err
-            if dtype not in _DTYPES:
-                raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-            if not 0 <= begin <= end or end - begin != nbytes:
-                raise ValueError(f"{self.path}: tensor {key!r} has offsets {begin}..{end} that do not fit shape {shape} {dtype}")
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            key: self._entry(key, entry) for key, entry in header.items()
+        }
+        self._check_ranges(size - self._data_start)
+
+    def _entry(self, key: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, every field checked by type and size."""
+        def ints(value: object, count: int | None = None) -> bool:
+            return isinstance(value, list) and (count is None or len(value) == count) and \
+                all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
+
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or not ints(entry.get("shape")) \
+                or not ints(entry.get("data_offsets"), 2):
+            raise ValueError(f"{self.path}: malformed header entry for {key!r}: expected dtype (a string), shape and "
+                             f"data_offsets (lists of non-negative integers), got {str(entry)[:120]}")
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if dtype not in _DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        if begin > end or end - begin != nbytes:
+            raise ValueError(f"{self.path}: tensor {key!r} has offsets {begin}..{end} that do not fit shape {shape} {dtype}")
+        return dtype, shape, begin, end
+
+    def _check_ranges(self, data_size: int) -> None:
+        """The tensors' byte ranges must tile the data section, in order, without overlaps or gaps (as the
+        safetensors format requires): two tensors sharing bytes would silently alias."""
+        position, previous = 0, None
+        for key, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: (item[1][2], item[1][3])):
+            if begin < position:
+                raise ValueError(f"{self.path}: tensors {previous!r} and {key!r} overlap (bytes {begin}..{position})")
+            if begin > position:
+                raise ValueError(f"{self.path}: bytes {position}..{begin} of the data section belong to no tensor")
             if end > data_size:
                 raise ValueError(
                     f"{self.path}: truncated: tensor {key!r} ends at byte {end} of a {data_size}-byte data section"
                 )
-            self._entries[key] = (dtype, shape, begin, end)
+            position, previous = end, key
+        if position != data_size:
+            raise ValueError(f"{self.path}: bytes {position}..{data_size} after the last tensor belong to no tensor")
 
     def keys(self) -> list[str]:
         """Tensor names in this file."""

@@ -34,8 +34,12 @@ class SafetensorsWriter:
         self.data_bytes = offset
         self.nbytes = self._data_start + offset
         self._file = open(self.path, "wb")
-        self._file.write(len(encoded).to_bytes(8, "little") + encoded)
-        self._file.truncate(self.nbytes)
+        try:
+            self._io(lambda: (self._file.write(len(encoded).to_bytes(8, "little") + encoded),
+                              self._file.truncate(self.nbytes)))
+        except OSError:
+            self.discard()
+            raise
         self._written: set[str] = set()
         self._parts: dict[str, set[int]] = {}
 
@@ -49,7 +53,7 @@ class SafetensorsWriter:
         if index is not None:
             offset += index * array.nbytes
         self._file.seek(self._data_start + offset)
-        self._file.write(np.ascontiguousarray(array).tobytes())
+        self._io(lambda: self._file.write(np.ascontiguousarray(array).tobytes()))
         if index is None:
             self._written.add(key)
         else:
@@ -57,9 +61,23 @@ class SafetensorsWriter:
             if len(self._parts[key]) == shape[0]:
                 self._written.add(key)
 
+    def _io(self, write) -> None:
+        try:
+            write()
+        except OSError as err:
+            raise OSError(err.errno, f"writing {self.path}: {err.strerror}") from err
+
     def close(self) -> None:
         """Flush and close; every tensor must have been written."""
         missing = sorted(set(self._entries) - self._written)
-        self._file.close()
+        self._io(self._file.close)
         if missing:
             raise ValueError(f"{self.path.name}: tensors never written: {missing[:5]}")
+
+    def discard(self) -> None:
+        """Close (errors ignored) and remove the file: a run that failed leaves nothing behind."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)

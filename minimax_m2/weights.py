@@ -222,30 +222,33 @@ def random_model_weights(
     return _model(embed, final_norm, lm_head, layers, layout, dtype)
 
 
+def rank_shapes(config: MiniMaxM2Config, num_experts: int, layout: ParallelLayout,
+                dtype: np.dtype) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(model-level, per-layer) name -> (shape, dtype) of one rank's weights with `num_experts` loaded,
+    worked out from the config alone (nothing allocated)."""
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_width = config.num_attention_heads // layout.tp * head_dim
+    kv_width = config.num_key_value_heads // layout.tp * head_dim
+    local = num_experts // layout.moe_ep
+    layer = {
+        "input_norm": (hidden,), "post_norm": (hidden,), "wq": (hidden, q_width), "wk": (hidden, kv_width),
+        "wv": (hidden, kv_width), "wo": (q_width, hidden), "q_norm": (q_width,), "k_norm": (kv_width,),
+        "gate": (hidden, num_experts), "bias": (num_experts,), "w13": (local, hidden, 2 * inter // layout.moe_tp),
+        "w2": (local, inter // layout.moe_tp, hidden),
+    }
+    model = {"embed": (config.vocab_size, hidden), "final_norm": (hidden,),
+             "lm_head": (hidden, layout.vocab_columns(config.vocab_size))}
+    return ({name: (shape, dtype) for name, shape in model.items()},
+            {name: (shape, np.dtype(np.float32) if name in FLOAT32_WEIGHTS else dtype) for name, shape in layer.items()})
+
+
 def zero_model_weights(
     config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, num_layers: int = 1
 ) -> ModelWeights:
     """Zero weights of this rank's shapes, for sizing the device program at the real model's shapes:
     np.zeros maps untouched pages lazily, so only the weights a unit actually reads cost memory."""
-    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
-    q_width = config.num_attention_heads // layout.tp * head_dim
-    kv_width = config.num_key_value_heads // layout.tp * head_dim
-    local = len(layout.local_experts(experts))
-    shapes = {
-        "input_norm": (hidden,), "post_norm": (hidden,), "wq": (hidden, q_width), "wk": (hidden, kv_width),
-        "wv": (hidden, kv_width), "wo": (q_width, hidden), "q_norm": (q_width,), "k_norm": (kv_width,),
-        "gate": (hidden, len(experts)), "bias": (len(experts),), "w13": (local, hidden, 2 * inter // layout.moe_tp),
-        "w2": (local, inter // layout.moe_tp, hidden),
-    }
-
-    def layer() -> LayerWeights:
-        return LayerWeights(**{
-            name: np.zeros(shape, np.float32 if name in FLOAT32_WEIGHTS else dtype) for name, shape in shapes.items()
-        })
-
+    model, layer = rank_shapes(config, len(experts), layout, dtype)
     return ModelWeights(
-        embed=np.zeros((config.vocab_size, hidden), dtype),
-        final_norm=np.zeros(hidden, dtype),
-        lm_head=np.zeros((hidden, layout.vocab_columns(config.vocab_size)), dtype),
-        layers=[layer() for _ in range(num_layers)],
+        **{name: np.zeros(*spec) for name, spec in model.items()},
+        layers=[LayerWeights(**{name: np.zeros(*spec) for name, spec in layer.items()}) for _ in range(num_layers)],
     )

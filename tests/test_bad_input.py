@@ -164,3 +164,79 @@ def test_integer_weight_is_refused(float32_checkpoint, tmp_path) -> None:
     path = _rewrite(float32_checkpoint, tmp_path / "c", lambda t: t.update({O_PROJ: t[O_PROJ].to(torch.int32)}))
     with pytest.raises(CheckpointError, match=f"tensor '{O_PROJ}' is I32: weights must be floating point"):
         MiniMaxM2Model.from_pretrained(path)
+
+
+# --- values checked by type and range before use (each case once gave a traceback or a silent wrong answer) ----
+
+def _header_rewrite(path: Path, change) -> None:
+    """Rewrite a safetensors file's JSON header through `change(dict)`, keeping the data section."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + length :])
+
+
+def _first_two(header: dict) -> tuple[str, str]:
+    keys = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return keys[0], keys[1]
+
+
+def _alias(header: dict) -> None:
+    """The second tensor points at the first one's bytes (same size); its own bytes belong to nobody."""
+    a, b = _first_two(header)
+    size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+    header[b]["data_offsets"] = [header[a]["data_offsets"][0], header[a]["data_offsets"][0] + size]
+
+
+@pytest.mark.parametrize("change, message", [
+    (_alias, "overlap"),
+    (lambda h: h[_first_two(h)[0]].update(data_offsets=["0", "4"]), "malformed header entry"),
+    (lambda h: h[_first_two(h)[0]].update(shape=[1.5, 2.0]), "malformed header entry"),
+    (lambda h: h.update(__metadata__=["x"]), "__metadata__ must map names to strings"),
+])
+def test_malformed_header_fields_are_named(float32_checkpoint, tmp_path, change, message) -> None:
+    path = shutil.copytree(float32_checkpoint, tmp_path / "c")
+    _header_rewrite(path / "model.safetensors", change)
+    with pytest.raises(ValueError, match=message):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+def test_index_weight_map_as_a_list(sharded_checkpoint, tmp_path) -> None:
+    path = shutil.copytree(sharded_checkpoint, tmp_path / "c")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to file names"):
+        MiniMaxM2Model.from_pretrained(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tie_word_embeddings", "false", "'tie_word_embeddings' is 'false', expected true or false"),
+    ("rms_norm_eps", -1e6, "'rms_norm_eps' is -1000000.0, expected a finite number in (0, 1]"),
+    ("rope_theta", -10000, "'rope_theta' is -10000"),
+    ("num_hidden_layers", 1e8, "'num_hidden_layers' is 100000000.0, expected an integer"),
+    ("num_local_experts", 1000000000, "'num_local_experts' is 1000000000, expected an integer in [1, 65536]"),
+    ("quantization_config", "fp8", "'quantization_config' is 'fp8', expected a JSON object"),
+    ("rope_parameters", [1, 2], "'rope_parameters' is [1, 2], expected a JSON object"),
+])
+def test_config_values_are_checked(float32_checkpoint, tmp_path, key, value, message) -> None:
+    path = shutil.copytree(float32_checkpoint, tmp_path / "c")
+    config = json.loads((path / "config.json").read_text())
+    config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as raised:
+        MiniMaxM2Model.from_pretrained(path)
+    assert message in str(raised.value) and "config.json" in str(raised.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eos_token_id", "98", "'eos_token_id' is '98', expected an integer"),
+    ("temperature", "0.7", "'temperature' is '0.7', expected a number"),
+    ("do_sample", "yes", "'do_sample' is 'yes', expected true or false"),
+])
+def test_generation_config_values_are_checked(tmp_path, key, value, message) -> None:
+    from minimax_m2.generation import checkpoint_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match=message):
+        checkpoint_defaults(tmp_path)

@@ -44,9 +44,9 @@ def _config_without(checkpoint: Path, tmp_path: Path, change) -> Path:
     (["--mode", "random", "--tp", "2"], "launch with torchrun --nproc-per-node 1"),
     (["--mode", "random", "--temperature", "nan"], "--temperature must be a finite number"),
     (["--mode", "random", "--top-p", "1.5", "--temperature", "1"], "--top-p must be in (0, 1]"),
-    (["--mode", "random", "--batch", "0"], "--batch and --prompt-len must be at least 1"),
+    (["--mode", "random", "--batch", "0"], "--batch is 0, expected an integer in [1,"),
     (["--mode", "random", "--vocab-size", "0"], "--vocab-size must be at least 1"),
-    (["--mode", "random", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--mode", "random", "--max-new-tokens", "0"], "--max-new-tokens is 0, expected an integer in [1,"),
     (["--mode", "random", "--output-json", "/nonexistent-dir/out.json"], "--output-json /nonexistent-dir/out.json: cannot write"),
     (["--mode", "random", "--dump-logits", "/proc/x.npy"], "--dump-logits /proc/x.npy: cannot write"),
     (["--mode", "random", "--prompt-len", "30", "--max-seq-len", "16"], "exceeds --max-seq-len 16"),
@@ -180,3 +180,51 @@ def test_serve_mode_answers_on_loopback(with_tokenizer) -> None:
 
 def test_serve_needs_a_tokenizer(float32_checkpoint) -> None:
     assert_one_line_error(run("--mode", "serve", "--checkpoint", str(float32_checkpoint)), "--mode serve needs")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "random", "--experts", "0-99999999999"], "--experts '0-99999999999' is not an ascending range inside 0..15"),
+    (["--mode", "random", "--max-seq-len", "2000000000"], "--max-seq-len is 2000000000, expected an integer in"),
+    (["--mode", "random", "--batch", "100000000"], "--batch is 100000000, expected an integer in"),
+    (["--mode", "random", "--collective-timeout", "-5"], "--collective-timeout is -5.0, expected a finite number"),
+    (["--mode", "random", "--prompt-ids", "99999999999999999999999"], "--prompt-ids 99999999999999999999999 is not a token id"),
+    (["--mode", "random", "--max-seq-len", "16000000"], "this run needs"),
+    (["--mode", "random", "--hidden-size", "3072", "--num-layers", "62", "--num-experts", "256", "--experts-per-token", "8",
+      "--vocab-size", "200064"], "GiB per rank (weights"),
+    (["--mode", "random", "--max-new-tokens", "2", "--dump-logits", "/dev/full"], "--dump-logits /dev/full: No space left"),
+])
+def test_oversized_or_unwritable_runs_are_refused(args, message) -> None:
+    """Sizes are checked, and memory planned, before anything is allocated; a full disk is an error, not 'wrote'."""
+    start = time.monotonic()
+    done = run(*args)
+    assert_one_line_error(done, message)
+    assert time.monotonic() - start < 60
+    assert "wrote" not in done.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is not a tokenizer file the `tokenizers` package can read"),
+    ('{"version": "1.0", "model": {"type": "BPE", "vocab":', "is not a tokenizer file"),
+])
+def test_broken_tokenizer_is_named(with_tokenizer, tmp_path, content, message) -> None:
+    path = shutil.copytree(with_tokenizer, tmp_path / "c")
+    (path / "tokenizer.json").write_text(content)
+    assert_one_line_error(run("--mode", "generate", "--checkpoint", str(path), "--prompt", "hi"), message)
+
+
+def test_broken_chat_template_is_named(with_tokenizer, tmp_path) -> None:
+    path = shutil.copytree(with_tokenizer, tmp_path / "c")
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    assert_one_line_error(run("--mode", "generate", "--checkpoint", str(path), "--chat", "hi"),
+                          "the checkpoint's chat template line 1:")
+
+
+def test_broken_manifest_is_named(float32_checkpoint, tmp_path) -> None:
+    out = tmp_path / "w"
+    assert subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(float32_checkpoint), "--out", str(out)],
+                          capture_output=True, timeout=120, cwd=ROOT).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["layout"] = [1, 1, 1]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run("--mode", "generate", "--weights", str(out), "--prompt-ids", "1,2"),
+                          "'layout' is [1, 1, 1], expected a JSON object")

@@ -2,6 +2,7 @@
 memory-mapped, verified, resumable after kill -9, and refused when they do not match the run."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -188,3 +189,143 @@ def test_repo_id_downloads_only_the_shards_needed(tmp_path_factory, tmp_path) ->
     got = MiniMaxM2Model.from_prepared(tmp_path / "w", max_seq_len=16).forward(PROMPT)
     want = MiniMaxM2Model.from_pretrained(repo, experts=[0, 1, 2, 3], max_seq_len=16).forward(PROMPT)
     np.testing.assert_array_equal(got, want)
+
+
+# --- prepared weights are checked when loaded, and carry what a run needs -----------------------------------
+
+def _prepared(checkpoint: Path, out: Path, *args: str) -> Path:
+    done = prepare(str(checkpoint), "--out", str(out), "--dtype", "float32", *args)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _tensor_bytes(path: Path, key: str) -> tuple[int, int]:
+    """(first, last + 1) file offsets of a tensor's bytes."""
+    from minimax_m2.safetensors_file import SafetensorsFile
+
+    file = SafetensorsFile(path)
+    _, _, begin, end = file._entries[key]
+    return file._data_start + begin, file._data_start + end
+
+
+def _poison_with_nan(path: Path) -> None:
+    first, _ = _tensor_bytes(path, "layers.1.wq")
+    data = bytearray(path.read_bytes())
+    data[first : first + 16] = np.full(4, np.nan, np.float32).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _flip_a_byte(path: Path) -> None:
+    first, last = _tensor_bytes(path, "layers.0.w13")
+    data = bytearray(path.read_bytes())
+    data[(first + last) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_poison_with_nan, _flip_a_byte], ids=["nan-written", "flipped-byte"])
+def test_a_damaged_file_of_the_same_size_is_refused(float32_checkpoint, tmp_path, damage) -> None:
+    out = _prepared(float32_checkpoint, tmp_path / "w")
+    damage(out / rank_file(0, 1))
+    with pytest.raises(ValueError, match="differ from what was prepared"):
+        MiniMaxM2Model.from_prepared(out, max_seq_len=8)
+    MiniMaxM2Model.from_prepared(out, max_seq_len=8, verify=False)  # the structure itself is intact
+
+
+def test_swapped_rank_files_are_refused(float32_checkpoint, tmp_path) -> None:
+    out = _prepared(float32_checkpoint, tmp_path / "w", "--ep", "2", "--moe-tp", "2")
+    first, second = out / rank_file(0, 2), out / rank_file(1, 2)
+    first.rename(tmp_path / "x")
+    second.rename(first)
+    (tmp_path / "x").rename(second)
+    with pytest.raises(ValueError, match="holds the weights of rank 1 .* not rank 0"):
+        MiniMaxM2Model.from_prepared(out, max_seq_len=8, layout=ParallelLayout(2, 1, 0, moe_tp=2))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["config"].update(rope_theta=1e4), "its config differs from the one .* was prepared with "
+                                                   r"\(rope_theta: 5000000.0 prepared, 10000.0 now\)"),
+    (lambda m: m.pop("config"), r"'config' is None, expected a JSON object"),
+    (lambda m: m["config"].update(sliding_window=4), r"config fields unknown: \['sliding_window'\]"),
+    (lambda m: m.update(layout=[1, 1, 1]), "'layout' is .*, expected a JSON object"),
+    (lambda m: m["config"].update(rms_norm_eps=-1), "'rms_norm_eps' is -1, expected a finite number"),
+])
+def test_an_edited_manifest_is_refused(float32_checkpoint, tmp_path, change, message) -> None:
+    out = _prepared(float32_checkpoint, tmp_path / "w")
+    manifest = json.loads((out / MANIFEST).read_text())
+    change(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message):
+        MiniMaxM2Model.from_prepared(out, max_seq_len=8)
+
+
+def test_a_prepared_directory_runs_on_its_own(with_tokenizer, tmp_path) -> None:
+    """Tokenizer, generation_config.json (EOS) and chat template travel with the weights: --prompt, --chat and
+    the EOS stop give the checkpoint's tokens, with nothing of the checkpoint left."""
+    source = tmp_path / "source"
+    shutil.copytree(with_tokenizer, source)
+    reference = MiniMaxM2Model.from_pretrained(source, max_seq_len=64)
+    from tokenizers import Tokenizer
+
+    prompt = Tokenizer.from_file(str(source / "tokenizer.json")).encode("hello there", add_special_tokens=False).ids
+    eos = int(reference.generate(np.array([prompt]), 4)[0, len(prompt) + 2])
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}))
+    (source / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    out = _prepared(source, tmp_path / "w")
+    assert {"tokenizer.json", "generation_config.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
+
+    def generate(*args: str) -> dict:
+        ids = tmp_path / "ids.json"
+        done = subprocess.run([sys.executable, str(ROOT / "run_example.py"), "--mode", "generate", *args,
+                               "--max-new-tokens", "6", "--max-seq-len", "64", "--output-json", str(ids)],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        return json.loads(ids.read_text())
+
+    from_checkpoint = generate("--checkpoint", str(source), "--prompt", "hello there")
+    shutil.rmtree(source)
+    from_prepared = generate("--weights", str(out), "--prompt", "hello there")
+    assert from_prepared == from_checkpoint
+    assert from_prepared["generated_ids"][0][-1] == eos and len(from_prepared["generated_ids"][0]) == 3
+    chat = generate("--weights", str(out), "--chat", "hi")
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).decode(chat["prompt_ids"][0]) == "<user>hi"
+
+
+def test_a_second_preparation_into_the_same_directory_is_refused(float32_checkpoint, tmp_path) -> None:
+    """While a preparation holds the directory's lock (taken here as prepare_weights.py takes it), another
+    run into it is refused and changes nothing; once the lock is released the directory can be prepared."""
+    import fcntl
+
+    from minimax_m2.prepare import LOCK
+
+    out = _prepared(float32_checkpoint, tmp_path / "w")
+    before = (out / MANIFEST).read_text()
+    with open(out / LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write("4242")
+        lock.flush()
+        second = prepare(str(float32_checkpoint), "--out", str(out))  # bfloat16: would rewrite everything
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [second.stderr.strip()]
+    assert second.stderr.startswith("error: ") and "being written by another prepare_weights.py (pid 4242)" in second.stderr
+    assert (out / MANIFEST).read_text() == before and not list(out.glob("*.tmp"))
+    assert prepare(str(float32_checkpoint), "--out", str(out)).returncode == 0
+
+
+def test_a_failed_run_removes_its_temporary_files(float32_checkpoint, tmp_path) -> None:
+    """A write that fails (here: past a file-size limit, as a full disk would) is one error line and leaves no
+    temporary file behind."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "w"
+    done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(float32_checkpoint), "--out", str(out),
+                           "--dtype", "float32"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          preexec_fn=limit)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "writing" in lines[-1] and "File too large" in lines[-1]
+    assert not list(out.glob("*.tmp")) and not (out / MANIFEST).exists()

@@ -113,8 +113,14 @@ def test_random_mode_matches_single_process(tmp_path) -> None:
 def test_layout_that_does_not_fit_is_refused(float32_checkpoint) -> None:
     done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--checkpoint", str(float32_checkpoint),
                     "--prompt-ids", "1,2", "--ep", "2", "--tp", "2", "--moe-tp", "1", "--experts", "0,1,2,3,4")
-    assert done.returncode != 0
-    assert "5 loaded experts cannot be spread evenly over 2 rank groups" in done.stderr
+    assert_bad_input_ends_quietly(done, "5 loaded experts cannot be spread evenly over 2 rank groups")
+
+
+def assert_bad_input_ends_quietly(done: subprocess.CompletedProcess, message: str) -> None:
+    """Bad input under torchrun: one `error:` line in all, and no launcher traceback (the ranks exit 0)."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("scenario", ["die", "hang"])
@@ -138,3 +144,76 @@ def test_each_rank_loads_its_prepared_file(fp8_checkpoint, tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     ids, logits, _ = run_ranks(2, 2, tmp_path, "--mode", "generate", "--weights", str(out), moe_tp=2)
     assert_same(ids, logits, *single(fp8_checkpoint))
+
+
+def thread_ranks(world: int, run):
+    """run(rank) on every rank, ranks as threads of this process -> rank 0's result."""
+    from thread_ranks import ThreadCollectives
+
+    from kernels import collectives
+
+    backend = ThreadCollectives(world)
+    collectives.set_backend(backend)
+    try:
+        return backend.run(run)[0]
+    finally:
+        collectives.set_backend(None)
+
+
+@pytest.mark.parametrize("tp, moe_tp", [(2, 1), (1, 2)], ids=["tp2-experts-spread", "experts-sliced"])
+def test_bfloat16_over_two_ranks(float32_checkpoint, tmp_path, tp, moe_tp) -> None:
+    """bf16 arrays cross gloo as their bytes and are summed in float32 rank by rank: the processes give exactly
+    what the same layout gives with ranks as threads, and stay within bf16 rounding of one process."""
+    from minimax_m2.parallel import ParallelLayout
+
+    ids, logits, _ = run_ranks(2, tp, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint),
+                               "--dtype", "bfloat16", moe_tp=moe_tp)
+    want_ids, want = thread_ranks(2, lambda r: MiniMaxM2Model.from_pretrained(
+        float32_checkpoint, max_seq_len=32, dtype="bfloat16", layout=ParallelLayout(2, tp, r, moe_tp=moe_tp)
+    ).generate(PROMPT, max_new_tokens=DECODE_STEPS + 1, return_logits=True))
+    np.testing.assert_array_equal(logits, want)
+    np.testing.assert_array_equal(ids, want_ids)
+    one = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32, dtype="bfloat16")
+    _, single_logits = one.generate(PROMPT, max_new_tokens=DECODE_STEPS + 1, return_logits=True)
+    assert relative_error(logits[:, : PROMPT.shape[1]], single_logits[:, : PROMPT.shape[1]]) < 2e-2
+
+
+def test_prepared_bfloat16_with_a_text_prompt(with_tokenizer, tmp_path) -> None:
+    """The README's flow: prepare (bfloat16 by default) for 2 ranks, then torchrun from the prepared directory
+    alone, with a text prompt."""
+    out = tmp_path / "prepared"
+    done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(with_tokenizer), "--out", str(out),
+                           "--ep", "2", "--tp", "2", "--moe-tp", "2"], capture_output=True, text=True, timeout=TIMEOUT,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = tmp_path / "ids.json"
+    done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--weights", str(out), "--ep", "2", "--prompt",
+                    "hello", "--max-new-tokens", "4", "--max-seq-len", "32", "--output-json", str(result))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "[0] text:" in done.stdout
+    generated = json.loads(result.read_text())["generated_ids"]
+    prompt = np.array(json.loads(result.read_text())["prompt_ids"])
+    from minimax_m2.parallel import ParallelLayout
+
+    want = thread_ranks(2, lambda r: MiniMaxM2Model.from_prepared(
+        out, max_seq_len=32, layout=ParallelLayout(2, 2, r, moe_tp=2)).generate(prompt, max_new_tokens=4))
+    assert generated == want[:, prompt.shape[1]:].tolist(), "the same preparation with ranks as threads differs"
+
+
+def test_bad_input_seen_by_one_rank_ends_every_rank_quietly(fp8_checkpoint, tmp_path) -> None:
+    """Rank 1's file is damaged: rank 1 says so in one line, rank 0 (waiting in a collective) stops at once, and
+    torchrun adds no traceback."""
+    out = tmp_path / "prepared"
+    done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(fp8_checkpoint), "--out", str(out),
+                           "--ep", "2", "--moe-tp", "2"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    damaged = out / "rank-00001-of-00002.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    start = time.monotonic()
+    done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--weights", str(out), "--ep", "2",
+                    "--prompt-ids", "1,2,3", "--max-seq-len", "32", "--collective-timeout", "60")
+    assert_bad_input_ends_quietly(done, "rank 1: ")
+    assert "differ from what was prepared" in done.stderr
+    assert time.monotonic() - start < 45

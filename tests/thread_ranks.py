@@ -8,6 +8,8 @@ from typing import Callable
 
 import numpy as np
 
+from kernels.collectives import sum_in_rank_order
+
 
 class ThreadCollectives:
     def __init__(self, world: int):
@@ -27,7 +29,7 @@ class ThreadCollectives:
         return values
 
     def all_reduce(self, x, replica_groups):
-        return np.sum(self._members(x, replica_groups), axis=0).astype(np.asarray(x).dtype)
+        return sum_in_rank_order(self._members(x, replica_groups))
 
     def all_gather(self, x, all_gather_dim, replica_groups):
         return np.concatenate(self._members(x, replica_groups), axis=all_gather_dim)

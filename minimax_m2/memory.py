@@ -1,0 +1,100 @@
+"""What a run will hold, per rank, worked out from the config before anything is allocated; refused
+up front when it cannot fit.
+
+Weights (this rank's share, from their shapes), KV caches (every layer, every cache row, the whole
+context), RoPE tables, and an estimate of the largest step's activations (attention scores, the MoE's
+pair buffers, logits) plus the logits a run keeps (`--dump-logits`).
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.parallel import ParallelLayout
+from minimax_m2.weights import rank_shapes
+
+GIB = 1 << 30
+# trn2: 96 GiB of HBM per Trainium2 chip, 4 logical NeuronCores per chip at LNC=2 (AWS Neuron docs, Trn2
+# architecture); the runtime and compiled programs take some of it.
+NEURON_CORE_HBM = 24 * GIB
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one rank holds."""
+
+    weights: int
+    kv_cache: int
+    activations: int  # estimate of the largest step's working set
+    kept_logits: int  # logits kept for the whole run (--dump-logits)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.kept_logits
+
+    def describe(self) -> str:
+        parts = [f"weights {_gib(self.weights)}", f"KV cache {_gib(self.kv_cache)}",
+                 f"activations ~{_gib(self.activations)}"]
+        if self.kept_logits:
+            parts.append(f"kept logits {_gib(self.kept_logits)}")
+        return ", ".join(parts) + f" = {_gib(self.total)}"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 100 else f"{n / (1 << 20):.1f} MiB"
+
+
+def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *,
+                kv_rows: int, max_seq_len: int, step_rows: int, step_tokens: int, kept_logits: int = 0) -> MemoryPlan:
+    """One rank's bytes: `kv_rows` cache rows of `max_seq_len` positions in its attention group; the
+    largest step runs `step_rows` rows of `step_tokens` tokens each in its group; `kept_logits`: logits
+    rows (token positions) kept for the whole run, all ranks' rows included."""
+    itemsize = np.dtype(dtype).itemsize
+    model, layer = rank_shapes(config, num_experts, layout, np.dtype(dtype))
+
+    def nbytes(specs: dict) -> int:
+        return sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(kind).itemsize for shape, kind in specs.values())
+
+    weights = nbytes(model) + config.num_hidden_layers * nbytes(layer)
+    kv_heads = config.num_key_value_heads // layout.tp
+    kv = 2 * config.num_hidden_layers * kv_rows * kv_heads * max_seq_len * config.head_dim * itemsize
+    rope = 2 * max_seq_len * config.rotary_dim * itemsize
+    tokens = step_rows * step_tokens
+    q_heads = config.num_attention_heads // layout.tp
+    scores = 3 * step_rows * q_heads * step_tokens * max_seq_len * 4
+    gathered = tokens * layout.moe_tp
+    pairs = gathered * max(1, config.num_experts_per_tok // layout.tp)
+    local = num_experts // layout.moe_ep
+    moe = pairs * (4 * config.hidden_size * itemsize + 8 * local) + gathered * config.hidden_size * itemsize * 4
+    logits = 2 * step_rows * layout.dp * step_tokens * config.vocab_size * 4
+    activations = 8 * tokens * config.hidden_size * itemsize + scores + moe + logits
+    return MemoryPlan(int(weights), int(kv + rope), int(activations), int(kept_logits * config.vocab_size * 4))
+
+
+def available_memory(device: str, local_ranks: int) -> tuple[int, str]:
+    """(bytes one rank may use, where the figure comes from): a NeuronCore's HBM, or this host's
+    MemAvailable shared by the ranks running on it."""
+    if device == "neuron":
+        return NEURON_CORE_HBM, "one NeuronCore's HBM (trn2, LNC=2)"
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                total = int(line.split()[1]) * 1024
+                break
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    share = f" shared by {local_ranks} ranks" if local_ranks > 1 else ""
+    return total // local_ranks, f"this host's available memory{share}"
+
+
+def check_fits(plan: MemoryPlan, available: int, where: str) -> None:
+    """Refuse, saying what the run needs and what there is, when the plan exceeds `available`."""
+    if plan.total > available:
+        raise ValueError(f"this run needs {_gib(plan.total)} per rank ({plan.describe()}) but {where} is "
+                         f"{_gib(available)}: use fewer rows or a shorter --max-seq-len, more ranks, or an expert subset")
