@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="HF checkpoint directory or cache snapshot (generate mode)")
     p.add_argument("--weights", type=Path, help="directory written by prepare_weights.py (generate mode, instead of "
                                                 "--checkpoint; its layout is this run's)")
-    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch of equal-length "
-                                                         "prompts (random mode: instead of a random prompt)")
+    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for several prompts, of "
+                                                         "any lengths, batched by the engine (random mode: instead of "
+                                                         "random prompts)")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint and `tokenizers`)")
     p.add_argument("--chat", action="append", help="a chat turn, repeatable: 'system: ...' for the system prompt, "
                                                    "anything else a user turn; formatted as MiniMax-M2's chat")
@@ -52,10 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed" + d)
     p.add_argument("--output-json", type=Path, help="write {prompt_ids, generated_ids} here")
     p.add_argument("--dump-logits", type=Path, help="write float32 logits [batch, positions, vocab] here (.npy)")
+    engine = p.add_argument_group("engine (generate and serve mode)")
+    engine.add_argument("--max-num-seqs", type=int,
+                        help="KV-cache slots per attention group: requests decoded together (default: the number of "
+                             "prompts in generate mode, 8 in serve mode)")
+    engine.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens prefilled per step, all requests together: a long prompt delays the "
+                             "running decodes by at most one chunk" + d)
     server = p.add_argument_group("serve mode")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on" + d)
     server.add_argument("--port", type=int, default=8000, help="port to listen on" + d)
     server.add_argument("--served-model-name", help="model id clients use (default: the checkpoint directory's name)")
+    server.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                        help="largest request body accepted; larger ones get a 413" + d)
     parallel = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node W)")
     parallel.add_argument("--ep", type=int, default=1, help="ranks W (= torchrun's process count)" + d)
     parallel.add_argument("--tp", type=int, default=1, help="ranks per attention group, splitting heads (divides 8 KV heads)" + d)

@@ -8,7 +8,7 @@ import numpy as np
 from kernels import (
     attention,
     lm_head_vocab_parallel,
-    block_rows,
+    DENSE,
     greedy_pick,
     grouped_experts,
     lm_head,
@@ -22,7 +22,6 @@ from kernels import (
     token_embedding,
     worst_case_capacity,
 )
-from kernels.moe_grouped import runs_dense
 from kernels.slots import exclusive_cumsum, place_rows
 
 RNG_SEED = 1234
@@ -73,7 +72,7 @@ def test_rope_partial() -> None:
     cos, sin = rope_tables(32, rotary_dim, theta)
     positions = np.arange(20, 20 + seq)
     x = _randn(rng, 2, seq, heads, head_dim)
-    got = rope_partial(x, cos[positions], sin[positions])
+    got = rope_partial(x, np.stack([cos[positions]] * 2), np.stack([sin[positions]] * 2))
     want = np.empty_like(got)
     for b in range(2):
         for s in range(seq):
@@ -110,26 +109,36 @@ def _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, 
 
 
 def test_attention() -> None:
-    """Prefill then decode through one cache, against per-head loops with the full-width QK norm."""
+    """Rows at different lengths in their own cache rows: one row's prefill, then steps that mix the other
+    row's prefill with decodes, against per-head loops with the full-width QK norm; padding tokens write
+    only the scratch row."""
     rng = _rng()
-    batch, hidden, heads, kv_heads, head_dim, rotary_dim, theta, eps, max_seq = 2, 32, 4, 2, 16, 8, 1e4, 1e-6, 16
+    hidden, heads, kv_heads, head_dim, rotary_dim, theta, eps, max_seq = 32, 4, 2, 16, 8, 1e4, 1e-6, 16
     wq, wk, wv = _randn(rng, hidden, heads * head_dim, scale=0.3), _randn(rng, hidden, kv_heads * head_dim, scale=0.3), _randn(rng, hidden, kv_heads * head_dim, scale=0.3)
     wo = _randn(rng, heads * head_dim, hidden, scale=0.3)
     qn, kn = 1 + _randn(rng, heads * head_dim, scale=0.3), 1 + _randn(rng, kv_heads * head_dim, scale=0.3)
     cos, sin = rope_tables(max_seq, rotary_dim, theta)
-    k_cache = np.zeros((batch, kv_heads, max_seq, head_dim), np.float32)
+    cache_rows = 3  # slots 0, 1 and the scratch row
+    k_cache = np.zeros((cache_rows * max_seq, kv_heads, head_dim), np.float32)
     v_cache = np.zeros_like(k_cache)
-    past_k = np.zeros((batch, kv_heads, 0, head_dim))
-    past_v = np.zeros_like(past_k)
-    start = 0
-    for seq in (5, 1, 1):
-        x = _randn(rng, batch, seq, hidden)
-        positions = np.arange(start, start + seq)
-        got = attention(x, positions, wq, wk, wv, wo, qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, kv_len=max_seq)
-        want, past_k, past_v = _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, kv_heads, head_dim, rotary_dim, theta, eps)
-        _close(got, want)
-        start += seq
-    _close(k_cache[:, :, :start], past_k)
+    past = {slot: (np.zeros((1, kv_heads, 0, head_dim)), np.zeros((1, kv_heads, 0, head_dim))) for slot in (0, 1)}
+    lengths = {0: 0, 1: 0}
+    # (rows as (slot, new tokens), tokens per row): row 1 starts late, and padding fills the short rows
+    for plan, seq in (([(0, 5)], 5), ([(1, 3), (0, 1)], 3), ([(0, 1), (1, 1)], 1), ([(1, 2), (0, 1)], 2)):
+        slots = np.array([slot for slot, _ in plan], np.int32)
+        valid = np.array([[s < n for s in range(seq)] for _, n in plan])
+        positions = np.array([[min(lengths[slot] + s, max_seq - 1) for s in range(seq)] for slot, _ in plan], np.int32)
+        x = _randn(rng, len(plan), seq, hidden)
+        got = attention(x, positions, slots, valid, wq, wk, wv, wo, qn, kn, cos, sin, k_cache, v_cache,
+                        head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=max_seq)
+        for r, (slot, n) in enumerate(plan):
+            want, *past[slot] = _ref_attention(x[r : r + 1, :n], positions[r, :n], wq, wk, wv, wo, qn, kn, *past[slot],
+                                               heads, kv_heads, head_dim, rotary_dim, theta, eps)
+            _close(got[r : r + 1, :n], want)
+            lengths[slot] += n
+    for slot in (0, 1):
+        rows = k_cache[slot * max_seq : slot * max_seq + lengths[slot]]
+        _close(rows.transpose(1, 0, 2)[None], past[slot][0])
 
 
 def test_attention_qk_norm_spans_all_heads() -> None:
@@ -176,7 +185,7 @@ def test_moe_expert() -> None:
     hidden, inter = 16, 12
     x = _randn(rng, 5, hidden)
     w1, w3, w2 = _randn(rng, inter, hidden), _randn(rng, inter, hidden), _randn(rng, hidden, inter)
-    got = moe_expert(x, np.concatenate([w1.T, w3.T], axis=1), w2.T)
+    got = moe_expert(x, np.concatenate([w1, w3], axis=0), w2)
     want = np.stack([w2 @ (_silu(w1 @ row) * (w3 @ row)) for row in x.astype(np.float64)])
     _close(got, want)
 
@@ -184,12 +193,12 @@ def test_moe_expert() -> None:
 def _ref_moe(x, gate, bias, w13, w2, top_k):
     out = np.zeros(x.shape)
     weights, chosen = moe_router(x, gate, bias, top_k)
-    inter = w2.shape[1]
+    inter = w2.shape[2]
     for t in range(x.shape[0]):
         for j in range(top_k):
             e = chosen[t, j]
-            h = x[t] @ w13[e]
-            out[t] += weights[t, j] * ((_silu(h[:inter]) * h[inter:]) @ w2[e])
+            h = w13[e] @ x[t]
+            out[t] += weights[t, j] * (w2[e] @ (_silu(h[:inter]) * h[inter:]))
     return out
 
 
@@ -198,20 +207,22 @@ def test_moe_block() -> None:
     rng = _rng()
     hidden, inter, experts, top_k = 16, 8, 12, 2
     gate, bias = _randn(rng, hidden, experts), _randn(rng, experts, scale=0.1)
-    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
-    for tokens in (1, 5, 40):
+    w13, w2 = _randn(rng, experts, 2 * inter, hidden), _randn(rng, experts, hidden, inter)
+    for tokens, block_rows in ((1, 1), (5, 1), (40, 4), (40, DENSE)):
         x = _randn(rng, tokens, hidden)
-        _close(moe_block(x, gate, bias, w13, w2, top_k=top_k), _ref_moe(x, gate, bias, w13, w2, top_k))
+        valid = np.arange(tokens) != tokens // 2
+        got = moe_block(x, valid, gate, bias, w13, w2, top_k=top_k, block_rows=block_rows)
+        _close(got, _ref_moe(x, gate, bias, w13, w2, top_k) * valid[:, None])
 
 
 def test_grouped_experts() -> None:
-    """Rows through their expert, blocked and padded, for spread, skewed (every row on one expert)
-    and partly invalid routings; invalid rows come back as zeros and no valid row is lost."""
+    """Rows through their expert under every schedule (blocks of 1 to 128 rows, and dense), for spread,
+    skewed (every row on one expert) and partly invalid routings; invalid rows come back as zeros and no
+    valid row is lost."""
     rng = _rng()
     hidden, inter, experts, rows = 16, 8, 6, 48
-    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
+    w13, w2 = _randn(rng, experts, 2 * inter, hidden), _randn(rng, experts, hidden, inter)
     x = _randn(rng, rows, hidden)
-    assert block_rows(rows, experts) > 1, "the case must exercise blocks of several rows"
     spread = rng.integers(0, experts, rows)
     for ids, valid in (
         (spread, np.ones(rows, bool)),
@@ -222,18 +233,8 @@ def test_grouped_experts() -> None:
             moe_expert(x[r : r + 1], w13[e], w2[e])[0] if ok else np.zeros(hidden, np.float32)
             for r, (e, ok) in enumerate(zip(ids, valid))
         ])
-        _close(grouped_experts(x, ids, valid, w13, w2), want)
-
-
-def test_grouped_experts_dense_decode() -> None:
-    """Few rows (decode): every held expert runs once over all rows, each row keeping its own expert."""
-    rng = _rng()
-    hidden, inter, experts, rows = 16, 8, 4, 9
-    assert runs_dense(rows, experts), "the case must take the dense path"
-    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
-    x, ids, valid = _randn(rng, rows, hidden), rng.integers(0, experts, rows), rng.random(rows) < 0.7
-    want = np.stack([moe_expert(x[r : r + 1], w13[e], w2[e])[0] * ok for r, (e, ok) in enumerate(zip(ids, valid))])
-    _close(grouped_experts(x, ids, valid, w13, w2), want)
+        for block_rows in (1, 2, 4, 8, 16, 32, 64, 128, DENSE):
+            _close(grouped_experts(x, ids, valid, w13, w2, block_rows=block_rows), want)
 
 
 def test_exclusive_cumsum() -> None:
@@ -271,12 +272,13 @@ def test_moe_block_parallel_one_rank() -> None:
     rng = _rng()
     hidden, inter, experts, top_k, tokens = 16, 8, 6, 2, 5
     gate, bias = _randn(rng, hidden, experts), _randn(rng, experts, scale=0.1)
-    w13, w2 = _randn(rng, experts, hidden, 2 * inter), _randn(rng, experts, inter, hidden)
+    w13, w2 = _randn(rng, experts, 2 * inter, hidden), _randn(rng, experts, hidden, inter)
     x = _randn(rng, tokens, hidden)
     one = [[0]]
     got, dropped = moe_block_parallel(
         x, np.arange(tokens, dtype=np.int32), np.zeros(tokens, np.int32), np.ones(tokens, bool),
-        np.arange(top_k, dtype=np.int32)[None], np.array([0], np.int32), np.array([0], np.int32), gate, bias, w13, w2, top_k=top_k, capacity=worst_case_capacity(tokens, top_k, experts),
+        np.arange(top_k, dtype=np.int32)[None], np.array([0], np.int32), np.array([0], np.int32), gate, bias, w13, w2,
+        top_k=top_k, capacity=worst_case_capacity(tokens, top_k, experts), block_rows=1,
         slice_groups=one, ep_groups=one, combine_groups=one,
     )
     assert int(dropped) == 0

@@ -10,15 +10,16 @@ from kernels.lm_head import greedy_pick, lm_head, lm_head_vocab_parallel
 from kernels.moe_block import moe_block
 from kernels.moe_parallel import moe_block_parallel, worst_case_capacity
 from kernels.moe_expert import moe_expert
-from kernels.moe_grouped import block_rows, grouped_experts
+from kernels.moe_grouped import DENSE, expert_blocks, grouped_experts
 from kernels.moe_router import moe_router
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rope_partial, rope_tables
 
 __all__ = [
+    "DENSE",
     "attention",
-    "block_rows",
     "greedy_pick",
+    "expert_blocks",
     "grouped_experts",
     "lm_head",
     "lm_head_vocab_parallel",

@@ -1,4 +1,4 @@
-"""Self-attention of one MiniMax-M2 layer: QK-norm over the full projection, partial RoPE, GQA, KV cache."""
+"""Self-attention of one MiniMax-M2 layer: QK-norm over the full projection, partial RoPE, GQA, KV cache rows."""
 
 import numpy as np
 
@@ -10,9 +10,16 @@ from kernels.rope import rope_partial
 _MASKED = np.float32(np.finfo(np.float32).min)
 
 
+def cache_index(slots: np.ndarray, positions: np.ndarray, max_seq: int) -> np.ndarray:
+    """Flat KV-cache index of (cache row, position): slot * max_seq + position (int32)."""
+    return slots * np.int32(max_seq) + positions
+
+
 def attention(
     x: np.ndarray,
     positions: np.ndarray,
+    slots: np.ndarray,
+    token_valid: np.ndarray,
     wq: np.ndarray,
     wk: np.ndarray,
     wv: np.ndarray,
@@ -26,54 +33,60 @@ def attention(
     *,
     head_dim: int,
     eps: float,
+    max_seq: int,
     kv_len: int,
     replica_groups: ReplicaGroups | None = None,
 ) -> np.ndarray:
-    """Causal GQA attention for S new tokens at `positions`, continuing a fixed-size KV cache.
+    """Causal GQA attention for R rows of S new tokens, each row continuing its own KV-cache row.
 
-    x: [B, S, hidden]; positions: [S] int (start_pos + arange(S)); wq: [hidden, Hq*D], wk/wv: [hidden, Hkv*D],
-    wo: [Hq*D, hidden]; q_norm: [Hq*D], k_norm: [Hkv*D]; cos/sin_table: [max_seq, R] from `rope_tables`,
-    passed in like a weight (a gather at traced positions needs a traced table);
-    k_cache/v_cache: [B, Hkv, max_seq, D], written in place at `positions`; kv_len: static number of
-    cache slots attended (>= last position + 1). Returns out [B, S, hidden] in x's dtype; scores and
-    softmax are float32.
+    x: [R, S, hidden]; positions: [R, S] int32, each token's position in its sequence; slots: [R] int32,
+    the cache row each row reads and writes; token_valid: [R, S] bool, False for padding tokens, which
+    write into the last cache row (scratch, never read) and never disturb a real row.
+    wq: [hidden, Hq*D], wk/wv: [hidden, Hkv*D], wo: [Hq*D, hidden]; q_norm: [Hq*D], k_norm: [Hkv*D];
+    cos/sin_table: [max_seq, R'] from `rope_tables`, passed in like a weight;
+    k_cache/v_cache: [rows * max_seq, Hkv, D] (cache row c, position p at c * max_seq + p), written in
+    place; kv_len: static number of positions attended (> every row's last position).
+    Returns out [R, S, hidden] in x's dtype; scores and softmax are float32.
 
     q and k are RMS-normalised over their whole projection width before the head split. Under tensor
     parallelism (heads split over `replica_groups`) the q and k sums of squares are all-reduced together
     over the group, and so are the output projection's partial sums.
     """
-    batch, seq, _ = x.shape
+    rows, seq, _ = x.shape
     kv_heads = k_cache.shape[1]
     q_heads = wq.shape[1] // head_dim
     group = q_heads // kv_heads
+    scratch = np.int32(k_cache.shape[0] // max_seq - 1)
 
     q, k = matmul(x, wq), matmul(x, wk)
     ranks = group_size(replica_groups)
     sums = all_reduce(np.concatenate([sum_of_squares(q), sum_of_squares(k)], axis=-1), replica_groups)  # one exchange
-    q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(batch, seq, q_heads, head_dim)
-    k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(batch, seq, kv_heads, head_dim)
-    v = matmul(x, wv).reshape(batch, seq, kv_heads, head_dim)
+    q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(rows, seq, q_heads, head_dim)
+    k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(rows, seq, kv_heads, head_dim)
+    v = matmul(x, wv).reshape(rows, seq, kv_heads, head_dim)
 
-    cos = np.take(cos_table, positions, axis=0)
+    cos = np.take(cos_table, positions, axis=0)  # [R, S, R']
     sin = np.take(sin_table, positions, axis=0)
     q = rope_partial(q, cos, sin)
     k = rope_partial(k, cos, sin)
 
-    k_cache[:, :, positions] = np.transpose(k, (0, 2, 1, 3))
-    v_cache[:, :, positions] = np.transpose(v, (0, 2, 1, 3))
-    keys = k_cache[:, :, :kv_len]
-    values = v_cache[:, :, :kv_len]
+    written = cache_index(np.where(token_valid, slots[:, None], scratch), positions, max_seq).reshape(rows * seq)
+    k_cache[written] = k.reshape(rows * seq, kv_heads, head_dim)
+    v_cache[written] = v.reshape(rows * seq, kv_heads, head_dim)
+    read = cache_index(slots[:, None], np.arange(kv_len, dtype=np.int32)[None, :], max_seq)  # [R, kv_len]
+    keys = np.transpose(k_cache[read], (0, 2, 1, 3))  # [R, Hkv, kv_len, D]
+    values = np.transpose(v_cache[read], (0, 2, 1, 3))
 
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
-    q = np.transpose(q.reshape(batch, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
-    q = q.reshape(batch, kv_heads, group * seq, head_dim)
-    scores = matmul(q, np.swapaxes(keys, -1, -2)).astype(np.float32) * np.float32(head_dim**-0.5)
+    q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 4, 3, 1))
+    q = q.reshape(rows, kv_heads, head_dim, group * seq)  # [R, Hkv, D, G * S]
+    scores = np.swapaxes(matmul(keys, q), -1, -2).astype(np.float32) * np.float32(head_dim**-0.5)
 
-    visible = np.arange(kv_len)[None, :] <= positions[:, None]
-    scores = np.where(np.tile(visible, (group, 1)), scores, _MASKED)
+    visible = np.arange(kv_len, dtype=np.int32)[None, None, :] <= positions[:, :, None]  # [R, S, kv_len]
+    scores = np.where(np.tile(visible, (1, group, 1))[:, None], scores, _MASKED)
     scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
     probs = scores / np.sum(scores, axis=-1, keepdims=True)
 
-    out = matmul(probs.astype(values.dtype), values).reshape(batch, kv_heads, group, seq, head_dim)
-    out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, seq, q_heads * head_dim)
+    out = matmul(probs.astype(values.dtype), values).reshape(rows, kv_heads, group, seq, head_dim)
+    out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(rows, seq, q_heads * head_dim)
     return all_reduce(matmul(out, wo), replica_groups)

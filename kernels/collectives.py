@@ -66,11 +66,11 @@ def all_to_all(x: Any, split_dimension: int, concat_dimension: int, replica_grou
 
 def sum_in_rank_order(values: Sequence[np.ndarray]) -> np.ndarray:
     """The all_reduce sum the CPU backends compute from every member's array (in group order): floats
-    accumulate in float32 rank by rank and the result takes the members' dtype (a bfloat16 sum is rounded
-    once, and every backend gives the same bits); integers add in their own dtype."""
+    accumulate in float32 (or wider) rank by rank and the result takes the members' dtype (a bfloat16 sum
+    is rounded once, and every backend gives the same bits); integers add in their own dtype."""
     first = values[0]
-    total = np.zeros(first.shape, np.float32 if first.dtype.kind == "V" or np.issubdtype(first.dtype, np.floating)
-                     else first.dtype)
+    floating = first.dtype.kind == "V" or np.issubdtype(first.dtype, np.floating)  # bfloat16 is kind "V"
+    total = np.zeros(first.shape, np.result_type(first.dtype, np.float32) if floating else first.dtype)
     for value in values:
         total = total + value.astype(total.dtype)
     return total.astype(first.dtype)

@@ -5,5 +5,11 @@ import numpy as np
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b with the result in the operands' common dtype: bf16 x bf16 -> bf16, as a NeuronCore's matmul
-    returns it (ml_dtypes' CPU matmul would give float32 and silently promote everything after it)."""
+    returns it (ml_dtypes' CPU matmul would give float32 and silently promote everything after it).
+
+    Rows of a stacked `a` ([..., n, k]) against a weight `b` ([k, m]) are one matrix product over all
+    rows ([rows, k] @ [k, m]): NumPy would otherwise multiply each leading slice separately, reading the
+    weight once per slice."""
+    if a.ndim > 2 and b.ndim == 2:
+        return matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
     return (a @ b).astype(np.result_type(a.dtype, b.dtype))

@@ -28,17 +28,18 @@ def _exact_integers(dtype: np.dtype) -> int:
 
 def dispatch_experts(
     x: np.ndarray, chosen: np.ndarray, valid: np.ndarray, w13: np.ndarray, w2: np.ndarray, *,
-    capacity: int, ep_groups: ReplicaGroups,
+    capacity: int, block_rows: int, ep_groups: ReplicaGroups,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair r through expert chosen[r], held by the rank of `ep_groups` at position chosen[r] // L.
 
     x: [P, hidden] pair rows, chosen: [P] int expert ids among all L * W experts of the group,
-    valid: [P] bool; w13: [L, hidden, 2I'], w2: [L, I', hidden] this rank's (slices of its) experts.
+    valid: [P] bool; w13: [L, 2I', hidden], w2: [L, hidden, I'] this rank's (slices of its) experts.
     Returns (y [P, hidden], zero for pairs not run; kept [P] bool, False for valid pairs over capacity).
 
     Each valid pair goes through a send buffer [W, capacity, hidden + 1] (the extra column carries local
     expert id + 1, 0 marking an empty slot), one all_to_all; received rows run through the local
-    experts, a second all_to_all returns them. With capacity = worst_case_capacity nothing is dropped.
+    experts (schedule `block_rows`), a second all_to_all returns them. With capacity =
+    worst_case_capacity nothing is dropped.
     """
     pairs, hidden = x.shape
     world = group_size(ep_groups)
@@ -57,7 +58,8 @@ def dispatch_experts(
 
     received = all_to_all(send.reshape(world, capacity, hidden + 1), 0, 0, ep_groups).reshape(world * capacity, hidden + 1)
     local_tag = np.rint(received[:, hidden].astype(np.float32)).astype(np.int32)
-    y = grouped_experts(received[:, :hidden], np.maximum(local_tag - 1, 0), local_tag > 0, w13, w2)
+    y = grouped_experts(received[:, :hidden], np.maximum(local_tag - 1, 0), local_tag > 0, w13, w2,
+                        block_rows=block_rows)
     returned = all_to_all(y.reshape(world, capacity, hidden), 0, 0, ep_groups).reshape(world * capacity, hidden)
     return np.where(kept[:, None], np.take(returned, np.where(kept, slot, 0), axis=0), np.zeros_like(x[:1])), kept
 
@@ -77,6 +79,7 @@ def moe_block_parallel(
     *,
     top_k: int,
     capacity: int,
+    block_rows: int,
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
@@ -92,13 +95,13 @@ def moe_block_parallel(
       member_slots [M, top_k / tp] int32: which of each token's top_k choices a member handles (the tp
         ranks of an attention group hold the same tokens and split their choices);
       own_members [A] int32: the members holding this rank's tokens; own_position [1] int32: this rank's.
-    gate: [hidden, E], bias: [E] for every loaded expert; w13: [L, hidden, 2I/M], w2: [L, I/M, hidden]
+    gate: [hidden, E], bias: [E] for every loaded expert; w13: [L, 2I/M, hidden], w2: [L, hidden, I/M]
     this rank's slices of the experts of its slice group.
 
     1. The slice group's tokens are gathered, the U real ones kept (padding rows never reach an
        expert) and routed.
-    2. Their pairs (each row x its member's slots) run through this rank's slices, dispatched over
-       `ep_groups` to the slice group holding the expert when moe_ep > 1.
+    2. Their pairs (each row x its member's slots) run through this rank's slices (schedule
+       `block_rows`), dispatched over `ep_groups` to the slice group holding the expert when moe_ep > 1.
     3. Weighted sums per row are all-reduced over the slice group (summing the slices), put back in
        place, this rank adds up its own members' rows, and `combine_groups` sums the choices split
        over attention tp ranks outside the slice group.
@@ -113,9 +116,10 @@ def moe_block_parallel(
     valid = np.repeat(union_valid, per_token)
     pairs = np.repeat(rows, per_token, axis=0)
     if group_size(ep_groups) == 1:
-        y, kept = grouped_experts(pairs, chosen, valid, w13, w2), valid
+        y, kept = grouped_experts(pairs, chosen, valid, w13, w2, block_rows=block_rows), valid
     else:
-        y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, ep_groups=ep_groups)
+        y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, block_rows=block_rows,
+                                   ep_groups=ep_groups)
     per_row = np.sum(y.reshape(-1, per_token, hidden) * pair_weights.astype(x.dtype)[..., None], axis=1)
     per_row = all_reduce(per_row, slice_groups)  # [U, hidden], every slice summed
     every = place_rows(per_row, union_rows, union_valid, members * tokens).reshape(members, tokens, hidden)

@@ -7,19 +7,20 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2 import checks
-from minimax_m2.chat import format_chat
+from minimax_m2.serving.chat import format_chat
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.detokenize import IncrementalDetokenizer
+from minimax_m2.serving.detokenize import IncrementalDetokenizer
 from minimax_m2.distributed import rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.memory import available_memory, check_fits, plan_memory
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts, select_experts
 from minimax_m2.neuron import NeuronRunner
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.parsers import parse_output
+from minimax_m2.serving.parsers import parse_output
 from minimax_m2.prepare import prepared_layout
 from minimax_m2.roofline import fastest_moe_tp
 from minimax_m2.run import (
+    engine_generate,
     kernel_checks,
     load_tokenizer,
     parse_ids,
@@ -27,9 +28,9 @@ from minimax_m2.run import (
     report,
     report_parallel,
     run_kernel_checks,
-    timed_generate,
     write_outputs,
 )
+from minimax_m2.serving.engine import Engine
 from minimax_m2.weights import model_dtype
 
 
@@ -56,6 +57,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--batch", args.batch), ("--prompt-len", args.prompt_len)):
         checks.integer(flag, value)
     checks.integer("--port", args.port, 0, 65535)
+    checks.integer("--prefill-chunk", args.prefill_chunk)
+    checks.integer("--max-request-bytes", args.max_request_bytes, 1 << 10, 1 << 34)
+    if args.max_num_seqs is not None:
+        checks.integer("--max-num-seqs", args.max_num_seqs, 1, 4096)
     if args.capacity_factor is not None:
         checks.number("--capacity-factor", args.capacity_factor, 0, 1e6)
 
@@ -82,11 +87,10 @@ def _source(args: argparse.Namespace) -> Path:
 
 
 def _check_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, device: str,
-                  batch: int, step_tokens: int, kept_logits: int, max_seq_len: int, leader: bool) -> None:
+                  slots: int, prefill_chunk: int, kept_logits: int, max_seq_len: int, leader: bool) -> None:
     """Print this rank's memory plan and refuse the run, before any allocation, when it cannot fit."""
-    rows = layout.rows_per_group(batch)
-    plan = plan_memory(config, layout, num_experts, dtype, kv_rows=rows, max_seq_len=max_seq_len, step_rows=rows,
-                       step_tokens=step_tokens, kept_logits=kept_logits)
+    plan = plan_memory(config, layout, num_experts, dtype, kv_rows=slots + 1, max_seq_len=max_seq_len, step_rows=1,
+                       step_tokens=max(2 * prefill_chunk, slots), kept_logits=kept_logits)
     available, where = available_memory(device, min(layout.world, world_size()))
     check_fits(plan, available, where)
     if leader:
@@ -118,9 +122,20 @@ def _config_and_experts(args: argparse.Namespace, source: Path) -> tuple[MiniMax
     return config, select_experts(config, parse_experts(args.experts, config.num_local_experts)), None
 
 
+def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, leader: bool) -> Engine:
+    engine = Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk)
+    if leader:
+        shapes = engine.shapes.shapes()
+        print(f"engine: {slots} KV-cache slots per attention group, prefill chunks of {engine.shapes.prefill_chunk} "
+              f"tokens; {len(shapes)} step shapes (decode rows {list(engine.shapes.decode_rows)}, prefill rows "
+              f"{list(engine.shapes.prefill_rows)} x tokens {list(engine.shapes.prefill_tokens)}, attended lengths "
+              f"{list(engine.shapes.kv_lengths)})")
+    return engine
+
+
 def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> int:
-    """--mode serve: one process, a checkpoint or prepared weights with a tokenizer."""
-    from minimax_m2.server import Engine, serve
+    """--mode serve: one process, a checkpoint or prepared weights with a tokenizer, behind the engine."""
+    from minimax_m2.serving.server import Limits, ServedModel, serve
 
     if world_size() > 1:
         raise ValueError("--mode serve runs in one process; serving over several ranks is not supported yet")
@@ -131,11 +146,18 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     config, experts, _ = _config_and_experts(args, source)
-    _check_memory(config, ParallelLayout(), len(experts), model_dtype(args.dtype), args.device, 1, args.max_seq_len, 0,
-                  args.max_seq_len, True)
+    slots = args.max_num_seqs or 8
+    _check_memory(config, ParallelLayout(), len(experts), model_dtype(args.dtype), args.device, slots,
+                  args.prefill_chunk, 0, args.max_seq_len, True)
     model = _load_model(args, ParallelLayout(), experts, progress=True, runner=runner)
+    engine = _engine(args, model, slots, True)
+    engine.start()
     name = args.served_model_name or source.resolve().name
-    serve(Engine.for_model(name, model, tokenizer, defaults, source), args.host, args.port)
+    try:
+        serve(ServedModel(name, engine, tokenizer, defaults, args.max_seq_len, source), args.host, args.port,
+              Limits(max_body_bytes=args.max_request_bytes))
+    finally:
+        engine.stop()
     return 0
 
 
@@ -166,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
         config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
         experts = select_experts(config, parse_experts(args.experts, config.num_local_experts))
         rows = parse_ids(args.prompt_ids) if args.prompt_ids else None
-        shape = (len(rows), len(rows[0])) if rows else (args.batch, args.prompt_len)
+        lengths = [len(r) for r in rows] if rows else [args.prompt_len] * args.batch
     else:
         source = _source(args)
         config, experts, prepared = _config_and_experts(args, source)
@@ -186,33 +208,31 @@ def main(args: argparse.Namespace) -> int:
             else:
                 text = args.prompt
             rows = [tokenizer.encode(text, add_special_tokens=False).ids]
-        shape = (len(rows), len(rows[0]))
-    if rows and len({len(r) for r in rows}) != 1:
-        raise ValueError("--prompt-ids rows must be of equal length (a batch of equal-length prompts)")
+        lengths = [len(r) for r in rows]
     sampling, more = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,
                                       args.top_p, args.seed)
     warnings += more
     if args.max_seq_len > config.max_position_embeddings:
         warnings.append(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings "
                         f"{config.max_position_embeddings}")
-    if shape[1] + sampling.max_new_tokens - 1 > args.max_seq_len:
-        raise ValueError(f"a prompt of {shape[1]} tokens + {sampling.max_new_tokens} new tokens exceeds "
+    if max(lengths) + sampling.max_new_tokens - 1 > args.max_seq_len:
+        raise ValueError(f"a prompt of {max(lengths)} tokens + {sampling.max_new_tokens} new tokens exceeds "
                          f"--max-seq-len {args.max_seq_len}")
     if rows:
-        check_vocabulary(np.array(rows), config.vocab_size)
+        check_vocabulary(np.array([t for r in rows for t in r]), config.vocab_size)
 
     if prepared:
         tp, moe_tp = prepared["tp"], prepared["moe_tp"]
     else:
         tp = args.tp
-        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, tp, shape[0], args.max_seq_len, len(experts))
+        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, tp, len(lengths), args.max_seq_len, len(experts))
     planned = ParallelLayout(args.ep, tp, rank(), args.capacity_factor, moe_tp)
     planned.check(config, len(experts))
-    kept = shape[0] * (shape[1] + sampling.max_new_tokens - 1) if args.dump_logits else 0
-    _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, shape[0], shape[1], kept,
+    slots = args.max_num_seqs or planned.rows_per_group(len(lengths))
+    kept = sum(n + sampling.max_new_tokens - 1 for n in lengths) if args.dump_logits else 0
+    _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots, args.prefill_chunk, kept,
                   args.max_seq_len, rank() == 0)
-    prompt = np.array(rows) if rows else \
-        np.random.default_rng(args.model_seed).integers(0, config.vocab_size, shape)
+    prompts = rows or np.random.default_rng(args.model_seed).integers(0, config.vocab_size, (len(lengths), lengths[0])).tolist()
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
     leader = layout.rank == 0
     for warning in warnings if leader else []:
@@ -225,13 +245,14 @@ def main(args: argparse.Namespace) -> int:
             print(f"random MiniMax-M2: {config}")
     else:
         model = _load_model(args, layout, experts, progress=leader, runner=runner)
-    detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader else None
+    engine = _engine(args, model, slots, leader)
+    detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader and len(prompts) == 1 else None
 
-    def stream(tokens: np.ndarray) -> None:
-        print(detokenizer.feed(int(tokens[0, 0])), end="", flush=True)
+    def stream(row: int, token: int) -> None:
+        print(detokenizer.feed(token), end="", flush=True)
 
-    result = timed_generate(model, prompt, sampling, keep_logits=args.dump_logits is not None,
-                            on_tokens=stream if detokenizer else None, progress=leader and detokenizer is None)
+    result = engine_generate(engine, prompts, sampling, keep_logits=args.dump_logits is not None,
+                             on_token=stream if detokenizer else None, progress=leader and detokenizer is None)
     if leader:
         if detokenizer:
             print()
@@ -240,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
                       file=sys.stderr)
         report(result, tokenizer.decode if tokenizer else None)
         if messages:
-            parsed = parse_output(tokenizer.decode(result.generated_ids[0].tolist(), skip_special_tokens=True))
+            parsed = parse_output(tokenizer.decode(result.generated_ids[0], skip_special_tokens=True))
             print(f"reasoning: {parsed.reasoning!r}\ncontent: {parsed.content!r}")
             for call in parsed.tool_calls:
                 print(f"tool call: {call['function']['name']}({call['function']['arguments']})")

@@ -6,24 +6,34 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from kernels import rope_tables
+from kernels.attention import cache_index
 from kernels.collectives import all_reduce
 from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.expert_schedule import BLOCK_SIZES, ExpertCost, measure_block_times, measured_table
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.prepare import load_prepared
 from minimax_m2.program import (
     RankValues,
+    Step,
     Unit,
+    cache_shape,
+    copy_call,
     embedding_call,
+    group_rows,
     kv_len_for,
     layer_call,
     layer_constants,
     layer_inputs,
     lm_head_call,
     run_on_cpu,
+    uniform_step,
 )
 from minimax_m2.sampling import check_sampling, next_tokens
 from minimax_m2.weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
+
+
+_MEASURED: dict[tuple, ExpertCost] = {}  # this CPU's expert costs, by expert shapes, dtype and rank
 
 
 def check_vocabulary(ids: np.ndarray, vocab_size: int) -> None:
@@ -73,12 +83,17 @@ class MiniMaxM2Model:
 
     With an expert subset, each layer's router chooses among the loaded experts only (the others are
     masked out before the top-k), so logits equal the full model's whenever the tokens' chosen experts
-    are all loaded. Over several ranks every rank holds the same full-batch logits after each forward.
+    are all loaded. Over several ranks every rank holds the same full-batch logits after each step.
 
-    Every forward runs the device program's units (`minimax_m2.program`): embedding, one layer unit
-    per layer, lm_head, each through `runner` (`run_on_cpu`: NumPy here; `minimax_m2.neuron.NeuronRunner`:
+    The KV cache holds `slots` rows per attention group (`allocate`); every step (`run`) gives each of
+    its rows its own positions and cache row, so rows of different lengths share a step. `forward` and
+    `generate` run a batch of equal-length prompts, row b in cache row b.
+
+    Every step runs the device program's units (`minimax_m2.program`): embedding, one layer unit per
+    layer, lm_head, each through `runner` (`run_on_cpu`: NumPy here; `minimax_m2.neuron.NeuronRunner`:
     compiled for a NeuronCore). Weights, activations and KV caches are in the weights' dtype (float32,
-    or bfloat16 as on a NeuronCore); the router, norm statistics, softmax and logits stay float32.
+    or bfloat16 as on a NeuronCore); the router, norm statistics, softmax and logits stay float32. The
+    expert schedule is chosen for the target by `expert_cost` (measured on this CPU unless set).
     """
 
     def __init__(
@@ -101,8 +116,11 @@ class MiniMaxM2Model:
         self.rank_values = RankValues.of(config, layout)
         self.position = 0
         self.dropped_pairs = 0
+        self.slots = 0
+        self._batch = 0
         self._caches: list[tuple[np.ndarray, np.ndarray]] = []
         self.runner: Callable[[Unit], Any] = run_on_cpu
+        self.expert_cost: ExpertCost | None = None
 
     @classmethod
     def from_pretrained(
@@ -150,21 +168,74 @@ class MiniMaxM2Model:
         weights = random_model_weights(config, chosen, seed, layout, model_dtype(dtype), progress)
         return cls(config, weights, chosen, max_seq_len, layout)
 
+    def allocate(self, slots: int) -> None:
+        """A KV cache of `slots` rows per attention group (plus a scratch row), in every layer, zeroed."""
+        shape = cache_shape(self.config, self.layout, slots, self.max_seq_len)
+        self._caches = [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
+                        for _ in range(self.config.num_hidden_layers)]
+        self.slots = slots
+
     def reset(self) -> None:
-        """Empty the KV cache (and the dropped-pair count)."""
+        """Start `forward` again from position 0 (and zero the dropped-pair count)."""
         self.position = 0
         self.dropped_pairs = 0
-        self._caches = []
+        self._batch = 0
 
-    def _ensure_caches(self, batch: int) -> None:
-        if self._caches and self._batch != batch:
-            raise ValueError(f"batch size {batch} differs from the cached batch {self._batch}; reset() first")
-        if not self._caches:
-            c = self.config
-            self._batch = batch
-            rows = self.layout.rows_per_group(batch)
-            shape = (rows, c.num_key_value_heads // self.layout.tp, self.max_seq_len, c.head_dim)
-            self._caches = [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)) for _ in range(c.num_hidden_layers)]
+    def schedule_cost(self) -> ExpertCost:
+        """The target's cost of one expert over n rows: `expert_cost` when set, else measured on this CPU
+        for experts of this model's shapes, once per process and rank (averaged over the ranks, so that
+        every rank runs the same program, and reused, so that equal models choose equal schedules)."""
+        if self.expert_cost is None:
+            layer = self.weights.layers[0]
+            key = (layer.w13.shape, layer.w2.shape, str(layer.w13.dtype), self.layout.world, self.layout.rank)
+            if key not in _MEASURED:
+                timed = measure_block_times(layer.w13, layer.w2)
+                times = all_reduce(np.array([timed[b] for b in BLOCK_SIZES]), self.layout.world_groups)
+                _MEASURED[key] = measured_table(dict(zip(BLOCK_SIZES, (times / self.layout.world).tolist())))
+            self.expert_cost = _MEASURED[key]
+        return self.expert_cost
+
+    def run(self, step: Step) -> tuple[np.ndarray, np.ndarray]:
+        """One step: every layer over the step's rows, each continuing its own cache row -> (logits
+        [dp * R, K, vocab] float32, greedy tokens [dp * R, K] int32) at the selected positions of every
+        row, identical on every rank. Padding rows and tokens are left out of the experts; their logits
+        are meaningless."""
+        layout, config = self.layout, self.config
+        check_vocabulary(step.input_ids, config.vocab_size)
+        if np.any(step.positions < 0) or np.any(step.positions >= self.max_seq_len):
+            raise ValueError(f"positions must lie in 0..{self.max_seq_len - 1} (max_seq_len {self.max_seq_len})")
+        if np.any(step.slots < 0) or np.any(step.slots > self.slots):
+            raise ValueError(f"cache rows must lie in 0..{self.slots} (the last is scratch)")
+        mine = group_rows(step, layout)
+        seq = step.input_ids.shape[1]
+        union = layout.union_tokens(step.bucket, step.token_valid)
+        constants = layer_constants(config, layout, len(union[0]), kv_len_for(step.kv_length, self.max_seq_len),
+                                    self.max_seq_len, self.weights.layers[0].w13.shape[0], self.schedule_cost())
+        h = self.runner(embedding_call(step.input_ids[mine], self.weights))
+        dropped = np.zeros((), np.int32)
+        phase = "decode" if seq == 1 else "prefill"
+        for w, caches in zip(self.weights.layers, self._caches):
+            out = self.runner(layer_call(phase, layer_inputs(h, step, layout, union, self.rank_values, self.rope,
+                                                             caches, w), constants))
+            if layout.world == 1:
+                h = out
+            else:
+                h, dropped = out[0], dropped + out[1]
+        if layout.capacity_factor is not None:
+            self.dropped_pairs += int(all_reduce(dropped, layout.world_groups))
+        return self.runner(lm_head_call(h, step.selected[mine], self.weights, self.rank_values, config, layout))
+
+    def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy whole cache rows, (attention group, source slot, target slot) each, in every layer: a request
+        reusing a prefix that a busy slot holds. Every rank runs the same unit; a rank whose group copies
+        nothing copies its scratch row onto itself."""
+        positions = np.arange(self.max_seq_len, dtype=np.int32)
+        for group, source, target in copies:
+            if group != self.layout.group:
+                source = target = self.slots
+            for caches in self._caches:
+                self.runner(copy_call(caches, cache_index(np.int32(source), positions, self.max_seq_len),
+                                      cache_index(np.int32(target), positions, self.max_seq_len)))
 
     def _check_input(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -175,11 +246,13 @@ class MiniMaxM2Model:
             raise ValueError(
                 f"{ids.shape[1]} tokens at position {self.position} exceed max_seq_len {self.max_seq_len}"
             )
+        if self.position and ids.shape[0] != self._batch:
+            raise ValueError(f"batch size {ids.shape[0]} differs from the cached batch {self._batch}; reset() first")
         return ids
 
     def forward(self, input_ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
         """int [batch, seq] -> float32 logits [batch, seq, vocab] (or [batch, 1, vocab] for the last
-        position when all_logits is False); continues from the KV cache."""
+        position when all_logits is False); continues from the KV cache (row b in cache row b)."""
         return self._run(input_ids, all_logits)[0]
 
     def _run(self, input_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -191,30 +264,12 @@ class MiniMaxM2Model:
         """
         ids = self._check_input(input_ids)
         batch, seq = ids.shape
-        self._ensure_caches(batch)
-        layout, config = self.layout, self.config
-        rows = layout.rows_per_group(batch)
-        padded = np.concatenate([ids, np.zeros((rows * layout.dp - batch, seq), ids.dtype)]).astype(np.int32)
-        positions = np.arange(self.position, self.position + seq, dtype=np.int32)
-        union = layout.union_tokens(batch, seq)
-        constants = layer_constants(config, layout, len(union[0]), kv_len_for(self.position, seq, self.max_seq_len),
-                                    self.weights.layers[0].w13.shape[0])
-        h = self.runner(embedding_call(padded[layout.group * rows : (layout.group + 1) * rows], self.weights))
-        dropped = np.zeros((), np.int32)
-        phase = "decode" if seq == 1 else "prefill"
-        for w, caches in zip(self.weights.layers, self._caches):
-            out = self.runner(layer_call(phase, layer_inputs(h, positions, union, self.rank_values, self.rope, caches, w),
-                                         constants))
-            if layout.world == 1:
-                h = out
-            else:
-                h, dropped = out[0], dropped + out[1]
+        rows = self.layout.rows_per_group(batch)
+        if self.slots < rows:
+            self.allocate(rows)
+        self._batch = batch
+        logits, tokens = self.run(uniform_step(batch, seq, self.position, self.layout, ids, all_logits))
         self.position += seq
-        if layout.capacity_factor is not None:
-            self.dropped_pairs += int(all_reduce(dropped, layout.world_groups))
-        if not all_logits:
-            h = h[:, -1:]
-        logits, tokens = self.runner(lm_head_call(h, self.weights, self.rank_values, config, layout))
         return logits[:batch], tokens[:batch]
 
     def generate_steps(

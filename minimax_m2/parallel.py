@@ -152,20 +152,29 @@ class ParallelLayout:
         """Batch rows each attention group runs (the batch is padded to a multiple of dp)."""
         return -(-batch // self.dp)
 
-    def union_tokens(self, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This rank's slice group gathers its members' rows x seq tokens: (indices of those that are not
-        batch padding, the member holding each, valid), all [U] with U the most any slice group has."""
-        tokens = self.rows_per_group(batch) * seq
+    def union_tokens(self, bucket: int, token_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tokens this rank's slice group gathers that can be real: (their indices in the gathered
+        buffer, the member holding each, whether each is a real token this step), all [U].
 
-        def real(members: list[int]) -> np.ndarray:
-            return np.flatnonzero(np.concatenate([np.repeat(self.row_valid(batch, rank), seq) for rank in members]))
+        token_valid: [dp * rows, seq] bool, every attention group's rows of the step. Rows at or past
+        `bucket` only pad the step to a multiple of dp and are left out; the others count, real or not,
+        so that U (the most any slice group has) depends on the bucket alone, not on which rows are busy.
+        """
+        rows, seq = token_valid.shape[0] // self.dp, token_valid.shape[1]
+        entries = np.arange(rows * seq)
+        row_of = entries // seq
 
-        size = max(len(real(g)) for g in self.slice_groups)
-        mine = real(self.slice_members())
-        rows = np.pad(mine, (0, size - len(mine))).astype(np.int32)
-        return rows, rows // tokens, np.arange(size) < len(mine)
+        def potential(members: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            index, source = [], []
+            for m, member in enumerate(members):
+                global_row = (member // self.tp) * rows + row_of
+                keep = global_row < bucket
+                index.append(m * rows * seq + entries[keep])
+                source.append(global_row[keep] * seq + entries[keep] % seq)
+            return np.concatenate(index), np.concatenate(source)
 
-    def row_valid(self, batch: int, rank: int) -> np.ndarray:
-        """[rows] bool for `rank`'s attention group: False for the rows that only pad the batch."""
-        rows = self.rows_per_group(batch)
-        return (rank // self.tp) * rows + np.arange(rows) < batch
+        size = max(len(potential(g)[0]) for g in self.slice_groups)
+        index, source = potential(self.slice_members())
+        valid = np.pad(token_valid.reshape(-1)[source], (0, size - len(index)))
+        index = np.pad(index, (0, size - len(index))).astype(np.int32)
+        return index, (index // (rows * seq)).astype(np.int32), valid.astype(bool)

@@ -1,16 +1,21 @@
 """The device program: the units nkipy compiles for a NeuronCore, declared in one place.
 
-Each unit is a function of arrays only (weights, KV caches, positions, RoPE tables and every
-rank-specific value: expert slots, padding rows, slice-group positions, vocabulary offset), with config numbers, shapes and
-replica groups as keyword constants. It returns arrays only, and writes its KV caches in place into
-its input arrays (nkipy turns such a write into an aliased output, so the caches stay on the device).
-`MiniMaxM2Model` runs exactly these units on CPU, so every accuracy test tests what would be compiled;
-`program_units` hands any tool the units of one phase with example inputs, so the whole program can
-be traced.
+Each unit is a function of arrays only (weights, KV caches, token ids, positions, cache rows, RoPE tables
+and every rank-specific value: expert slots, the MoE union's rows, slice-group positions, vocabulary
+offset), with config numbers, shapes, the expert schedule and replica groups as keyword constants. It
+returns arrays only, and writes its KV caches in place into its input arrays (nkipy turns such a write
+into an aliased output, so the caches stay on the device). `MiniMaxM2Model` runs exactly these units on
+CPU, so every accuracy test tests what would be compiled; `program_units` hands any tool the units of one
+phase with example inputs, so the whole program can be traced.
 
-Units, per phase: `embedding`; `prefill_layer` or `decode_layer` (one function, traced once per
-phase: the same program serves all layers, whose weights are its arguments); `lm_head` (final norm,
-vocabulary split over all ranks, logits gathered, greedy tokens picked from each rank's best).
+A step runs R rows of S tokens in each attention group. Every row has its own positions and its own
+KV-cache row (its slot), so one step serves sequences at different lengths: a decode step (S = 1) over
+every running request, or a prefill step over chunks of prompts (S = the chunk). Tokens that only pad a
+row or the step never reach an expert and write only the cache's scratch row.
+
+Units: `embedding`; `prefill_layer` or `decode_layer` (one function, traced per phase and shape: the
+same program serves all layers, whose weights are its arguments); `lm_head` (final norm of the selected
+positions, vocabulary split over all ranks, logits gathered, greedy tokens picked from each rank's best).
 """
 
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ import numpy as np
 from kernels import attention, lm_head_vocab_parallel, moe_block, moe_block_parallel, rmsnorm, token_embedding
 from kernels.collectives import ReplicaGroups, all_gather, group_size
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.expert_schedule import ExpertCost, choose_block_rows
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
@@ -28,13 +34,15 @@ KV_BLOCK = 128
 
 
 def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
-    """input_ids: [B, S] int32, embed: [vocab, hidden] -> h [B, S, hidden]."""
+    """input_ids: [R, S] int32, embed: [vocab, hidden] -> h [R, S, hidden]."""
     return token_embedding(input_ids, embed)
 
 
 def layer_unit(
     h: np.ndarray,
     positions: np.ndarray,
+    slots: np.ndarray,
+    token_valid: np.ndarray,
     union_rows: np.ndarray,
     union_member: np.ndarray,
     union_valid: np.ndarray,
@@ -61,8 +69,10 @@ def layer_unit(
     head_dim: int,
     eps: float,
     top_k: int,
+    max_seq: int,
     kv_len: int,
     capacity: int,
+    block_rows: int,
     tp_groups: ReplicaGroups,
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
@@ -70,40 +80,56 @@ def layer_unit(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
-    h: [B, S, hidden] at positions [S] int32; k/v_cache: [B, Hkv, max_seq, D], written at `positions`.
-    union_rows, union_member [U] int32, union_valid [U] bool (the gathered tokens of this rank's MoE
-    slice group that are not batch padding: padding never reaches an expert), member_slots
-    [M, top_k / tp] int32, own_members [A] int32, own_position [1] int32: see
-    `kernels.moe_parallel.moe_block_parallel`.
-    Weights as in `LayerWeights`. Returns h on one rank; over several, (h, dropped [] int32).
+    h: [R, S, hidden]; positions: [R, S] int32; slots: [R] int32 (each row's KV-cache row);
+    token_valid: [R, S] bool; k/v_cache: [cache rows * max_seq, Hkv, D], written at each real token's
+    (slot, position) (see `kernels.attention`). union_rows, union_member [U] int32, union_valid [U] bool
+    (the gathered tokens of this rank's MoE slice group that can be real, and which are: padding never
+    reaches an expert), member_slots [M, top_k / tp] int32, own_members [A] int32, own_position [1]
+    int32: see `kernels.moe_parallel.moe_block_parallel` (on one rank the union is this rank's tokens).
+    block_rows: the expert schedule (`minimax_m2.expert_schedule`). Weights as in `LayerWeights`.
+    Returns h on one rank; over several, (h, dropped [] int32).
     """
-    batch, seq, hidden = h.shape
+    rows, seq, hidden = h.shape
     h = h + attention(
-        rmsnorm(h, input_norm, eps), positions, wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache,
-        head_dim=head_dim, eps=eps, kv_len=kv_len, replica_groups=tp_groups,
+        rmsnorm(h, input_norm, eps), positions, slots, token_valid, wq, wk, wv, wo, q_norm, k_norm, cos_table,
+        sin_table, k_cache, v_cache, head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len,
+        replica_groups=tp_groups,
     )
-    x = rmsnorm(h, post_norm, eps).reshape(batch * seq, hidden)
+    x = rmsnorm(h, post_norm, eps).reshape(rows * seq, hidden)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
-        return h + moe_block(x, gate, bias, w13, w2, top_k=top_k).reshape(batch, seq, hidden)
+        return h + moe_block(x, union_valid, gate, bias, w13, w2, top_k=top_k, block_rows=block_rows).reshape(
+            rows, seq, hidden)
     moe, dropped = moe_block_parallel(
         x, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
-        top_k=top_k, capacity=capacity, slice_groups=slice_groups, ep_groups=ep_groups, combine_groups=combine_groups,
+        top_k=top_k, capacity=capacity, block_rows=block_rows, slice_groups=slice_groups, ep_groups=ep_groups,
+        combine_groups=combine_groups,
     )
-    return h + moe.reshape(batch, seq, hidden), dropped
+    return h + moe.reshape(rows, seq, hidden), dropped
+
+
+def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """One layer's cache entries copied in place: k/v_cache[target] = k/v_cache[source]; source, target:
+    [n] int32 flat cache indices (a whole cache row, for prefix reuse from a busy slot). Returns target[:2]
+    (a unit returns an array computed from its inputs)."""
+    k_cache[target] = k_cache[source]
+    v_cache[target] = v_cache[source]
+    return target[:2]
 
 
 def lm_head_unit(
-    h: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray, *,
+    h: np.ndarray, selected: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray, *,
     eps: float, vocab_size: int, dp: int, tp: int, world_groups: ReplicaGroups,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """h: [rows, S, hidden] of this rank's attention group -> (logits [dp * rows, S, vocab] float32,
-    greedy tokens [dp * rows, S] int32) for the whole batch, identical on every rank.
+    """h: [R, S, hidden] of this rank's attention group, selected: [R, K] int32 (the positions within
+    each row whose next token is wanted, e.g. each row's last real token) -> (logits [dp * R, K, vocab]
+    float32, greedy tokens [dp * R, K] int32) for every group's rows, identical on every rank.
 
-    The groups' rows are gathered over all ranks (the tp copies of a group are identical; the first is
-    kept), then each rank projects onto its vocabulary slice lm_head: [hidden, V / W] starting at
-    vocab_offset: [1] int32.
+    The groups' selected rows are gathered over all ranks (the tp copies of a group are identical; the
+    first is kept), then each rank projects onto its vocabulary slice lm_head: [hidden, V / W] starting
+    at vocab_offset: [1] int32.
     """
-    return lm_head_vocab_parallel(all_rows(h, dp, tp, world_groups), final_norm, lm_head, vocab_offset, eps=eps,
+    picked = np.take_along_axis(h, selected[:, :, None], axis=1)
+    return lm_head_vocab_parallel(all_rows(picked, dp, tp, world_groups), final_norm, lm_head, vocab_offset, eps=eps,
                                   vocab_size=vocab_size, replica_groups=world_groups)
 
 
@@ -129,26 +155,33 @@ def run_on_cpu(unit: Unit) -> Any:
     return unit.fn(**unit.inputs, **unit.constants)
 
 
-def kv_len_for(position: int, seq: int, max_seq_len: int) -> int:
-    """Cache slots attended after writing `seq` tokens at `position`: whole blocks of KV_BLOCK (one
-    compiled decode program per block count)."""
-    return min(max_seq_len, -(-(position + seq) // KV_BLOCK) * KV_BLOCK)
+def kv_len_for(length: int, max_seq_len: int) -> int:
+    """Cache positions attended when the longest row has `length` tokens: KV_BLOCK times a power of two
+    (one compiled program per length, few lengths in all), at most max_seq_len."""
+    kv = KV_BLOCK
+    while kv < length:
+        kv *= 2
+    return min(max_seq_len, kv)
 
 
-def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, kv_len: int,
-                    local_experts: int) -> dict[str, Any]:
-    """Keyword constants of `layer_unit`; union: the real tokens a slice group gathers (U)."""
-    top_k = config.num_experts_per_tok
-    return dict(
-        head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, kv_len=kv_len,
-        capacity=layout.capacity(union, top_k, local_experts), tp_groups=layout.tp_groups,
-        slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
-    )
+@dataclass
+class Step:
+    """The host's description of one step, for every attention group's rows (all arrays [dp * R, ...]).
 
+    Row r of the step belongs to attention group r // R and reads and writes cache row slots[r] of that
+    group's cache. Rows at or past `bucket` only pad the step to a multiple of dp."""
 
-def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout) -> dict[str, Any]:
-    return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
-                world_groups=layout.world_groups)
+    input_ids: np.ndarray  # [dp * R, S] int32
+    positions: np.ndarray  # [dp * R, S] int32 (padding tokens at any position inside the cache)
+    slots: np.ndarray  # [dp * R] int32
+    token_valid: np.ndarray  # [dp * R, S] bool
+    selected: np.ndarray  # [dp * R, K] int32: positions within each row to project onto the vocabulary
+    bucket: int  # rows that can be real
+
+    @property
+    def kv_length(self) -> int:
+        """Positions the longest real row reaches (its last position + 1)."""
+        return int(np.max(np.where(self.token_valid, self.positions + 1, 1)))
 
 
 @dataclass
@@ -171,16 +204,54 @@ class RankValues:
         )
 
 
-def layer_inputs(h: np.ndarray, positions: np.ndarray, union: tuple[np.ndarray, np.ndarray, np.ndarray],
+def expert_rows(config: MiniMaxM2Config, layout: ParallelLayout, union: int, local_experts: int) -> int:
+    """Rows this rank's experts are applied to in a layer whose slice group gathers `union` tokens: the
+    pairs themselves, or the received buffer (moe_ep x capacity) when pairs travel between slice groups."""
+    if layout.moe_ep == 1:
+        return union * (config.num_experts_per_tok // layout.tp)
+    return layout.moe_ep * layout.capacity(union, config.num_experts_per_tok, local_experts)
+
+
+def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, kv_len: int, max_seq: int,
+                    local_experts: int, expert_cost: ExpertCost) -> dict[str, Any]:
+    """Keyword constants of `layer_unit`; union: the tokens a slice group gathers (U); expert_cost: the
+    target's cost of one expert over n rows, which chooses the schedule."""
+    top_k = config.num_experts_per_tok
+    rows = expert_rows(config, layout, union, local_experts)
+    return dict(
+        head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, max_seq=max_seq, kv_len=kv_len,
+        capacity=layout.capacity(union, top_k, local_experts),
+        block_rows=choose_block_rows(rows, local_experts, expert_cost), tp_groups=layout.tp_groups,
+        slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
+    )
+
+
+def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout) -> dict[str, Any]:
+    return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
+                world_groups=layout.world_groups)
+
+
+def group_rows(step: Step, layout: ParallelLayout) -> slice:
+    """This rank's attention group's rows of a step."""
+    rows = step.input_ids.shape[0] // layout.dp
+    return slice(layout.group * rows, (layout.group + 1) * rows)
+
+
+def layer_inputs(h: np.ndarray, step: Step, layout: ParallelLayout, union: tuple[np.ndarray, np.ndarray, np.ndarray],
                  rank: RankValues, rope: tuple[np.ndarray, np.ndarray], caches: tuple[np.ndarray, np.ndarray],
                  weights: LayerWeights) -> dict[str, np.ndarray]:
     """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`)."""
-    inputs = dict(h=h, positions=positions, union_rows=union[0], union_member=union[1], union_valid=union[2],
-                  member_slots=rank.member_slots,
+    mine = group_rows(step, layout)
+    inputs = dict(h=h, positions=step.positions[mine], slots=step.slots[mine], token_valid=step.token_valid[mine],
+                  union_rows=union[0], union_member=union[1], union_valid=union[2], member_slots=rank.member_slots,
                   own_members=rank.own_members, own_position=rank.own_position,
                   cos_table=rope[0], sin_table=rope[1], k_cache=caches[0], v_cache=caches[1])
     inputs.update({name: getattr(weights, name) for name in LAYER_WEIGHT_NAMES})
     return inputs
+
+
+def copy_call(caches: tuple[np.ndarray, np.ndarray], source: np.ndarray, target: np.ndarray) -> Unit:
+    return Unit("copy_rows", copy_unit, dict(k_cache=caches[0], v_cache=caches[1], source=source, target=target))
 
 
 def embedding_call(input_ids: np.ndarray, weights: ModelWeights) -> Unit:
@@ -192,11 +263,34 @@ def layer_call(phase: str, inputs: dict[str, np.ndarray], constants: dict[str, A
     return Unit(f"{phase}_layer", layer_unit, inputs, constants)
 
 
-def lm_head_call(h: np.ndarray, weights: ModelWeights, rank: RankValues, config: MiniMaxM2Config,
-                 layout: ParallelLayout) -> Unit:
+def lm_head_call(h: np.ndarray, selected: np.ndarray, weights: ModelWeights, rank: RankValues,
+                 config: MiniMaxM2Config, layout: ParallelLayout) -> Unit:
     return Unit("lm_head", lm_head_unit,
-                dict(h=h, final_norm=weights.final_norm, lm_head=weights.lm_head, vocab_offset=rank.vocab_offset),
+                dict(h=h, selected=selected, final_norm=weights.final_norm, lm_head=weights.lm_head,
+                     vocab_offset=rank.vocab_offset),
                 lm_head_constants(config, layout))
+
+
+def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max_seq_len: int) -> tuple[int, ...]:
+    """One layer's K (or V) cache on one rank: `slots` rows plus the scratch row, each of max_seq_len
+    positions, this rank's KV heads."""
+    return ((slots + 1) * max_seq_len, config.num_key_value_heads // layout.tp, config.head_dim)
+
+
+def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, ids: np.ndarray | None = None,
+                 all_positions: bool = True) -> Step:
+    """A step of `batch` rows of `seq` tokens all at `position` (row b in cache row b of its group, as
+    `MiniMaxM2Model.forward` lays out a batch); ids [batch, seq] (zeros when None)."""
+    rows = layout.rows_per_group(batch)
+    total = rows * layout.dp
+    input_ids = np.zeros((total, seq), np.int32)
+    if ids is not None:
+        input_ids[:batch] = ids
+    valid = np.repeat((np.arange(total) < batch)[:, None], seq, axis=1)
+    positions = np.broadcast_to(np.arange(position, position + seq, dtype=np.int32), (total, seq)).copy()
+    selected = np.arange(seq, dtype=np.int32) if all_positions else np.array([seq - 1], np.int32)
+    return Step(input_ids, positions, (np.arange(total) % rows).astype(np.int32), valid,
+                np.broadcast_to(selected, (total, len(selected))).copy(), batch)
 
 
 def program_units(
@@ -204,6 +298,7 @@ def program_units(
     layout: ParallelLayout,
     weights: ModelWeights,
     rope: tuple[np.ndarray, np.ndarray],
+    expert_cost: ExpertCost,
     *,
     phase: str,
     batch: int,
@@ -213,25 +308,25 @@ def program_units(
 ) -> list[Unit]:
     """The units one rank runs for one phase ('prefill': `seq` prompt tokens from `position`;
     'decode': one token at `position`), with example inputs of the right shapes, dtypes and values
-    (layer 0's weights; every layer runs the same program)."""
+    (layer 0's weights; every layer runs the same program; every row its own cache row)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
     rows = layout.rows_per_group(batch)
     dtype = weights.embed.dtype
-    kv_heads = config.num_key_value_heads // layout.tp
-    cache_shape = (rows, kv_heads, max_seq_len, config.head_dim)
-    caches = (np.zeros(cache_shape, dtype), np.zeros(cache_shape, dtype))
+    shape = cache_shape(config, layout, rows, max_seq_len)
+    caches = (np.zeros(shape, dtype), np.zeros(shape, dtype))
     rank = RankValues.of(config, layout)
-    ids = (np.arange(rows * seq, dtype=np.int32).reshape(rows, seq) * 7919) % config.vocab_size
-    h = weights.embed[ids]
-    positions = np.arange(position, position + seq, dtype=np.int32)
+    ids = (np.arange(rows * layout.dp * seq, dtype=np.int32).reshape(-1, seq) * 7919) % config.vocab_size
+    step = uniform_step(batch, seq, position, layout, ids[:batch], all_positions=False)
+    mine = group_rows(step, layout)
+    h = weights.embed[step.input_ids[mine]]
     layer = weights.layers[0]
-    kv_len = kv_len_for(position, seq, max_seq_len)
-    union = layout.union_tokens(batch, seq)
+    union = layout.union_tokens(step.bucket, step.token_valid)
+    constants = layer_constants(config, layout, len(union[0]), kv_len_for(step.kv_length, max_seq_len), max_seq_len,
+                                layer.w13.shape[0], expert_cost)
     return [
-        embedding_call(ids, weights),
-        layer_call(phase, layer_inputs(h, positions, union, rank, rope, caches, layer),
-                   layer_constants(config, layout, len(union[0]), kv_len, layer.w13.shape[0])),
-        lm_head_call(h[:, -1:], weights, rank, config, layout),
+        embedding_call(step.input_ids[mine], weights),
+        layer_call(phase, layer_inputs(h, step, layout, union, rank, rope, caches, layer), constants),
+        lm_head_call(h, step.selected[mine], weights, rank, config, layout),
     ]

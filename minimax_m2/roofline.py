@@ -21,10 +21,11 @@ import numpy as np
 
 from kernels import collectives, rope_tables
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.expert_schedule import ExpertCost, roofline_cost
 from minimax_m2.nkipy_semantics import Collective, EmulatedCollectives, LoopbackCollectives, Program, trace_unit
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.program import Unit, program_units
-from minimax_m2.weights import LAYER_WEIGHT_NAMES, zero_model_weights
+from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, zero_model_weights
 
 READ_BY_MATMULS = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head", "k_cache", "v_cache")
 
@@ -119,15 +120,26 @@ def unit_cost(name: str, program: Program) -> UnitCost:
                     [c for c in program.collectives if len(c.replica_groups[0]) > 1])
 
 
+def expert_cost(hw: Hardware, layer: LayerWeights) -> ExpertCost:
+    """The cost of one of this layer's experts over n rows on `hw`: its weight bytes and matmul FLOPs, as
+    the roofline costs a unit (overlapped where the hardware overlaps them)."""
+    weight_bytes = layer.w13[0].nbytes + layer.w2[0].nbytes
+    return roofline_cost(weight_bytes, 2 * (layer.w13[0].size + layer.w2[0].size), hw.memory_bytes_per_s,
+                         hw.matmul_flops_per_s, hw.overlaps_memory_and_compute)
+
+
 def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int,
-                    context: int, dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)) -> tuple[list[Unit], list[Program]]:
+                    context: int, dtype: np.dtype = np.dtype(ml_dtypes.bfloat16), hw: Hardware | None = None,
+                    schedule_cost: ExpertCost | None = None) -> tuple[list[Unit], list[Program]]:
     """Rank 0's units for one phase and their recorded programs, at the config's shapes with zero weights
-    (matmuls sized, not computed); a unit recording a violation is an error."""
+    (matmuls sized, not computed), with the expert schedule `hw` (TRN2 by default) would choose, or the
+    one `schedule_cost` chooses; a unit recording a violation is an error."""
     experts = list(range(config.num_local_experts))
     weights = zero_model_weights(config, experts, layout, dtype)
     rope = tuple(t.astype(dtype) for t in rope_tables(context, config.rotary_dim, config.rope_theta))
     position = 0 if phase == "prefill" else context - 1
-    units = program_units(config, layout, weights, rope, phase=phase, batch=batch, seq=seq, max_seq_len=context,
+    cost = schedule_cost or expert_cost(hw or TRN2, weights.layers[0])
+    units = program_units(config, layout, weights, rope, cost, phase=phase, batch=batch, seq=seq, max_seq_len=context,
                           position=position)
     programs = []
     previous = collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
@@ -143,9 +155,11 @@ def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: s
 
 
 def record_units(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int, context: int,
-                 dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)) -> list[UnitCost]:
+                 dtype: np.dtype = np.dtype(ml_dtypes.bfloat16), hw: Hardware | None = None,
+                 schedule_cost: ExpertCost | None = None) -> list[UnitCost]:
     """The costs of rank 0's units for one phase (see record_programs)."""
-    units, programs = record_programs(config, layout, phase=phase, batch=batch, seq=seq, context=context, dtype=dtype)
+    units, programs = record_programs(config, layout, phase=phase, batch=batch, seq=seq, context=context, dtype=dtype,
+                                      hw=hw, schedule_cost=schedule_cost)
     return [unit_cost(unit.name, program) for unit, program in zip(units, programs)]
 
 

@@ -18,6 +18,7 @@ from minimax_m2 import distributed
 from minimax_m2.distributed import CollectiveError
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
+from minimax_m2.serving.engine import Engine
 
 
 def run_kernel_checks(checks: dict[str, Callable[[], None]]) -> bool:
@@ -68,58 +69,61 @@ def random_config(hidden_size: int, num_layers: int, num_experts: int, top_k: in
 
 @dataclass
 class GenerationResult:
-    prompt_ids: np.ndarray  # [B, prompt]
-    generated_ids: np.ndarray  # [B, new]
-    logits: np.ndarray | None  # [B, prompt + new - 1, vocab]
-    prefill_seconds: float
-    decode_seconds: list[float]
+    prompt_ids: list[list[int]]
+    generated_ids: list[list[int]]
+    logits: list[np.ndarray] | None  # per row [prompt + new - 1, vocab]
+    first_token_seconds: float  # until every row had its first new token
+    decode_seconds: float  # the rest
+    decode_steps: int
 
 
-def timed_generate(model: MiniMaxM2Model, prompt: np.ndarray, sampling: Sampling, keep_logits: bool,
-                   on_tokens: Callable[[np.ndarray], None] | None = None, progress: bool = False) -> GenerationResult:
-    """Generate from `prompt`, timing the prefill and each decode step; on_tokens([batch, 1]) as they come;
-    progress: a bar over the new tokens."""
-    steps = model.generate_steps(
-        prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
-        all_logits=keep_logits, eos_token_ids=sampling.eos_token_ids,
-    )
-    seconds, tokens, logits = [], [], []
-    bar = tqdm(total=sampling.max_new_tokens, desc="generating", unit="token", disable=not progress, leave=False, delay=2)
-    while True:
-        start = time.perf_counter()
-        try:
-            new, step_logits = next(steps)
-        except StopIteration:
-            break
-        seconds.append(time.perf_counter() - start)
-        if on_tokens:
-            on_tokens(new)
+def engine_generate(engine: Engine, prompts: list[list[int]], sampling: Sampling, keep_logits: bool,
+                    on_token: Callable[[int, int], None] | None = None, progress: bool = False) -> GenerationResult:
+    """Generate for every prompt through the engine (rows of any lengths, batched), timing the first
+    tokens and the rest; on_token(row, id) as they come; progress: a bar over the new tokens."""
+    bar = tqdm(total=sampling.max_new_tokens * len(prompts), desc="generating", unit="token", disable=not progress,
+               leave=False, delay=2)
+    started, first = [False] * len(prompts), [0.0]
+    begin = time.perf_counter()
+
+    def token(row: int, value: int) -> None:
+        if not started[row]:
+            started[row] = True
+            if all(started):
+                first[0] = time.perf_counter()
         bar.update()
-        tokens.append(new)
-        logits.append(step_logits)
+        if on_token:
+            on_token(row, value)
+
+    steps_before = engine.stats["decode_steps"]
+    results = engine.generate(prompts, sampling, token, keep_logits)
+    end = time.perf_counter()
     bar.close()
+    first[0] = first[0] or end
     return GenerationResult(
-        prompt_ids=prompt,
-        generated_ids=np.concatenate(tokens, axis=1),
-        logits=np.concatenate(logits, axis=1) if keep_logits else None,
-        prefill_seconds=seconds[0],
-        decode_seconds=seconds[1:],
+        prompt_ids=[r.prompt for r in results],
+        generated_ids=[r.generated for r in results],
+        logits=[r.logits for r in results] if keep_logits else None,
+        first_token_seconds=first[0] - begin,
+        decode_seconds=end - first[0],
+        decode_steps=engine.stats["decode_steps"] - steps_before,
     )
 
 
 def report(result: GenerationResult, decode_text: Callable[[list[int]], str] | None = None) -> None:
     """Print tokens (and text when a tokenizer is known) and timings."""
-    batch, prompt_len = result.prompt_ids.shape
-    for row in range(batch):
-        print(f"[{row}] prompt ids:    {result.prompt_ids[row].tolist()}")
-        print(f"[{row}] generated ids: {result.generated_ids[row].tolist()}")
+    for row, (prompt, generated) in enumerate(zip(result.prompt_ids, result.generated_ids)):
+        print(f"[{row}] prompt ids:    {prompt}")
+        print(f"[{row}] generated ids: {generated}")
         if decode_text:
-            print(f"[{row}] text: {decode_text(result.generated_ids[row].tolist())!r}")
-    tokens = batch * prompt_len
-    print(f"prefill: {tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms ({tokens / result.prefill_seconds:.1f} tokens/s)")
-    if result.decode_seconds:
-        per_step = np.mean(result.decode_seconds)
-        print(f"decode: {len(result.decode_seconds)} steps, {per_step * 1e3:.2f} ms/step (batch {batch})")
+            print(f"[{row}] text: {decode_text(generated)!r}")
+    tokens = sum(map(len, result.prompt_ids))
+    print(f"prefill: {tokens} tokens in {result.first_token_seconds * 1e3:.1f} ms "
+          f"({tokens / result.first_token_seconds:.1f} tokens/s, until every row's first new token)")
+    if result.decode_steps:
+        new = sum(map(len, result.generated_ids)) - len(result.generated_ids)
+        print(f"decode: {result.decode_steps} steps, {result.decode_seconds / result.decode_steps * 1e3:.2f} ms/step "
+              f"({new / max(result.decode_seconds, 1e-9):.1f} tokens/s, {len(result.prompt_ids)} rows)")
 
 
 def report_parallel(model: MiniMaxM2Model, backend) -> None:
@@ -143,14 +147,24 @@ def write_output(flag: str, path: Path, write: Callable) -> None:
         raise ValueError(f"{flag} {path}: {err.strerror or err}") from None
 
 
+def stacked_logits(rows: list[np.ndarray]) -> np.ndarray:
+    """Per-row logits [positions, vocab] -> [rows, longest, vocab] float32, shorter rows padded with NaN."""
+    longest = max(len(r) for r in rows)
+    out = np.full((len(rows), longest, rows[0].shape[-1]), np.nan, np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def write_outputs(result: GenerationResult, output_json: Path | None, dump_logits: Path | None) -> None:
     if output_json:
-        record = {"prompt_ids": result.prompt_ids.tolist(), "generated_ids": result.generated_ids.tolist()}
+        record = {"prompt_ids": result.prompt_ids, "generated_ids": result.generated_ids}
         write_output("--output-json", output_json, lambda f: f.write(json.dumps(record).encode()))
         print(f"wrote {output_json}")
     if dump_logits:
-        write_output("--dump-logits", dump_logits, lambda f: np.save(f, result.logits.astype(np.float32)))
-        print(f"wrote {dump_logits} {list(result.logits.shape)}")
+        logits = stacked_logits(result.logits)
+        write_output("--dump-logits", dump_logits, lambda f: np.save(f, logits))
+        print(f"wrote {dump_logits} {list(logits.shape)}")
 
 
 def load_tokenizer(checkpoint: Path, flag: str = "--prompt"):

@@ -28,8 +28,8 @@ class LayerWeights:
     k_norm: np.ndarray  # [Hkv*D]
     gate: np.ndarray  # [hidden, E] router columns of the experts loaded
     bias: np.ndarray  # [E] e_score_correction_bias of the experts loaded
-    w13: np.ndarray  # [L, hidden, 2I'] gate (w1) then up (w3)
-    w2: np.ndarray  # [L, I', hidden]
+    w13: np.ndarray  # [L, 2I', hidden] gate (w1) rows then up (w3) rows, as the checkpoint stores them
+    w2: np.ndarray  # [L, hidden, I']
 
 
 LAYER_WEIGHT_NAMES = tuple(f.name for f in fields(LayerWeights))
@@ -72,13 +72,13 @@ def _linear(weight: np.ndarray) -> np.ndarray:
 
 
 def expert_part(w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, part: slice) -> tuple[np.ndarray, np.ndarray]:
-    """One expert's HF [out, in] weights -> w13 [hidden, 2I'] (gate then up) and w2 [I', hidden], keeping
-    the `part` of the intermediate dimension (I' of I) a rank holds."""
-    return np.concatenate([_linear(w1[part]), _linear(w3[part])], axis=1), _linear(w2[:, part])
+    """One expert's HF [out, in] weights -> w13 [2I', hidden] (gate rows then up rows) and w2 [hidden, I'],
+    keeping the `part` of the intermediate dimension (I' of I) a rank holds (experts stay [out, in])."""
+    return np.concatenate([w1[part], w3[part]], axis=0), np.ascontiguousarray(w2[:, part])
 
 
 def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray], part: slice) -> tuple[np.ndarray, np.ndarray]:
-    """expert_part of every expert, stacked: w13 [E, hidden, 2I'], w2 [E, I', hidden]."""
+    """expert_part of every expert, stacked: w13 [E, 2I', hidden], w2 [E, hidden, I']."""
     parts = [expert_part(a, b, c, part) for a, b, c in zip(w1, w3, w2)]
     return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
@@ -233,8 +233,8 @@ def rank_shapes(config: MiniMaxM2Config, num_experts: int, layout: ParallelLayou
     layer = {
         "input_norm": (hidden,), "post_norm": (hidden,), "wq": (hidden, q_width), "wk": (hidden, kv_width),
         "wv": (hidden, kv_width), "wo": (q_width, hidden), "q_norm": (q_width,), "k_norm": (kv_width,),
-        "gate": (hidden, num_experts), "bias": (num_experts,), "w13": (local, hidden, 2 * inter // layout.moe_tp),
-        "w2": (local, inter // layout.moe_tp, hidden),
+        "gate": (hidden, num_experts), "bias": (num_experts,), "w13": (local, 2 * inter // layout.moe_tp, hidden),
+        "w2": (local, hidden, inter // layout.moe_tp),
     }
     model = {"embed": (config.vocab_size, hidden), "final_norm": (hidden,),
              "lm_head": (hidden, layout.vocab_columns(config.vocab_size))}

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from minimax_m2.chat import DEFAULT_SYSTEM, GENERATION_PROMPT, format_chat, render_chat, render_with_template
-from minimax_m2.parsers import OutputParser, ParsedOutput, parse_output
+from minimax_m2.serving.chat import DEFAULT_SYSTEM, GENERATION_PROMPT, format_chat, render_chat, render_with_template
+from minimax_m2.serving.parsers import OutputParser, ParsedOutput, parse_output
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",

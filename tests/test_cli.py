@@ -13,7 +13,7 @@ import pytest
 from conftest import PROMPT
 
 from minimax_m2 import MiniMaxM2Model
-from minimax_m2.detokenize import IncrementalDetokenizer
+from minimax_m2.serving.detokenize import IncrementalDetokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,3 +228,43 @@ def test_broken_manifest_is_named(float32_checkpoint, tmp_path) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert_one_line_error(run("--mode", "generate", "--weights", str(out), "--prompt-ids", "1,2"),
                           "'layout' is [1, 1, 1], expected a JSON object")
+
+
+def test_sigterm_ends_a_busy_server_within_seconds(with_tokenizer) -> None:
+    """SIGTERM while a long completion streams: the stream ends (finish_reason 'abort') and the process exits
+    within a few seconds, without a traceback; nothing waits for the generation to run its course."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "run_example.py"), "--mode", "serve", "--checkpoint",
+                               str(with_tokenizer), "--port", str(port), "--max-seq-len", "4096"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": 3500, "stream": True}).encode()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        with raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            received = b""
+            while received.count(b"data:") < 5:
+                received += raw.recv(4096)
+            server.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            while chunk := raw.recv(4096):
+                received += chunk
+        assert b'"finish_reason": "abort"' in received and b"data: [DONE]" in received
+        assert server.wait(timeout=15) in (0, -15)  # uvicorn re-raises the signal once it has shut down
+        assert time.monotonic() - start < 10 and "Traceback" not in server.stderr.read().decode()
+    finally:
+        server.kill()
+        server.wait(timeout=10)

@@ -23,8 +23,8 @@ def _weights(bias_shift: float = 0.0):
     gate = rng.standard_normal((HIDDEN, EXPERTS)).astype(np.float32)
     bias = (0.1 * rng.standard_normal(EXPERTS)).astype(np.float32)
     bias[:TOP_K] += bias_shift
-    w13 = (0.3 * rng.standard_normal((EXPERTS, HIDDEN, 2 * INTER))).astype(np.float32)
-    w2 = (0.3 * rng.standard_normal((EXPERTS, INTER, HIDDEN))).astype(np.float32)
+    w13 = (0.3 * rng.standard_normal((EXPERTS, 2 * INTER, HIDDEN))).astype(np.float32)
+    w2 = (0.3 * rng.standard_normal((EXPERTS, HIDDEN, INTER))).astype(np.float32)
     x = rng.standard_normal((4, TOKENS, HIDDEN)).astype(np.float32)  # one row block per attention group
     return x, gate, bias, w13, w2
 
@@ -33,12 +33,12 @@ def _rank_weights(layout: ParallelLayout, w13: np.ndarray, w2: np.ndarray):
     """This rank's experts, and its slice of their intermediate dimension."""
     experts = layout.local_experts(list(range(EXPERTS)))
     part = layout.intermediate_slice(INTER)
-    gate_up = np.concatenate([w13[experts][:, :, :INTER][:, :, part], w13[experts][:, :, INTER:][:, :, part]], axis=2)
-    return gate_up, w2[experts][:, part]
+    gate_up = np.concatenate([w13[experts][:, :INTER][:, part], w13[experts][:, INTER:][:, part]], axis=1)
+    return gate_up, w2[experts][:, :, part]
 
 
 def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capacity: int | None = None,
-               valid_rows: int = TOKENS, backend_type=ThreadCollectives):
+               valid_rows: int = TOKENS, backend_type=ThreadCollectives, block_rows: int = 1):
     x, gate, bias, w13, w2 = _weights(bias_shift)
 
     def rank(r: int):
@@ -49,7 +49,7 @@ def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capaci
         return moe_block_parallel(
             x[layout.group], rows, rows // TOKENS, np.ones(len(rows), bool), values.member_slots, values.own_members,
             values.own_position, gate, bias, local_w13, local_w2, top_k=TOP_K,
-            capacity=capacity or layout.capacity(len(rows), TOP_K, local_w13.shape[0]),
+            capacity=capacity or layout.capacity(len(rows), TOP_K, local_w13.shape[0]), block_rows=block_rows,
             slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
         )
 
@@ -59,7 +59,8 @@ def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capaci
         results = backend.run(rank)
     finally:
         collectives.set_backend(None)
-    want = [moe_block(x[g, :valid_rows], gate, bias, w13, w2, top_k=TOP_K) for g in range(world // tp)]
+    want = [moe_block(x[g, :valid_rows], np.ones(valid_rows, bool), gate, bias, w13, w2, top_k=TOP_K, block_rows=1)
+            for g in range(world // tp)]
     return want, results, backend
 
 
@@ -69,8 +70,9 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (2, 2, 1), (4, 2, 1), (4, 4, 1), (2,
 
 @pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])
 @pytest.mark.parametrize("bias_shift", [0.0, 100.0], ids=["spread", "all-on-rank-0"])
-def test_matches_single_rank(world, tp, moe_tp, bias_shift) -> None:
-    want, results, _ = run_layout(world, tp, moe_tp, bias_shift)
+@pytest.mark.parametrize("block_rows", [1, 8, 0], ids=["blocks-of-1", "blocks-of-8", "dense"])
+def test_matches_single_rank(world, tp, moe_tp, bias_shift, block_rows) -> None:
+    want, results, _ = run_layout(world, tp, moe_tp, bias_shift, block_rows=block_rows)
     for rank, (got, dropped) in enumerate(results):
         assert int(dropped) == 0
         expected = want[rank // tp]

@@ -116,6 +116,8 @@ def test_units_on_the_device_give_the_numpy_tokens_and_logits(float32_checkpoint
 
 
 def test_a_new_cache_replaces_the_old_on_the_device(float32_checkpoint, runner) -> None:
+    """A second generation reuses the device's caches (its rows are simply written again); a cache
+    allocated anew replaces the old one on the device, which is released."""
     model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
     model.runner = runner
     first = model.generate(PROMPT, 3, return_logits=True)
@@ -123,9 +125,13 @@ def test_a_new_cache_replaces_the_old_on_the_device(float32_checkpoint, runner) 
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     layers = model.config.num_hidden_layers
+    assert FakeTensor.uploads["k_cache"] == layers
+    model.allocate(4)
+    third = model.generate(PROMPT, 3, return_logits=True)
+    np.testing.assert_array_equal(first[1], third[1])
     assert FakeTensor.uploads["k_cache"] == 2 * layers
     on_device = Counter(t.name for t in runner._resident.values())
-    assert on_device["k_cache"] == on_device["v_cache"] == layers, "the first generation's caches were released"
+    assert on_device["k_cache"] == on_device["v_cache"] == layers, "the first caches were released"
 
 
 def test_missing_runtime_is_named() -> None:

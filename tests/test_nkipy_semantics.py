@@ -12,6 +12,7 @@ import pytest
 from thread_ranks import ThreadCollectives
 
 from kernels import (
+    DENSE,
     attention,
     collectives,
     greedy_pick,
@@ -27,9 +28,11 @@ from kernels import (
 )
 from kernels.slots import exclusive_cumsum, place_rows
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.expert_schedule import measured_table, roofline_cost
 from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, outside_subset, trace_unit
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.program import program_units
+from minimax_m2.roofline import TRN2
 from minimax_m2.weights import LAYER_WEIGHT_NAMES, model_dtype, random_model_weights
 
 OPS_FILE = Path(__file__).resolve().parents[2] / "shared" / "nkipy" / "traceable_ops.json"
@@ -101,26 +104,31 @@ def _kernel_cases():
         return rng.standard_normal(shape).astype(np.float32)
 
     def cache():
-        return np.zeros((2, 4, MAX_SEQ, 16), np.float32)
+        return np.zeros((3 * MAX_SEQ, 4, 16), np.float32)  # two cache rows and the scratch row
 
     attn = dict(wq=w.wq, wk=w.wk, wv=w.wv, wo=w.wo, q_norm=w.q_norm, k_norm=w.k_norm, cos_table=cos, sin_table=sin)
-    attn_k = dict(head_dim=16, eps=1e-6, kv_len=MAX_SEQ)
+    attn_k = dict(head_dim=16, eps=1e-6, max_seq=MAX_SEQ, kv_len=MAX_SEQ)
     ids, valid = rng.integers(0, 8, 40).astype(np.int32), rng.random(40) < 0.7
+    ragged = np.array([[True] * 5, [True, True, False, False, False]])
     yield "rmsnorm", rmsnorm, dict(x=x(2, 3, 64), weight=w.input_norm), dict(eps=1e-6)
-    yield "rope_partial", rope_partial, dict(x=x(2, 3, 4, 16), cos=cos[:3], sin=sin[:3]), {}
-    yield "attention prefill", attention, dict(x=x(2, 5, 64), positions=np.arange(5, dtype=np.int32), **attn,
+    yield "rope_partial", rope_partial, dict(x=x(2, 3, 4, 16), cos=np.stack([cos[:3]] * 2), sin=np.stack([sin[:3]] * 2)), {}
+    yield "attention prefill", attention, dict(x=x(2, 5, 64), positions=np.tile(np.arange(5, dtype=np.int32), (2, 1)),
+                                               slots=np.array([1, 0], np.int32), token_valid=ragged, **attn,
                                                k_cache=cache(), v_cache=cache()), attn_k
-    yield "attention decode", attention, dict(x=x(2, 1, 64), positions=np.array([7], np.int32), **attn,
-                                              k_cache=cache(), v_cache=cache()), attn_k
+    yield "attention decode", attention, dict(x=x(2, 1, 64), positions=np.array([[7], [3]], np.int32),
+                                              slots=np.array([0, 1], np.int32), token_valid=np.ones((2, 1), bool),
+                                              **attn, k_cache=cache(), v_cache=cache()), attn_k
     yield "moe_router", moe_router, dict(x=x(6, 64), gate=w.gate, bias=w.bias), dict(top_k=4)
     yield "moe_expert", moe_expert, dict(x=x(3, 64), w13=w.w13[0], w2=w.w2[0]), {}
-    yield "moe_block decode", moe_block, dict(x=x(2, 64), gate=w.gate, bias=w.bias, w13=w.w13, w2=w.w2), dict(top_k=4)
-    yield "moe_block prefill", moe_block, dict(x=x(40, 64), gate=w.gate, bias=w.bias, w13=w.w13, w2=w.w2), dict(top_k=4)
-    yield "grouped_experts blocked", grouped_experts, dict(x=x(40, 64), expert_ids=ids, valid=valid, w13=w.w13, w2=w.w2), {}
+    experts = dict(gate=w.gate, bias=w.bias, w13=w.w13, w2=w.w2)
+    yield "moe_block decode", moe_block, dict(x=x(2, 64), valid=np.array([True, False]), **experts), \
+        dict(top_k=4, block_rows=1)
+    yield "moe_block prefill", moe_block, dict(x=x(40, 64), valid=valid, **experts), dict(top_k=4, block_rows=8)
+    for block_rows in (1, 2, 4, 8, 16, 32, 64, 128, DENSE):
+        yield f"grouped_experts blocks of {block_rows or 'all (dense)'}", grouped_experts, dict(
+            x=x(40, 64), expert_ids=ids, valid=valid, w13=w.w13, w2=w.w2), dict(block_rows=block_rows)
     yield "grouped_experts one expert", grouped_experts, dict(
-        x=x(40, 64), expert_ids=np.full(40, 5, np.int32), valid=np.ones(40, bool), w13=w.w13, w2=w.w2), {}
-    yield "grouped_experts dense", grouped_experts, dict(
-        x=x(9, 64), expert_ids=ids[:9], valid=valid[:9], w13=w.w13[:4], w2=w.w2[:4]), {}
+        x=x(40, 64), expert_ids=np.full(40, 5, np.int32), valid=np.ones(40, bool), w13=w.w13, w2=w.w2), dict(block_rows=4)
     yield "exclusive_cumsum", exclusive_cumsum, dict(values=rng.integers(0, 3, (300, 5)).astype(np.int32)), {}
     yield "place_rows", place_rows, dict(x=x(3, 64), slot=np.array([2, 0, 5], np.int32),
                                          valid=np.array([True, False, True])), dict(num_slots=6)
@@ -141,22 +149,35 @@ def test_kernel_traces_to_the_numpy_program(allowed, name, fn, inputs, constants
 # --- the declared device units, over ranks ---------------------------------------------------------
 
 def _rank_units(world: int, tp: int, moe_tp: int, rank: int, phase: str, batch: int, seq: int, skewed: bool,
-                dtype: str = "float32"):
+                dtype: str = "float32", target: str = "trn"):
     layout = ParallelLayout(world, tp, rank, moe_tp=moe_tp)
     weights = random_model_weights(CONFIG, list(range(8)), seed=1, layout=layout, dtype=model_dtype(dtype))
     if skewed:  # every token chooses experts 0..3: all on rank 0
         weights.layers[0].bias[:4] += 100.0
     rope = tuple(t.astype(weights.embed.dtype) for t in rope_tables(MAX_SEQ, CONFIG.rotary_dim, CONFIG.rope_theta))
-    return program_units(CONFIG, layout, weights, rope, phase=phase, batch=batch, seq=seq, max_seq_len=MAX_SEQ,
-                         position=0 if phase == "prefill" else 9)
+    return program_units(CONFIG, layout, weights, rope, TARGETS[target](weights.layers[0]), phase=phase, batch=batch,
+                         seq=seq, max_seq_len=MAX_SEQ, position=0 if phase == "prefill" else 9)
+
+
+def _trn_cost(layer):
+    """A NeuronCore's cost of one expert (the roofline's TRN2 figures)."""
+    weight_bytes = layer.w13[0].nbytes + layer.w2[0].nbytes
+    return roofline_cost(weight_bytes, 2 * (layer.w13[0].size + layer.w2[0].size), TRN2.memory_bytes_per_s,
+                         TRN2.matmul_flops_per_s)
+
+
+# A CPU's cost of one expert, as measured here for the medium model (ms): one row streams the weights, BLAS
+# packs them for two or more rows.
+CPU_TIMES = {1: 0.31, 2: 0.85, 4: 0.87, 8: 0.87, 16: 0.95, 32: 1.27, 64: 1.6, 128: 2.4}
+TARGETS = {"trn": _trn_cost, "cpu": lambda layer: measured_table(CPU_TIMES)}
 
 
 def run_ranks(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int, skewed: bool = False,
-              dtype: str = "float32"):
+              dtype: str = "float32", target: str = "trn"):
     """Each rank's units, run emulated and plain with ranks as threads -> per rank [(unit, program, traced, plain)]."""
     def body(rank: int, emulated: bool):
         results = []
-        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed, dtype):
+        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed, dtype, target):
             if emulated:
                 results.append((unit.name, *trace_unit(unit.fn, _copy(unit.inputs), unit.constants, WEIGHTS)))
             else:
@@ -183,8 +204,10 @@ SHAPES = [("prefill", 2, 6, False), ("prefill", 2, 64, False), ("decode", 3, 1, 
 @pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])
 @pytest.mark.parametrize("phase, batch, seq, skewed", SHAPES,
                          ids=["prefill", "long-prefill", "decode", "prefill-skewed", "decode-skewed"])
-def test_device_units_trace_to_the_numpy_program(allowed, world, tp, moe_tp, phase, batch, seq, skewed) -> None:
-    ranks = run_ranks(world, tp, moe_tp, phase, batch, seq, skewed)
+@pytest.mark.parametrize("target", ["trn", "cpu"])
+def test_device_units_trace_to_the_numpy_program(allowed, world, tp, moe_tp, phase, batch, seq, skewed, target) -> None:
+    """Each layout and shape, with the expert schedule a NeuronCore's costs and this CPU's costs choose."""
+    ranks = run_ranks(world, tp, moe_tp, phase, batch, seq, skewed, target=target)
     for rank, units in enumerate(ranks):
         for name, program, traced, plain in units:
             assert_same_program_as_numpy(program, traced, plain, allowed, f"rank {rank} {name}")

@@ -28,13 +28,16 @@ def test_bad_layouts(world, tp, rank, moe_tp, message) -> None:
 
 
 def test_union_leaves_out_padding_rows() -> None:
-    """Batch 1 over 4 attention groups of 1 rank, experts sliced over all 4: one real token of 4 gathered."""
-    rows, member, valid = ParallelLayout(4, 1, 2, moe_tp=4).union_tokens(batch=1, seq=3)
+    """Bucket 1 over 4 attention groups of 1 rank, experts sliced over all 4: one token row of 4 gathered can
+    be real; the union's size depends on the bucket alone, and which of its tokens are real on the step."""
+    valid = np.zeros((4, 3), bool)
+    valid[0] = [True, True, False]
+    rows, member, real = ParallelLayout(4, 1, 2, moe_tp=4).union_tokens(1, valid)
     np.testing.assert_array_equal(rows, [0, 1, 2])
     np.testing.assert_array_equal(member, [0, 0, 0])
-    assert valid.all()
-    rows, _, valid = ParallelLayout(4, 1, 2, moe_tp=2).union_tokens(batch=1, seq=1)
-    assert rows.shape == (1,) and not valid.any(), "slice group {2, 3} holds only padding"
+    np.testing.assert_array_equal(real, [True, True, False])
+    rows, _, real = ParallelLayout(4, 1, 2, moe_tp=2).union_tokens(1, valid[:, :1])
+    assert rows.shape == (1,) and not real.any(), "slice group {2, 3} holds only padding"
 
 
 def test_sliced_experts_must_divide_the_intermediate_size(float32_checkpoint) -> None:

@@ -1,12 +1,14 @@
-"""The OpenAI-compatible server on 127.0.0.1, driven by the official `openai` client: non-streaming and
-streaming chat, completions, reasoning and tool calls, two concurrent clients, bad requests."""
+"""The OpenAI-compatible server on 127.0.0.1, driven by the official `openai` client and raw sockets:
+chat and completions (plain and streamed), reasoning and tool calls, concurrent clients batched by the
+engine, and every way a client can misbehave: dropped streams, huge or trickled requests, malformed or
+unsupported parameters. Every wait is bounded."""
 
 import json
 import socket
-import urllib.error
-import urllib.request
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,30 +18,31 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
 from test_chat import WEATHER  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from minimax_m2 import MiniMaxM2Model  # noqa: E402
 from minimax_m2.generation import Sampling  # noqa: E402
-from minimax_m2.server import Engine, build_app  # noqa: E402
+from minimax_m2.serving.engine import Engine  # noqa: E402
+from minimax_m2.serving.server import Limits, ServedModel, make_server  # noqa: E402
 
 SCRIPT = ("The user wants the weather.\n</think>\n\nLet me check.<minimax:tool_call>\n<invoke name=\"get_weather\">\n"
           "<parameter name=\"city\">Paris</parameter>\n<parameter name=\"days\">2</parameter>\n</invoke>\n</minimax:tool_call>")
+LIMITS = Limits(max_body_bytes=64 << 10, body_seconds=3, header_seconds=2)
 
 
-def _serve(engine: Engine):
+def _serve(served: ServedModel, limits: Limits = LIMITS):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="error"))
+    server = make_server(served, "127.0.0.1", port, limits, log_level="error")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "the server did not start within 20 s"
-    return server, thread, f"http://127.0.0.1:{port}"
+    return server, thread, f"http://127.0.0.1:{port}", port
 
 
 @pytest.fixture(scope="module")
@@ -48,26 +51,68 @@ def tokenizer(with_tokenizer) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def model_server(with_tokenizer, tokenizer):
-    """The tiny checkpoint's model behind the server (greedy, 256-token context)."""
+def engine(with_tokenizer):
     model = MiniMaxM2Model.from_pretrained(with_tokenizer, max_seq_len=256)
-    engine = Engine.for_model("tiny-m2", model, tokenizer, Sampling(max_new_tokens=8), with_tokenizer)
-    server, thread, url = _serve(engine)
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=64)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def model_server(with_tokenizer, tokenizer, engine):
+    """The tiny checkpoint's model behind the engine and the server (greedy, 256-token context)."""
+    served = ServedModel("tiny-m2", engine, tokenizer, Sampling(max_new_tokens=8), 256, with_tokenizer)
+    server, thread, url, _ = _serve(served)
     yield url
     server.should_exit = True
     thread.join(timeout=10)
 
 
+class ScriptedEngine:
+    """An engine whose 'model' answers SCRIPT token by token (`delay` seconds apart), honouring cancels."""
+
+    def __init__(self, script: list[int], delay: float = 0.0):
+        self.script, self.delay = script, delay
+        self.running: set[int] = set()
+        self.cancelled: list[object] = []
+
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > 4096:
+            raise ValueError("does not fit")
+
+    def submit(self, prompt, sampling, notify=None, keep_logits=False):
+        request = type("Request", (), {"finish_reason": None})()
+
+        def run() -> None:
+            self.running.add(id(request))
+            for token in self.script[: sampling.max_new_tokens]:
+                if request in self.cancelled:
+                    break
+                notify("token", token)
+                time.sleep(self.delay)
+            request.finish_reason = "length"
+            self.running.discard(id(request))
+            notify("finish", "length")
+
+        threading.Thread(target=run, daemon=True).start()
+        return request
+
+    def cancel(self, request) -> None:
+        self.cancelled.append(request)
+
+    def metrics(self) -> dict:
+        return {"running": len(self.running)}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def scripted_server(tokenizer):
-    """A server whose 'model' always answers SCRIPT: reasoning, text and a tool call, token by token."""
     script = tokenizer.encode(SCRIPT).ids
-
-    def tokens(prompt: np.ndarray, sampling: Sampling):
-        yield from script[: sampling.max_new_tokens]
-
-    engine = Engine("scripted", tokenizer, tokens, 4096, Sampling(max_new_tokens=len(script)))
-    server, thread, url = _serve(engine)
+    served = ServedModel("scripted", ScriptedEngine(script), tokenizer, Sampling(max_new_tokens=len(script)), 4096)
+    server, thread, url, _ = _serve(served)
     yield url
     server.should_exit = True
     thread.join(timeout=10)
@@ -123,30 +168,159 @@ def test_stop_sequence(scripted_server) -> None:
     assert out.choices[0].message.content == "Let me " and out.choices[0].finish_reason == "stop"
 
 
-def test_two_concurrent_clients_are_queued(model_server) -> None:
+def test_concurrent_clients_each_get_their_own_answer(model_server) -> None:
+    """Requests of different lengths batched by the engine give what each gives alone."""
     def ask(text: str) -> str:
         reply = client(model_server).chat.completions.create(model="tiny-m2", messages=[{"role": "user", "content": text}],
                                                            max_tokens=5)
         return reply.choices[0].message.content or ""
 
-    with ThreadPoolExecutor(2) as pool:
-        together = list(pool.map(ask, ["first", "second"]))
-    assert together == [ask("first"), ask("second")], "a queued request must not disturb another's KV cache"
+    texts = ["first", "the second one is longer", "3", "and a fourth, longer than all the others here"]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, texts))
+    assert together == [ask(t) for t in texts], "a batched request must not disturb another's KV cache"
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"{not json", "not valid JSON"),
-    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), "does not exist"),
-    (json.dumps({"messages": [{"role": "user", "content": "x" * 300}]}).encode(), "exceed the context"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}).encode(), "'temperature' must be"),
-    (json.dumps({"messages": []}).encode(), "'messages' must be"),
+def _post(url: str, path: str, body: bytes, timeout: float = 30) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _chat(**fields) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "x"}], **fields}).encode()
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    (b"{not json", 400, None, "not valid JSON"),
+    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model", "does not exist"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 300}]}).encode(), 400, "max_tokens", "exceed the context"),
+    (_chat(temperature=-1), 400, "temperature", "'temperature' must be"),
+    (json.dumps({"messages": []}).encode(), 400, "messages", "'messages' must be"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "messages", "role must be one of"),
+    (json.dumps({"messages": [{"role": "user", "content": 7}]}).encode(), 400, "messages", "content must be a string"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": "f()"}]}).encode(), 400, "messages",
+     "tool_calls must be a list"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": None}]}]}).encode(), 400,
+     "messages", "tool_calls[0] must be"),
+    (_chat(tools="get_weather"), 400, "tools", "'tools' must be a list"),
+    (_chat(tools=[1, 2]), 400, "tools", "tools[0] must be"),
+    (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}]), 400, "tools", "tools[0] must be"),
+    (_chat(stream_options="yes"), 400, "stream_options", "'stream_options' must be"),
+    (_chat(stream="no"), 400, "stream", "'stream' must be true or false"),
+    (_chat(n=3), 400, "n", "'n' must be 1"),
+    (_chat(logprobs=True), 400, "logprobs", "'logprobs' is not supported"),
+    (_chat(response_format={"type": "json_object"}), 400, "response_format", "'response_format' is not supported"),
+    (_chat(frobnicate=1), 400, "frobnicate", "unknown parameter"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 60000}]}).encode(), 400, "messages",
+     "characters cannot fit"),
 ])
-def test_bad_requests_get_400_and_the_server_keeps_serving(model_server, body, message) -> None:
-    request = urllib.request.Request(f"{model_server}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as raised:
-        urllib.request.urlopen(request, timeout=30)
-    assert raised.value.code == 400
-    error = json.loads(raised.value.read())["error"]
-    assert message in error["message"] and error["type"] == "invalid_request_error"
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(model_server, body, status, param, message) -> None:
+    code, reply = _post(model_server, "/v1/chat/completions", body)
+    assert code == status, reply
+    error = reply["error"]
+    assert message in error["message"] and error["param"] == param and error["type"]
     assert client(model_server).models.list().data
+
+
+def test_too_large_a_body_gets_413_before_it_is_read(model_server) -> None:
+    code, reply = _post(model_server, "/v1/chat/completions", _chat(pad="x" * (LIMITS.max_body_bytes + 10)))
+    assert code == 413 and "exceeds" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)])
+def test_unknown_routes_and_methods_get_an_openai_error(model_server, method, path, status) -> None:
+    request = urllib.request.Request(f"{model_server}{path}", method=method)
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=10)
+    assert raised.value.code == status
+    assert set(json.loads(raised.value.read())["error"]) == {"message", "type", "param", "code"}
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"minimax_m2_{name} ")))
+
+
+def test_a_dropped_stream_frees_its_slot_and_the_next_request_is_served(model_server) -> None:
+    """A client reads part of a long streamed completion and closes the connection: its generation stops
+    (its slot is free again within seconds), and the next request is answered at once."""
+    host, port = model_server.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 100,
+                       "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received, deadline = b"", time.monotonic() + 20
+        while received.count(b"data:") < 3 and time.monotonic() < deadline:
+            received += raw.recv(4096)
+        assert b"200 OK" in received and received.count(b"data:") >= 3, received[:300]
+        assert _metric(model_server, "running") == 1
+    deadline = time.monotonic() + 15
+    while _metric(model_server, "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(model_server, "running") == 0, "the dropped request kept running"
+    start = time.monotonic()
+    reply = client(model_server).chat.completions.create(model="tiny-m2", messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=3)
+    assert reply.usage.completion_tokens == 3 and time.monotonic() - start < 10
+
+
+def test_a_dropped_plain_request_is_cancelled(tokenizer) -> None:
+    """A non-streaming client that goes away cancels its request too."""
+    engine = ScriptedEngine(tokenizer.encode(SCRIPT).ids * 20, delay=0.05)
+    served = ServedModel("scripted", engine, tokenizer, Sampling(max_new_tokens=400), 4096)
+    server, thread, url, port = _serve(served)
+    try:
+        body = _chat(max_tokens=400)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + 10
+            while not engine.running and time.monotonic() < deadline:
+                time.sleep(0.02)
+        deadline = time.monotonic() + 10
+        while not engine.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.cancelled, "the request of a client that left was not cancelled"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_trickled_headers_are_cut_off(model_server) -> None:
+    """40 connections that send header bytes slowly are closed after the header timeout; the server answers."""
+    host, port = model_server.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in range(40)]
+    try:
+        start = time.monotonic()
+        for _ in range(int(LIMITS.header_seconds / 0.25) + 8):
+            for s in sockets:
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    pass
+            time.sleep(0.25)
+        closed = 0
+        for s in sockets:
+            s.settimeout(1)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(sockets), f"{len(sockets) - closed} trickling connections still open"
+        assert time.monotonic() - start < 30
+        assert client(model_server).models.list().data
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_metrics_report_the_engine(model_server) -> None:
+    for name in ("queue_depth", "running", "slots_busy", "slot_occupancy", "generated_tokens"):
+        assert _metric(model_server, name) >= 0
+    assert _metric(model_server, "slots") == 4

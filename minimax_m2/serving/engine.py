@@ -1,0 +1,254 @@
+"""The serving engine: continuous batching over KV-cache slots, behind the server, the CLI and the Python API.
+
+Requests are admitted FIFO into free slots (reusing any cached prefix), prefilled in chunks and decoded
+together, each row at its own position with its own sampling settings, and their slots freed the step they
+end (EOS, `max_new_tokens`, the context's end, or a cancel). Each step's shapes come from the engine's
+`ShapeSet`; every step is run by `execute` (the model here; over several ranks, a plan sent to all of
+them first). The engine runs either on its own thread (`start`: the server) or inline (`generate`).
+
+    engine = Engine(model, max_num_seqs=8, prefill_chunk=256)
+    results = engine.generate([[1, 2, 3], [4, 5]], Sampling(max_new_tokens=16), on_token=print)
+"""
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from minimax_m2.generation import Sampling
+from minimax_m2.model import MiniMaxM2Model
+from minimax_m2.program import Step
+from minimax_m2.sampling import next_tokens
+from minimax_m2.serving.cache import SlotCache
+from minimax_m2.serving.request import Notify, Request
+from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
+
+Execute = Callable[[Step], tuple[np.ndarray, np.ndarray]]
+MIN_COPY = 32  # prompt tokens a copied cache row must save to be worth copying
+
+
+@dataclass
+class Result:
+    prompt: list[int]
+    generated: list[int]
+    finish_reason: str
+    reused: int  # prompt tokens found in the cache
+    logits: np.ndarray | None  # [prompt + generated - 1, vocab] with keep_logits
+
+
+class Engine:
+    def __init__(self, model: MiniMaxM2Model, max_num_seqs: int = 8, prefill_chunk: int = 256,
+                 execute: Execute | None = None, copy: Callable[[list[tuple[int, int, int]]], None] | None = None):
+        """max_num_seqs: KV-cache slots per attention group; prefill_chunk: prompt tokens per step."""
+        if max_num_seqs < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_num_seqs and prefill_chunk must be positive, got {max_num_seqs}, {prefill_chunk}")
+        self.model = model
+        self.groups = model.layout.dp
+        self.shapes = ShapeSet.build(max_num_seqs, min(prefill_chunk, model.max_seq_len), model.max_seq_len)
+        model.allocate(max_num_seqs)
+        self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY)
+        self.scheduler = Scheduler(self.cache, self.shapes, self.groups)
+        self.execute: Execute = execute or model.run
+        self.copy = copy or model.copy_slots
+        self._inbox: list[Request] = []
+        self._cancelled: list[Request] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
+                      "reused_tokens": 0, "finished": 0, "step_seconds": 0.0}
+
+    # --- requests ------------------------------------------------------------------------------------------
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse, before queueing, a request whose prompt and new tokens cannot fit the context."""
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if prompt_len + max_new_tokens - 1 > self.model.max_seq_len:
+            raise ValueError(f"the prompt's {prompt_len} tokens + {max_new_tokens} new tokens exceed the context of "
+                             f"{self.model.max_seq_len} tokens")
+
+    def submit(self, prompt: list[int], sampling: Sampling, notify: Notify | None = None,
+               keep_logits: bool = False) -> Request:
+        """Queue a request (checked first: ids in the vocabulary, and it fits); `notify` hears its tokens
+        and its end from the engine's thread."""
+        self.check(len(prompt), sampling.max_new_tokens)
+        outside = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
+        if outside:
+            raise ValueError(f"token ids {sorted(set(outside))[:10]} are outside the vocabulary "
+                             f"0..{self.model.config.vocab_size - 1}")
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        request = Request(list(prompt), sampling, notify or (lambda kind, value: None), keep_logits)
+        with self._wake:
+            self._inbox.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """End a request (its client left, or a stop string was seen): its slot is freed at the next step."""
+        with self._wake:
+            self._cancelled.append(request)
+            self._wake.notify()
+
+    # --- running -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps on a thread of the engine's own until `stop`."""
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, end every request in flight ('abort'), and stop the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._has_work():
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                self.step()
+        except Exception as err:  # noqa: BLE001 - every request in flight hears why the engine stopped
+            self._fail_all(f"the engine stopped: {type(err).__name__}: {err}")
+            raise
+        finally:
+            self._stopping = True
+            self._fail_all(None)
+
+    def _fail_all(self, message: str | None) -> None:
+        """End every queued and running request: with an error event, or as aborted."""
+        with self._wake:
+            pending = self._inbox + list(self.scheduler.waiting) + list(self.scheduler.running)
+            self._inbox = []
+        for request in pending:
+            if request.finish_reason is None:
+                self.scheduler.finish(request)
+                request.finish_reason = "error" if message else "abort"
+                if message:
+                    request.notify("error", message)
+                request.notify("finish", request.finish_reason)
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._cancelled or self.scheduler.waiting or self.scheduler.running)
+
+    def idle(self) -> bool:
+        with self._wake:
+            return not self._has_work()
+
+    def step(self) -> None:
+        """One engine step: take new requests and cancels, plan, copy, prefill, decode, deliver."""
+        with self._wake:
+            for request in self._inbox:
+                self.scheduler.add(request)
+            self._inbox = []
+            cancelled, self._cancelled = self._cancelled, []
+        for request in cancelled:
+            self._end(request, "cancelled")
+        plan = self.scheduler.plan()
+        start = time.perf_counter()
+        self._run(plan)
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - start
+
+    def _run(self, plan: Plan) -> None:
+        if plan.copies:
+            self.copy([(p.slot.group, p.copy_from.index, p.slot.index) for p in plan.copies])
+        if plan.prefill:
+            step, chunks = plan.prefill
+            logits, greedy = self.execute(step)
+            self.stats["prefill_steps"] += 1
+            for row, chunk in enumerate(chunks):
+                if chunk is not None:
+                    self._prefilled(chunk, step, row, logits[row], greedy[row])
+        if plan.decode:
+            step, rows = plan.decode
+            logits, greedy = self.execute(step)
+            self.stats["decode_steps"] += 1
+            for row, request in enumerate(rows):
+                if request is not None and request.finish_reason is None:
+                    request.slot.tokens.append(request.generated[-1])
+                    if request.keep_logits:
+                        request.logits.append(logits[row, :1])
+                    self._sampled(request, logits[row, 0], greedy[row, 0])
+
+    def _prefilled(self, chunk: Chunk, step: Step, row: int, logits: np.ndarray, greedy: np.ndarray) -> None:
+        request = chunk.request
+        if request.finish_reason is not None:
+            return
+        count = len(chunk.tokens)
+        request.prefilled += count
+        request.slot.tokens.extend(chunk.tokens)
+        self.stats["prompt_tokens"] += count
+        last = count - 1 if step.selected.shape[1] > 1 else 0  # all positions were kept, or just the last
+        if request.keep_logits:
+            request.logits.append(logits[:count])
+        if chunk.samples:
+            self.stats["reused_tokens"] += request.reused
+            self._sampled(request, logits[last], greedy[last])
+
+    def _sampled(self, request: Request, logits: np.ndarray, greedy: np.integer) -> None:
+        """Choose the request's next token from its logits (its own sampling settings and generator)."""
+        s = request.sampling
+        if s.temperature == 0:
+            token = int(greedy)
+        else:
+            token = int(next_tokens(logits[None], s.temperature, s.top_k, s.top_p, request.rng)[0])
+        request.generated.append(token)
+        self.stats["generated_tokens"] += 1
+        request.notify("token", token)
+        if token in s.eos_token_ids:
+            self._end(request, "stop")
+        elif len(request.generated) >= s.max_new_tokens or request.length >= self.model.max_seq_len:
+            self._end(request, "length")
+
+    def _end(self, request: Request, reason: str) -> None:
+        if request.finish_reason is not None:
+            return
+        request.finish_reason = reason
+        self.scheduler.finish(request)
+        self.stats["finished"] += 1
+        request.notify("finish", reason)
+
+    # --- the Python API ------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling],
+                 on_token: Callable[[int, int], None] | None = None, keep_logits: bool = False) -> list[Result]:
+        """Generate for every prompt (of any lengths) at once; on_token(prompt index, id) as each comes.
+        Runs the steps on the calling thread unless the engine runs on its own."""
+        settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        done = threading.Event()
+        remaining = [len(prompts)]
+
+        def notify_for(index: int) -> Notify:
+            def notify(kind: str, value: object) -> None:
+                if kind == "token" and on_token:
+                    on_token(index, value)
+                elif kind == "finish":
+                    remaining[0] -= 1
+                    if not remaining[0]:
+                        done.set()
+            return notify
+
+        requests = [self.submit(p, s, notify_for(i), keep_logits) for i, (p, s) in enumerate(zip(prompts, settings))]
+        if self._thread is None:
+            while not done.is_set():
+                self.step()
+        else:
+            done.wait()
+        return [Result(r.prompt, r.generated, r.finish_reason, r.reused,
+                       np.concatenate(r.logits) if keep_logits else None)
+                for r in requests]
+
+    def metrics(self) -> dict[str, float]:
+        """Queue depth, running rows, slot occupancy and counters, for logs and /metrics."""
+        slots = sum(len(g) for g in self.cache.slots)
+        busy = slots - self.cache.free_count()
+        return {"queue_depth": len(self.scheduler.waiting) + len(self._inbox),
+                "running": len(self.scheduler.running), "slots": slots, "slots_busy": busy,
+                "slot_occupancy": busy / slots, **self.stats}

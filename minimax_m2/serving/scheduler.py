@@ -1,0 +1,174 @@
+"""Which requests run in the next step, and in what shape.
+
+FIFO admission into free KV-cache slots; every admitted request whose prompt is done decodes one token per
+step; prompts are prefilled in chunks, several requests' chunks sharing a step up to `prefill_chunk`
+tokens, so that a long prompt delays the running decodes by at most one chunk per step. Every step has a
+shape from a bounded set (`ShapeSet`): decode rows per attention group from the request buckets, prefill
+rows x tokens from the prefill buckets, and the attended cache length from the KV buckets.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+import numpy as np
+
+from minimax_m2.program import KV_BLOCK, Step
+from minimax_m2.serving.cache import Placement, SlotCache
+from minimax_m2.serving.request import Request
+
+MIN_BUCKET = 2  # the Neuron compiler squeezes dimensions of size 1: no compiled shape has one
+
+
+def powers_of_two(low: int, high: int) -> list[int]:
+    values, v = [], low
+    while v < high:
+        values.append(v)
+        v *= 2
+    return values + [high]
+
+
+@dataclass(frozen=True)
+class ShapeSet:
+    """Every step shape the engine runs (per attention group), fixed at start-up."""
+
+    decode_rows: tuple[int, ...]  # request buckets
+    prefill_rows: tuple[int, ...]
+    prefill_tokens: tuple[int, ...]  # token buckets of one prefill row
+    prefill_chunk: int  # prompt tokens per step, all rows together
+    kv_lengths: tuple[int, ...]
+
+    @classmethod
+    def build(cls, max_num_seqs: int, prefill_chunk: int, max_seq_len: int, max_prefill_rows: int = 4) -> "ShapeSet":
+        return cls(
+            decode_rows=tuple(powers_of_two(MIN_BUCKET, max(MIN_BUCKET, max_num_seqs))),
+            prefill_rows=tuple(powers_of_two(MIN_BUCKET, max(MIN_BUCKET, min(max_prefill_rows, max_num_seqs)))),
+            prefill_tokens=tuple(powers_of_two(min(16, prefill_chunk), prefill_chunk)),
+            prefill_chunk=prefill_chunk,
+            kv_lengths=tuple(powers_of_two(min(KV_BLOCK, max_seq_len), max_seq_len)),
+        )
+
+    def shapes(self) -> list[tuple[str, int, int, int]]:
+        """(phase, rows per group, tokens per row, attended length) of every program step."""
+        steps = [("decode", r, 1) for r in self.decode_rows]
+        steps += [("prefill", r, t) for r in self.prefill_rows for t in self.prefill_tokens
+                  if r * t <= 2 * self.prefill_chunk or r == self.prefill_rows[0]]
+        return [(phase, rows, seq, kv) for phase, rows, seq in steps for kv in self.kv_lengths]
+
+    def kv_length(self, needed: int) -> int:
+        return next(kv for kv in self.kv_lengths if kv >= needed)
+
+    @staticmethod
+    def bucket(needed: int, buckets: tuple[int, ...], what: str) -> int:
+        for b in buckets:
+            if needed <= b:
+                return b
+        raise ValueError(f"{needed} {what} exceed the largest compiled shape ({buckets[-1]})")
+
+
+@dataclass
+class Chunk:
+    request: Request
+    start: int  # position of its first token
+    tokens: list[int]
+    samples: bool  # the chunk ends the prompt: its last logits give the first new token
+
+
+@dataclass
+class Plan:
+    """One engine step: prefix copies to make, a prefill step and a decode step (either may be absent)."""
+
+    copies: list[Placement] = field(default_factory=list)
+    prefill: tuple[Step, list[Chunk | None]] | None = None
+    decode: tuple[Step, list[Request | None]] | None = None
+
+
+class Scheduler:
+    def __init__(self, slots: SlotCache, shapes: ShapeSet, groups: int):
+        self.slots, self.shapes, self.groups = slots, shapes, groups
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish(self, request: Request) -> None:
+        """Free a request's slot at once (it ended: EOS, stop, length, cancel or disconnect)."""
+        if request in self.running:
+            self.running.remove(request)
+            self.slots.release(request.slot)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def plan(self) -> Plan:
+        plan = Plan()
+        while self.waiting:
+            placement = self.slots.place(self.waiting[0].prompt)
+            if placement is None:
+                break
+            request = self.waiting.popleft()
+            request.admit(placement)
+            self.running.append(request)
+            if placement.copy_from is not None:
+                plan.copies.append(placement)
+        plan.prefill = self._prefill_step()
+        plan.decode = self._decode_step()
+        return plan
+
+    def _prefill_step(self) -> tuple[Step, list[Chunk | None]] | None:
+        budget = self.shapes.prefill_chunk
+        per_group: list[list[Chunk]] = [[] for _ in range(self.groups)]
+        for request in self.running:
+            if request.prefilled >= len(request.prompt) or budget == 0:
+                continue
+            rows = per_group[request.slot.group]
+            if len(rows) == self.shapes.prefill_rows[-1]:
+                continue
+            count = min(len(request.prompt) - request.prefilled, budget, self.shapes.prefill_tokens[-1])
+            budget -= count
+            start = request.prefilled
+            rows.append(Chunk(request, start, request.prompt[start : start + count],
+                              start + count == len(request.prompt)))
+        if not any(per_group):
+            return None
+        rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.prefill_rows, "prefill rows")
+        seq = ShapeSet.bucket(max(len(c.tokens) for g in per_group for c in g), self.shapes.prefill_tokens, "tokens")
+        order: list[Chunk | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
+        keep_all = any(c is not None and c.request.keep_logits for c in order)
+        step = self._step(rows, seq, [(c.request.slot.index, c.start, c.tokens) if c else None for c in order],
+                          keep_all)
+        return step, order
+
+    def _decode_step(self) -> tuple[Step, list[Request | None]] | None:
+        per_group: list[list[Request]] = [[] for _ in range(self.groups)]
+        for request in self.running:
+            if request.decoding:
+                per_group[request.slot.group].append(request)
+        if not any(per_group):
+            return None
+        rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.decode_rows, "decode rows")
+        order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
+        step = self._step(rows, 1, [(r.slot.index, r.length - 1, [r.generated[-1]]) if r else None for r in order],
+                          False)
+        return step, order
+
+    def _step(self, rows: int, seq: int, entries: list[tuple[int, int, list[int]] | None], keep_all: bool) -> Step:
+        """Step arrays for `rows` rows per group (entries in group order: (slot, start, tokens) or None for
+        padding), each real row's tokens at positions start.. in its slot; padding in the scratch row."""
+        total = rows * self.groups
+        ids = np.zeros((total, seq), np.int32)
+        positions = np.zeros((total, seq), np.int32)
+        slots = np.full(total, len(self.slots.slots[0]), np.int32)  # the scratch row
+        valid = np.zeros((total, seq), bool)
+        last = np.zeros(total, np.int32)
+        for r, entry in enumerate(entries):
+            if entry is None:
+                continue
+            slot, start, tokens = entry
+            n = len(tokens)
+            ids[r, :n] = tokens
+            positions[r, :n] = np.arange(start, start + n)
+            positions[r, n:] = start + n - 1
+            slots[r] = slot
+            valid[r, :n] = True
+            last[r] = n - 1
+        selected = np.tile(np.arange(seq, dtype=np.int32), (total, 1)) if keep_all else last[:, None]
+        return Step(ids, positions, slots, valid, selected, total)
