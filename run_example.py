@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-seqs", type=int,
                         help="KV-cache slots per attention group: requests decoded together (default: the number of "
                              "prompts in generate mode, 8 in serve mode)")
+    engine.add_argument("--no-prefix-reuse", action="store_true",
+                        help="prefill every prompt cold instead of reusing the cached keys and values of a prefix "
+                             "(the previous turn of a conversation, a shared system prompt)")
     engine.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled per step, all requests together: a long prompt delays the "
                              "running decodes by at most one chunk" + d)

@@ -1,7 +1,9 @@
 """What run_example.py runs, once its arguments are parsed: checks first, then the model."""
 
 import argparse
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ from minimax_m2 import checks
 from minimax_m2.serving.chat import format_chat
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
-from minimax_m2.distributed import rank, start, world_size
+from minimax_m2.distributed import CollectiveError, rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.memory import available_memory, check_fits, plan_memory
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts, select_experts
@@ -30,7 +32,7 @@ from minimax_m2.run import (
     run_kernel_checks,
     write_outputs,
 )
-from minimax_m2.serving.engine import Engine
+from minimax_m2.serving.engine import Engine, Executor
 from minimax_m2.weights import model_dtype
 
 
@@ -122,43 +124,93 @@ def _config_and_experts(args: argparse.Namespace, source: Path) -> tuple[MiniMax
     return config, select_experts(config, parse_experts(args.experts, config.num_local_experts)), None
 
 
-def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, leader: bool) -> Engine:
-    engine = Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk)
+def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, leader: bool,
+            runner: NeuronRunner | None, executor: Executor | None = None) -> Engine:
+    """The engine over `model`, warmed up: schedules chosen and, on a device, every step shape compiled and
+    run once (after which a shape outside the set is refused)."""
+    engine = Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk, executor=executor,
+                    prefix_reuse=not args.no_prefix_reuse)
+    shapes = engine.shapes.shapes()
     if leader:
-        shapes = engine.shapes.shapes()
         print(f"engine: {slots} KV-cache slots per attention group, prefill chunks of {engine.shapes.prefill_chunk} "
               f"tokens; {len(shapes)} step shapes (decode rows {list(engine.shapes.decode_rows)}, prefill rows "
               f"{list(engine.shapes.prefill_rows)} x tokens {list(engine.shapes.prefill_tokens)}, attended lengths "
-              f"{list(engine.shapes.kv_lengths)})")
+              f"{list(engine.shapes.kv_lengths)})", flush=True)
+    start = time.perf_counter()
+    steps = engine.warm_up(every_shape=runner is not None)
+    if runner is not None:
+        runner.frozen = True
+        if leader:
+            print(f"warm-up: {steps} step shapes compiled and run once ({runner.compiled} programs) in "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
     return engine
 
 
 def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> int:
-    """--mode serve: one process, a checkpoint or prepared weights with a tokenizer, behind the engine."""
-    from minimax_m2.serving.server import Limits, ServedModel, serve
+    """--mode serve: a checkpoint or prepared weights with a tokenizer, behind the engine and one OpenAI
+    endpoint; over W ranks (torchrun), rank 0 serves and sends every step's plan to the others."""
+    from minimax_m2.serving.lockstep import PlanSender, follow
+    from minimax_m2.serving.server import Limits, ServedModel, make_server
 
-    if world_size() > 1:
-        raise ValueError("--mode serve runs in one process; serving over several ranks is not supported yet")
     source = _source(args)
     tokenizer = load_tokenizer(source, "--mode serve")
     defaults, warnings = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,
                                           args.top_p, args.seed)
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    config, experts, _ = _config_and_experts(args, source)
+    config, experts, prepared = _config_and_experts(args, source)
+    _check_ranks(args)
+    tp, moe_tp = _layout_choice(args, config, prepared, len(experts), args.max_num_seqs or 8)
     slots = args.max_num_seqs or 8
-    _check_memory(config, ParallelLayout(), len(experts), model_dtype(args.dtype), args.device, slots,
-                  args.prefill_chunk, 0, args.max_seq_len, True)
-    model = _load_model(args, ParallelLayout(), experts, progress=True, runner=runner)
-    engine = _engine(args, model, slots, True)
-    engine.start()
+    planned = ParallelLayout(args.ep, tp, rank(), args.capacity_factor, moe_tp)
+    planned.check(config, len(experts))
+    _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots, args.prefill_chunk, 0,
+                  args.max_seq_len, rank() == 0)
+    layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
+    leader = layout.rank == 0
+    for warning in warnings if leader else []:
+        print(f"warning: {warning}", file=sys.stderr)
+    model = _load_model(args, layout, experts, progress=leader, runner=runner)
+    model.schedule_cost()  # every rank, before any plan: its measurement is averaged over the ranks
+    if not leader:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells this rank to stop
+        model.allocate(slots)
+        follow(model, backend)
+        backend.close()
+        return 0
+    sender = PlanSender(model, backend) if backend else None
+    engine = _engine(args, model, slots, leader, runner, sender)
+    if sender:
+        sender.heartbeat()  # answered only once every rank has loaded (and warmed up with rank 0)
+        print(f"all {layout.world} ranks loaded and ready", flush=True)
     name = args.served_model_name or source.resolve().name
+    server = make_server(ServedModel(name, engine, tokenizer, defaults, args.max_seq_len, source), args.host, args.port,
+                         Limits(max_body_bytes=args.max_request_bytes))
+    engine.on_failure = lambda message: setattr(server, "should_exit", True)
+    engine.start()
     try:
-        serve(ServedModel(name, engine, tokenizer, defaults, args.max_seq_len, source), args.host, args.port,
-              Limits(max_body_bytes=args.max_request_bytes))
+        server.run()
     finally:
         engine.stop()
+    if engine.failure:
+        raise CollectiveError(f"serving stopped: {engine.failure}")
+    if backend:
+        backend.close()
     return 0
+
+
+def _check_ranks(args: argparse.Namespace) -> None:
+    if world_size() == 1 and (args.ep > 1 or args.tp > 1):
+        raise ValueError(f"--ep {args.ep} --tp {args.tp} need {max(args.ep, args.tp)} ranks: launch with "
+                         f"torchrun --nproc-per-node {args.ep} run_example.py ...")
+    if world_size() != args.ep:
+        raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
+
+
+def _layout_choice(args: argparse.Namespace, config: MiniMaxM2Config, prepared: dict | None, num_experts: int,
+                   batch: int) -> tuple[int, int]:
+    """(tp, moe_tp): the prepared weights', or the flags' (moe_tp by default the projection's fastest)."""
+    if prepared:
+        return prepared["tp"], prepared["moe_tp"]
+    return args.tp, args.moe_tp or fastest_moe_tp(config, args.ep, args.tp, batch, args.max_seq_len, num_experts)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -174,11 +226,7 @@ def main(args: argparse.Namespace) -> int:
     if rank() == 0:  # the rank that writes them
         for flag, path in (("--output-json", args.output_json), ("--dump-logits", args.dump_logits)):
             _check_writable(flag, path)
-    if world_size() == 1 and (args.ep > 1 or args.tp > 1):
-        raise ValueError(f"--ep {args.ep} --tp {args.tp} need {max(args.ep, args.tp)} ranks: launch with "
-                         f"torchrun --nproc-per-node {args.ep} run_example.py ...")
-    if world_size() != args.ep:
-        raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
+    _check_ranks(args)
     warnings, tokenizer, source, prepared, messages = [], None, None, None, None
     if args.mode == "random":
         if args.checkpoint or args.weights:
@@ -221,11 +269,7 @@ def main(args: argparse.Namespace) -> int:
     if rows:
         check_vocabulary(np.array([t for r in rows for t in r]), config.vocab_size)
 
-    if prepared:
-        tp, moe_tp = prepared["tp"], prepared["moe_tp"]
-    else:
-        tp = args.tp
-        moe_tp = args.moe_tp or fastest_moe_tp(config, args.ep, tp, len(lengths), args.max_seq_len, len(experts))
+    tp, moe_tp = _layout_choice(args, config, prepared, len(experts), len(lengths))
     planned = ParallelLayout(args.ep, tp, rank(), args.capacity_factor, moe_tp)
     planned.check(config, len(experts))
     slots = args.max_num_seqs or planned.rows_per_group(len(lengths))
@@ -245,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"random MiniMax-M2: {config}")
     else:
         model = _load_model(args, layout, experts, progress=leader, runner=runner)
-    engine = _engine(args, model, slots, leader)
+    engine = _engine(args, model, slots, leader, runner)
     detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader and len(prompts) == 1 else None
 
     def stream(row: int, token: int) -> None:

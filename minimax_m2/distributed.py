@@ -122,6 +122,12 @@ class TorchCollectives:
         self.all_to_all_bytes += t.numel() * t.element_size() * (len(members) - 1) // len(members)
         return np.concatenate(list(out.numpy().view(x.dtype)), axis=concat_dimension)
 
+    def broadcast(self, x: np.ndarray) -> np.ndarray:
+        """Rank 0's x on every rank (x: the array to send on rank 0, one of its shape and dtype elsewhere)."""
+        t = self._torch.from_numpy(np.ascontiguousarray(x))
+        self._run("broadcast", tuple(range(self.world)), lambda: self._dist.broadcast(t, src=0))
+        return t.numpy()
+
     def abort(self, message: str) -> None:
         """Tell every rank that this one stops on bad input (they then stop quietly, not as a lost rank)."""
         try:

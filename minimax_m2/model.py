@@ -209,8 +209,9 @@ class MiniMaxM2Model:
         mine = group_rows(step, layout)
         seq = step.input_ids.shape[1]
         union = layout.union_tokens(step.bucket, step.token_valid)
-        constants = layer_constants(config, layout, len(union[0]), kv_len_for(step.kv_length, self.max_seq_len),
-                                    self.max_seq_len, self.weights.layers[0].w13.shape[0], self.schedule_cost())
+        kv_len = step.kv_len or kv_len_for(step.kv_length, self.max_seq_len)
+        constants = layer_constants(config, layout, len(union[0]), kv_len, self.max_seq_len,
+                                    self.weights.layers[0].w13.shape[0], self.schedule_cost())
         h = self.runner(embedding_call(step.input_ids[mine], self.weights))
         dropped = np.zeros((), np.int32)
         phase = "decode" if seq == 1 else "prefill"

@@ -57,8 +57,14 @@ class NeuronRunner:
         self.build_dir = str(build_dir)
         self.compiler_args = compiler_args
         self._kernels: dict[tuple, Any] = {}
+        self.frozen = False  # once warmed up, a unit of a new shape is refused, never compiled while serving
         self._outputs: dict[tuple, dict[str, Any]] = {}
         self._resident: dict[int, Any] = {}
+
+    @property
+    def compiled(self) -> int:
+        """Programs compiled (and loaded) so far: one per unit shape."""
+        return len(self._kernels)
 
     def __call__(self, unit: Unit) -> Any:
         key = self._key(unit)
@@ -77,6 +83,10 @@ class NeuronRunner:
         return unit.name, shapes, repr(sorted(unit.constants.items()))
 
     def _compile(self, key: tuple, unit: Unit) -> Any:
+        if self.frozen:
+            shapes = ", ".join(f"{name} {list(shape)}" for name, shape, _ in key[1][:4])
+            raise RuntimeError(f"{unit.name} was called with a shape outside the compiled set ({shapes}, ...): "
+                               "refused rather than compiled while serving")
         previous = collectives.set_backend(self._traced_collectives)
         try:
             kernel = self._kernel_type.compile_and_load(

@@ -177,6 +177,7 @@ class Step:
     token_valid: np.ndarray  # [dp * R, S] bool
     selected: np.ndarray  # [dp * R, K] int32: positions within each row to project onto the vocabulary
     bucket: int  # rows that can be real
+    kv_len: int | None = None  # positions attended (default: the bucket of the longest real row)
 
     @property
     def kv_length(self) -> int:
@@ -275,6 +276,14 @@ def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max
     """One layer's K (or V) cache on one rank: `slots` rows plus the scratch row, each of max_seq_len
     positions, this rank's KV heads."""
     return ((slots + 1) * max_seq_len, config.num_key_value_heads // layout.tp, config.head_dim)
+
+
+def padding_step(rows: int, seq: int, dp: int, scratch: int, kv_len: int) -> Step:
+    """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units."""
+    total = rows * dp
+    zeros = np.zeros((total, seq), np.int32)
+    return Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool),
+                np.zeros((total, 1), np.int32), total, kv_len)
 
 
 def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, ids: np.ndarray | None = None,

@@ -217,3 +217,28 @@ def test_bad_input_seen_by_one_rank_ends_every_rank_quietly(fp8_checkpoint, tmp_
     assert_bad_input_ends_quietly(done, "rank 1: ")
     assert "differ from what was prepared" in done.stderr
     assert time.monotonic() - start < 45
+
+
+RAGGED = [[5, 17, 200], [250, 1, 64, 64, 12, 180, 33, 9, 41], [7], [99, 3, 3, 18, 200]]
+RAGGED_LAYOUTS = [(2, 1, 1), (2, 2, 2), (4, 1, 4), (4, 2, 1), (4, 2, 2)]
+
+
+@pytest.mark.parametrize("world, tp, moe_tp", RAGGED_LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in RAGGED_LAYOUTS])
+def test_ragged_prompts_through_the_engine(float32_checkpoint, tmp_path, world, tp, moe_tp) -> None:
+    """Prompts of different lengths, batched by the engine over W ranks (2 slots per attention group, chunks
+    of 4 tokens): every row's logits and tokens are what the row gives alone in one process."""
+    out_json, out_logits = tmp_path / "ids.json", tmp_path / "logits.npy"
+    prompts = [arg for row in RAGGED for arg in ("--prompt-ids", ",".join(map(str, row)))]
+    done = torchrun(world, ROOT / "run_example.py", "--mode", "generate", "--checkpoint", str(float32_checkpoint),
+                    *prompts, "--ep", str(world), "--tp", str(tp), "--moe-tp", str(moe_tp), "--max-new-tokens", "6",
+                    "--max-seq-len", "32", "--max-num-seqs", "2", "--prefill-chunk", "4", "--collective-timeout", "60",
+                    "--output-json", str(out_json), "--dump-logits", str(out_logits))
+    assert done.returncode == 0, done.stderr[-3000:]
+    generated = json.loads(out_json.read_text())["generated_ids"]
+    logits = np.load(out_logits)
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
+    for row, prompt in enumerate(RAGGED):
+        ids, want = model.generate(np.array([prompt]), max_new_tokens=6, return_logits=True)
+        assert generated[row] == ids[0, len(prompt):].tolist()
+        got = logits[row, : want.shape[1]]
+        assert relative_error(got, want[0]) < RTOL and np.isnan(logits[row, want.shape[1]:]).all()

@@ -34,6 +34,10 @@ class ThreadCollectives:
     def all_gather(self, x, all_gather_dim, replica_groups):
         return np.concatenate(self._members(x, replica_groups), axis=all_gather_dim)
 
+    def broadcast(self, x):
+        """Rank 0's x on every rank."""
+        return self._members(x, [list(range(self.world))])[0].copy()
+
     def all_to_all(self, x, split_dimension, concat_dimension, replica_groups):
         rank = self._local.rank
         group = next(g for g in replica_groups if rank in g)

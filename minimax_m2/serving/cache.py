@@ -41,10 +41,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class SlotCache:
     """Every attention group's slots: which are free, what each holds, and where a new request goes."""
 
-    def __init__(self, groups: int, slots_per_group: int, min_copy: int = 32):
-        """min_copy: prompt tokens a copy of a busy slot's row must save (a copy moves a whole row)."""
+    def __init__(self, groups: int, slots_per_group: int, min_copy: int = 32, reuse: bool = True):
+        """min_copy: prompt tokens a copy of a busy slot's row must save (a copy moves a whole row);
+        reuse: False finds no prefix (every prompt is prefilled cold)."""
         self.slots = [[Slot(g, i) for i in range(slots_per_group)] for g in range(groups)]
-        self.min_copy = min_copy
+        self.min_copy, self.reuse = min_copy, reuse
         self._clock = 0
 
     def free_count(self, group: int | None = None) -> int:
@@ -60,14 +61,14 @@ class SlotCache:
         if not candidates:
             return None
         group = max(candidates, key=lambda g: (self.free_count(g), -g))
-        limit = len(prompt) - 1
+        limit = len(prompt) - 1 if self.reuse else 0
         free = [s for s in self.slots[group] if not s.busy]
         best_free = max(free, key=lambda s: (min(common_prefix(s.tokens, prompt), limit), -s.last_used))
         reuse_free = min(common_prefix(best_free.tokens, prompt), limit)
         busy = [s for s in self.slots[group] if s.busy]
         best_busy = max(busy, key=lambda s: min(common_prefix(s.tokens, prompt), limit), default=None)
         reuse_busy = min(common_prefix(best_busy.tokens, prompt), limit) if best_busy else 0
-        if reuse_busy >= max(reuse_free + self.min_copy, self.min_copy):
+        if reuse_busy and reuse_busy >= reuse_free + self.min_copy:
             return self._take(min(free, key=lambda s: s.last_used), reuse_busy, best_busy)
         if reuse_free:
             return self._take(best_free, reuse_free, None)

@@ -3,8 +3,8 @@
 Requests are admitted FIFO into free slots (reusing any cached prefix), prefilled in chunks and decoded
 together, each row at its own position with its own sampling settings, and their slots freed the step they
 end (EOS, `max_new_tokens`, the context's end, or a cancel). Each step's shapes come from the engine's
-`ShapeSet`; every step is run by `execute` (the model here; over several ranks, a plan sent to all of
-them first). The engine runs either on its own thread (`start`: the server) or inline (`generate`).
+`ShapeSet`; every step is run by the executor (the model here; over several ranks, a plan sent to all
+of them first). The engine runs either on its own thread (`start`: the server) or inline (`generate`).
 
     engine = Engine(model, max_num_seqs=8, prefill_chunk=256)
     results = engine.generate([[1, 2, 3], [4, 5]], Sampling(max_new_tokens=16), on_token=print)
@@ -13,20 +13,53 @@ them first). The engine runs either on its own thread (`start`: the server) or i
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import Step
+from minimax_m2.program import Step, padding_step
 from minimax_m2.sampling import next_tokens
 from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
-Execute = Callable[[Step], tuple[np.ndarray, np.ndarray]]
 MIN_COPY = 32  # prompt tokens a copied cache row must save to be worth copying
+IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
+
+
+class Executor(Protocol):
+    """What runs the engine's steps: on this process (`LocalExecutor`), or on every rank
+    (`minimax_m2.serving.lockstep.PlanSender`)."""
+
+    def execute(self, step: Step) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def copy(self, copies: list[tuple[int, int, int]]) -> None: ...
+
+    def heartbeat(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs each step on this process's model (one rank, or every rank deciding alike, as `--mode generate`
+    does under torchrun). `minimax_m2.serving.lockstep.PlanSender` is the multi-rank one."""
+
+    def __init__(self, model: MiniMaxM2Model):
+        self.model = model
+
+    def execute(self, step: Step) -> tuple[np.ndarray, np.ndarray]:
+        return self.model.run(step)
+
+    def copy(self, copies: list[tuple[int, int, int]]) -> None:
+        self.model.copy_slots(copies)
+
+    def heartbeat(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
 
 @dataclass
@@ -40,18 +73,20 @@ class Result:
 
 class Engine:
     def __init__(self, model: MiniMaxM2Model, max_num_seqs: int = 8, prefill_chunk: int = 256,
-                 execute: Execute | None = None, copy: Callable[[list[tuple[int, int, int]]], None] | None = None):
-        """max_num_seqs: KV-cache slots per attention group; prefill_chunk: prompt tokens per step."""
+                 executor: Executor | None = None, prefix_reuse: bool = True):
+        """max_num_seqs: KV-cache slots per attention group; prefill_chunk: prompt tokens per step;
+        prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold)."""
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be positive, got {max_num_seqs}, {prefill_chunk}")
         self.model = model
         self.groups = model.layout.dp
         self.shapes = ShapeSet.build(max_num_seqs, min(prefill_chunk, model.max_seq_len), model.max_seq_len)
         model.allocate(max_num_seqs)
-        self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY)
+        self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY, prefix_reuse)
         self.scheduler = Scheduler(self.cache, self.shapes, self.groups)
-        self.execute: Execute = execute or model.run
-        self.copy = copy or model.copy_slots
+        self.executor = executor or LocalExecutor(model)
+        self.failure: str | None = None  # why the engine's thread stopped, if it failed
+        self.on_failure: Callable[[str], None] = lambda message: None
         self._inbox: list[Request] = []
         self._cancelled: list[Request] = []
         self._wake = threading.Condition()
@@ -59,6 +94,18 @@ class Engine:
         self._stopping = False
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "reused_tokens": 0, "finished": 0, "step_seconds": 0.0}
+
+    def warm_up(self, every_shape: bool) -> int:
+        """Before serving: choose the expert schedules (measuring this CPU's costs) and, with every_shape,
+        run each step shape of the set once on padding (compiling and first-touching it on a device);
+        returns the steps run."""
+        self.model.schedule_cost()
+        if not every_shape:
+            return 0
+        scratch = self.model.slots
+        for phase, rows, seq, kv in self.shapes.shapes():
+            self.executor.execute(padding_step(rows, seq, self.groups, scratch, kv))
+        return len(self.shapes.shapes())
 
     # --- requests ------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -110,17 +157,21 @@ class Engine:
         try:
             while True:
                 with self._wake:
-                    while not self._stopping and not self._has_work():
-                        self._wake.wait()
+                    idle = not self._stopping and not self._has_work() and not self._wake.wait(IDLE_SECONDS)
                     if self._stopping:
                         break
-                self.step()
+                if idle:
+                    self.executor.heartbeat()
+                else:
+                    self.step()
+            self._fail_all(None)
+            self.executor.stop()
         except Exception as err:  # noqa: BLE001 - every request in flight hears why the engine stopped
-            self._fail_all(f"the engine stopped: {type(err).__name__}: {err}")
-            raise
+            self.failure = f"{type(err).__name__}: {err}"
+            self._fail_all(self.failure)
+            self.on_failure(self.failure)
         finally:
             self._stopping = True
-            self._fail_all(None)
 
     def _fail_all(self, message: str | None) -> None:
         """End every queued and running request: with an error event, or as aborted."""
@@ -159,17 +210,17 @@ class Engine:
 
     def _run(self, plan: Plan) -> None:
         if plan.copies:
-            self.copy([(p.slot.group, p.copy_from.index, p.slot.index) for p in plan.copies])
+            self.executor.copy([(p.slot.group, p.copy_from.index, p.slot.index) for p in plan.copies])
         if plan.prefill:
             step, chunks = plan.prefill
-            logits, greedy = self.execute(step)
+            logits, greedy = self.executor.execute(step)
             self.stats["prefill_steps"] += 1
             for row, chunk in enumerate(chunks):
                 if chunk is not None:
                     self._prefilled(chunk, step, row, logits[row], greedy[row])
         if plan.decode:
             step, rows = plan.decode
-            logits, greedy = self.execute(step)
+            logits, greedy = self.executor.execute(step)
             self.stats["decode_steps"] += 1
             for row, request in enumerate(rows):
                 if request is not None and request.finish_reason is None:

@@ -21,8 +21,10 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
@@ -32,7 +34,7 @@ from minimax_m2.serving.chat import GENERATION_PROMPT, ROLES, format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
 from minimax_m2.serving.parsers import OutputParser, ParsedOutput
 
-log = logging.getLogger("minimax_m2.server")
+log = logging.getLogger("uvicorn.error")  # uvicorn's own handler prints it
 
 
 class RequestError(ValueError):
@@ -63,6 +65,7 @@ class Limits:
     body_seconds: float = 30.0  # the whole body must arrive within this
     header_seconds: float = 10.0  # a request's headers must arrive within this
     max_connections: int = 1024
+    log_seconds: float = 10.0  # how often a busy server logs its engine's load
 
 
 @dataclass
@@ -362,7 +365,23 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="MiniMax-M2 on nkipy kernels")
+    @asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.ensure_future(report_load())
+        yield
+        task.cancel()
+
+    async def report_load() -> None:
+        """Queue depth, running rows and slot occupancy in the log, every `limits.log_seconds` while busy."""
+        while True:
+            await asyncio.sleep(limits.log_seconds)
+            m = served.engine.metrics()
+            if m.get("running") or m.get("queue_depth"):
+                log.info("engine: %d queued, %d running, %d of %d slots busy, %d tokens generated in %d steps",
+                         m.get("queue_depth", 0), m.get("running", 0), m.get("slots_busy", 0), m.get("slots", 0),
+                         m.get("generated_tokens", 0), m.get("steps", 0))
+
+    app = FastAPI(title="MiniMax-M2 on nkipy kernels", lifespan=lifespan)
 
     def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse(error_body(message, param, kind), status_code=status)
@@ -546,7 +565,8 @@ def protocol_with_header_deadline(seconds: float):
 
 def make_server(served: ServedModel, host: str, port: int, limits: Limits = Limits(), log_level: str = "info"):
     """A uvicorn server for `served` whose SIGTERM / SIGINT first ends every request in flight (the engine
-    stops: streams end with finish_reason "abort"), so that the graceful shutdown takes seconds."""
+    stops: streams end with finish_reason "abort"), so that the graceful shutdown takes seconds, after
+    which the process exits normally (status 0, where uvicorn would re-raise the signal)."""
     import uvicorn
 
     config = uvicorn.Config(build_app(served, limits), host=host, port=port, log_level=log_level,
@@ -556,7 +576,9 @@ def make_server(served: ServedModel, host: str, port: int, limits: Limits = Limi
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             served.engine.stop(timeout=0)
-            super().handle_exit(sig, frame)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
 
     return Server(config)
 

@@ -1,0 +1,232 @@
+"""The OpenAI server under load: concurrent streaming clients with the official `openai` client.
+
+Starts `run_example.py --mode serve` on the medium random config (hidden 1024, 8 layers, 64 experts
+top-8; its checkpoint written by transformers, with a word-level tokenizer of its 32000 ids: `w<id>`
+is one token, so prompt lengths are exact) or on --checkpoint, and runs, in one run:
+
+1. concurrency: --clients streaming clients, each sending its share of a seeded mix of prompt and output
+   lengths, against the engine with --max-num-seqs 16 and with --max-num-seqs 1 (one at a time);
+2. chunked prefill: decoding clients while 512-token prompts keep arriving: inter-token latency p50/p99;
+3. prefix reuse: a conversation's second turn (about 1000 tokens of history) with and without reuse;
+4. the Trainium projection of serving throughput at 32 and 256 concurrent requests (roofline, best
+   layout), beside NxDI's measured 128.9 tok/s at 256 users.
+
+Reports TTFT, TPOT (per request: time between its first and last token over its tokens after the first)
+and inter-token latency at p50, p90, p99, output tok/s and requests/s, as tables and JSON.
+
+  python benchmarks/bench_serving.py [--clients 16] [--requests 32] [--json serving.json] [--checkpoint DIR]
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.medium_config import MEDIUM  # noqa: E402
+
+NXDI_TOK_S_AT_256 = 128.9
+
+
+def medium_checkpoint(path: Path) -> Path:
+    """The medium random model (transformers writes it) and a word-level tokenizer of its vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+
+    torch.manual_seed(0)
+    MiniMaxM2ForCausalLM(MiniMaxM2Config(**MEDIUM)).save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(MEDIUM["vocab_size"] - 1)}
+    vocab["[UNK]"] = MEDIUM["vocab_size"] - 1
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    return path
+
+
+def words(rng: np.random.Generator, n: int) -> str:
+    return " ".join(f"w{i}" for i in rng.integers(0, MEDIUM["vocab_size"] - 1, n))
+
+
+class Server:
+    """run_example.py --mode serve on a free 127.0.0.1 port, stopped (SIGTERM) on exit."""
+
+    def __init__(self, checkpoint: Path, *flags: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "run_example.py"), "--mode", "serve",
+                                         "--checkpoint", str(checkpoint), "--port", str(self.port), *flags],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> "Server":
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=5):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("the server did not start within 600 s")
+
+    def __exit__(self, *_) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def stream(url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion -> submit, first-token and per-token times."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused", timeout=3600, max_retries=0)
+    start, times = time.perf_counter(), []
+    for chunk in client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=max_tokens,
+                                           stream=True):
+        if chunk.choices and chunk.choices[0].text:
+            times.append(time.perf_counter())
+    return {"start": start, "times": times}
+
+
+def complete(url: str, prompt: str, max_tokens: int) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused", timeout=3600, max_retries=0)
+    return client.completions.create(model=client.models.list().data[0].id, prompt=prompt,
+                                     max_tokens=max_tokens).choices[0].text
+
+
+def run_clients(url: str, jobs: list[list[tuple[str, int]]]) -> tuple[list[dict], float]:
+    """Each client (a thread) sends its jobs one after another -> every request's record, wall seconds."""
+    records: list[dict] = []
+    lock = threading.Lock()
+
+    def client(mine: list[tuple[str, int]]) -> None:
+        for prompt, max_tokens in mine:
+            record = stream(url, prompt, max_tokens)
+            with lock:
+                records.append(record)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - start
+
+
+def summarise(records: list[dict], seconds: float) -> dict:
+    def pct(values: list[float]) -> dict:
+        return {f"p{p}": float(np.percentile(values, p)) * 1e3 for p in (50, 90, 99)} if values else {}
+
+    ttft = [r["times"][0] - r["start"] for r in records if r["times"]]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records if len(r["times"]) > 1]
+    itl = [b - a for r in records for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(len(r["times"]) for r in records)
+    return {"requests": len(records), "output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds,
+            "requests_s": len(records) / seconds, "ttft_ms": pct(ttft), "tpot_ms": pct(tpot), "itl_ms": pct(itl)}
+
+
+def show(name: str, s: dict) -> None:
+    def fmt(d: dict) -> str:
+        return " / ".join(f"{d[k]:.0f}" for k in ("p50", "p90", "p99")) if d else "-"
+
+    print(f"| {name} | {s['requests']} | {s['output_tok_s']:.1f} | {s['requests_s']:.2f} | {fmt(s['ttft_ms'])} | "
+          f"{fmt(s['tpot_ms'])} | {fmt(s['itl_ms'])} |", flush=True)
+
+
+def trainium_projection() -> list[dict]:
+    """Output tok/s at 32 and 256 concurrent requests on trn2.48xlarge (64 ranks, tp 8), best layout of the
+    roofline: batch / TPOT."""
+    from minimax_m2.config import MiniMaxM2Config
+    from minimax_m2.parallel import ParallelLayout
+    from minimax_m2.roofline import TRN2, record_units, step_seconds
+
+    config, rows = MiniMaxM2Config(), []
+    for batch in (32, 256):
+        best = min((step_seconds(record_units(config, ParallelLayout(64, 8, 0, moe_tp=m), phase="decode", batch=batch,
+                                              seq=1, context=4096), config.num_hidden_layers, TRN2), m)
+                   for m in (1, 8, 64))
+        rows.append({"batch": batch, "moe_tp": best[1], "tpot_ms": best[0] * 1e3, "output_tok_s": batch / best[0]})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (with tokenizer.json) instead")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=32, help="requests in the concurrency mix")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    results: dict = {"cpu_cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or medium_checkpoint(Path(tmp))
+        context = ["--max-seq-len", "2048"]
+        mix = [(words(rng, int(rng.integers(32, 257))), int(rng.integers(16, 65))) for _ in range(args.requests)]
+        jobs = [mix[i :: args.clients] for i in range(args.clients)]
+        print(f"{args.clients} clients, {args.requests} requests: prompts of 32-256 tokens, 16-64 new tokens, greedy; "
+              "this machine has 2 cores, shared by the server and the clients\n")
+        print("| run | requests | output tok/s | requests/s | TTFT ms p50/p90/p99 | TPOT ms | ITL ms |")
+        print("|---|---|---|---|---|---|---|")
+        for name, flags in (("max-num-seqs 16", ["--max-num-seqs", "16"]), ("max-num-seqs 1", ["--max-num-seqs", "1"])):
+            with Server(checkpoint, *context, *flags) as server:
+                stream(server.url, words(rng, 8), 2)  # the first request pays for the schedules' measurement
+                results[name] = summarise(*run_clients(server.url, jobs))
+                show(name, results[name])
+        with Server(checkpoint, *context, "--max-num-seqs", "16") as server:
+            single = summarise(*run_clients(server.url, [[(words(rng, 64), 48)] * 2]))
+            show("one client", single)
+            results["one client"] = single
+            decoders = [[(words(rng, 32), 96)] for _ in range(6)]
+            arriving = [[(words(rng, 512), 4) for _ in range(4)]]
+            records, seconds = run_clients(server.url, decoders + arriving)
+            chunked = summarise([r for r in records if len(r["times"]) > 4], seconds)  # the decoding clients
+            show("decoding while 512-token prompts arrive", chunked)
+            results["chunked prefill"] = chunked
+        turns = {}
+        for name, flags in (("with prefix reuse", []), ("without prefix reuse", ["--no-prefix-reuse"])):
+            with Server(checkpoint, *context, "--max-num-seqs", "4", *flags) as server:
+                first = words(np.random.default_rng(1), 1000)
+                second = f"{first} {complete(server.url, first, 8)} {words(np.random.default_rng(2), 20)}"
+                turns[name] = summarise([stream(server.url, second, 8)], 1.0)["ttft_ms"]["p50"]
+        results["second turn ttft ms"] = turns
+        print(f"\nsecond turn of a ~1000-token conversation, TTFT: {turns['with prefix reuse']:.0f} ms with prefix reuse, "
+              f"{turns['without prefix reuse']:.0f} ms without ({turns['with prefix reuse'] / turns['without prefix reuse']:.2f}x)")
+    one, many = results["max-num-seqs 1"], results["max-num-seqs 16"]
+    print(f"\n{args.clients} clients: {many['output_tok_s'] / one['output_tok_s']:.2f}x the output tok/s of one at a time; "
+          f"p50 TPOT {many['tpot_ms']['p50'] / single['tpot_ms']['p50']:.2f}x one client's; p99/p50 inter-token latency "
+          f"while prompts arrive {chunked['itl_ms']['p99'] / chunked['itl_ms']['p50']:.2f}x")
+    projection = trainium_projection()
+    results["trainium"] = projection
+    print("\nTrainium projection (trn2.48xlarge, 64 ranks, tp 8, roofline of minimax_m2/roofline.py):")
+    for row in projection:
+        print(f"  {row['batch']} concurrent: {row['output_tok_s']:.0f} output tok/s (TPOT {row['tpot_ms']:.2f} ms, "
+              f"moe_tp {row['moe_tp']}); NxDI measured {NXDI_TOK_S_AT_256} tok/s at 256 users")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The serving engine: every request gives the logits and tokens it gives alone, whatever it is batched with and
+whenever it arrives; prefix reuse gives a cold prefill's logits; slots are freed as requests end; seeded
+sampling does not depend on the batch; requests that cannot fit are refused before they are queued."""
+
+import numpy as np
+import pytest
+from conftest import PROMPT
+from hf_reference import greedy_logits, relative_error
+
+from minimax_m2 import MiniMaxM2Model
+from minimax_m2.generation import Sampling
+from minimax_m2.serving.engine import Engine
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model(float32_checkpoint) -> MiniMaxM2Model:
+    return MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=96)
+
+
+def prompts_of(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, n).tolist() for n in lengths]
+
+
+def alone(model: MiniMaxM2Model, prompt: list[int], new: int) -> tuple[list[int], np.ndarray]:
+    ids, logits = model.generate(np.array([prompt]), new, return_logits=True)
+    return ids[0, len(prompt):].tolist(), logits[0]
+
+
+@pytest.mark.parametrize("slots, chunk", [(2, 8), (4, 64), (1, 5)], ids=["2-slots-chunk-8", "4-slots", "1-slot-chunk-5"])
+def test_ragged_prompts_batched_give_what_each_gives_alone(model, slots, chunk) -> None:
+    prompts = prompts_of([7, 3, 20, 12, 1, 33])
+    engine = Engine(model, max_num_seqs=slots, prefill_chunk=chunk)
+    results = engine.generate(prompts, Sampling(max_new_tokens=6), keep_logits=True)
+    for prompt, result in zip(prompts, results):
+        tokens, logits = alone(model, prompt, 6)
+        assert result.generated == tokens and result.finish_reason == "length"
+        assert relative_error(result.logits, logits) < RTOL
+    assert engine.metrics()["slots_busy"] == 0
+
+
+def test_the_engine_matches_transformers(float32_checkpoint, hf_model) -> None:
+    """Both rows of the shared prompt through the engine, against transformers' own greedy decoding."""
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
+    want_tokens, want_logits = greedy_logits(hf_model, PROMPT, 9)
+    results = Engine(model, max_num_seqs=2, prefill_chunk=4).generate(PROMPT.tolist(), Sampling(max_new_tokens=9),
+                                                                       keep_logits=True)
+    for row, result in enumerate(results):
+        assert result.generated == want_tokens[row, PROMPT.shape[1]:].tolist()
+        assert relative_error(result.logits, want_logits[row]) < RTOL
+
+
+def test_requests_arriving_while_others_run(model) -> None:
+    """New requests join running ones step by step (continuous batching): each still gives its own answer."""
+    prompts = prompts_of([9, 25, 4, 14], seed=1)
+    engine = Engine(model, max_num_seqs=3, prefill_chunk=8)
+    requests = []
+    for prompt in prompts:
+        requests.append(engine.submit(prompt, Sampling(max_new_tokens=7), keep_logits=True))
+        engine.step()
+        engine.step()
+    while not engine.idle():
+        engine.step()
+    for prompt, request in zip(prompts, requests):
+        tokens, logits = alone(model, prompt, 7)
+        assert request.generated == tokens
+        assert relative_error(np.concatenate(request.logits), logits) < RTOL
+
+
+def test_a_long_prompt_delays_decodes_by_at_most_one_chunk(model) -> None:
+    engine = Engine(model, max_num_seqs=2, prefill_chunk=8)
+    short = engine.submit(prompts_of([3])[0], Sampling(max_new_tokens=20))
+    engine.step()
+    long = engine.submit(prompts_of([60], seed=2)[0], Sampling(max_new_tokens=2))
+    before = len(short.generated)
+    for _ in range(4):
+        engine.step()
+        assert len(short.generated) == before + 1, "a decode waited for the long prompt"
+        before += 1
+    assert 0 < long.prefilled < 60
+    while not engine.idle():
+        engine.step()
+
+
+def test_prefix_reuse_gives_the_cold_logits(model) -> None:
+    """The next turn of a conversation reuses the cached turn (its slot was freed, not cleared); a request
+    sharing a long prefix with a running one copies that row. Both equal a cold prefill."""
+    engine = Engine(model, max_num_seqs=2, prefill_chunk=16)
+    first = prompts_of([30], seed=3)[0]
+    turn = engine.generate([first], Sampling(max_new_tokens=5))[0]
+    second = first + turn.generated + prompts_of([6], seed=4)[0]
+    result = engine.generate([second], Sampling(max_new_tokens=5), keep_logits=True)[0]
+    assert result.reused == len(first) + 4, "the previous turn's cache was not reused"
+    tokens, logits = alone(model, second, 5)
+    assert result.generated == tokens and relative_error(result.logits, logits[result.reused:]) < RTOL
+
+    system = prompts_of([40], seed=5)[0]
+    running = engine.submit(system + [1, 2], Sampling(max_new_tokens=30))
+    while running.prefilled < len(running.prompt):
+        engine.step()
+    sharing = engine.submit(system + [3], Sampling(max_new_tokens=4), keep_logits=True)
+    while not engine.idle():
+        engine.step()
+    assert sharing.reused == 40, "the busy slot's prefix was not copied"
+    tokens, logits = alone(model, system + [3], 4)
+    assert sharing.generated == tokens and relative_error(np.concatenate(sharing.logits), logits[40:]) < RTOL
+
+
+def test_eviction_reuses_only_what_the_slot_still_holds(model) -> None:
+    """With one slot, a request in between overwrites the cached conversation: the next turn must not
+    reuse it (and still gives the cold logits)."""
+    engine = Engine(model, max_num_seqs=1, prefill_chunk=16)
+    first = prompts_of([20], seed=6)[0]
+    turn = engine.generate([first], Sampling(max_new_tokens=3))[0]
+    engine.generate([prompts_of([25], seed=7)[0]], Sampling(max_new_tokens=3))
+    second = first + turn.generated + [5]
+    result = engine.generate([second], Sampling(max_new_tokens=3), keep_logits=True)[0]
+    assert result.reused == 0
+    tokens, logits = alone(model, second, 3)
+    assert result.generated == tokens and relative_error(result.logits, logits) < RTOL
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model) -> None:
+    sampled = Sampling(max_new_tokens=8, temperature=0.9, top_k=50, top_p=0.9, seed=11)
+    prompt = prompts_of([10], seed=8)[0]
+    alone_tokens = Engine(model, max_num_seqs=1).generate([prompt], sampled)[0].generated
+    others = prompts_of([4, 17, 9], seed=9)
+    batched = Engine(model, max_num_seqs=4, prefill_chunk=8).generate(
+        others[:1] + [prompt] + others[1:], [Sampling(max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2, 3)][:1]
+        + [sampled] + [Sampling(max_new_tokens=8, temperature=0.5, seed=s) for s in (4, 5)])
+    assert batched[1].generated == alone_tokens
+
+
+def test_eos_and_cancel_free_the_slot_at_once(model) -> None:
+    engine = Engine(model, max_num_seqs=2)
+    prompt = prompts_of([6], seed=10)[0]
+    greedy, _ = alone(model, prompt, 5)
+    stopped = engine.generate([prompt], Sampling(max_new_tokens=5, eos_token_ids=(greedy[1],)))[0]
+    assert stopped.generated == greedy[:2] and stopped.finish_reason == "stop"
+    request = engine.submit(prompt, Sampling(max_new_tokens=50))
+    engine.step()
+    engine.cancel(request)
+    engine.step()
+    assert request.finish_reason == "cancelled" and engine.metrics()["slots_busy"] == 0
+
+
+def test_fifo_admission_when_slots_are_full(model) -> None:
+    engine = Engine(model, max_num_seqs=1)
+    first = engine.submit(prompts_of([5])[0], Sampling(max_new_tokens=3))
+    second = engine.submit(prompts_of([5], seed=1)[0], Sampling(max_new_tokens=3))
+    engine.step()
+    assert first.slot is not None and second.slot is None and engine.metrics()["queue_depth"] == 1
+    while not engine.idle():
+        engine.step()
+    assert first.finish_reason == second.finish_reason == "length"
+
+
+def test_what_cannot_fit_is_refused_before_it_is_queued(model) -> None:
+    engine = Engine(model, max_num_seqs=1)
+    with pytest.raises(ValueError, match="exceed the context of 96 tokens"):
+        engine.submit(prompts_of([90])[0], Sampling(max_new_tokens=10))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit([1, 999], Sampling())
+    assert engine.metrics()["queue_depth"] == 0
+
+
+def test_every_step_has_a_shape_of_the_set(model) -> None:
+    engine = Engine(model, max_num_seqs=3, prefill_chunk=16)
+    seen = set()
+    run = engine.executor.execute
+
+    def record(step):
+        rows, seq = step.input_ids.shape
+        seen.add(("decode" if seq == 1 else "prefill", rows, seq))
+        return run(step)
+
+    engine.executor.execute = record
+    engine.generate(prompts_of([3, 40, 17, 9]), Sampling(max_new_tokens=4))
+    allowed = {(phase, rows, seq) for phase, rows, seq, _ in engine.shapes.shapes()}
+    assert seen and seen <= allowed, seen - allowed
+    assert min(rows for _, rows, _ in seen) >= 2, "no compiled shape has a dimension of 1"
