@@ -6,9 +6,10 @@ Plain functions: pytest collects them, and `run_example.py --mode test` runs the
 import numpy as np
 
 from kernels import (
-    attention,
-    lm_head_vocab_parallel,
     DENSE,
+    attention,
+    gather_vocab,
+    greedy_vocab_parallel,
     greedy_pick,
     grouped_experts,
     lm_head,
@@ -19,9 +20,13 @@ from kernels import (
     rmsnorm,
     rope_partial,
     rope_tables,
+    sample_candidates,
     token_embedding,
+    top_candidates,
+    vocab_slice_logits,
     worst_case_capacity,
 )
+from minimax_m2.sampling import draw, sampling_probs
 from kernels.slots import exclusive_cumsum, place_rows
 
 RNG_SEED = 1234
@@ -119,7 +124,7 @@ def test_attention() -> None:
     qn, kn = 1 + _randn(rng, heads * head_dim, scale=0.3), 1 + _randn(rng, kv_heads * head_dim, scale=0.3)
     cos, sin = rope_tables(max_seq, rotary_dim, theta)
     cache_rows = 3  # slots 0, 1 and the scratch row
-    k_cache = np.zeros((cache_rows * max_seq, kv_heads, head_dim), np.float32)
+    k_cache = np.zeros((cache_rows * max_seq, kv_heads * head_dim), np.float32)
     v_cache = np.zeros_like(k_cache)
     past = {slot: (np.zeros((1, kv_heads, 0, head_dim)), np.zeros((1, kv_heads, 0, head_dim))) for slot in (0, 1)}
     lengths = {0: 0, 1: 0}
@@ -129,15 +134,16 @@ def test_attention() -> None:
         valid = np.array([[s < n for s in range(seq)] for _, n in plan])
         positions = np.array([[min(lengths[slot] + s, max_seq - 1) for s in range(seq)] for slot, _ in plan], np.int32)
         x = _randn(rng, len(plan), seq, hidden)
-        got = attention(x, positions, slots, valid, wq, wk, wv, wo, qn, kn, cos, sin, k_cache, v_cache,
-                        head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=max_seq)
+        got = attention(x.reshape(-1, hidden), positions.reshape(-1), slots, valid.reshape(-1), wq, wk, wv, wo, qn, kn,
+                        cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=max_seq,
+                        seq=seq).reshape(len(plan), seq, hidden)
         for r, (slot, n) in enumerate(plan):
             want, *past[slot] = _ref_attention(x[r : r + 1, :n], positions[r, :n], wq, wk, wv, wo, qn, kn, *past[slot],
                                                heads, kv_heads, head_dim, rotary_dim, theta, eps)
             _close(got[r : r + 1, :n], want)
             lengths[slot] += n
     for slot in (0, 1):
-        rows = k_cache[slot * max_seq : slot * max_seq + lengths[slot]]
+        rows = k_cache[slot * max_seq : slot * max_seq + lengths[slot]].reshape(-1, kv_heads, head_dim)
         _close(rows.transpose(1, 0, 2)[None], past[slot][0])
 
 
@@ -259,11 +265,39 @@ def test_place_rows() -> None:
 def test_lm_head_vocab_parallel_one_rank() -> None:
     """One rank holding the whole vocabulary, padded by two columns that must never win."""
     rng = _rng()
-    h, norm, weight = _randn(rng, 2, 3, 16), _randn(rng, 16), _randn(rng, 16, 40)
+    h, norm, weight = _randn(rng, 6, 16), _randn(rng, 16), _randn(rng, 16, 40)
     padded = np.concatenate([weight, np.full((16, 2), 100.0, np.float32)], axis=1)
-    logits, tokens = lm_head_vocab_parallel(h, norm, padded, np.array([0], np.int32), eps=1e-6, vocab_size=40)
-    _close(logits, lm_head(h, norm, weight, 1e-6))
-    np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+    offset = np.array([0, 0], np.int32)
+    logits = vocab_slice_logits(h, norm, padded, offset, eps=1e-6, vocab_size=40)
+    _close(gather_vocab(logits, 40, None), lm_head(h, norm, weight, 1e-6))
+    np.testing.assert_array_equal(greedy_vocab_parallel(logits, offset, None), np.argmax(logits[:, :40], axis=-1))
+
+
+def test_top_candidates() -> None:
+    rng = _rng()
+    logits = _randn(rng, 3, 50)
+    ids = np.broadcast_to(np.arange(100, 150, dtype=np.int32), (3, 50))
+    values, chosen = top_candidates(logits, ids, 7)
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(chosen, order + 100)
+    _close(values, np.take_along_axis(logits, order, axis=1))
+
+
+def test_sampling_draws_from_the_reference_distribution() -> None:
+    """For every uniform draw, the kernel's token is the reference's inverse CDF of sampling_probs (top-k,
+    top-p and temperature together), so both have exactly the reference distribution."""
+    rng = _rng()
+    logits = _randn(rng, 4, 30, scale=2.0)
+    ids = np.broadcast_to(np.arange(30, dtype=np.int32), (4, 30))
+    values, chosen = top_candidates(logits, ids, 30)
+    settings = [(1.0, 5, 0.9), (0.7, 30, 1.0), (1.3, 12, 0.5), (0.5, 1, 1.0)]
+    temperature = np.array([t for t, _, _ in settings], np.float32)
+    top_k = np.array([k for _, k, _ in settings], np.int32)
+    top_p = np.array([p for _, _, p in settings], np.float32)
+    for u in np.linspace(0.0, 0.999, 37):
+        got = sample_candidates(values, chosen, temperature, top_k, top_p, np.full(4, u, np.float32))
+        want = [draw(sampling_probs(row, t, k, p), u) for row, (t, k, p) in zip(logits, settings)]
+        np.testing.assert_array_equal(got, want)
 
 
 def test_moe_block_parallel_one_rank() -> None:
@@ -277,11 +311,12 @@ def test_moe_block_parallel_one_rank() -> None:
     one = [[0]]
     got, dropped = moe_block_parallel(
         x, np.arange(tokens, dtype=np.int32), np.zeros(tokens, np.int32), np.ones(tokens, bool),
-        np.arange(top_k, dtype=np.int32)[None], np.array([0], np.int32), np.array([0], np.int32), gate, bias, w13, w2,
-        top_k=top_k, capacity=worst_case_capacity(tokens, top_k, experts), block_rows=1,
+        np.arange(top_k, dtype=np.int32), np.zeros(2, np.int32), np.zeros(2, np.int32), gate, bias, w13, w2,
+        top_k=top_k, members=1, per_token=top_k, own_count=1, real_pairs=tokens * top_k, capacity=worst_case_capacity(tokens, top_k, experts),
+        block_rows=1,
         slice_groups=one, ep_groups=one, combine_groups=one,
     )
-    assert int(dropped) == 0
+    assert int(dropped[0]) == 0
     _close(got, _ref_moe(x, gate, bias, w13, w2, top_k))
 
 

@@ -6,7 +6,7 @@ static shapes, no Python branching on tensor values, only the NumPy calls nkipy 
 
 from kernels.attention import attention
 from kernels.embedding import token_embedding
-from kernels.lm_head import greedy_pick, lm_head, lm_head_vocab_parallel
+from kernels.lm_head import gather_vocab, greedy_pick, greedy_vocab_parallel, lm_head, vocab_slice_logits
 from kernels.moe_block import moe_block
 from kernels.moe_parallel import moe_block_parallel, worst_case_capacity
 from kernels.moe_expert import moe_expert
@@ -14,15 +14,18 @@ from kernels.moe_grouped import DENSE, expert_blocks, grouped_experts
 from kernels.moe_router import moe_router
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rope_partial, rope_tables
+from kernels.sampling import sample_candidates, sample_vocab_parallel, top_candidates
 
 __all__ = [
     "DENSE",
     "attention",
+    "gather_vocab",
     "greedy_pick",
+    "greedy_vocab_parallel",
     "expert_blocks",
     "grouped_experts",
     "lm_head",
-    "lm_head_vocab_parallel",
+    "vocab_slice_logits",
     "moe_block",
     "moe_block_parallel",
     "moe_expert",
@@ -30,6 +33,9 @@ __all__ = [
     "rmsnorm",
     "rope_partial",
     "rope_tables",
+    "sample_candidates",
+    "sample_vocab_parallel",
     "token_embedding",
+    "top_candidates",
     "worst_case_capacity",
 ]

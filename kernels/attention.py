@@ -35,25 +35,27 @@ def attention(
     eps: float,
     max_seq: int,
     kv_len: int,
+    seq: int,
     replica_groups: ReplicaGroups | None = None,
 ) -> np.ndarray:
-    """Causal GQA attention for R rows of S new tokens, each row continuing its own KV-cache row.
+    """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own KV-cache row.
 
-    x: [R, S, hidden]; positions: [R, S] int32, each token's position in its sequence; slots: [R] int32,
-    the cache row each row reads and writes; token_valid: [R, S] bool, False for padding tokens, which
-    write into the last cache row (scratch, never read) and never disturb a real row.
-    wq: [hidden, Hq*D], wk/wv: [hidden, Hkv*D], wo: [Hq*D, hidden]; q_norm: [Hq*D], k_norm: [Hkv*D];
-    cos/sin_table: [max_seq, R'] from `rope_tables`, passed in like a weight;
-    k_cache/v_cache: [rows * max_seq, Hkv, D] (cache row c, position p at c * max_seq + p), written in
+    x: [T, hidden] with T = R * seq (row r's tokens at r * seq ..); positions: [T] int32, each token's
+    position in its sequence; slots: [R] int32, the cache row each row reads and writes; token_valid: [T]
+    bool, False for padding tokens, which write into the last cache row (scratch, never read) and never
+    disturb a real row. wq: [hidden, Hq*D], wk/wv: [hidden, Hkv*D], wo: [Hq*D, hidden]; q_norm: [Hq*D],
+    k_norm: [Hkv*D]; cos/sin_table: [max_seq, R'] from `rope_tables`, passed in like a weight;
+    k_cache/v_cache: [rows * max_seq, Hkv*D] (cache row c, position p at c * max_seq + p), written in
     place; kv_len: static number of positions attended (> every row's last position).
-    Returns out [R, S, hidden] in x's dtype; scores and softmax are float32.
+    Returns out [T, hidden] in x's dtype; scores and softmax are float32.
 
     q and k are RMS-normalised over their whole projection width before the head split. Under tensor
     parallelism (heads split over `replica_groups`) the q and k sums of squares are all-reduced together
     over the group, and so are the output projection's partial sums.
     """
-    rows, seq, _ = x.shape
-    kv_heads = k_cache.shape[1]
+    tokens = x.shape[0]
+    rows = tokens // seq
+    kv_heads = k_cache.shape[1] // head_dim
     q_heads = wq.shape[1] // head_dim
     group = q_heads // kv_heads
     scratch = np.int32(k_cache.shape[0] // max_seq - 1)
@@ -61,32 +63,32 @@ def attention(
     q, k = matmul(x, wq), matmul(x, wk)
     ranks = group_size(replica_groups)
     sums = all_reduce(np.concatenate([sum_of_squares(q), sum_of_squares(k)], axis=-1), replica_groups)  # one exchange
-    q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(rows, seq, q_heads, head_dim)
-    k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(rows, seq, kv_heads, head_dim)
-    v = matmul(x, wv).reshape(rows, seq, kv_heads, head_dim)
+    q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(tokens, q_heads, head_dim)
+    k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(tokens, kv_heads, head_dim)
+    v = matmul(x, wv)
 
-    cos = np.take(cos_table, positions, axis=0)  # [R, S, R']
+    cos = np.take(cos_table, positions, axis=0)  # [T, R']
     sin = np.take(sin_table, positions, axis=0)
     q = rope_partial(q, cos, sin)
     k = rope_partial(k, cos, sin)
 
-    written = cache_index(np.where(token_valid, slots[:, None], scratch), positions, max_seq).reshape(rows * seq)
-    k_cache[written] = k.reshape(rows * seq, kv_heads, head_dim)
-    v_cache[written] = v.reshape(rows * seq, kv_heads, head_dim)
+    written = cache_index(np.where(token_valid, np.repeat(slots, seq), scratch), positions, max_seq)
+    k_cache[written] = k.reshape(tokens, kv_heads * head_dim)
+    v_cache[written] = v
     read = cache_index(slots[:, None], np.arange(kv_len, dtype=np.int32)[None, :], max_seq)  # [R, kv_len]
-    keys = np.transpose(k_cache[read], (0, 2, 1, 3))  # [R, Hkv, kv_len, D]
-    values = np.transpose(v_cache[read], (0, 2, 1, 3))
+    keys = np.transpose(k_cache[read].reshape(rows, kv_len, kv_heads, head_dim), (0, 2, 1, 3))  # [R, Hkv, kv, D]
+    values = np.transpose(v_cache[read].reshape(rows, kv_len, kv_heads, head_dim), (0, 2, 1, 3))
 
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
     q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 4, 3, 1))
     q = q.reshape(rows, kv_heads, head_dim, group * seq)  # [R, Hkv, D, G * S]
     scores = np.swapaxes(matmul(keys, q), -1, -2).astype(np.float32) * np.float32(head_dim**-0.5)
 
-    visible = np.arange(kv_len, dtype=np.int32)[None, None, :] <= positions[:, :, None]  # [R, S, kv_len]
-    scores = np.where(np.tile(visible, (1, group, 1))[:, None], scores, _MASKED)
+    visible = np.arange(kv_len, dtype=np.int32)[None, None, :] <= positions.reshape(rows, seq)[:, :, None]
+    scores = np.where(np.expand_dims(np.tile(visible, (1, group, 1)), 1), scores, _MASKED)
     scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
     probs = scores / np.sum(scores, axis=-1, keepdims=True)
 
     out = matmul(probs.astype(values.dtype), values).reshape(rows, kv_heads, group, seq, head_dim)
-    out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(rows, seq, q_heads * head_dim)
+    out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
     return all_reduce(matmul(out, wo), replica_groups)

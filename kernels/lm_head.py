@@ -10,7 +10,7 @@ _MASKED = np.float32(np.finfo(np.float32).min)
 
 
 def lm_head(h: np.ndarray, norm_weight: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """h: [B, S, hidden], norm_weight: [hidden], weight: [hidden, vocab] -> logits [B, S, vocab] float32."""
+    """h: [..., hidden], norm_weight: [hidden], weight: [hidden, vocab] -> logits [..., vocab] float32."""
     return matmul(rmsnorm(h, norm_weight, eps), weight).astype(np.float32)
 
 
@@ -19,31 +19,24 @@ def greedy_pick(logits: np.ndarray) -> np.ndarray:
     return np.argmax(logits, axis=-1)
 
 
-def lm_head_vocab_parallel(
-    h: np.ndarray,
-    norm_weight: np.ndarray,
-    weight: np.ndarray,
-    vocab_offset: np.ndarray,
-    *,
-    eps: float,
-    vocab_size: int,
-    replica_groups: ReplicaGroups | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and greedy tokens with the vocabulary split over the ranks of `replica_groups`.
-
-    h: [N, S, hidden] (the same rows on every rank), weight: [hidden, Vr] this rank's columns
-    vocab_offset .. vocab_offset + Vr - 1 (zero-padded past vocab_size), vocab_offset: [1] int32.
-    Returns (logits [N, S, vocab_size] float32, gathered over the ranks, and tokens [N, S] int32: the
-    first index of the largest logit, chosen from each rank's own best without the full logits).
-    """
-    columns = weight.shape[-1]
+def vocab_slice_logits(h: np.ndarray, norm_weight: np.ndarray, weight: np.ndarray, vocab_offset: np.ndarray, *,
+                       eps: float, vocab_size: int) -> np.ndarray:
+    """h: [N, hidden] -> this rank's logits [N, Vr] float32 for columns vocab_offset[0] .. + Vr - 1 of the
+    vocabulary (weight: [hidden, Vr], zero-padded past vocab_size; the padding columns masked)."""
     logits = lm_head(h, norm_weight, weight, eps)
-    ids = vocab_offset + np.arange(columns, dtype=np.int32)
-    logits = np.where(ids < vocab_size, logits, _MASKED)
-    best = np.max(logits, axis=-1)  # [N, S]
-    best_id = greedy_pick(logits).astype(np.int32) + vocab_offset  # [N, S]
-    every_best = all_gather(best[None], 0, replica_groups)  # [W, N, S]
-    every_id = all_gather(best_id[None], 0, replica_groups)
-    winner = greedy_pick(np.transpose(every_best, (1, 2, 0)))  # [N, S], lowest rank on ties
-    tokens = np.take_along_axis(every_id, winner[None], axis=0)[0]
-    return all_gather(logits, 2, replica_groups)[:, :, :vocab_size], tokens
+    ids = vocab_offset[0] + np.arange(weight.shape[-1], dtype=np.int32)
+    return np.where(ids[None, :] < vocab_size, logits, _MASKED)
+
+
+def greedy_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray,
+                          replica_groups: ReplicaGroups | None) -> np.ndarray:
+    """[N, Vr] this rank's slice of the logits -> [N] int32: the first index of the largest logit of the
+    whole vocabulary, chosen from each rank's own best without the full logits (lowest rank on ties)."""
+    every_best = all_gather(np.max(logits, axis=-1)[:, None], 1, replica_groups)  # [N, W]
+    every_id = all_gather((greedy_pick(logits).astype(np.int32) + vocab_offset[0])[:, None], 1, replica_groups)
+    return np.take_along_axis(every_id, greedy_pick(every_best)[:, None].astype(np.int32), axis=1)[:, 0]
+
+
+def gather_vocab(logits: np.ndarray, vocab_size: int, replica_groups: ReplicaGroups | None) -> np.ndarray:
+    """[N, Vr] slices of every rank -> the whole logits [N, vocab_size]."""
+    return all_gather(logits, 1, replica_groups)[:, :vocab_size]

@@ -27,11 +27,12 @@ def expert_blocks(rows: int, num_experts: int, block_rows: int) -> int:
 
 
 def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w13: np.ndarray, w2: np.ndarray, *,
-                    block_rows: int) -> np.ndarray:
+                    block_rows: int, real_rows: int | None = None) -> np.ndarray:
     """Row r through expert expert_ids[r]: x [P, hidden], expert_ids [P] int in 0..E-1, valid [P] bool,
     w13 [E, 2I, hidden], w2 [E, hidden, I] -> [P, hidden] (zero rows where not valid); block_rows: the
-    schedule (see the module docstring)."""
-    rows = x.shape[0]
+    schedule (see the module docstring); real_rows: at most this many rows are valid (rows padding a
+    bucket never are), which bounds the blocks (default: P)."""
+    rows = x.shape[0] if real_rows is None else min(real_rows, x.shape[0])
     num_experts = w13.shape[0]
     zero = np.zeros_like(x[:1])
     if block_rows == DENSE:

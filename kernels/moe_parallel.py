@@ -78,52 +78,59 @@ def moe_block_parallel(
     w2: np.ndarray,
     *,
     top_k: int,
+    members: int,
+    per_token: int,
+    own_count: int,
+    real_pairs: int,
     capacity: int,
     block_rows: int,
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x: [T, hidden] this rank's tokens -> (out [T, hidden], dropped [] int32: pairs of this rank's
-    tokens over capacity).
+    """x: [T, hidden] this rank's tokens -> (out [T, hidden], dropped [2] int32: pairs of this rank's tokens
+    over capacity, then 0).
 
-    Rank-specific data (arrays, so every rank traces the same program), for the M members of this
-    rank's slice group, whose tokens are gathered into M * T rows:
-      union_rows [U] int32: the gathered rows that are not batch padding (U, the most any slice group
-        has, is static; shorter lists are filled with invalid entries), union_member [U] int32 the
-        member each came from, union_valid [U] bool;
-      member_slots [M, top_k / tp] int32: which of each token's top_k choices a member handles (the tp
-        ranks of an attention group hold the same tokens and split their choices);
-      own_members [A] int32: the members holding this rank's tokens; own_position [1] int32: this rank's.
+    Rank-specific data (arrays, so every rank traces the same program), for the `members` (M) members of
+    this rank's slice group, whose tokens are gathered into M * T rows:
+      union_rows [U] int32: the gathered rows that can be real (U is static: the bucket's), union_member
+        [U] int32 the member each came from, union_valid [U] bool whether it is a real token this step;
+      member_slots: [M * per_token] int32, member by member which of each token's top_k choices it handles
+        (per_token = top_k / tp: the tp ranks of an attention group hold the same tokens and split them);
+      own_members: the own_count members holding this rank's tokens; own_position: this rank's position
+        in the slice group (first entry).
+    Arrays that could have a single entry are padded to two (no compiled input has a dimension of 1);
+    only their first entries are read.
     gate: [hidden, E], bias: [E] for every loaded expert; w13: [L, 2I/M, hidden], w2: [L, hidden, I/M]
     this rank's slices of the experts of its slice group.
 
-    1. The slice group's tokens are gathered, the U real ones kept (padding rows never reach an
+    1. The slice group's tokens are gathered, the U that can be real kept (padding never reaches an
        expert) and routed.
-    2. Their pairs (each row x its member's slots) run through this rank's slices (schedule
-       `block_rows`), dispatched over `ep_groups` to the slice group holding the expert when moe_ep > 1.
+    2. Their pairs (each row x its member's slots, at most real_pairs of them real) run through this rank's
+       slices (schedule `block_rows`), dispatched over `ep_groups` to the slice group holding the expert
+       when moe_ep > 1.
     3. Weighted sums per row are all-reduced over the slice group (summing the slices), put back in
        place, this rank adds up its own members' rows, and `combine_groups` sums the choices split
        over attention tp ranks outside the slice group.
     """
     tokens, hidden = x.shape
-    members, per_token = member_slots.shape
     rows = np.take(all_gather(x, 0, slice_groups), union_rows, axis=0)  # [U, hidden]
     weights, experts = moe_router(rows, gate, bias, top_k)
+    member_slots = member_slots[: members * per_token].reshape(members, per_token)
     slots = np.take(member_slots, union_member, axis=0)  # [U, per_token]
     chosen = np.take_along_axis(experts, slots, axis=1).reshape(-1)
     pair_weights = np.take_along_axis(weights, slots, axis=1)
     valid = np.repeat(union_valid, per_token)
     pairs = np.repeat(rows, per_token, axis=0)
     if group_size(ep_groups) == 1:
-        y, kept = grouped_experts(pairs, chosen, valid, w13, w2, block_rows=block_rows), valid
+        y, kept = grouped_experts(pairs, chosen, valid, w13, w2, block_rows=block_rows, real_rows=real_pairs), valid
     else:
         y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, block_rows=block_rows,
                                    ep_groups=ep_groups)
     per_row = np.sum(y.reshape(-1, per_token, hidden) * pair_weights.astype(x.dtype)[..., None], axis=1)
     per_row = all_reduce(per_row, slice_groups)  # [U, hidden], every slice summed
     every = place_rows(per_row, union_rows, union_valid, members * tokens).reshape(members, tokens, hidden)
-    mine = np.sum(np.take(every, own_members, axis=0), axis=0)
-    mine_pairs = np.repeat(union_member == own_position, per_token)
+    mine = np.sum(np.take(every, own_members[:own_count], axis=0), axis=0)
+    mine_pairs = np.repeat(union_member == own_position[:1], per_token)
     dropped = np.sum((valid & np.logical_not(kept) & mine_pairs).astype(np.int32))
-    return all_reduce(mine, combine_groups), dropped
+    return all_reduce(mine, combine_groups), np.stack([dropped, dropped * 0])

@@ -15,10 +15,10 @@ def moe_router(x: np.ndarray, gate: np.ndarray, bias: np.ndarray, top_k: int) ->
     """
     scores = 1.0 / (1.0 + np.exp(-(x.astype(np.float32) @ gate)))
     choice = scores + bias
-    expert_ids = np.arange(gate.shape[-1])[None, :]
+    expert_ids = np.arange(gate.shape[-1], dtype=np.int32)[None, :]
     chosen = []
     for _ in range(top_k):
-        best = np.argmax(choice, axis=-1)
+        best = np.argmax(choice, axis=-1).astype(np.int32)
         chosen.append(best)
         choice = np.where(expert_ids == best[:, None], -np.inf, choice)
     experts = np.stack(chosen, axis=-1)

@@ -14,13 +14,13 @@ def rope_tables(max_positions: int, rotary_dim: int, theta: float) -> tuple[np.n
 def rope_partial(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate the first R = cos.shape[-1] features of every head; the rest passes through.
 
-    x: [B, S, heads, head_dim], cos/sin: [B, S, R] (table rows at each token's position)
-    -> [B, S, heads, head_dim]. x_rot * cos + rotate_half(x_rot) * sin, with rotate_half([a, b]) = [-b, a].
+    x: [..., heads, head_dim], cos/sin: [..., R] (table rows at each token's position, the same leading
+    axes as x) -> x's shape. x_rot * cos + rotate_half(x_rot) * sin, with rotate_half([a, b]) = [-b, a].
     """
     rotary_dim = cos.shape[-1]
     half = rotary_dim // 2
-    cos = cos[:, :, None, :]
-    sin = sin[:, :, None, :]
+    cos = np.expand_dims(cos, -2)
+    sin = np.expand_dims(sin, -2)
     x_rot = x[..., :rotary_dim]
     rotated = np.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
     return np.concatenate([x_rot * cos + rotated * sin, x[..., rotary_dim:]], axis=-1)

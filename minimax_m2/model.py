@@ -17,6 +17,7 @@ from minimax_m2.program import (
     RankValues,
     Step,
     Unit,
+    batch_rows,
     cache_shape,
     copy_call,
     embedding_call,
@@ -195,11 +196,11 @@ class MiniMaxM2Model:
             self.expert_cost = _MEASURED[key]
         return self.expert_cost
 
-    def run(self, step: Step) -> tuple[np.ndarray, np.ndarray]:
-        """One step: every layer over the step's rows, each continuing its own cache row -> (logits
-        [dp * R, K, vocab] float32, greedy tokens [dp * R, K] int32) at the selected positions of every
-        row, identical on every rank. Padding rows and tokens are left out of the experts; their logits
-        are meaningless."""
+    def run(self, step: Step) -> tuple[np.ndarray | None, np.ndarray]:
+        """One step: every layer over the step's rows, each continuing its own cache row -> (logits [dp * R,
+        K, vocab] float32 when the step asks for them, else None; next tokens [dp * R, K] int32) at the
+        selected positions of every row, identical on every rank. Padding rows and tokens are left out of
+        the experts; their results are meaningless."""
         layout, config = self.layout, self.config
         check_vocabulary(step.input_ids, config.vocab_size)
         if np.any(step.positions < 0) or np.any(step.positions >= self.max_seq_len):
@@ -207,24 +208,24 @@ class MiniMaxM2Model:
         if np.any(step.slots < 0) or np.any(step.slots > self.slots):
             raise ValueError(f"cache rows must lie in 0..{self.slots} (the last is scratch)")
         mine = group_rows(step, layout)
-        seq = step.input_ids.shape[1]
-        union = layout.union_tokens(step.bucket, step.token_valid)
+        rows, seq = step.input_ids.shape
+        union, real = layout.union_tokens(step.bucket, step.token_valid)
         kv_len = step.kv_len or kv_len_for(step.kv_length, self.max_seq_len)
-        constants = layer_constants(config, layout, len(union[0]), kv_len, self.max_seq_len,
+        constants = layer_constants(config, layout, real, seq, kv_len, self.max_seq_len,
                                     self.weights.layers[0].w13.shape[0], self.schedule_cost())
-        h = self.runner(embedding_call(step.input_ids[mine], self.weights))
-        dropped = np.zeros((), np.int32)
+        h = self.runner(embedding_call(step.input_ids[mine].reshape(-1), self.weights))
         phase = "decode" if seq == 1 else "prefill"
         for w, caches in zip(self.weights.layers, self._caches):
-            out = self.runner(layer_call(phase, layer_inputs(h, step, layout, union, self.rank_values, self.rope,
-                                                             caches, w), constants))
-            if layout.world == 1:
-                h = out
-            else:
-                h, dropped = out[0], dropped + out[1]
-        if layout.capacity_factor is not None:
-            self.dropped_pairs += int(all_reduce(dropped, layout.world_groups))
-        return self.runner(lm_head_call(h, step.selected[mine], self.weights, self.rank_values, config, layout))
+            h = self.runner(layer_call(phase, layer_inputs(h, step, layout, union, self.rank_values, self.rope,
+                                                           caches, w), constants))
+            if constants["count_drops"]:
+                h, dropped = h
+                self.dropped_pairs += int(all_reduce(np.asarray(dropped)[:1], layout.world_groups)[0])
+        out = self.runner(lm_head_call(h, step, self.weights, self.rank_values, config, layout))
+        ids, logits = out if step.return_logits else (out, None)
+        chosen = step.selected.shape[1]
+        ids = np.asarray(ids).reshape(rows, chosen)
+        return (None if logits is None else np.asarray(logits).reshape(rows, chosen, -1)), ids
 
     def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy whole cache rows, (attention group, source slot, target slot) each, in every layer: a request
@@ -269,9 +270,11 @@ class MiniMaxM2Model:
         if self.slots < rows:
             self.allocate(rows)
         self._batch = batch
-        logits, tokens = self.run(uniform_step(batch, seq, self.position, self.layout, ids, all_logits))
+        step = uniform_step(batch, seq, self.position, self.layout, ids, all_logits)
+        logits, tokens = self.run(step)
         self.position += seq
-        return logits[:batch], tokens[:batch]
+        rows = batch_rows(batch, self.layout)
+        return logits[rows], tokens[rows]
 
     def generate_steps(
         self,
@@ -306,7 +309,7 @@ class MiniMaxM2Model:
             if temperature == 0:
                 tokens = greedy[:, -1:].astype(np.int64)
             else:
-                tokens = next_tokens(logits[:, -1], temperature, top_k, top_p, rng)[:, None]
+                tokens = next_tokens(logits[:, -1], temperature, top_k, top_p, rng.random(len(logits)))[:, None]
             if eos_token_ids:
                 tokens = np.where(finished[:, None], eos_token_ids[0], tokens)
                 finished |= np.isin(tokens[:, 0], eos_token_ids)

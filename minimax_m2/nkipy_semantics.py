@@ -8,7 +8,8 @@ the semantics nkipy's HLO has where it differs from NumPy (measured, ../shared/n
 - integer `/` truncates to int32; argmax and every integer result is int32, every float64 float32;
 - gathers clamp negative or past-the-end indices instead of wrapping;
 
-and records as a violation what gives invalid HLO or a program other than the one NumPy runs:
+and records as a violation what gives invalid HLO or a program other than the one NumPy runs, or what
+the Neuron compiler may not keep (an input or output with a dimension of size 1, a 64-bit constant):
 integer `//` or `%`, a float used as an index, a NumPy constant as a matmul operand (nkipy's dot
 rejects it: found tracing these kernels with nkipy itself), boolean-mask indexing, value-dependent Python
 (`bool()`, `int()`, iteration), conversion to a plain array, a ufunc method, `all_to_all` with
@@ -205,6 +206,8 @@ class Traced(np.lib.mixins.NDArrayOperatorsMixin):
                 value = value if writing else _gather_index(self.value, value, axis)
             elif isinstance(value, np.ndarray):
                 program.constants[_digest(value)] = value.nbytes
+                if value.dtype in (np.int64, np.uint64):
+                    program.violate(f"a {value.dtype} constant index {list(value.shape)} (build it as int32)")
             out.append(value)
             axis += 0 if part is None else 1
         program.ops.append(("setitem" if writing else "getitem", _signature(self), _signature(index)))
@@ -297,6 +300,9 @@ def _record(name: str, args: Any, kwargs: dict) -> None:
         for leaf in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(leaf, np.ndarray) and leaf.ndim > 0:
                 program.constants[_digest(leaf)] = leaf.nbytes
+                if leaf.dtype in (np.int64, np.uint64, np.float64):
+                    program.violate(f"a {leaf.dtype} constant {list(leaf.shape)} in np.{name} (build index constants "
+                                    "as int32: a 64-bit type may not reach the Neuron compiler)")
 
 
 def _matmul_shaped_zeros(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -371,6 +377,16 @@ def _holds_array(value: Any) -> bool:
     return False
 
 
+def _check_interface(program: Program, what: str, value: np.ndarray) -> None:
+    """A compiled unit's inputs and outputs: no dimension of size 1 (the Neuron compiler squeezes them), no
+    scalar, no 64-bit type."""
+    if value.ndim == 0 or 1 in value.shape:
+        program.violate(f"{what} has shape {list(value.shape)}: a dimension of size 1 (or none), which the Neuron "
+                        "compiler squeezes")
+    if value.dtype in (np.int64, np.uint64, np.float64):
+        program.violate(f"{what} is {value.dtype}: no 64-bit type may enter a unit")
+
+
 def trace_unit(
     fn: Callable[..., Any], inputs: dict[str, Any], constants: dict[str, Any], weights: tuple[str, ...] = (),
     dry: bool = False,
@@ -391,6 +407,7 @@ def trace_unit(
                 program.violate(f"input {name!r} is a {type(value).__name__}, not an array: baked in as a constant")
                 args[name] = value
                 continue
+            _check_interface(program, f"input {name!r}", value)
             args[name] = Traced(value, name if name in weights else None)
         for name, value in constants.items():
             if _holds_array(value):
@@ -402,10 +419,12 @@ def trace_unit(
                 raise
             return program, err
         outputs = result if isinstance(result, tuple) else (result,)
-        for out in outputs:
+        for i, out in enumerate(outputs):
             if not isinstance(out, Traced):
                 program.violate(f"returns a {type(out).__name__} not computed from the inputs (nkipy: "
                                 "Unexpected return value type)")
+            else:
+                _check_interface(program, f"output {i}", out.value)
         plain = tuple(_unwrap(o) for o in outputs)
         return program, plain if isinstance(result, tuple) else plain[0]
     finally:

@@ -152,29 +152,26 @@ class ParallelLayout:
         """Batch rows each attention group runs (the batch is padded to a multiple of dp)."""
         return -(-batch // self.dp)
 
-    def union_tokens(self, bucket: int, token_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The tokens this rank's slice group gathers that can be real: (their indices in the gathered
-        buffer, the member holding each, whether each is a real token this step), all [U].
+    def union_tokens(self, bucket: int, token_valid: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray],
+                                                                             int]:
+        """The real tokens this rank's slice group gathers: ((their indices in the gathered buffer, the member
+        holding each, whether each entry is real), all [U]; U).
 
-        token_valid: [dp * rows, seq] bool, every attention group's rows of the step. Rows at or past
-        `bucket` only pad the step to a multiple of dp and are left out; the others count, real or not,
-        so that U (the most any slice group has) depends on the bucket alone, not on which rows are busy.
+        token_valid: [dp * rows, seq] bool, every attention group's rows of the step, of which at most
+        `bucket` are real. U, the most real tokens any slice group can gather from `bucket` rows, depends on
+        the bucket and the layout alone, not on which rows are busy; entries past the real ones are padding
+        (at least two entries in all: no compiled input has a dimension of 1).
         """
         rows, seq = token_valid.shape[0] // self.dp, token_valid.shape[1]
-        entries = np.arange(rows * seq)
-        row_of = entries // seq
-
-        def potential(members: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            index, source = [], []
-            for m, member in enumerate(members):
-                global_row = (member // self.tp) * rows + row_of
-                keep = global_row < bucket
-                index.append(m * rows * seq + entries[keep])
-                source.append(global_row[keep] * seq + entries[keep] % seq)
-            return np.concatenate(index), np.concatenate(source)
-
-        size = max(len(potential(g)[0]) for g in self.slice_groups)
-        index, source = potential(self.slice_members())
-        valid = np.pad(token_valid.reshape(-1)[source], (0, size - len(index)))
-        index = np.pad(index, (0, size - len(index))).astype(np.int32)
-        return index, (index // (rows * seq)).astype(np.int32), valid.astype(bool)
+        groups = max(1, self.moe_tp // self.tp)  # attention groups a slice group spans
+        copies = min(self.tp, self.moe_tp)  # members of a slice group holding the same row
+        size = min(bucket, groups * rows) * seq * copies
+        index = [m * rows * seq + np.flatnonzero(token_valid[(member // self.tp) * rows : (member // self.tp + 1) * rows])
+                 for m, member in enumerate(self.slice_members())]
+        index = np.concatenate(index)
+        if len(index) > size:
+            raise ValueError(f"{len(index)} real tokens in a slice group exceed the bucket's {size}")
+        padded_to = max(2, size)
+        real = np.arange(padded_to) < len(index)
+        index = np.pad(index, (0, padded_to - len(index))).astype(np.int32)
+        return (index, (index // (rows * seq)).astype(np.int32), real), size

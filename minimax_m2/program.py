@@ -8,14 +8,19 @@ into an aliased output, so the caches stay on the device). `MiniMaxM2Model` runs
 CPU, so every accuracy test tests what would be compiled; `program_units` hands any tool the units of one
 phase with example inputs, so the whole program can be traced.
 
-A step runs R rows of S tokens in each attention group. Every row has its own positions and its own
-KV-cache row (its slot), so one step serves sequences at different lengths: a decode step (S = 1) over
-every running request, or a prefill step over chunks of prompts (S = the chunk). Tokens that only pad a
-row or the step never reach an expert and write only the cache's scratch row.
+A step runs R rows of S tokens in each attention group, passed flat as T = R * S tokens. Every row has
+its own positions and its own KV-cache row (its slot), so one step serves sequences at different lengths:
+a decode step (S = 1) over every running request, or a prefill step over chunks of prompts (S = the
+chunk). Tokens that only pad a row or the step never reach an expert and write only the cache's scratch
+row. No compiled input or output has a dimension of 1 (the Neuron compiler squeezes them): rows come in
+buckets of at least 2, tokens are flat, heads and head_dim share one cache axis, and rank values that
+could have one entry are padded to two. No 64-bit value enters a unit.
 
 Units: `embedding`; `prefill_layer` or `decode_layer` (one function, traced per phase and shape: the
 same program serves all layers, whose weights are its arguments); `lm_head` (final norm of the selected
-positions, vocabulary split over all ranks, logits gathered, greedy tokens picked from each rank's best).
+tokens, vocabulary split over all ranks, the next token of each chosen on the device: greedy, or sampled
+from the top candidates; the logits gathered only when asked for); `copy_rows` (a cache row copied, for
+prefix reuse).
 """
 
 from dataclasses import dataclass, field
@@ -23,18 +28,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kernels import attention, lm_head_vocab_parallel, moe_block, moe_block_parallel, rmsnorm, token_embedding
+from kernels import attention, moe_block, moe_block_parallel, rmsnorm, token_embedding
 from kernels.collectives import ReplicaGroups, all_gather, group_size
+from kernels.lm_head import gather_vocab, greedy_vocab_parallel, vocab_slice_logits
+from kernels.sampling import sample_vocab_parallel
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.expert_schedule import ExpertCost, choose_block_rows
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
 KV_BLOCK = 128
+CANDIDATES = 64  # the device samples among this many most likely tokens (top_k up to this)
 
 
 def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
-    """input_ids: [R, S] int32, embed: [vocab, hidden] -> h [R, S, hidden]."""
+    """input_ids: [T] int32, embed: [vocab, hidden] -> h [T, hidden]."""
     return token_embedding(input_ids, embed)
 
 
@@ -69,9 +77,15 @@ def layer_unit(
     head_dim: int,
     eps: float,
     top_k: int,
+    seq: int,
     max_seq: int,
     kv_len: int,
+    members: int,
+    per_token: int,
+    own_count: int,
+    real_pairs: int,
     capacity: int,
+    count_drops: bool,
     block_rows: int,
     tp_groups: ReplicaGroups,
     slice_groups: ReplicaGroups,
@@ -80,31 +94,32 @@ def layer_unit(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
-    h: [R, S, hidden]; positions: [R, S] int32; slots: [R] int32 (each row's KV-cache row);
-    token_valid: [R, S] bool; k/v_cache: [cache rows * max_seq, Hkv, D], written at each real token's
-    (slot, position) (see `kernels.attention`). union_rows, union_member [U] int32, union_valid [U] bool
-    (the gathered tokens of this rank's MoE slice group that can be real, and which are: padding never
-    reaches an expert), member_slots [M, top_k / tp] int32, own_members [A] int32, own_position [1]
-    int32: see `kernels.moe_parallel.moe_block_parallel` (on one rank the union is this rank's tokens).
-    block_rows: the expert schedule (`minimax_m2.expert_schedule`). Weights as in `LayerWeights`.
-    Returns h on one rank; over several, (h, dropped [] int32).
+    h: [T, hidden], T = R * seq tokens; positions: [T] int32; slots: [R] int32 (each row's KV-cache row);
+    token_valid: [T] bool; k/v_cache: [cache rows * max_seq, Hkv*D], written at each real token's (slot,
+    position) (see `kernels.attention`). union_rows, union_member [U] int32, union_valid [U] bool (the
+    gathered tokens of this rank's MoE slice group that can be real, and which are: padding never reaches
+    an expert), member_slots, own_members, own_position: see `kernels.moe_parallel.moe_block_parallel` (on
+    one rank the union is this rank's tokens). real_pairs: how many (token, expert) pairs this rank's
+    slice group can have at most (rows padding a bucket have none); block_rows: the expert schedule
+    (`minimax_m2.expert_schedule`). Weights as in `LayerWeights`.
+    Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
-    rows, seq, hidden = h.shape
     h = h + attention(
         rmsnorm(h, input_norm, eps), positions, slots, token_valid, wq, wk, wv, wo, q_norm, k_norm, cos_table,
-        sin_table, k_cache, v_cache, head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len,
+        sin_table, k_cache, v_cache, head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len, seq=seq,
         replica_groups=tp_groups,
     )
-    x = rmsnorm(h, post_norm, eps).reshape(rows * seq, hidden)
+    x = rmsnorm(h, post_norm, eps)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
-        return h + moe_block(x, union_valid, gate, bias, w13, w2, top_k=top_k, block_rows=block_rows).reshape(
-            rows, seq, hidden)
+        return h + moe_block(x, token_valid, gate, bias, w13, w2, top_k=top_k, real_pairs=real_pairs,
+                             block_rows=block_rows)
     moe, dropped = moe_block_parallel(
         x, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
-        top_k=top_k, capacity=capacity, block_rows=block_rows, slice_groups=slice_groups, ep_groups=ep_groups,
+        top_k=top_k, members=members, per_token=per_token, own_count=own_count, real_pairs=real_pairs,
+        capacity=capacity, block_rows=block_rows, slice_groups=slice_groups, ep_groups=ep_groups,
         combine_groups=combine_groups,
     )
-    return h + moe.reshape(rows, seq, hidden), dropped
+    return (h + moe, dropped) if count_drops else h + moe
 
 
 def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -117,20 +132,26 @@ def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, targ
 
 
 def lm_head_unit(
-    h: np.ndarray, selected: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray, *,
-    eps: float, vocab_size: int, dp: int, tp: int, world_groups: ReplicaGroups,
-) -> tuple[np.ndarray, np.ndarray]:
-    """h: [R, S, hidden] of this rank's attention group, selected: [R, K] int32 (the positions within
-    each row whose next token is wanted, e.g. each row's last real token) -> (logits [dp * R, K, vocab]
-    float32, greedy tokens [dp * R, K] int32) for every group's rows, identical on every rank.
+    h: np.ndarray, selected: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray,
+    temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray, *,
+    eps: float, vocab_size: int, dp: int, tp: int, candidates: int, return_logits: bool, world_groups: ReplicaGroups,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """h: [T, hidden] of this rank's attention group, selected: [n] int32 (the tokens whose next token is
+    wanted, e.g. each row's last real token) -> the next token of each selected token of every group,
+    ids [N = dp * n] int32, identical on every rank; with return_logits also the logits [N, vocab] float32.
 
-    The groups' selected rows are gathered over all ranks (the tp copies of a group are identical; the
-    first is kept), then each rank projects onto its vocabulary slice lm_head: [hidden, V / W] starting
-    at vocab_offset: [1] int32.
+    The groups' selected tokens are gathered over all ranks (the tp copies of a group are identical; the
+    first is kept), each rank projects them onto its vocabulary slice lm_head: [hidden, V / W] starting at
+    vocab_offset[0], and the next token is chosen from the slices (`kernels.sampling`): greedy where
+    temperature [N] is 0, else drawn with top_k [N] (0: none, sampled on the host), top_p [N] and
+    uniform [N] in [0, 1).
     """
-    picked = np.take_along_axis(h, selected[:, :, None], axis=1)
-    return lm_head_vocab_parallel(all_rows(picked, dp, tp, world_groups), final_norm, lm_head, vocab_offset, eps=eps,
-                                  vocab_size=vocab_size, replica_groups=world_groups)
+    picked = all_rows(np.take(h, selected, axis=0), dp, tp, world_groups)
+    logits = vocab_slice_logits(picked, final_norm, lm_head, vocab_offset, eps=eps, vocab_size=vocab_size)
+    greedy = greedy_vocab_parallel(logits, vocab_offset, world_groups)
+    ids = sample_vocab_parallel(logits, vocab_offset, greedy, temperature, top_k, top_p, uniform,
+                                candidates=candidates, replica_groups=world_groups)
+    return (ids, gather_vocab(logits, vocab_size, world_groups)) if return_logits else ids
 
 
 def all_rows(h: np.ndarray, dp: int, tp: int, world_groups: ReplicaGroups) -> np.ndarray:
@@ -146,7 +167,7 @@ class Unit:
 
     name: str
     fn: Callable[..., Any]
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, Any]
     constants: dict[str, Any] = field(default_factory=dict)
 
 
@@ -165,19 +186,39 @@ def kv_len_for(length: int, max_seq_len: int) -> int:
 
 
 @dataclass
+class Sampled:
+    """How each selected token's successor is chosen, per row of the lm_head's output ([N] each)."""
+
+    temperature: np.ndarray  # float32, 0: greedy
+    top_k: np.ndarray  # int32, 0: none (the device then leaves the row to the host)
+    top_p: np.ndarray  # float32, 1: none
+    uniform: np.ndarray  # float32 in [0, 1): the row's random draw
+
+    @classmethod
+    def greedy(cls, n: int) -> "Sampled":
+        return cls(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros(n, np.float32))
+
+    def repeat(self, k: int) -> "Sampled":
+        return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p, self.uniform)))
+
+
+@dataclass
 class Step:
-    """The host's description of one step, for every attention group's rows (all arrays [dp * R, ...]).
+    """The host's description of one step, for every attention group's rows (arrays [dp * R, ...]).
 
     Row r of the step belongs to attention group r // R and reads and writes cache row slots[r] of that
-    group's cache. Rows at or past `bucket` only pad the step to a multiple of dp."""
+    group's cache. At most `bucket` rows of the step are real (a bucket of one row still runs two: no
+    compiled shape has a dimension of 1)."""
 
     input_ids: np.ndarray  # [dp * R, S] int32
     positions: np.ndarray  # [dp * R, S] int32 (padding tokens at any position inside the cache)
     slots: np.ndarray  # [dp * R] int32
     token_valid: np.ndarray  # [dp * R, S] bool
-    selected: np.ndarray  # [dp * R, K] int32: positions within each row to project onto the vocabulary
-    bucket: int  # rows that can be real
+    selected: np.ndarray  # [dp * R, K] int32: positions within each row whose next token is wanted
+    bucket: int  # at most this many rows are real
     kv_len: int | None = None  # positions attended (default: the bucket of the longest real row)
+    sampled: Sampled | None = None  # per row ([dp * R]); None: greedy
+    return_logits: bool = False  # bring the logits of the selected tokens to the host
 
     @property
     def kv_length(self) -> int:
@@ -185,23 +226,30 @@ class Step:
         return int(np.max(np.where(self.token_valid, self.positions + 1, 1)))
 
 
+def padded(values: np.ndarray) -> np.ndarray:
+    """A 1-D int32 array of at least 2 entries (no compiled input has a dimension of 1); extra entries 0."""
+    flat = np.asarray(values, np.int32).reshape(-1)
+    return np.pad(flat, (0, max(0, 2 - flat.size)))
+
+
 @dataclass
 class RankValues:
-    """Rank-specific arrays, passed to the units as data so every rank compiles the same program."""
+    """Rank-specific arrays, passed to the units as data so every rank compiles the same program (each
+    padded to at least two entries)."""
 
-    member_slots: np.ndarray  # [M, top_k / tp] int32, for each member of the slice group
+    member_slots: np.ndarray  # [M * top_k / tp] int32: for each member of the slice group, the choices it handles
     own_members: np.ndarray  # [A] int32, slice-group positions of the members holding this rank's tokens
-    own_position: np.ndarray  # [1] int32, this rank's position in its slice group
-    vocab_offset: np.ndarray  # [1] int32
+    own_position: np.ndarray  # [2] int32, this rank's position in its slice group (first entry)
+    vocab_offset: np.ndarray  # [2] int32, its first vocabulary column (first entry)
 
     @classmethod
     def of(cls, config: MiniMaxM2Config, layout: ParallelLayout) -> "RankValues":
         top_k = config.num_experts_per_tok
         return cls(
-            member_slots=np.stack([layout.expert_slots(top_k, r) for r in layout.slice_members()]),
-            own_members=layout.own_members(),
-            own_position=np.array([layout.slice_rank], np.int32),
-            vocab_offset=np.array([layout.rank * layout.vocab_columns(config.vocab_size)], np.int32),
+            member_slots=padded(np.stack([layout.expert_slots(top_k, r) for r in layout.slice_members()])),
+            own_members=padded(layout.own_members()),
+            own_position=padded([layout.slice_rank]),
+            vocab_offset=padded([layout.rank * layout.vocab_columns(config.vocab_size)]),
         )
 
 
@@ -213,22 +261,25 @@ def expert_rows(config: MiniMaxM2Config, layout: ParallelLayout, union: int, loc
     return layout.moe_ep * layout.capacity(union, config.num_experts_per_tok, local_experts)
 
 
-def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, kv_len: int, max_seq: int,
+def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, seq: int, kv_len: int, max_seq: int,
                     local_experts: int, expert_cost: ExpertCost) -> dict[str, Any]:
-    """Keyword constants of `layer_unit`; union: the tokens a slice group gathers (U); expert_cost: the
-    target's cost of one expert over n rows, which chooses the schedule."""
+    """Keyword constants of `layer_unit`; union: the tokens a slice group gathers that can be real; expert_cost:
+    the target's cost of one expert over n rows, which chooses the schedule."""
     top_k = config.num_experts_per_tok
     rows = expert_rows(config, layout, union, local_experts)
     return dict(
-        head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, max_seq=max_seq, kv_len=kv_len,
-        capacity=layout.capacity(union, top_k, local_experts),
+        head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, seq=seq, max_seq=max_seq, kv_len=kv_len,
+        real_pairs=union * top_k // layout.tp,
+        members=layout.moe_tp, per_token=top_k // layout.tp, own_count=len(layout.own_members()),
+        capacity=layout.capacity(union, top_k, local_experts), count_drops=layout.capacity_factor is not None,
         block_rows=choose_block_rows(rows, local_experts, expert_cost), tp_groups=layout.tp_groups,
         slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
     )
 
 
-def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout) -> dict[str, Any]:
+def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout, return_logits: bool) -> dict[str, Any]:
     return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
+                candidates=min(CANDIDATES, config.vocab_size), return_logits=return_logits,
                 world_groups=layout.world_groups)
 
 
@@ -238,15 +289,16 @@ def group_rows(step: Step, layout: ParallelLayout) -> slice:
     return slice(layout.group * rows, (layout.group + 1) * rows)
 
 
-def layer_inputs(h: np.ndarray, step: Step, layout: ParallelLayout, union: tuple[np.ndarray, np.ndarray, np.ndarray],
+def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.ndarray, np.ndarray, np.ndarray],
                  rank: RankValues, rope: tuple[np.ndarray, np.ndarray], caches: tuple[np.ndarray, np.ndarray],
-                 weights: LayerWeights) -> dict[str, np.ndarray]:
+                 weights: LayerWeights) -> dict[str, Any]:
     """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`)."""
     mine = group_rows(step, layout)
-    inputs = dict(h=h, positions=step.positions[mine], slots=step.slots[mine], token_valid=step.token_valid[mine],
-                  union_rows=union[0], union_member=union[1], union_valid=union[2], member_slots=rank.member_slots,
-                  own_members=rank.own_members, own_position=rank.own_position,
-                  cos_table=rope[0], sin_table=rope[1], k_cache=caches[0], v_cache=caches[1])
+    inputs = dict(h=h, positions=step.positions[mine].reshape(-1), slots=step.slots[mine],
+                  token_valid=step.token_valid[mine].reshape(-1), union_rows=union[0], union_member=union[1],
+                  union_valid=union[2], member_slots=rank.member_slots, own_members=rank.own_members,
+                  own_position=rank.own_position, cos_table=rope[0], sin_table=rope[1], k_cache=caches[0],
+                  v_cache=caches[1])
     inputs.update({name: getattr(weights, name) for name in LAYER_WEIGHT_NAMES})
     return inputs
 
@@ -259,47 +311,65 @@ def embedding_call(input_ids: np.ndarray, weights: ModelWeights) -> Unit:
     return Unit("embedding", embedding_unit, dict(input_ids=input_ids, embed=weights.embed))
 
 
-def layer_call(phase: str, inputs: dict[str, np.ndarray], constants: dict[str, Any]) -> Unit:
+def layer_call(phase: str, inputs: dict[str, Any], constants: dict[str, Any]) -> Unit:
     """The layer unit of 'prefill' or 'decode' with `layer_inputs` and `layer_constants`."""
     return Unit(f"{phase}_layer", layer_unit, inputs, constants)
 
 
-def lm_head_call(h: np.ndarray, selected: np.ndarray, weights: ModelWeights, rank: RankValues,
-                 config: MiniMaxM2Config, layout: ParallelLayout) -> Unit:
+def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, config: MiniMaxM2Config,
+                 layout: ParallelLayout) -> Unit:
+    """The lm_head unit of a step: each of this group's rows' selected tokens (as flat indices into its T
+    tokens), and every group's sampling arrays."""
+    mine = group_rows(step, layout)
+    seq, chosen = step.input_ids.shape[1], step.selected.shape[1]
+    selected = (np.arange(mine.stop - mine.start, dtype=np.int32)[:, None] * seq + step.selected[mine]).reshape(-1)
+    sampled = (step.sampled or Sampled.greedy(step.input_ids.shape[0])).repeat(chosen)
     return Unit("lm_head", lm_head_unit,
                 dict(h=h, selected=selected, final_norm=weights.final_norm, lm_head=weights.lm_head,
-                     vocab_offset=rank.vocab_offset),
-                lm_head_constants(config, layout))
+                     vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
+                     top_p=sampled.top_p, uniform=sampled.uniform),
+                lm_head_constants(config, layout, step.return_logits))
 
 
 def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max_seq_len: int) -> tuple[int, ...]:
     """One layer's K (or V) cache on one rank: `slots` rows plus the scratch row, each of max_seq_len
-    positions, this rank's KV heads."""
-    return ((slots + 1) * max_seq_len, config.num_key_value_heads // layout.tp, config.head_dim)
+    positions, this rank's KV heads x head_dim."""
+    return ((slots + 1) * max_seq_len, config.num_key_value_heads // layout.tp * config.head_dim)
 
 
-def padding_step(rows: int, seq: int, dp: int, scratch: int, kv_len: int) -> Step:
+def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int) -> Step:
     """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units."""
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
     return Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool),
-                np.zeros((total, 1), np.int32), total, kv_len)
+                np.zeros((total, 1), np.int32), bucket, kv_len)
 
 
 def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, ids: np.ndarray | None = None,
                  all_positions: bool = True) -> Step:
     """A step of `batch` rows of `seq` tokens all at `position` (row b in cache row b of its group, as
     `MiniMaxM2Model.forward` lays out a batch); ids [batch, seq] (zeros when None)."""
-    rows = layout.rows_per_group(batch)
+    rows = max(2, layout.rows_per_group(batch))
     total = rows * layout.dp
-    input_ids = np.zeros((total, seq), np.int32)
-    if ids is not None:
-        input_ids[:batch] = ids
-    valid = np.repeat((np.arange(total) < batch)[:, None], seq, axis=1)
-    positions = np.broadcast_to(np.arange(position, position + seq, dtype=np.int32), (total, seq)).copy()
     selected = np.arange(seq, dtype=np.int32) if all_positions else np.array([seq - 1], np.int32)
-    return Step(input_ids, positions, (np.arange(total) % rows).astype(np.int32), valid,
-                np.broadcast_to(selected, (total, len(selected))).copy(), batch)
+    positions = np.broadcast_to(np.arange(position, position + seq, dtype=np.int32), (total, seq)).copy()
+    step = Step(np.zeros((total, seq), np.int32), positions, (np.arange(total) % rows).astype(np.int32),
+                np.zeros((total, seq), bool), np.broadcast_to(selected, (total, len(selected))).copy(), batch,
+                return_logits=True)
+    real = batch_rows(batch, layout)
+    step.token_valid[real] = True
+    if ids is not None:
+        step.input_ids[real] = ids
+    return step
+
+
+def batch_rows(batch: int, layout: ParallelLayout) -> np.ndarray:
+    """The step rows of a batch laid out as `uniform_step` lays it out: batch row b in attention group
+    b // n, cache row b % n, with n = rows_per_group(batch), each group running at least 2 rows."""
+    per_group = layout.rows_per_group(batch)
+    rows = max(2, per_group)
+    b = np.arange(batch)
+    return (b // per_group) * rows + b % per_group
 
 
 def program_units(
@@ -317,25 +387,30 @@ def program_units(
 ) -> list[Unit]:
     """The units one rank runs for one phase ('prefill': `seq` prompt tokens from `position`;
     'decode': one token at `position`), with example inputs of the right shapes, dtypes and values
-    (layer 0's weights; every layer runs the same program; every row its own cache row)."""
+    (layer 0's weights; every layer runs the same program; every row its own cache row; rows in a bucket
+    of at least 2; the next tokens sampled from the top candidates, without logits)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
-    rows = layout.rows_per_group(batch)
+    rows = max(2, layout.rows_per_group(batch))
     dtype = weights.embed.dtype
     shape = cache_shape(config, layout, rows, max_seq_len)
     caches = (np.zeros(shape, dtype), np.zeros(shape, dtype))
     rank = RankValues.of(config, layout)
-    ids = (np.arange(rows * layout.dp * seq, dtype=np.int32).reshape(-1, seq) * 7919) % config.vocab_size
-    step = uniform_step(batch, seq, position, layout, ids[:batch], all_positions=False)
+    ids = (np.arange(batch * seq, dtype=np.int32).reshape(batch, seq) * 7919) % config.vocab_size
+    step = uniform_step(batch, seq, position, layout, ids, all_positions=False)
+    total = step.input_ids.shape[0]
+    step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32), np.full(total, 0.9, np.float32),
+                           np.linspace(0.05, 0.95, total, dtype=np.float32))
+    step.return_logits = False
     mine = group_rows(step, layout)
-    h = weights.embed[step.input_ids[mine]]
+    h = weights.embed[step.input_ids[mine].reshape(-1)]
     layer = weights.layers[0]
-    union = layout.union_tokens(step.bucket, step.token_valid)
-    constants = layer_constants(config, layout, len(union[0]), kv_len_for(step.kv_length, max_seq_len), max_seq_len,
+    union, real = layout.union_tokens(step.bucket, step.token_valid)
+    constants = layer_constants(config, layout, real, seq, kv_len_for(step.kv_length, max_seq_len), max_seq_len,
                                 layer.w13.shape[0], expert_cost)
     return [
-        embedding_call(step.input_ids[mine], weights),
+        embedding_call(step.input_ids[mine].reshape(-1), weights),
         layer_call(phase, layer_inputs(h, step, layout, union, rank, rope, caches, layer), constants),
-        lm_head_call(h, step.selected[mine], weights, rank, config, layout),
+        lm_head_call(h, step, weights, rank, config, layout),
     ]

@@ -1,8 +1,7 @@
-"""Host-side choice of the next token from logits: greedy, or temperature / top-k / top-p sampling."""
+"""The distribution the next token is drawn from, and a host-side draw from it (the reference the device
+sampler `kernels.sampling` follows, and the path for rows the device does not sample)."""
 
 import numpy as np
-
-from kernels import greedy_pick
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -11,27 +10,35 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"invalid sampling settings temperature={temperature}, top_k={top_k}, top_p={top_p}")
 
 
-def next_tokens(
-    logits: np.ndarray,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """logits: [B, vocab] -> [B] token ids. temperature 0 is greedy (argmax)."""
+def sampling_probs(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """logits [V] -> probabilities [V] (float64): softmax(logits / temperature) over the top_k most likely
+    tokens, then only the most likely ones whose preceding mass is below top_p, renormalised."""
     check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return greedy_pick(logits)
     scaled = logits.astype(np.float64) / temperature
     if top_k is not None and top_k < scaled.shape[-1]:
-        kth = np.partition(scaled, -top_k, axis=-1)[:, -top_k][:, None]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
+        scaled = np.where(scaled < np.partition(scaled, -top_k)[-top_k], -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
     if top_p is not None and top_p < 1:
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        outside = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
-        np.put_along_axis(probs, order, np.where(outside, 0.0, sorted_probs), axis=-1)
-        probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(row), p=row) for row in probs])
+        order = np.argsort(-probs, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]
+        probs[order[before >= top_p]] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+def draw(probs: np.ndarray, uniform: float) -> int:
+    """The token at `uniform` (in [0, 1)) of the inverse CDF taken in descending order of probability (ties:
+    the lower id first), as the device sampler takes it."""
+    order = np.argsort(-probs, kind="stable")
+    cdf = np.cumsum(probs[order])
+    return int(order[min(int(np.sum(cdf < uniform * cdf[-1])), int(np.count_nonzero(probs)) - 1)])
+
+
+def next_tokens(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
+                uniforms: np.ndarray) -> np.ndarray:
+    """logits [B, vocab], uniforms [B] in [0, 1) -> [B] token ids; temperature 0 is greedy (argmax)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return np.argmax(logits, axis=-1)
+    return np.array([draw(sampling_probs(row, temperature, top_k, top_p), u) for row, u in zip(logits, uniforms)])

@@ -48,7 +48,8 @@ def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capaci
         local_w13, local_w2 = _rank_weights(layout, w13, w2)
         return moe_block_parallel(
             x[layout.group], rows, rows // TOKENS, np.ones(len(rows), bool), values.member_slots, values.own_members,
-            values.own_position, gate, bias, local_w13, local_w2, top_k=TOP_K,
+            values.own_position, gate, bias, local_w13, local_w2, top_k=TOP_K, members=moe_tp, per_token=TOP_K // tp,
+            own_count=len(layout.own_members()), real_pairs=len(rows) * (TOP_K // tp),
             capacity=capacity or layout.capacity(len(rows), TOP_K, local_w13.shape[0]), block_rows=block_rows,
             slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
         )
@@ -74,7 +75,7 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (2, 2, 1), (4, 2, 1), (4, 4, 1), (2,
 def test_matches_single_rank(world, tp, moe_tp, bias_shift, block_rows) -> None:
     want, results, _ = run_layout(world, tp, moe_tp, bias_shift, block_rows=block_rows)
     for rank, (got, dropped) in enumerate(results):
-        assert int(dropped) == 0
+        assert int(dropped[0]) == 0
         expected = want[rank // tp]
         err = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
         assert err < 1e-5, f"rank {rank}: relative error {err:.2e}"
@@ -83,7 +84,7 @@ def test_matches_single_rank(world, tp, moe_tp, bias_shift, block_rows) -> None:
 def test_small_capacity_reports_drops() -> None:
     """Every token chooses experts 0..3, all on rank 0 of 2: capacity 2 keeps 2 pairs per source rank."""
     want, results, _ = run_layout(2, 1, 1, bias_shift=100.0, capacity=2)
-    assert [int(d) for _, d in results] == [TOKENS * TOP_K - 2] * 2
+    assert [int(d[0]) for _, d in results] == [TOKENS * TOP_K - 2] * 2
     assert np.max(np.abs(results[0][0] - want[0])) > 1e-3
 
 
@@ -105,6 +106,6 @@ def test_padding_rows_are_never_dispatched() -> None:
     want, results, backend = run_layout(2, 1, 1, valid_rows=2, backend_type=_CountingSends)
     assert backend.sent_rows == [2 * TOP_K] * 2
     for rank, (got, dropped) in enumerate(results):
-        assert int(dropped) == 0
+        assert int(dropped[0]) == 0
         assert np.max(np.abs(got[:2] - want[rank])) / np.max(np.abs(want[rank])) < 1e-5
         assert not np.any(got[2:])

@@ -28,16 +28,18 @@ def test_bad_layouts(world, tp, rank, moe_tp, message) -> None:
 
 
 def test_union_leaves_out_padding_rows() -> None:
-    """Bucket 1 over 4 attention groups of 1 rank, experts sliced over all 4: one token row of 4 gathered can
-    be real; the union's size depends on the bucket alone, and which of its tokens are real on the step."""
-    valid = np.zeros((4, 3), bool)
-    valid[0] = [True, True, False]
-    rows, member, real = ParallelLayout(4, 1, 2, moe_tp=4).union_tokens(1, valid)
-    np.testing.assert_array_equal(rows, [0, 1, 2])
-    np.testing.assert_array_equal(member, [0, 0, 0])
+    """Batch 1 over four attention groups of one rank (each running two rows, a bucket of one row runs two),
+    experts sliced over all 4: the union holds the real tokens only, padded to the bucket's size, which
+    depends on the bucket alone."""
+    valid = np.zeros((8, 3), bool)
+    valid[2] = [True, True, False]  # group 1's first row: two real tokens
+    (rows, member, real), size = ParallelLayout(4, 1, 2, moe_tp=4).union_tokens(1, valid)
+    assert size == 3
+    np.testing.assert_array_equal(rows, [6, 7, 0])
+    np.testing.assert_array_equal(member, [1, 1, 0])
     np.testing.assert_array_equal(real, [True, True, False])
-    rows, _, real = ParallelLayout(4, 1, 2, moe_tp=2).union_tokens(1, valid[:, :1])
-    assert rows.shape == (1,) and not real.any(), "slice group {2, 3} holds only padding"
+    (rows, _, real), size = ParallelLayout(4, 1, 2, moe_tp=2).union_tokens(1, valid[:, :1])
+    assert size == 1 and rows.shape == (2,) and not real.any(), "slice group {2, 3} holds only padding"
 
 
 def test_sliced_experts_must_divide_the_intermediate_size(float32_checkpoint) -> None:

@@ -19,11 +19,12 @@ import numpy as np
 
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import Step, padding_step
-from minimax_m2.sampling import next_tokens
+from minimax_m2.program import CANDIDATES, Sampled, Step, padding_step
+from minimax_m2.sampling import draw as draw_token
+from minimax_m2.sampling import sampling_probs
 from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
-from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
+from minimax_m2.serving.scheduler import MIN_ROWS, Chunk, Plan, Scheduler, ShapeSet
 
 MIN_COPY = 32  # prompt tokens a copied cache row must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
@@ -80,7 +81,7 @@ class Engine:
             raise ValueError(f"max_num_seqs and prefill_chunk must be positive, got {max_num_seqs}, {prefill_chunk}")
         self.model = model
         self.groups = model.layout.dp
-        self.shapes = ShapeSet.build(max_num_seqs, min(prefill_chunk, model.max_seq_len), model.max_seq_len)
+        self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len), model.max_seq_len)
         model.allocate(max_num_seqs)
         self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY, prefix_reuse)
         self.scheduler = Scheduler(self.cache, self.shapes, self.groups)
@@ -103,8 +104,8 @@ class Engine:
         if not every_shape:
             return 0
         scratch = self.model.slots
-        for phase, rows, seq, kv in self.shapes.shapes():
-            self.executor.execute(padding_step(rows, seq, self.groups, scratch, kv))
+        for phase, rows, bucket, seq, kv in self.shapes.shapes():
+            self.executor.execute(padding_step(max(MIN_ROWS, rows), bucket, seq, self.groups, scratch, kv))
         return len(self.shapes.shapes())
 
     # --- requests ------------------------------------------------------------------------------------------
@@ -213,23 +214,51 @@ class Engine:
             self.executor.copy([(p.slot.group, p.copy_from.index, p.slot.index) for p in plan.copies])
         if plan.prefill:
             step, chunks = plan.prefill
-            logits, greedy = self.executor.execute(step)
+            draws = self._sampling(step, [c.request if c and c.samples else None for c in chunks],
+                                   [c is not None and c.request.keep_logits for c in chunks])
+            logits, ids = self.executor.execute(step)
             self.stats["prefill_steps"] += 1
             for row, chunk in enumerate(chunks):
                 if chunk is not None:
-                    self._prefilled(chunk, step, row, logits[row], greedy[row])
+                    self._prefilled(chunk, step, row, logits, ids, draws[row])
         if plan.decode:
             step, rows = plan.decode
-            logits, greedy = self.executor.execute(step)
+            draws = self._sampling(step, rows, [r is not None and r.keep_logits for r in rows])
+            logits, ids = self.executor.execute(step)
             self.stats["decode_steps"] += 1
             for row, request in enumerate(rows):
                 if request is not None and request.finish_reason is None:
                     request.slot.tokens.append(request.generated[-1])
                     if request.keep_logits:
                         request.logits.append(logits[row, :1])
-                    self._sampled(request, logits[row, 0], greedy[row, 0])
+                    self._sampled(request, None if logits is None else logits[row, 0], ids[row, 0], draws[row])
 
-    def _prefilled(self, chunk: Chunk, step: Step, row: int, logits: np.ndarray, greedy: np.ndarray) -> None:
+    @staticmethod
+    def _on_host(sampling: Sampling) -> bool:
+        """A request the device does not sample: temperature > 0 without a top_k the candidates cover."""
+        return sampling.temperature > 0 and not (sampling.top_k and sampling.top_k <= CANDIDATES)
+
+    def _sampling(self, step: Step, sampling_rows: list[Request | None], keeps: list[bool]) -> list[float | None]:
+        """Attach each row's sampling settings and random draw to the step (from the request's own generator,
+        one draw per new token, so that a seed gives the same tokens whatever the batch); ask for the
+        logits when a row keeps them or is sampled on the host. Returns each row's draw."""
+        n = len(sampling_rows)
+        sampled = Sampled.greedy(n)
+        draws: list[float | None] = [None] * n
+        for row, request in enumerate(sampling_rows):
+            if request is None or request.sampling.temperature == 0:
+                continue
+            s = request.sampling
+            draws[row] = float(request.rng.random())
+            sampled.temperature[row], sampled.uniform[row] = s.temperature, draws[row]
+            sampled.top_k[row] = 0 if self._on_host(s) else s.top_k
+            sampled.top_p[row] = 1.0 if s.top_p is None else s.top_p
+        step.sampled = sampled
+        step.return_logits = any(keeps) or any(r is not None and self._on_host(r.sampling) for r in sampling_rows)
+        return draws
+
+    def _prefilled(self, chunk: Chunk, step: Step, row: int, logits: np.ndarray | None, ids: np.ndarray,
+                   draw: float | None) -> None:
         request = chunk.request
         if request.finish_reason is not None:
             return
@@ -239,18 +268,18 @@ class Engine:
         self.stats["prompt_tokens"] += count
         last = count - 1 if step.selected.shape[1] > 1 else 0  # all positions were kept, or just the last
         if request.keep_logits:
-            request.logits.append(logits[:count])
+            request.logits.append(logits[row, :count])
         if chunk.samples:
             self.stats["reused_tokens"] += request.reused
-            self._sampled(request, logits[last], greedy[last])
+            self._sampled(request, None if logits is None else logits[row, last], ids[row, last], draw)
 
-    def _sampled(self, request: Request, logits: np.ndarray, greedy: np.integer) -> None:
-        """Choose the request's next token from its logits (its own sampling settings and generator)."""
+    def _sampled(self, request: Request, logits: np.ndarray | None, token: np.integer, draw: float | None) -> None:
+        """The request's next token: the device's, or drawn here from its logits when the device leaves it
+        to the host (with the same draw)."""
         s = request.sampling
-        if s.temperature == 0:
-            token = int(greedy)
-        else:
-            token = int(next_tokens(logits[None], s.temperature, s.top_k, s.top_p, request.rng)[0])
+        if self._on_host(s):
+            token = draw_token(sampling_probs(logits, s.temperature, s.top_k, s.top_p), draw)
+        token = int(token)
         request.generated.append(token)
         self.stats["generated_tokens"] += 1
         request.notify("token", token)

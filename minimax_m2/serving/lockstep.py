@@ -65,7 +65,8 @@ def _unpack(header: np.ndarray, payload: np.ndarray) -> Step:
     _, rows, seq, selected, bucket, kv_len = (int(v) for v in header[:6])
     parts = np.split(payload, np.cumsum([rows * seq, rows * seq, rows, rows * seq]))
     return Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), parts[2],
-                parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), bucket, kv_len or None)
+                parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), bucket,
+                kv_len or None)
 
 
 def follow(model: MiniMaxM2Model, backend: Any) -> int:

@@ -15,7 +15,7 @@ from minimax_m2.program import KV_BLOCK, Step
 from minimax_m2.serving.cache import Placement, SlotCache
 from minimax_m2.serving.request import Request
 
-MIN_BUCKET = 2  # the Neuron compiler squeezes dimensions of size 1: no compiled shape has one
+MIN_ROWS = 2  # the Neuron compiler squeezes dimensions of size 1: a bucket of one row runs two, one of them padding
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -28,30 +28,40 @@ def powers_of_two(low: int, high: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ShapeSet:
-    """Every step shape the engine runs (per attention group), fixed at start-up."""
+    """Every step shape the engine runs, fixed at start-up: a step has rows per attention group (at least
+    MIN_ROWS) and a bucket (at most that many rows are real in all groups together)."""
 
-    decode_rows: tuple[int, ...]  # request buckets
+    groups: int
+    decode_rows: tuple[int, ...]  # request buckets: rows per group, and real rows in all
     prefill_rows: tuple[int, ...]
     prefill_tokens: tuple[int, ...]  # token buckets of one prefill row
     prefill_chunk: int  # prompt tokens per step, all rows together
     kv_lengths: tuple[int, ...]
 
     @classmethod
-    def build(cls, max_num_seqs: int, prefill_chunk: int, max_seq_len: int, max_prefill_rows: int = 4) -> "ShapeSet":
+    def build(cls, groups: int, max_num_seqs: int, prefill_chunk: int, max_seq_len: int,
+              max_prefill_rows: int = 4) -> "ShapeSet":
         return cls(
-            decode_rows=tuple(powers_of_two(MIN_BUCKET, max(MIN_BUCKET, max_num_seqs))),
-            prefill_rows=tuple(powers_of_two(MIN_BUCKET, max(MIN_BUCKET, min(max_prefill_rows, max_num_seqs)))),
+            groups=groups,
+            decode_rows=tuple(powers_of_two(1, max_num_seqs)),
+            prefill_rows=tuple(powers_of_two(1, min(max_prefill_rows, max_num_seqs))),
             prefill_tokens=tuple(powers_of_two(min(16, prefill_chunk), prefill_chunk)),
             prefill_chunk=prefill_chunk,
             kv_lengths=tuple(powers_of_two(min(KV_BLOCK, max_seq_len), max_seq_len)),
         )
 
-    def shapes(self) -> list[tuple[str, int, int, int]]:
-        """(phase, rows per group, tokens per row, attended length) of every program step."""
-        steps = [("decode", r, 1) for r in self.decode_rows]
-        steps += [("prefill", r, t) for r in self.prefill_rows for t in self.prefill_tokens
+    def _pairs(self, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(rows per group, real rows in all): each group's rows bucket with every bucket of the whole step
+        it can hold, from one group's worth to all groups' worth."""
+        return [(r, b) for r in buckets for b in powers_of_two(r, r * self.groups)]
+
+    def shapes(self) -> list[tuple[str, int, int, int, int]]:
+        """(phase, rows per group, real rows in all, tokens per row, attended length) of every program step
+        (a step runs max(MIN_ROWS, rows) rows per group)."""
+        steps = [("decode", r, b, 1) for r, b in self._pairs(self.decode_rows)]
+        steps += [("prefill", r, b, t) for r, b in self._pairs(self.prefill_rows) for t in self.prefill_tokens
                   if r * t <= 2 * self.prefill_chunk or r == self.prefill_rows[0]]
-        return [(phase, rows, seq, kv) for phase, rows, seq in steps for kv in self.kv_lengths]
+        return [(phase, rows, bucket, seq, kv) for phase, rows, bucket, seq in steps for kv in self.kv_lengths]
 
     def kv_length(self, needed: int) -> int:
         return next(kv for kv in self.kv_lengths if kv >= needed)
@@ -62,6 +72,14 @@ class ShapeSet:
             if needed <= b:
                 return b
         raise ValueError(f"{needed} {what} exceed the largest compiled shape ({buckets[-1]})")
+
+    def step_shape(self, per_group: list[int], buckets: tuple[int, ...], what: str) -> tuple[int, int]:
+        """(rows per group, bucket) of a step whose groups have these real rows."""
+        rows = self.bucket(max(per_group), buckets, what)
+        total = 1
+        while total < sum(per_group):
+            total *= 2
+        return rows, max(min(total, rows * self.groups), rows)
 
 
 @dataclass
@@ -129,12 +147,13 @@ class Scheduler:
                               start + count == len(request.prompt)))
         if not any(per_group):
             return None
-        rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.prefill_rows, "prefill rows")
+        real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.prefill_rows, "prefill rows")
         seq = ShapeSet.bucket(max(len(c.tokens) for g in per_group for c in g), self.shapes.prefill_tokens, "tokens")
+        rows = max(MIN_ROWS, real)
         order: list[Chunk | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         keep_all = any(c is not None and c.request.keep_logits for c in order)
-        step = self._step(rows, seq, [(c.request.slot.index, c.start, c.tokens) if c else None for c in order],
-                          keep_all)
+        step = self._step(rows, bucket, seq,
+                          [(c.request.slot.index, c.start, c.tokens) if c else None for c in order], keep_all)
         return step, order
 
     def _decode_step(self) -> tuple[Step, list[Request | None]] | None:
@@ -144,15 +163,18 @@ class Scheduler:
                 per_group[request.slot.group].append(request)
         if not any(per_group):
             return None
-        rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.decode_rows, "decode rows")
+        real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.decode_rows, "decode rows")
+        rows = max(MIN_ROWS, real)
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
-        step = self._step(rows, 1, [(r.slot.index, r.length - 1, [r.generated[-1]]) if r else None for r in order],
-                          False)
+        step = self._step(rows, bucket, 1,
+                          [(r.slot.index, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
         return step, order
 
-    def _step(self, rows: int, seq: int, entries: list[tuple[int, int, list[int]] | None], keep_all: bool) -> Step:
-        """Step arrays for `rows` rows per group (entries in group order: (slot, start, tokens) or None for
-        padding), each real row's tokens at positions start.. in its slot; padding in the scratch row."""
+    def _step(self, rows: int, bucket: int, seq: int, entries: list[tuple[int, int, list[int]] | None],
+              keep_all: bool) -> Step:
+        """Step arrays for `rows` rows per group, at most `bucket` real in all (entries in group order: (slot,
+        start, tokens) or None for padding), each real row's tokens at positions start.. in its slot; padding
+        in the scratch row."""
         total = rows * self.groups
         ids = np.zeros((total, seq), np.int32)
         positions = np.zeros((total, seq), np.int32)
@@ -171,4 +193,4 @@ class Scheduler:
             valid[r, :n] = True
             last[r] = n - 1
         selected = np.tile(np.arange(seq, dtype=np.int32), (total, 1)) if keep_all else last[:, None]
-        return Step(ids, positions, slots, valid, selected, total)
+        return Step(ids, positions, slots, valid, selected, bucket)
