@@ -37,11 +37,13 @@ def attention(
     kv_len: int,
     seq: int,
     replica_groups: ReplicaGroups | None = None,
+    reduce_output: bool = True,
 ) -> np.ndarray:
     """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own KV-cache row.
 
     x: [T, hidden] with T = R * seq (row r's tokens at r * seq ..); positions: [T] int32, each token's
-    position in its sequence; slots: [R] int32, the cache row each row reads and writes; token_valid: [T]
+    position in its sequence; slots: [>= R] int32, the cache row each row reads and writes (the first R
+    entries: padded to two when R is 1, as no compiled input has a dimension of 1); token_valid: [T]
     bool, False for padding tokens, which write into the last cache row (scratch, never read) and never
     disturb a real row. wq: [hidden, Hq*D], wk/wv: [hidden, Hkv*D], wo: [Hq*D, hidden]; q_norm: [Hq*D],
     k_norm: [Hkv*D]; cos/sin_table: [max_seq, R'] from `rope_tables`, passed in like a weight;
@@ -51,7 +53,8 @@ def attention(
 
     q and k are RMS-normalised over their whole projection width before the head split. Under tensor
     parallelism (heads split over `replica_groups`) the q and k sums of squares are all-reduced together
-    over the group, and so are the output projection's partial sums.
+    over the group, and so are the output projection's partial sums (unless reduce_output is False: the
+    caller then sums this rank's partial itself, as part of a wider exchange).
     """
     tokens = x.shape[0]
     rows = tokens // seq
@@ -59,6 +62,7 @@ def attention(
     q_heads = wq.shape[1] // head_dim
     group = q_heads // kv_heads
     scratch = np.int32(k_cache.shape[0] // max_seq - 1)
+    slots = slots[:rows]
 
     q, k = matmul(x, wq), matmul(x, wk)
     ranks = group_size(replica_groups)
@@ -91,4 +95,5 @@ def attention(
 
     out = matmul(probs.astype(values.dtype), values).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
-    return all_reduce(matmul(out, wo), replica_groups)
+    partial = matmul(out, wo)
+    return all_reduce(partial, replica_groups) if reduce_output else partial

@@ -9,7 +9,7 @@ expert over all ranks (no exchange of pairs at all).
 import ml_dtypes
 import numpy as np
 
-from kernels.collectives import ReplicaGroups, all_gather, all_reduce, all_to_all, group_size
+from kernels.collectives import ReplicaGroups, all_reduce, all_to_all, group_size
 from kernels.moe_grouped import grouped_experts
 from kernels.moe_router import moe_router
 from kernels.slots import place_rows, rank_within
@@ -65,7 +65,7 @@ def dispatch_experts(
 
 
 def moe_block_parallel(
-    x: np.ndarray,
+    gathered: np.ndarray,
     union_rows: np.ndarray,
     union_member: np.ndarray,
     union_valid: np.ndarray,
@@ -88,11 +88,11 @@ def moe_block_parallel(
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x: [T, hidden] this rank's tokens -> (out [T, hidden], dropped [2] int32: pairs of this rank's tokens
-    over capacity, then 0).
+    """gathered: [M * T, hidden], the normalised tokens of the `members` (M) members of this rank's slice
+    group, member by member (all_gather over slice_groups, or the caller's own exchange) -> (out [T,
+    hidden] for this rank's T tokens, dropped [2] int32: pairs of this rank's tokens over capacity, then 0).
 
-    Rank-specific data (arrays, so every rank traces the same program), for the `members` (M) members of
-    this rank's slice group, whose tokens are gathered into M * T rows:
+    Rank-specific data (arrays, so every rank traces the same program):
       union_rows [U] int32: the gathered rows that can be real (U is static: the bucket's), union_member
         [U] int32 the member each came from, union_valid [U] bool whether it is a real token this step;
       member_slots: [M * per_token] int32, member by member which of each token's top_k choices it handles
@@ -104,7 +104,7 @@ def moe_block_parallel(
     gate: [hidden, E], bias: [E] for every loaded expert; w13: [L, 2I/M, hidden], w2: [L, hidden, I/M]
     this rank's slices of the experts of its slice group.
 
-    1. The slice group's tokens are gathered, the U that can be real kept (padding never reaches an
+    1. Of the slice group's gathered tokens, the U that can be real are kept (padding never reaches an
        expert) and routed.
     2. Their pairs (each row x its member's slots, at most real_pairs of them real) run through this rank's
        slices (schedule `block_rows`), dispatched over `ep_groups` to the slice group holding the expert
@@ -113,8 +113,9 @@ def moe_block_parallel(
        place, this rank adds up its own members' rows, and `combine_groups` sums the choices split
        over attention tp ranks outside the slice group.
     """
-    tokens, hidden = x.shape
-    rows = np.take(all_gather(x, 0, slice_groups), union_rows, axis=0)  # [U, hidden]
+    hidden = gathered.shape[-1]
+    tokens = gathered.shape[0] // members
+    rows = np.take(gathered, union_rows, axis=0)  # [U, hidden]
     weights, experts = moe_router(rows, gate, bias, top_k)
     member_slots = member_slots[: members * per_token].reshape(members, per_token)
     slots = np.take(member_slots, union_member, axis=0)  # [U, per_token]
@@ -127,7 +128,7 @@ def moe_block_parallel(
     else:
         y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, block_rows=block_rows,
                                    ep_groups=ep_groups)
-    per_row = np.sum(y.reshape(-1, per_token, hidden) * pair_weights.astype(x.dtype)[..., None], axis=1)
+    per_row = np.sum(y.reshape(-1, per_token, hidden) * pair_weights.astype(gathered.dtype)[..., None], axis=1)
     per_row = all_reduce(per_row, slice_groups)  # [U, hidden], every slice summed
     every = place_rows(per_row, union_rows, union_valid, members * tokens).reshape(members, tokens, hidden)
     mine = np.sum(np.take(every, own_members[:own_count], axis=0), axis=0)

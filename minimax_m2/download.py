@@ -13,6 +13,7 @@ from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.model import parse_experts, select_experts
 from minimax_m2.prepare import CARRIED_FILES
 
+
 def _hub():
     try:
         import huggingface_hub

@@ -28,6 +28,7 @@ from minimax_m2.program import (
     layer_inputs,
     lm_head_call,
     run_on_cpu,
+    selected_rows,
     uniform_step,
 )
 from minimax_m2.sampling import check_sampling, next_tokens
@@ -224,8 +225,11 @@ class MiniMaxM2Model:
         out = self.runner(lm_head_call(h, step, self.weights, self.rank_values, config, layout))
         ids, logits = out if step.return_logits else (out, None)
         chosen = step.selected.shape[1]
-        ids = np.asarray(ids).reshape(rows, chosen)
-        return (None if logits is None else np.asarray(logits).reshape(rows, chosen, -1)), ids
+        selected = rows // layout.dp * chosen
+        ids = selected_rows(np.asarray(ids), layout.dp, selected).reshape(rows, chosen)
+        if logits is not None:
+            logits = selected_rows(np.asarray(logits), layout.dp, selected).reshape(rows, chosen, -1)
+        return logits, ids
 
     def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy whole cache rows, (attention group, source slot, target slot) each, in every layer: a request
@@ -273,7 +277,7 @@ class MiniMaxM2Model:
         step = uniform_step(batch, seq, self.position, self.layout, ids, all_logits)
         logits, tokens = self.run(step)
         self.position += seq
-        rows = batch_rows(batch, self.layout)
+        rows = batch_rows(batch, self.layout, seq)
         return logits[rows], tokens[rows]
 
     def generate_steps(

@@ -1,15 +1,28 @@
 """Running the declared units on a NeuronCore with nkipy's runtime (Trainium hosts only).
 
 Each unit is compiled once per shape and constants by `nkipy.runtime.DeviceKernel.compile_and_load`
-(rank 0 traces and compiles, every rank loads the NEFF), with nkipy's in-kernel collectives. Arrays
-that live as long as the model (weights, RoPE tables, rank values, KV caches) are copied to the
-device once and stay there; a KV cache is passed as its own output, so the unit's write lands in
-place. Per-call arrays (hidden states, token ids, positions, the MoE union) are copied in and the
-results copied out on every call.
+(rank 0 traces and compiles, every rank loads the NEFF), with nkipy's in-kernel collectives. What crosses
+between host and device:
 
-NOT RUN ON HARDWARE: this follows nkipy's API (commit b91c980: NEFF input names are the argument
-names, `.must_alias_input` marking written ones; outputs `output<i>` and written inputs by name),
-checked here only with stand-ins for DeviceKernel and DeviceTensor (tests/test_neuron_runner.py).
+- arrays that live as long as the model (weights, RoPE tables, rank values, KV caches): copied once; a KV
+  cache is passed as its own output, so the unit's write lands in place;
+- unit outputs (hidden states, next token ids, logits): kept on the device as `DeviceArray`s and passed to
+  the next unit as they are; copied to the host only when read (the ids every step, the logits only when
+  a step asks for them). Each kernel writes its outputs into two sets of buffers in turn (double
+  buffering), so an output stays valid while the next call of the same kernel runs;
+- the step's small arrays (positions, cache rows, validity, the MoE union, sampling settings, the random
+  draw): written in place into one device buffer per argument (`write_from_numpy`), and only when their
+  contents changed. An array whose contents a read-back output already holds on the device (the ids a
+  decode step feeds back) is bound to that output: no copy at all.
+
+A steady decode step thus copies each row's new token id to the host, and its position and random draw to
+the device: 12 bytes per row (tests/test_neuron_runner.py counts them).
+
+NOT RUN ON HARDWARE: this follows nkipy's API (commit b91c980: NEFF input names are the argument names,
+`.must_alias_input` marking written ones; outputs `output<i>` and written inputs by name;
+`DeviceTensor.from_numpy`, `.numpy()`, `.write_from_numpy`), checked here only with stand-ins for
+DeviceKernel and DeviceTensor. nkipy's runtime runs kernels synchronously, so reading a step's ids cannot
+overlap the next step until its asynchronous execution lands.
 """
 
 import os
@@ -43,8 +56,26 @@ def _numpy_dtype(name: Any) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if str(name) == "bfloat16" else np.dtype(name)
 
 
+class DeviceArray:
+    """A unit's output on the device: the next unit takes it as it is; the host reads it (np.asarray) only
+    when it needs the values."""
+
+    def __init__(self, tensor: Any, runner: "NeuronRunner"):
+        self.tensor, self.runner = tensor, runner
+        self.shape, self.dtype = tuple(tensor.shape), _numpy_dtype(tensor.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = self.runner.read(self)
+        return values if dtype is None else values.astype(dtype)
+
+
+def _content(array: np.ndarray) -> tuple:
+    return array.shape, array.dtype.str, array.tobytes()
+
+
 class NeuronRunner:
-    """Runs a `Unit` on this rank's NeuronCore: `runner(unit)` returns what `unit.fn` returns, as NumPy."""
+    """Runs a `Unit` on this rank's NeuronCore: `runner(unit)` returns what `unit.fn` returns, as
+    `DeviceArray`s. Counts launches and the bytes copied each way (`uploaded`, `downloaded`)."""
 
     def __init__(self, build_dir: str | Path = "build/neuron", rank: int = 0, compiler_args: str | None = None,
                  runtime: tuple[Any, Any, collectives.Backend] | None = None):
@@ -57,9 +88,15 @@ class NeuronRunner:
         self.build_dir = str(build_dir)
         self.compiler_args = compiler_args
         self._kernels: dict[tuple, Any] = {}
-        self.frozen = False  # once warmed up, a unit of a new shape is refused, never compiled while serving
-        self._outputs: dict[tuple, dict[str, Any]] = {}
+        self._outputs: dict[tuple, list[dict[str, Any]]] = {}  # two buffer sets per kernel, used in turn
+        self._turn: dict[tuple, int] = {}
         self._resident: dict[int, Any] = {}
+        self._staged: dict[str, tuple[tuple, Any]] = {}  # argument name -> (contents, its device buffer)
+        self._on_device: dict[tuple, Any] = {}  # contents -> a device tensor holding them (read back or staged)
+        self.frozen = False  # once warmed up, a unit of a new shape is refused, never compiled while serving
+        self.launches = 0
+        self.uploaded = 0
+        self.downloaded = 0
 
     @property
     def compiled(self) -> int:
@@ -69,17 +106,28 @@ class NeuronRunner:
     def __call__(self, unit: Unit) -> Any:
         key = self._key(unit)
         kernel = self._kernels.get(key) or self._compile(key, unit)
-        inputs = {name: self._on_device(name.removesuffix(WRITTEN), unit.inputs[name.removesuffix(WRITTEN)])
+        turn = self._turn[key] = 1 - self._turn.get(key, 1)
+        outputs = dict(self._outputs[key][turn])
+        self._forget(outputs.values())
+        inputs = {name: self._bind(name.removesuffix(WRITTEN), unit.inputs[name.removesuffix(WRITTEN)])
                   for name in kernel.input_tensors_info}
-        outputs = dict(self._outputs[key])
         outputs.update({name: inputs[name + WRITTEN] for name in kernel.output_tensors_info if name + WRITTEN in inputs})
         kernel(inputs=inputs, outputs=outputs)
-        results = tuple(self._outputs[key][f"output{i}"].numpy() for i in range(len(self._outputs[key])))
+        self.launches += 1
+        count = len(self._outputs[key][turn])
+        results = tuple(DeviceArray(self._outputs[key][turn][f"output{i}"], self) for i in range(count))
         return results[0] if len(results) == 1 else results
+
+    def read(self, array: DeviceArray) -> np.ndarray:
+        """The host's copy of a device output (and a note that the device holds these contents)."""
+        values = array.tensor.numpy()
+        self.downloaded += values.nbytes
+        self._on_device[_content(values)] = array.tensor
+        return values
 
     @staticmethod
     def _key(unit: Unit) -> tuple:
-        shapes = tuple((name, a.shape, str(a.dtype)) for name, a in unit.inputs.items())
+        shapes = tuple((name, tuple(a.shape), str(a.dtype)) for name, a in unit.inputs.items())
         return unit.name, shapes, repr(sorted(unit.constants.items()))
 
     def _compile(self, key: tuple, unit: Unit) -> Any:
@@ -87,30 +135,57 @@ class NeuronRunner:
             shapes = ", ".join(f"{name} {list(shape)}" for name, shape, _ in key[1][:4])
             raise RuntimeError(f"{unit.name} was called with a shape outside the compiled set ({shapes}, ...): "
                                "refused rather than compiled while serving")
+        example = {name: np.asarray(value) for name, value in unit.inputs.items()}
         previous = collectives.set_backend(self._traced_collectives)
         try:
             kernel = self._kernel_type.compile_and_load(
                 unit.fn, name=unit.name, build_dir=self.build_dir, additional_compiler_args=self.compiler_args,
-                **unit.inputs, **unit.constants,
+                **example, **unit.constants,
             )
         finally:
             collectives.set_backend(previous)
         written = {name.removesuffix(WRITTEN) for name in kernel.input_tensors_info if name.endswith(WRITTEN)}
-        self._outputs[key] = {
-            name: self._tensor_type.from_numpy(np.zeros(tuple(info.shape), _numpy_dtype(info.dtype)), f"{unit.name}.{name}")
-            for name, info in kernel.output_tensors_info.items() if name not in written
-        }
+        self._outputs[key] = [
+            {name: self._tensor_type.from_numpy(np.zeros(tuple(info.shape), _numpy_dtype(info.dtype)),
+                                                f"{unit.name}.{name}.{turn}")
+             for name, info in kernel.output_tensors_info.items() if name not in written}
+            for turn in (0, 1)
+        ]
         self._kernels[key] = kernel
         return kernel
 
-    def _on_device(self, name: str, array: np.ndarray) -> Any:
-        """A device copy of `array`: made once for arrays that live as long as the model (released with
-        the array), on every call for the others."""
-        if name not in RESIDENT:
-            return self._tensor_type.from_numpy(np.ascontiguousarray(array), name)
-        tensor = self._resident.get(id(array))
-        if tensor is None:
-            tensor = self._tensor_type.from_numpy(np.ascontiguousarray(array), name)
-            self._resident[id(array)] = tensor
-            weakref.finalize(array, self._resident.pop, id(array), None)
+    def _forget(self, tensors: Any) -> None:
+        """These device tensors are about to be overwritten: contents noted for them no longer hold."""
+        gone = {id(t) for t in tensors}
+        self._on_device = {c: t for c, t in self._on_device.items() if id(t) not in gone}
+
+    def _upload(self, array: np.ndarray, name: str) -> Any:
+        self.uploaded += array.nbytes
+        return self._tensor_type.from_numpy(np.ascontiguousarray(array), name)
+
+    def _bind(self, name: str, value: Any) -> Any:
+        """The device tensor to pass for argument `name`."""
+        if isinstance(value, DeviceArray):
+            return value.tensor
+        if name in RESIDENT:  # as long as the model: copied once, released with the array
+            tensor = self._resident.get(id(value))
+            if tensor is None:
+                tensor = self._resident[id(value)] = self._upload(value, name)
+                weakref.finalize(value, self._resident.pop, id(value), None)
+            return tensor
+        array = np.ascontiguousarray(value)
+        content = _content(array)
+        held = self._on_device.get(content)
+        if held is not None:
+            return held
+        staged = self._staged.get(name)
+        if staged is not None and staged[0][:2] == content[:2]:
+            self._forget([staged[1]])
+            staged[1].write_from_numpy(array)
+            self.uploaded += array.nbytes
+            tensor = staged[1]
+        else:
+            tensor = self._upload(array, name)
+        self._staged[name] = (content, tensor)
+        self._on_device[content] = tensor
         return tensor

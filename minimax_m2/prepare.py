@@ -252,7 +252,6 @@ def _fill(checkpoint: Checkpoint, experts: list[int], ranks: list[ParallelLayout
                     put(rank, f"layers.{layer}.w2", _finite(f"layers.{layer}.w2", w2_part.astype(dtype)), index)
 
 
-
 def _read_manifest(root: Path) -> dict[str, Any]:
     """manifest.json, checked by structure: format, config, layout, experts, dtype and files."""
     where = root / MANIFEST

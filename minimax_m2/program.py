@@ -104,22 +104,43 @@ def layer_unit(
     (`minimax_m2.expert_schedule`). Weights as in `LayerWeights`.
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
-    h = h + attention(
-        rmsnorm(h, input_norm, eps), positions, slots, token_valid, wq, wk, wv, wo, q_norm, k_norm, cos_table,
-        sin_table, k_cache, v_cache, head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len, seq=seq,
-        replica_groups=tp_groups,
-    )
-    x = rmsnorm(h, post_norm, eps)
+    normed = rmsnorm(h, input_norm, eps)
+    attend = dict(head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len, seq=seq, replica_groups=tp_groups)
+    weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
-        return h + moe_block(x, token_valid, gate, bias, w13, w2, top_k=top_k, real_pairs=real_pairs,
-                             block_rows=block_rows)
+        h = h + attention(normed, positions, slots, token_valid, *weights, **attend)
+        return h + moe_block(rmsnorm(h, post_norm, eps), token_valid, gate, bias, w13, w2, top_k=top_k,
+                             real_pairs=real_pairs, block_rows=block_rows)
+    tp = group_size(tp_groups)
+    if tp > 1 and members >= tp:  # the slice group spans whole attention groups: one exchange for both
+        h, gathered = _attention_gathered(h, attention(normed, positions, slots, token_valid, *weights, **attend,
+                                                       reduce_output=False), post_norm, own_position, eps=eps, tp=tp,
+                                          members=members, slice_groups=slice_groups)
+    else:
+        h = h + attention(normed, positions, slots, token_valid, *weights, **attend)
+        gathered = all_gather(rmsnorm(h, post_norm, eps), 0, slice_groups)
     moe, dropped = moe_block_parallel(
-        x, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
+        gathered, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
         top_k=top_k, members=members, per_token=per_token, own_count=own_count, real_pairs=real_pairs,
         capacity=capacity, block_rows=block_rows, slice_groups=slice_groups, ep_groups=ep_groups,
         combine_groups=combine_groups,
     )
     return (h + moe, dropped) if count_drops else h + moe
+
+
+def _attention_gathered(h: np.ndarray, partial: np.ndarray, post_norm: np.ndarray, own_position: np.ndarray, *,
+                        eps: float, tp: int, members: int, slice_groups: ReplicaGroups) -> tuple[np.ndarray, np.ndarray]:
+    """The attention residual and the MoE's gathered input in one all_gather over the slice group, which
+    holds members / tp whole attention groups: each member sends h / tp + its partial output projection, and
+    the tp members of a group sum to that group's h + attention (the o_proj all_reduce is not needed).
+    Returns (this rank's h + attention [T, hidden], every member's normalised tokens [members * T, hidden])."""
+    tokens, hidden = h.shape
+    sent = (h.astype(np.float32) * np.float32(1 / tp) + partial.astype(np.float32)).astype(h.dtype)
+    every = all_gather(sent, 0, slice_groups).reshape(members // tp, tp, tokens, hidden)
+    groups = np.sum(every.astype(np.float32), axis=1).astype(h.dtype)  # [members / tp, T, hidden]
+    normed = np.repeat(rmsnorm(groups, post_norm, eps), tp, axis=0).reshape(members * tokens, hidden)
+    mine = np.take(np.repeat(groups, tp, axis=0), own_position[:1], axis=0).reshape(tokens, hidden)
+    return mine, normed
 
 
 def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -146,7 +167,7 @@ def lm_head_unit(
     temperature [N] is 0, else drawn with top_k [N] (0: none, sampled on the host), top_p [N] and
     uniform [N] in [0, 1).
     """
-    picked = all_rows(np.take(h, selected, axis=0), dp, tp, world_groups)
+    picked = all_rows(np.take(h, selected, axis=0), dp, tp, world_groups)  # [N, hidden]
     logits = vocab_slice_logits(picked, final_norm, lm_head, vocab_offset, eps=eps, vocab_size=vocab_size)
     greedy = greedy_vocab_parallel(logits, vocab_offset, world_groups)
     ids = sample_vocab_parallel(logits, vocab_offset, greedy, temperature, top_k, top_p, uniform,
@@ -200,6 +221,15 @@ class Sampled:
 
     def repeat(self, k: int) -> "Sampled":
         return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p, self.uniform)))
+
+    def padded(self, groups: int) -> "Sampled":
+        """Each group's rows padded to at least 2 (as the selected tokens are), the padding greedy."""
+        def pad(values: np.ndarray, fill: float) -> np.ndarray:
+            per_group = values.reshape(groups, -1)
+            extra = max(0, 2 - per_group.shape[1])
+            return np.pad(per_group, ((0, 0), (0, extra)), constant_values=fill).reshape(-1)
+
+        return Sampled(pad(self.temperature, 0), pad(self.top_k, 0), pad(self.top_p, 1), pad(self.uniform, 0))
 
 
 @dataclass
@@ -294,7 +324,7 @@ def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.nda
                  weights: LayerWeights) -> dict[str, Any]:
     """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`)."""
     mine = group_rows(step, layout)
-    inputs = dict(h=h, positions=step.positions[mine].reshape(-1), slots=step.slots[mine],
+    inputs = dict(h=h, positions=step.positions[mine].reshape(-1), slots=padded(step.slots[mine]),
                   token_valid=step.token_valid[mine].reshape(-1), union_rows=union[0], union_member=union[1],
                   union_valid=union[2], member_slots=rank.member_slots, own_members=rank.own_members,
                   own_position=rank.own_position, cos_table=rope[0], sin_table=rope[1], k_cache=caches[0],
@@ -323,12 +353,18 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
     mine = group_rows(step, layout)
     seq, chosen = step.input_ids.shape[1], step.selected.shape[1]
     selected = (np.arange(mine.stop - mine.start, dtype=np.int32)[:, None] * seq + step.selected[mine]).reshape(-1)
-    sampled = (step.sampled or Sampled.greedy(step.input_ids.shape[0])).repeat(chosen)
+    sampled = (step.sampled or Sampled.greedy(step.input_ids.shape[0])).repeat(chosen).padded(layout.dp)
     return Unit("lm_head", lm_head_unit,
-                dict(h=h, selected=selected, final_norm=weights.final_norm, lm_head=weights.lm_head,
+                dict(h=h, selected=padded(selected), final_norm=weights.final_norm, lm_head=weights.lm_head,
                      vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
                      top_p=sampled.top_p, uniform=sampled.uniform),
                 lm_head_constants(config, layout, step.return_logits))
+
+
+def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:
+    """The lm_head's outputs [dp * n, ...] (n = selected tokens per group, padded to at least 2) -> the
+    selected ones [dp * selected, ...]."""
+    return outputs.reshape(dp, -1, *outputs.shape[1:])[:, :selected].reshape(dp * selected, *outputs.shape[1:])
 
 
 def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max_seq_len: int) -> tuple[int, ...]:
@@ -349,25 +385,31 @@ def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, id
                  all_positions: bool = True) -> Step:
     """A step of `batch` rows of `seq` tokens all at `position` (row b in cache row b of its group, as
     `MiniMaxM2Model.forward` lays out a batch); ids [batch, seq] (zeros when None)."""
-    rows = max(2, layout.rows_per_group(batch))
+    rows = max(min_rows(seq), layout.rows_per_group(batch))
     total = rows * layout.dp
     selected = np.arange(seq, dtype=np.int32) if all_positions else np.array([seq - 1], np.int32)
     positions = np.broadcast_to(np.arange(position, position + seq, dtype=np.int32), (total, seq)).copy()
     step = Step(np.zeros((total, seq), np.int32), positions, (np.arange(total) % rows).astype(np.int32),
                 np.zeros((total, seq), bool), np.broadcast_to(selected, (total, len(selected))).copy(), batch,
                 return_logits=True)
-    real = batch_rows(batch, layout)
+    real = batch_rows(batch, layout, seq)
     step.token_valid[real] = True
     if ids is not None:
         step.input_ids[real] = ids
     return step
 
 
-def batch_rows(batch: int, layout: ParallelLayout) -> np.ndarray:
+def min_rows(seq: int) -> int:
+    """Rows a step of `seq` tokens per row runs at least: 2 for one token per row (its T = rows tokens must
+    not be 1: the Neuron compiler squeezes dimensions of size 1), else 1."""
+    return 2 if seq == 1 else 1
+
+
+def batch_rows(batch: int, layout: ParallelLayout, seq: int) -> np.ndarray:
     """The step rows of a batch laid out as `uniform_step` lays it out: batch row b in attention group
-    b // n, cache row b % n, with n = rows_per_group(batch), each group running at least 2 rows."""
+    b // n, cache row b % n, with n = rows_per_group(batch), each group running at least min_rows(seq)."""
     per_group = layout.rows_per_group(batch)
-    rows = max(2, per_group)
+    rows = max(min_rows(seq), per_group)
     b = np.arange(batch)
     return (b // per_group) * rows + b % per_group
 
@@ -392,7 +434,7 @@ def program_units(
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
-    rows = max(2, layout.rows_per_group(batch))
+    rows = max(min_rows(seq), layout.rows_per_group(batch))
     dtype = weights.embed.dtype
     shape = cache_shape(config, layout, rows, max_seq_len)
     caches = (np.zeros(shape, dtype), np.zeros(shape, dtype))

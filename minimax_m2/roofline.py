@@ -46,6 +46,9 @@ class Hardware:
     # overrides collective_latency_s for a (kind, ranks in the group), e.g. ("all_reduce", 2)
     latency_by_collective: dict[tuple[str, int], float] = field(default_factory=dict)
     overlaps_memory_and_compute: bool = True  # False: a matmul streams its weights, then computes (time is the sum)
+    launch_s: float = 0.0  # per unit launched (a runtime call from the host)
+    host_transfer_s: float = 0.0  # per copy between host and device (setup and latency)
+    host_bytes_per_s: float = float("inf")  # host <-> device link
 
 
 TRN2 = Hardware(
@@ -57,6 +60,9 @@ TRN2 = Hardware(
     local_link_bytes_per_s=3.5e12 / 4,
     remote_link_bytes_per_s=1.28e12 / 4,
     ranks_per_chip=4,
+    launch_s=10e-6,
+    host_transfer_s=20e-6,
+    host_bytes_per_s=16e9,
     sources={
         "HBM 2.9 TB/s and 667 dense BF16 TFLOPS per Trainium2 chip, 3.5 TB/s DMA, NeuronLink-v3 1.28 TB/s per chip":
             "AWS Neuron docs, Trainium2 architecture (awsdocs-neuron.readthedocs-hosted.com, "
@@ -67,8 +73,29 @@ TRN2 = Hardware(
         "collective latency 10 us per collective": "ASSUMED: no public per-collective latency for Trainium2 was "
                                                   "found; TPOT is also printed at 5 and 20 us",
         "matmuls at the dense BF16 peak, memory at the HBM peak": "ASSUMED: a roofline, not a measurement",
+        "10 us per unit launched, 20 us and 16 GB/s per host-device copy": "ASSUMED: no public figure for nkipy's "
+                                                                             "runtime calls was found; TPOT is also "
+                                                                             "printed with launches at 5 and 30 us",
     },
 )
+
+# What a steady decode step launches and copies (minimax_m2/neuron.py; counted by tests/test_neuron_runner.py):
+# the embedding, one unit per layer and the lm_head (which samples); each row's next id comes to the host and
+# its position and random draw go to the device.
+DECODE_HOST_COPIES = 3
+DECODE_HOST_BYTES_PER_ROW = 12
+
+
+def decode_launches(layers: int) -> int:
+    """Units launched per decode step: embedding, each layer, lm_head."""
+    return layers + 2
+
+
+def host_seconds(hw: "Hardware", layers: int, rows: int) -> float:
+    """A steady decode step's launches and host-device copies on `hw`."""
+    return (decode_launches(layers) * hw.launch_s + DECODE_HOST_COPIES * hw.host_transfer_s
+            + rows * DECODE_HOST_BYTES_PER_ROW / hw.host_bytes_per_s)
+
 
 NXDI_MEASURED = [
     ("NxDI MiniMax-M2 BF16, TP64, batch 1, trn2.48xlarge (measured)", 13.56),

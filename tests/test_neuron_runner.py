@@ -12,14 +12,19 @@ import pytest
 from conftest import PROMPT
 
 from minimax_m2 import MiniMaxM2Model
+from minimax_m2.generation import Sampling
 from minimax_m2.neuron import WRITTEN, NeuronRunner
+from minimax_m2.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
+from minimax_m2.serving.engine import Engine
 from minimax_m2.nkipy_semantics import LoopbackCollectives
 
 
 class FakeTensor:
-    """DeviceTensor stand-in: the device's copy of an array."""
+    """DeviceTensor stand-in: the device's copy of an array; counts what crosses to and from the host."""
 
-    uploads: Counter = Counter()
+    uploads: Counter = Counter()  # from_numpy calls by name
+    bytes_up = 0
+    bytes_down = 0
 
     def __init__(self, array: np.ndarray, name: str):
         self.array, self.shape, self.dtype, self.name = array.copy(), array.shape, array.dtype, name
@@ -27,10 +32,22 @@ class FakeTensor:
     @classmethod
     def from_numpy(cls, array: np.ndarray, name: str | None = None) -> "FakeTensor":
         cls.uploads[name] += 1
+        FakeTensor.bytes_up += array.nbytes
         return cls(np.ascontiguousarray(array), name)
 
+    def write_from_numpy(self, array: np.ndarray) -> None:
+        assert array.shape == self.shape and array.dtype == self.dtype
+        FakeTensor.bytes_up += array.nbytes
+        self.array[...] = array
+
     def numpy(self) -> np.ndarray:
+        FakeTensor.bytes_down += self.array.nbytes
         return self.array.copy()
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.uploads.clear()
+        cls.bytes_up = cls.bytes_down = 0
 
 
 @dataclass
@@ -70,7 +87,7 @@ class FakeKernel:
         assert set(inputs) == set(self.input_tensors_info) and set(outputs) == set(self.output_tensors_info)
         for k, t in inputs.items():
             assert t.shape == tuple(self.input_tensors_info[k].shape), k
-        args = {k.removesuffix(WRITTEN): t.numpy() for k, t in inputs.items()}
+        args = {k.removesuffix(WRITTEN): t.array.copy() for k, t in inputs.items()}  # on the device: not counted
         for i, r in enumerate(self._as_tuple(self.fn(**args, **self.constants))):
             outputs[f"output{i}"].array[...] = r
         for k in self.written:
@@ -88,7 +105,7 @@ def neuron_environment(monkeypatch) -> None:
 
 @pytest.fixture()
 def runner() -> NeuronRunner:
-    FakeTensor.uploads.clear()
+    FakeTensor.reset()
     FakeKernel.compiled.clear()
     return NeuronRunner(runtime=STAND_INS)
 
@@ -112,7 +129,58 @@ def test_units_on_the_device_give_the_numpy_tokens_and_logits(float32_checkpoint
     layers = model.config.num_hidden_layers
     assert FakeKernel.compiled == Counter(embedding=2, prefill_layer=1, decode_layer=1, lm_head=2), "once per phase"
     assert FakeTensor.uploads["k_cache"] == FakeTensor.uploads["wq"] == layers, "copied to the device once"
-    assert FakeTensor.uploads["h"] == (layers + 1) * 5, "hidden states are copied in on every layer and lm_head call"
+    assert FakeTensor.uploads["h"] == 0, "hidden states never come from the host: they stay on the device"
+
+
+def _engine(model: MiniMaxM2Model, runner: NeuronRunner) -> Engine:
+    model.runner = runner
+    return Engine(model, max_num_seqs=4, prefill_chunk=16)
+
+
+REQUESTS = [([5, 17, 200, 3, 99], Sampling(max_new_tokens=12)),
+            ([250, 1, 64, 64, 12, 180, 33, 9], Sampling(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=3)),
+            ([7, 7, 7], Sampling(max_new_tokens=12, temperature=1.2, top_k=5, seed=4))]
+
+
+def test_a_steady_decode_step_moves_only_ids_positions_and_draws(float32_checkpoint, runner) -> None:
+    """Once every request decodes, a step copies each row's next id to the host and its position and random
+    draw to the device (12 bytes a row, the projection's count), and launches the projection's units."""
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    engine = _engine(model, runner)
+    requests = [engine.submit(prompt, sampling) for prompt, sampling in REQUESTS]
+    while not all(r.decoding for r in requests):
+        engine.step()
+    engine.step()  # the first decode step of this batch uploads its rows
+    rows = engine.scheduler.plan().decode[0].input_ids.shape[0]  # 3 requests run in a bucket of 4 rows
+    for _ in range(5):
+        before = (FakeTensor.bytes_up + FakeTensor.bytes_down, runner.launches)
+        engine.step()
+        moved = FakeTensor.bytes_up + FakeTensor.bytes_down - before[0]
+        assert moved <= DECODE_HOST_BYTES_PER_ROW * 4 * rows and moved / rows <= 64, f"{moved} bytes for {rows} rows"
+        assert moved == DECODE_HOST_BYTES_PER_ROW * rows
+        assert runner.launches - before[1] == decode_launches(model.config.num_hidden_layers)
+
+
+def test_tokens_equal_the_numpy_engine_greedy_and_sampled(float32_checkpoint, runner) -> None:
+    numpy_model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    want = Engine(numpy_model, max_num_seqs=4, prefill_chunk=16).generate(
+        [p for p, _ in REQUESTS], [s for _, s in REQUESTS])
+    engine = _engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner)
+    got = engine.generate([p for p, _ in REQUESTS], [s for _, s in REQUESTS])
+    assert [r.generated for r in got] == [r.generated for r in want]
+
+
+def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_checkpoint, runner) -> None:
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    engine = _engine(model, runner)
+    steps = engine.warm_up(every_shape=True)
+    assert steps == len(engine.shapes.shapes())
+    compiled = runner.compiled
+    runner.frozen = True
+    engine.generate([p for p, _ in REQUESTS], [s for _, s in REQUESTS])
+    assert runner.compiled == compiled, "a shape outside the warmed-up set was compiled while serving"
+    with pytest.raises(RuntimeError, match="outside the compiled set"):
+        model.forward(np.zeros((5, 3), np.int64))
 
 
 def test_a_new_cache_replaces_the_old_on_the_device(float32_checkpoint, runner) -> None:

@@ -82,7 +82,7 @@ class RankServer:
             except OSError:
                 continue
             if b"run_example.py" in cmdline and f"RANK={rank}".encode() in environ and \
-                    f"MASTER_PORT=".encode() in b"".join(environ) and str(self.port).encode() in cmdline:
+                    "MASTER_PORT=".encode() in b"".join(environ) and str(self.port).encode() in cmdline:
                 return int(entry.name)
         raise AssertionError(f"no process of rank {rank}")
 

@@ -19,12 +19,12 @@ import numpy as np
 
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import CANDIDATES, Sampled, Step, padding_step
+from minimax_m2.program import CANDIDATES, Sampled, Step, min_rows, padding_step
 from minimax_m2.sampling import draw as draw_token
 from minimax_m2.sampling import sampling_probs
 from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
-from minimax_m2.serving.scheduler import MIN_ROWS, Chunk, Plan, Scheduler, ShapeSet
+from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
 MIN_COPY = 32  # prompt tokens a copied cache row must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
@@ -86,6 +86,7 @@ class Engine:
         self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY, prefix_reuse)
         self.scheduler = Scheduler(self.cache, self.shapes, self.groups)
         self.executor = executor or LocalExecutor(model)
+        self._last_ids: np.ndarray | None = None  # the last decode step's next ids, as the device holds them
         self.failure: str | None = None  # why the engine's thread stopped, if it failed
         self.on_failure: Callable[[str], None] = lambda message: None
         self._inbox: list[Request] = []
@@ -105,7 +106,7 @@ class Engine:
             return 0
         scratch = self.model.slots
         for phase, rows, bucket, seq, kv in self.shapes.shapes():
-            self.executor.execute(padding_step(max(MIN_ROWS, rows), bucket, seq, self.groups, scratch, kv))
+            self.executor.execute(padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv))
         return len(self.shapes.shapes())
 
     # --- requests ------------------------------------------------------------------------------------------
@@ -224,7 +225,11 @@ class Engine:
         if plan.decode:
             step, rows = plan.decode
             draws = self._sampling(step, rows, [r is not None and r.keep_logits for r in rows])
+            if self._last_ids is not None and self._last_ids.shape == step.input_ids.shape:
+                padding = np.array([r is None for r in rows])
+                step.input_ids[padding] = self._last_ids[padding]  # any id will do: these are the device's own
             logits, ids = self.executor.execute(step)
+            self._last_ids = ids.astype(np.int32)
             self.stats["decode_steps"] += 1
             for row, request in enumerate(rows):
                 if request is not None and request.finish_reason is None:

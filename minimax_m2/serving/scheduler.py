@@ -11,11 +11,9 @@ from collections import deque
 from dataclasses import dataclass, field
 import numpy as np
 
-from minimax_m2.program import KV_BLOCK, Step
+from minimax_m2.program import KV_BLOCK, Step, min_rows
 from minimax_m2.serving.cache import Placement, SlotCache
 from minimax_m2.serving.request import Request
-
-MIN_ROWS = 2  # the Neuron compiler squeezes dimensions of size 1: a bucket of one row runs two, one of them padding
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -29,7 +27,7 @@ def powers_of_two(low: int, high: int) -> list[int]:
 @dataclass(frozen=True)
 class ShapeSet:
     """Every step shape the engine runs, fixed at start-up: a step has rows per attention group (at least
-    MIN_ROWS) and a bucket (at most that many rows are real in all groups together)."""
+    `min_rows`) and a bucket (at most that many rows are real in all groups together)."""
 
     groups: int
     decode_rows: tuple[int, ...]  # request buckets: rows per group, and real rows in all
@@ -55,12 +53,17 @@ class ShapeSet:
         it can hold, from one group's worth to all groups' worth."""
         return [(r, b) for r in buckets for b in powers_of_two(r, r * self.groups)]
 
+    def holds(self, rows: int, tokens: int) -> bool:
+        """Whether a prefill step of `rows` rows per group, the longest of `tokens` tokens, has a shape of the set."""
+        r = self.bucket(rows, self.prefill_rows, "prefill rows")
+        return r == self.prefill_rows[0] or r * self.bucket(tokens, self.prefill_tokens, "tokens") <= 2 * self.prefill_chunk
+
     def shapes(self) -> list[tuple[str, int, int, int, int]]:
         """(phase, rows per group, real rows in all, tokens per row, attended length) of every program step
-        (a step runs max(MIN_ROWS, rows) rows per group)."""
+        (a step runs max(min_rows(tokens per row), rows) rows per group)."""
         steps = [("decode", r, b, 1) for r, b in self._pairs(self.decode_rows)]
         steps += [("prefill", r, b, t) for r, b in self._pairs(self.prefill_rows) for t in self.prefill_tokens
-                  if r * t <= 2 * self.prefill_chunk or r == self.prefill_rows[0]]
+                  if self.holds(r, t)]
         return [(phase, rows, bucket, seq, kv) for phase, rows, bucket, seq in steps for kv in self.kv_lengths]
 
     def kv_length(self, needed: int) -> int:
@@ -141,6 +144,9 @@ class Scheduler:
             if len(rows) == self.shapes.prefill_rows[-1]:
                 continue
             count = min(len(request.prompt) - request.prefilled, budget, self.shapes.prefill_tokens[-1])
+            longest = max([count] + [len(c.tokens) for g in per_group for c in g])
+            if not self.shapes.holds(max(len(rows) + 1, *map(len, per_group)), longest):
+                break  # another row would make a shape outside the set: it waits for the next step
             budget -= count
             start = request.prefilled
             rows.append(Chunk(request, start, request.prompt[start : start + count],
@@ -149,7 +155,7 @@ class Scheduler:
             return None
         real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.prefill_rows, "prefill rows")
         seq = ShapeSet.bucket(max(len(c.tokens) for g in per_group for c in g), self.shapes.prefill_tokens, "tokens")
-        rows = max(MIN_ROWS, real)
+        rows = max(min_rows(seq), real)
         order: list[Chunk | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         keep_all = any(c is not None and c.request.keep_logits for c in order)
         step = self._step(rows, bucket, seq,
@@ -164,7 +170,7 @@ class Scheduler:
         if not any(per_group):
             return None
         real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.decode_rows, "decode rows")
-        rows = max(MIN_ROWS, real)
+        rows = max(min_rows(1), real)
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         step = self._step(rows, bucket, 1,
                           [(r.slot.index, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
