@@ -141,8 +141,8 @@ def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, leader:
     if runner is not None:
         runner.frozen = True
         if leader:
-            print(f"warm-up: {steps} step shapes compiled and run once ({runner.compiled} programs) in "
-                  f"{time.perf_counter() - start:.1f} s", flush=True)
+            print(f"warm-up: {len(engine.shapes.shapes())} step shapes compiled and run with each lm_head variant "
+                  f"({steps} steps, {runner.compiled} programs) in {time.perf_counter() - start:.1f} s", flush=True)
     return engine
 
 

@@ -4,17 +4,21 @@
 B rows sorted by expert (B = 1, 2, 4, ... 128), or dense (every held expert over every row). The choice
 minimises the worst-case step time of P rows over E experts:
 
-    blocked(B) = expert_blocks(P, E, B) x cost(B)        dense = E x cost(P)
+    blocked(B) = d x cost(B) + (n - d) x cost(B, repeated)        dense = E x cost(P)
 
-where cost(n) is the time of one expert applied to n rows on the target:
+with n = expert_blocks(P, E, B) blocks, of which at most d = min(n, E) read a new expert: blocks are in
+expert order, so every other block repeats the expert of the block before it (an expert's further
+blocks, and the padding blocks at the end). cost(n, repeated) is the time of one expert applied to n
+rows on the target, its weights just read or not:
 
 - a NeuronCore (`roofline_cost`, from `minimax_m2.roofline.Hardware`): the DMA of the expert's weights
-  overlaps the matmuls, so cost(n) = max(weight bytes / HBM bandwidth, FLOPs / bf16 rate); 128 rows cost
-  about one weight read.
-- this CPU (`measured_table` of `measure_block_times`): timed once per model for the expert's own shapes. On one CPU a handful of
-  rows already cost as much as the read: a one-row product streams the weights at memory speed, while
-  BLAS packs the weights for any product of two or more rows (measured here: 2 to 16 rows cost about
-  2.7x one row).
+  overlaps the matmuls, so cost(n) = max(weight bytes / HBM bandwidth, FLOPs / bf16 rate), repeated or
+  not (each block DMAs its weights); 128 rows cost about one weight read.
+- this CPU (`measured_table` of `measure_block_times`): timed once per model for the expert's own
+  shapes, from memory and again from the cache. On one CPU a handful of rows already cost as much as the
+  read: a one-row product streams the weights at memory speed, while BLAS packs the weights for any
+  product of two or more rows (measured here: 2 to 16 rows cost about 2.7x one row); a repeated expert
+  comes from the cache.
 
 Both targets run the same kernel; only the constant differs. Every block size either target picks is
 tested under nkipy's emulated semantics (tests/test_nkipy_semantics.py).
@@ -29,7 +33,15 @@ from kernels.moe_expert import moe_expert
 from kernels.moe_grouped import DENSE, expert_blocks
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-ExpertCost = Callable[[int], float]  # rows -> seconds for one expert applied to that many rows
+# (rows, repeated) -> seconds for one expert applied to that many rows, its weights just read (repeated) or not
+ExpertCost = Callable[..., float]
+
+
+def blocked_seconds(rows: int, num_experts: int, block_rows: int, cost: ExpertCost) -> float:
+    """Worst-case time of blocks of `block_rows` over `rows` rows and `num_experts` experts."""
+    blocks = expert_blocks(rows, num_experts, block_rows)
+    new = min(blocks, num_experts)
+    return new * cost(block_rows) + (blocks - new) * cost(block_rows, repeated=True)
 
 
 def choose_block_rows(rows: int, num_experts: int, cost: ExpertCost) -> int:
@@ -37,25 +49,27 @@ def choose_block_rows(rows: int, num_experts: int, cost: ExpertCost) -> int:
     Ties go to the schedule listed first: blocks of one row, then larger blocks, then dense."""
     if num_experts == 1:
         return DENSE
-    options = [(expert_blocks(rows, num_experts, b) * cost(b), b) for b in BLOCK_SIZES if b == 1 or b <= rows]
+    options = [(blocked_seconds(rows, num_experts, b, cost), b) for b in BLOCK_SIZES if b == 1 or b <= rows]
     options.append((num_experts * cost(rows), DENSE))
     return min(options, key=lambda option: option[0])[1]
 
 
 def roofline_cost(weight_bytes: int, flops_per_row: int, memory_bytes_per_s: float, matmul_flops_per_s: float,
                   overlaps: bool = True) -> ExpertCost:
-    """cost(n) of a roofline target: weight reads and n rows' matmuls, overlapped (NeuronCore) or added."""
-    def cost(rows: int) -> float:
+    """cost(n) of a roofline target: weight reads and n rows' matmuls, overlapped (NeuronCore) or added;
+    a repeated expert is read again (no cache holds it)."""
+    def cost(rows: int, repeated: bool = False) -> float:
         memory, compute = weight_bytes / memory_bytes_per_s, rows * flops_per_row / matmul_flops_per_s
         return max(memory, compute) if overlaps else memory + compute
 
     return cost
 
 
-def measure_block_times(w13: np.ndarray, w2: np.ndarray, repeats: int = 3) -> dict[int, float]:
+def measure_block_times(w13: np.ndarray, w2: np.ndarray, repeats: int = 3) -> dict[int, tuple[float, float]]:
     """Seconds for one expert applied to each block size of BLOCK_SIZES on this CPU, for these expert
-    weights ([E, 2I', hidden], [E, hidden, I']): median of `repeats`, cycling over the experts so that
-    the weights come from memory as they do in a step."""
+    weights ([E, 2I', hidden], [E, hidden, I']) -> {B: (from memory, repeated at once)}: medians of
+    `repeats`, cycling over the experts so that a first product reads its weights from memory as it does
+    in a step."""
     experts, hidden = w13.shape[0], w13.shape[2]
     rng = np.random.default_rng(0)
     timed = {}
@@ -64,22 +78,31 @@ def measure_block_times(w13: np.ndarray, w2: np.ndarray, repeats: int = 3) -> di
         samples = []
         for r in range(repeats + 1):
             e = (r * 7 + b) % experts
-            start = time.perf_counter()
-            moe_expert(x, w13[e], w2[e])
-            samples.append(time.perf_counter() - start)
-        timed[b] = float(np.median(samples[1:]))
+            pair = []
+            for _ in range(2):
+                start = time.perf_counter()
+                moe_expert(x, w13[e], w2[e])
+                pair.append(time.perf_counter() - start)
+            samples.append(pair)
+        cold, warm = np.median(samples[1:], axis=0)
+        timed[b] = (float(cold), float(warm))
     return timed
 
 
-def measured_table(timed: dict[int, float]) -> ExpertCost:
-    """cost(n) from measured times of the block sizes: exact at them, linear between and beyond them."""
+def measured_table(timed: dict[int, float | tuple[float, float]]) -> ExpertCost:
+    """cost(n, repeated) from measured times of the block sizes ({B: seconds} or {B: (from memory,
+    repeated)}): exact at them, linear between and beyond them."""
     sizes = sorted(timed)
-    times = [timed[b] for b in sizes]
-    slope = max(0.0, (times[-1] - times[-2]) / (sizes[-1] - sizes[-2]))
 
-    def cost(rows: int) -> float:
-        if rows >= sizes[-1]:
-            return times[-1] + slope * (rows - sizes[-1])
-        return float(np.interp(rows, sizes, times))
+    def line(times: list[float]) -> Callable[[int], float]:
+        slope = max(0.0, (times[-1] - times[-2]) / (sizes[-1] - sizes[-2]))
+        return lambda rows: (times[-1] + slope * (rows - sizes[-1]) if rows >= sizes[-1]
+                             else float(np.interp(rows, sizes, times)))
+
+    pairs = [timed[b] if isinstance(timed[b], tuple) else (timed[b], timed[b]) for b in sizes]
+    cold, warm = line([p[0] for p in pairs]), line([min(p) for p in pairs])
+
+    def cost(rows: int, repeated: bool = False) -> float:
+        return warm(rows) if repeated else cold(rows)
 
     return cost

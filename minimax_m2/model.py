@@ -193,7 +193,7 @@ class MiniMaxM2Model:
             if key not in _MEASURED:
                 timed = measure_block_times(layer.w13, layer.w2)
                 times = all_reduce(np.array([timed[b] for b in BLOCK_SIZES]), self.layout.world_groups)
-                _MEASURED[key] = measured_table(dict(zip(BLOCK_SIZES, (times / self.layout.world).tolist())))
+                _MEASURED[key] = measured_table({b: tuple(t) for b, t in zip(BLOCK_SIZES, times / self.layout.world)})
             self.expert_cost = _MEASURED[key]
         return self.expert_cost
 

@@ -165,13 +165,15 @@ def lm_head_unit(
     first is kept), each rank projects them onto its vocabulary slice lm_head: [hidden, V / W] starting at
     vocab_offset[0], and the next token is chosen from the slices (`kernels.sampling`): greedy where
     temperature [N] is 0, else drawn with top_k [N] (0: none, sampled on the host), top_p [N] and
-    uniform [N] in [0, 1).
+    uniform [N] in [0, 1). candidates = 0 (a step with no row to sample) leaves the sampling out: every
+    row greedy, the sampling inputs unused.
     """
     picked = all_rows(np.take(h, selected, axis=0), dp, tp, world_groups)  # [N, hidden]
     logits = vocab_slice_logits(picked, final_norm, lm_head, vocab_offset, eps=eps, vocab_size=vocab_size)
-    greedy = greedy_vocab_parallel(logits, vocab_offset, world_groups)
-    ids = sample_vocab_parallel(logits, vocab_offset, greedy, temperature, top_k, top_p, uniform,
-                                candidates=candidates, replica_groups=world_groups)
+    ids = greedy_vocab_parallel(logits, vocab_offset, world_groups)
+    if candidates:
+        ids = sample_vocab_parallel(logits, vocab_offset, ids, temperature, top_k, top_p, uniform,
+                                    candidates=candidates, replica_groups=world_groups)
     return (ids, gather_vocab(logits, vocab_size, world_groups)) if return_logits else ids
 
 
@@ -218,6 +220,10 @@ class Sampled:
     @classmethod
     def greedy(cls, n: int) -> "Sampled":
         return cls(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros(n, np.float32))
+
+    def samples_on_device(self) -> bool:
+        """Whether any row is drawn on the device (temperature above 0 and a top_k)."""
+        return bool(np.any((self.temperature > 0) & (self.top_k > 0)))
 
     def repeat(self, k: int) -> "Sampled":
         return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p, self.uniform)))
@@ -307,9 +313,11 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
     )
 
 
-def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout, return_logits: bool) -> dict[str, Any]:
+def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout, return_logits: bool,
+                      samples: bool = True) -> dict[str, Any]:
+    """samples: some row of the step is sampled on the device (else the sampling is traced out)."""
     return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
-                candidates=min(CANDIDATES, config.vocab_size), return_logits=return_logits,
+                candidates=min(CANDIDATES, config.vocab_size) if samples else 0, return_logits=return_logits,
                 world_groups=layout.world_groups)
 
 
@@ -358,7 +366,7 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
                 dict(h=h, selected=padded(selected), final_norm=weights.final_norm, lm_head=weights.lm_head,
                      vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
                      top_p=sampled.top_p, uniform=sampled.uniform),
-                lm_head_constants(config, layout, step.return_logits))
+                lm_head_constants(config, layout, step.return_logits, sampled.samples_on_device()))
 
 
 def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:
@@ -373,12 +381,18 @@ def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max
     return ((slots + 1) * max_seq_len, config.num_key_value_heads // layout.tp * config.head_dim)
 
 
-def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int) -> Step:
-    """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units."""
+def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, samples: bool = False,
+                 return_logits: bool = False) -> Step:
+    """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units,
+    with the lm_head variant that samples on the device and / or returns logits."""
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
-    return Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool),
-                np.zeros((total, 1), np.int32), bucket, kv_len)
+    step = Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool),
+                np.zeros((total, 1), np.int32), bucket, kv_len, return_logits=return_logits)
+    if samples:
+        step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
+                               np.zeros(total, np.float32))
+    return step
 
 
 def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, ids: np.ndarray | None = None,
@@ -426,11 +440,14 @@ def program_units(
     seq: int,
     max_seq_len: int,
     position: int = 0,
+    samples: bool = True,
+    return_logits: bool = False,
 ) -> list[Unit]:
     """The units one rank runs for one phase ('prefill': `seq` prompt tokens from `position`;
     'decode': one token at `position`), with example inputs of the right shapes, dtypes and values
     (layer 0's weights; every layer runs the same program; every row its own cache row; rows in a bucket
-    of at least 2; the next tokens sampled from the top candidates, without logits)."""
+    of at least 2; the next tokens sampled from the top candidates unless not `samples`, the logits
+    returned with `return_logits`)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
@@ -442,9 +459,10 @@ def program_units(
     ids = (np.arange(batch * seq, dtype=np.int32).reshape(batch, seq) * 7919) % config.vocab_size
     step = uniform_step(batch, seq, position, layout, ids, all_positions=False)
     total = step.input_ids.shape[0]
-    step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32), np.full(total, 0.9, np.float32),
-                           np.linspace(0.05, 0.95, total, dtype=np.float32))
-    step.return_logits = False
+    if samples:
+        step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32),
+                               np.full(total, 0.9, np.float32), np.linspace(0.05, 0.95, total, dtype=np.float32))
+    step.return_logits = return_logits
     mine = group_rows(step, layout)
     h = weights.embed[step.input_ids[mine].reshape(-1)]
     layer = weights.layers[0]

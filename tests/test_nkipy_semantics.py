@@ -157,14 +157,14 @@ def test_kernel_traces_to_the_numpy_program(allowed, name, fn, inputs, constants
 # --- the declared device units, over ranks ---------------------------------------------------------
 
 def _rank_units(world: int, tp: int, moe_tp: int, rank: int, phase: str, batch: int, seq: int, skewed: bool,
-                dtype: str = "float32", target: str = "trn"):
+                dtype: str = "float32", target: str = "trn", **variant):
     layout = ParallelLayout(world, tp, rank, moe_tp=moe_tp)
     weights = random_model_weights(CONFIG, list(range(8)), seed=1, layout=layout, dtype=model_dtype(dtype))
     if skewed:  # every token chooses experts 0..3: all on rank 0
         weights.layers[0].bias[:4] += 100.0
     rope = tuple(t.astype(weights.embed.dtype) for t in rope_tables(MAX_SEQ, CONFIG.rotary_dim, CONFIG.rope_theta))
     return program_units(CONFIG, layout, weights, rope, TARGETS[target](weights.layers[0]), phase=phase, batch=batch,
-                         seq=seq, max_seq_len=MAX_SEQ, position=0 if phase == "prefill" else 9)
+                         seq=seq, max_seq_len=MAX_SEQ, position=0 if phase == "prefill" else 9, **variant)
 
 
 def _trn_cost(layer):
@@ -181,11 +181,11 @@ TARGETS = {"trn": _trn_cost, "cpu": lambda layer: measured_table(CPU_TIMES)}
 
 
 def run_ranks(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int, skewed: bool = False,
-              dtype: str = "float32", target: str = "trn"):
+              dtype: str = "float32", target: str = "trn", **variant):
     """Each rank's units, run emulated and plain with ranks as threads -> per rank [(unit, program, traced, plain)]."""
     def body(rank: int, emulated: bool):
         results = []
-        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed, dtype, target):
+        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed, dtype, target, **variant):
             if emulated:
                 results.append((unit.name, *trace_unit(unit.fn, _copy(unit.inputs), unit.constants, WEIGHTS)))
             else:
@@ -223,6 +223,21 @@ def test_device_units_trace_to_the_numpy_program(allowed, world, tp, moe_tp, pha
     for (name, program, _, _), (_, other, _, _) in zip(first, last):
         assert program.ops == other.ops, f"{name}: rank 0 and rank {world - 1} trace different programs"
         assert program.constants == other.constants, f"{name}: rank 0 and rank {world - 1} bake in different constants"
+
+
+@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("samples, return_logits", [(False, False), (False, True), (True, True)])
+def test_each_lm_head_variant_traces_to_the_numpy_program(allowed, world, tp, samples, return_logits) -> None:
+    """The lm_head without sampling (a step with no row to sample) and with the logits returned."""
+    ranks = run_ranks(world, tp, 1, "decode", 3, 1, samples=samples, return_logits=return_logits)
+    for rank, units in enumerate(ranks):
+        name, program, traced, plain = units[-1]
+        assert name == "lm_head"
+        assert_same_program_as_numpy(program, traced, plain, allowed, f"rank {rank} {name}")
+        assert isinstance(plain, tuple) == return_logits
+        argmaxes = sum("argmax" in op[0] for op in program.ops)
+        assert argmaxes >= 1 and (argmaxes > 2) == samples, f"{argmaxes} argmax: greedy, or the top candidates too"
+    assert ranks[0][-1][1].ops == ranks[-1][-1][1].ops
 
 
 def test_bfloat16_units_run_bf16_matmuls_except_the_router() -> None:

@@ -10,6 +10,7 @@ of them first). The engine runs either on its own thread (`start`: the server) o
     results = engine.generate([[1, 2, 3], [4, 5]], Sampling(max_new_tokens=16), on_token=print)
 """
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -99,15 +100,19 @@ class Engine:
 
     def warm_up(self, every_shape: bool) -> int:
         """Before serving: choose the expert schedules (measuring this CPU's costs) and, with every_shape,
-        run each step shape of the set once on padding (compiling and first-touching it on a device);
-        returns the steps run."""
+        run each step shape of the set on padding, once for each lm_head variant (greedy or sampling on the
+        device, with or without logits), compiling and first-touching all of them on a device; returns the
+        steps run."""
         self.model.schedule_cost()
         if not every_shape:
             return 0
-        scratch = self.model.slots
+        scratch, steps = self.model.slots, 0
         for phase, rows, bucket, seq, kv in self.shapes.shapes():
-            self.executor.execute(padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv))
-        return len(self.shapes.shapes())
+            for samples, logits in itertools.product((False, True), repeat=2):
+                self.executor.execute(padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv,
+                                                   samples, logits))
+                steps += 1
+        return steps
 
     # --- requests ------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> None:

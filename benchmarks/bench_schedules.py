@@ -1,0 +1,115 @@
+"""What bounds a static, dropless expert schedule on this CPU: every candidate measured side by side.
+
+One MoE layer of the medium config (64 experts top-8, hidden 1024, intermediate 512, float32), routed at
+random, for the pairs of a decode step at batch 1, 8 and 32 and of a prefill of 128 and 512 tokens. Each
+candidate of `kernels.moe_grouped.grouped_experts` (blocks of B rows sorted by expert; dense) is timed,
+beside two dynamic references that a traced program cannot express: the same NumPy expert over each hit
+expert's own rows, and transformers' `MiniMaxM2Experts` (eager). For each static candidate the table
+shows its two worst-case terms: expert weight reads (blocks) against the distinct experts hit, and rows
+computed (blocks x B) against the real pairs. The schedule the model chooses (from this CPU's measured
+block costs) is marked. Best of --repeats.
+
+  python benchmarks/bench_schedules.py [--tokens 1 8 32 128 512] [--json F]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import MiniMaxM2Config as HFConfig
+from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2Experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.medium_config import MEDIUM  # noqa: E402
+from kernels.moe_expert import moe_expert  # noqa: E402
+from kernels.moe_grouped import DENSE, expert_blocks, grouped_experts  # noqa: E402
+from minimax_m2.expert_schedule import BLOCK_SIZES, choose_block_rows, measure_block_times, measured_table  # noqa: E402
+
+MAX_BLOCKS = 4096  # candidates with more blocks than this are not timed (blocks of one row at long prefills)
+
+
+def best_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def numpy_dynamic(x: np.ndarray, ids: np.ndarray, w13: np.ndarray, w2: np.ndarray) -> np.ndarray:
+    """Each hit expert over exactly its own rows: the data-dependent loop a static program cannot have."""
+    out = np.zeros_like(x)
+    for e in np.unique(ids):
+        rows = np.nonzero(ids == e)[0]
+        out[rows] = moe_expert(x[rows], w13[e], w2[e])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    experts, top_k, hidden, inter = (MEDIUM[k] for k in ("num_local_experts", "num_experts_per_tok", "hidden_size",
+                                                         "intermediate_size"))
+    rng = np.random.default_rng(0)
+    w13 = (rng.standard_normal((experts, 2 * inter, hidden)) * 0.02).astype(np.float32)
+    w2 = (rng.standard_normal((experts, hidden, inter)) * 0.02).astype(np.float32)
+    reference = MiniMaxM2Experts(HFConfig(**MEDIUM)).eval()
+    reference.gate_up_proj.data = torch.from_numpy(w13)
+    reference.down_proj.data = torch.from_numpy(w2)
+    cost = measured_table(measure_block_times(w13, w2))
+    print(f"one MoE layer of the medium config, float32, torch threads {torch.get_num_threads()}, best of "
+          f"{args.repeats}; ms per layer", flush=True)
+
+    results = []
+    for tokens in args.tokens:
+        routed = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)]).astype(np.int32)
+        pairs = tokens * top_k
+        ids = routed.reshape(-1)
+        x = rng.standard_normal((pairs, hidden)).astype(np.float32)
+        valid = np.ones(pairs, bool)
+        tokens_x = torch.from_numpy(rng.standard_normal((tokens, hidden)).astype(np.float32))
+        index, weights = torch.from_numpy(routed.astype(np.int64)), torch.full((tokens, top_k), 1.0 / top_k)
+        row = {"tokens": tokens, "pairs": pairs, "distinct_experts": int(len(np.unique(ids))),
+               "chosen": choose_block_rows(pairs, experts, cost), "candidates": []}
+        with torch.no_grad():
+            row["transformers_ms"] = best_ms(lambda: reference(tokens_x, index, weights), args.repeats)
+        row["numpy_dynamic_ms"] = best_ms(lambda: numpy_dynamic(x, ids, w13, w2), args.repeats)
+        for b in (*BLOCK_SIZES, DENSE):
+            blocks = experts if b == DENSE else expert_blocks(pairs, experts, b)
+            if (b > pairs and b != DENSE) or blocks > MAX_BLOCKS or (b == DENSE and pairs > 512):
+                continue
+            ms = best_ms(lambda: grouped_experts(x, ids, valid, w13, w2, block_rows=b), args.repeats)
+            row["candidates"].append({"block_rows": b, "blocks": blocks, "rows_computed": blocks * (b or pairs),
+                                      "ms": ms})
+        best = min(row["candidates"], key=lambda c: c["ms"])
+        row["best_static_ms"] = best["ms"]
+        results.append(row)
+
+        print(f"\n{tokens} tokens, {pairs} pairs, {row['distinct_experts']} distinct experts hit: transformers "
+              f"{row['transformers_ms']:.1f} ms, NumPy dynamic {row['numpy_dynamic_ms']:.1f} ms")
+        print("| schedule | weight reads (x distinct) | rows computed (x pairs) | ms | x NumPy dynamic | x transformers |")
+        print("|---|---|---|---|---|---|")
+        for c in row["candidates"]:
+            name = "dense" if c["block_rows"] == DENSE else f"blocks of {c['block_rows']}"
+            mark = " (chosen)" if c["block_rows"] == row["chosen"] else ""
+            print(f"| {name}{mark} | {c['blocks']} ({c['blocks'] / row['distinct_experts']:.1f}x) | "
+                  f"{c['rows_computed']} ({c['rows_computed'] / pairs:.1f}x) | {c['ms']:.1f} | "
+                  f"{c['ms'] / row['numpy_dynamic_ms']:.2f}x | {c['ms'] / row['transformers_ms']:.2f}x |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"config": MEDIUM, "torch_threads": torch.get_num_threads(),
+                                         "rows": results}, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

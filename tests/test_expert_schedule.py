@@ -1,0 +1,74 @@
+"""The expert schedule each target's costs choose (minimax_m2/expert_schedule.py)."""
+
+import numpy as np
+import pytest
+
+from kernels.moe_grouped import DENSE, expert_blocks
+from minimax_m2.expert_schedule import (
+    BLOCK_SIZES,
+    blocked_seconds,
+    choose_block_rows,
+    measure_block_times,
+    measured_table,
+    roofline_cost,
+)
+from minimax_m2.roofline import TRN2
+
+# This CPU's medium-config expert (ms): one row streams the weights, BLAS packs them for two or more rows;
+# an expert just read comes from the cache.
+COLD = {1: 0.31, 2: 0.85, 4: 0.87, 8: 0.87, 16: 0.95, 32: 1.27, 64: 1.6, 128: 2.4}
+WARM = {1: 0.19, 2: 0.4, 4: 0.41, 8: 0.42, 16: 0.5, 32: 0.8, 64: 1.2, 128: 2.0}
+CPU = measured_table({b: (COLD[b], WARM[b]) for b in COLD})
+NO_CACHE = measured_table(COLD)
+
+
+def test_measured_table_is_exact_at_the_sizes_and_linear_beyond() -> None:
+    assert CPU(8) == COLD[8] and CPU(8, repeated=True) == WARM[8]
+    assert CPU(3) == pytest.approx((COLD[2] + COLD[4]) / 2)
+    assert CPU(256) == pytest.approx(COLD[128] + 128 * (COLD[128] - COLD[64]) / 64)
+    assert NO_CACHE(16, repeated=True) == NO_CACHE(16), "without repeated times a repeat costs a read"
+
+
+def test_blocked_time_reads_at_most_one_new_expert_a_block_and_repeats_the_rest() -> None:
+    blocks = expert_blocks(256, 64, 4)
+    assert blocked_seconds(256, 64, 4, CPU) == pytest.approx(64 * COLD[4] + (blocks - 64) * WARM[4])
+    assert blocked_seconds(8, 64, 1, CPU) == pytest.approx(8 * COLD[1]), "8 blocks, each of its own expert"
+
+
+def test_a_cpu_decode_reads_the_chosen_experts_row_by_row() -> None:
+    """One row streams an expert at memory speed, so the pairs of a batch-1 or batch-8 decode run as blocks
+    of one row; dense would run all 64 experts over every row."""
+    assert choose_block_rows(8, 64, CPU) == 1
+    assert choose_block_rows(64, 64, CPU) == 1
+
+
+def test_the_cache_decides_between_repeating_experts_and_padding_blocks() -> None:
+    """256 pairs over 64 experts: with repeats from the cache, blocks of one row (each expert's further rows
+    cache-hot); if every block read its expert from memory, fewer, larger blocks."""
+    assert choose_block_rows(256, 64, CPU) == 1
+    assert choose_block_rows(256, 64, NO_CACHE) == 16
+
+
+def test_a_long_prefill_takes_large_blocks() -> None:
+    assert choose_block_rows(4096, 64, CPU) in (32, 64)
+    assert choose_block_rows(4096, 64, CPU) != DENSE
+
+
+def test_a_neuron_core_decode_reads_each_chosen_expert_slice_once() -> None:
+    """The real model's expert slices at moe_tp 64 on one NeuronCore: blocks of one row at batch 1; at a
+    prefill, 128-row blocks (128 rows cost about one weight read)."""
+    hidden, inter = 3072, 1536 // 64
+    weight_bytes = 3 * hidden * inter * 2
+    cost = roofline_cost(weight_bytes, 2 * 3 * hidden * inter, TRN2.memory_bytes_per_s, TRN2.matmul_flops_per_s)
+    assert cost(1, repeated=True) == cost(1), "a NeuronCore block DMAs its weights whatever came before"
+    assert choose_block_rows(8, 256, cost) == 1
+    assert choose_block_rows(2048 * 8, 256, cost) == 128
+
+
+def test_block_times_are_measured_from_memory_and_repeated() -> None:
+    rng = np.random.default_rng(0)
+    w13 = rng.standard_normal((4, 64, 32)).astype(np.float32)
+    w2 = rng.standard_normal((4, 32, 32)).astype(np.float32)
+    timed = measure_block_times(w13, w2, repeats=1)
+    assert sorted(timed) == list(BLOCK_SIZES)
+    assert all(len(t) == 2 and min(t) > 0 for t in timed.values())
