@@ -1,10 +1,19 @@
 """Roofline projection of the declared device program on trn2.48xlarge (64 logical NeuronCores).
 
-Projects TTFT for a 2048-token prompt and decode TPOT at batch 1, 8, 32 and 256 (4096-token context)
-for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8), attention tp 8, from the recorded
-units' per-rank bytes read, matmul FLOPs and collective payloads (minimax_m2/roofline.py). Prints every
-assumption with its source, the table beside NxDI's measured TPOT, and the terms of the best batch-1
-step.
+From the recorded units' per-rank bytes read, matmul FLOPs and collective payloads (minimax_m2/roofline.py),
+for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention tp 8, prints:
+
+1. TTFT of a 2048-token prompt and decode TPOT at batch 1, 8, 32 and 256 (4096-token context), each with
+   the host's part: units launched per step and host-device copies (ids, positions, random draws);
+   beside NxDI's measured TPOT, with the batch-1 TPOT's sensitivity to the assumed latencies;
+2. expert bytes read per rank per layer beside the expected distinct-expert floor (each held expert's
+   slice read once if any token chose it), and all bytes beside the floor plus the other bytes read;
+3. serving throughput at 32 and 256 concurrent requests, decode alone and with each request's prompt
+   prefilled;
+4. the compile set of a serving engine (every program its warm-up compiles): program count per unit,
+   expert blocks unrolled, and the largest program of each unit as recorded (ops, matmuls).
+
+Every assumption is printed with its source or marked ASSUMED.
 
   python benchmarks/roofline.py [--json roofline.json]
 """
@@ -13,22 +22,47 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+
+import ml_dtypes
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels import collectives  # noqa: E402
+from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
+from minimax_m2.model import MiniMaxM2Model  # noqa: E402
+from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
-from minimax_m2.roofline import NXDI_MEASURED, TRN2, record_units, step_seconds  # noqa: E402
+from minimax_m2.roofline import (  # noqa: E402
+    DECODE_HOST_BYTES_PER_ROW,
+    DECODE_HOST_COPIES,
+    NXDI_MEASURED,
+    READ_BY_MATMULS,
+    TRN2,
+    decode_launches,
+    distinct_expert_floor,
+    expert_cost,
+    host_seconds,
+    record_units,
+    served_seconds,
+)
+from minimax_m2.serving.engine import Engine  # noqa: E402
+from minimax_m2.weights import zero_model_weights  # noqa: E402
 
 WORLD, TP, CONTEXT, PROMPT = 64, 8, 4096, 2048
 LAYOUTS = [(1, 64), (64, 1), (8, 8)]
 BATCHES = [1, 8, 32, 256]
-TARGET_MS = 5.0
+OUTPUT_TOKENS = 256  # per request, for the serving throughput with prefill (ASSUMED mix: 2048-token prompts)
+SERVING = dict(max_num_seqs=32, prefill_chunk=2048)  # per attention group: 256 concurrent requests over 8 groups
+TARGETS = {"tpot_b1_ms": 5.0, "tpot_b32_ms": 12.0, "tpot_b256_ms": 25.0, "expert_floor_ratio": 1.3}
+NXDI_TOK_S_AT_256 = 128.9
 
 
-def terms(costs, layers: int, hw) -> dict[str, float]:
-    """Milliseconds per step spent on memory, matmuls and collectives (each unit's max of the first two)."""
+def terms(costs, layers: int, hw, tokens: int) -> dict[str, float]:
+    """Milliseconds per decode step on memory, matmuls, collectives and the host, with counts."""
     memory = compute = comm = 0.0
     for i, c in enumerate(costs):
         n = layers if i == 1 else 1
@@ -36,62 +70,180 @@ def terms(costs, layers: int, hw) -> dict[str, float]:
         compute += n * c.flops / hw.matmul_flops_per_s
         comm += n * c.collective_seconds(hw)
     return {"memory_ms": memory * 1e3, "matmul_ms": compute * 1e3, "collectives_ms": comm * 1e3,
-            "collectives_per_step": sum((layers if i == 1 else 1) * len(c.collectives) for i, c in enumerate(costs))}
+            "host_ms": host_seconds(hw, layers, "decode", tokens) * 1e3,
+            "collectives_per_step": sum((layers if i == 1 else 1) * len(c.collectives) for i, c in enumerate(costs)),
+            "launches_per_step": decode_launches(layers), "host_copies_per_step": DECODE_HOST_COPIES,
+            "host_bytes_per_step": DECODE_HOST_BYTES_PER_ROW * tokens}
+
+
+def project(config: MiniMaxM2Config, hw) -> list[dict]:
+    """Per layout: TTFT, served TPOT per batch, their terms and the expert bytes beside the floor."""
+    layers, rows = config.num_hidden_layers, []
+    expert = 3 * config.hidden_size * config.intermediate_size * 2  # one whole expert, bf16
+    for moe_tp, moe_ep in LAYOUTS:
+        layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
+        prefill = record_units(config, layout, phase="prefill", batch=1, seq=PROMPT, context=CONTEXT)
+        row = {"moe_tp": moe_tp, "moe_ep": moe_ep, "ttft_ms": served_seconds(prefill, layers, hw, "prefill", PROMPT) * 1e3,
+               "tpot_ms": {}, "terms": {}, "bytes": {}, "decode": {}}
+        for batch in BATCHES:
+            decode = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT)
+            row["decode"][batch] = decode
+            row["tpot_ms"][batch] = served_seconds(decode, layers, hw, "decode", batch) * 1e3
+            row["terms"][batch] = terms(decode, layers, hw, batch)
+            layer = decode[1]
+            floor = distinct_expert_floor(config, layout, batch, expert // moe_tp)
+            other = layer.bytes_read - layer.expert_bytes
+            row["bytes"][batch] = {"expert_mb": layer.expert_bytes / 1e6, "expert_floor_mb": floor / 1e6,
+                                   "expert_ratio": layer.expert_bytes / floor, "all_mb": layer.bytes_read / 1e6,
+                                   "all_floor_mb": (floor + other) / 1e6, "all_ratio": layer.bytes_read / (floor + other)}
+        rows.append(row)
+    return rows
+
+
+def sensitivity(best: dict, layers: int, hw) -> dict[str, float]:
+    """The best batch-1 TPOT with each latency assumption changed."""
+    decode = best["decode"][1]
+    cases = {"collective 5 us": dict(collective_latency_s=5e-6), "collective 20 us": dict(collective_latency_s=20e-6),
+             "launch 5 us": dict(launch_s=5e-6), "launch 30 us": dict(launch_s=30e-6),
+             "host copy 50 us": dict(host_transfer_s=50e-6)}
+    return {name: served_seconds(decode, layers, dataclasses.replace(hw, **change), "decode", 1) * 1e3
+            for name, change in cases.items()}
+
+
+def serving(rows: list[dict]) -> list[dict]:
+    """Output tok/s at 32 and 256 concurrent requests, best layout: decode alone (batch / TPOT), and with
+    each request's 2048-token prompt prefilled one at a time between the decode steps of its
+    OUTPUT_TOKENS tokens (C x O / (O x TPOT + C x TTFT))."""
+    out = []
+    for batch in (32, 256):
+        best = min(rows, key=lambda r: r["tpot_ms"][batch])
+        tpot, ttft = best["tpot_ms"][batch] / 1e3, best["ttft_ms"] / 1e3
+        out.append({"concurrent": batch, "moe_tp": best["moe_tp"], "tpot_ms": tpot * 1e3,
+                    "decode_tok_s": batch / tpot,
+                    "with_prefill_tok_s": batch * OUTPUT_TOKENS / (OUTPUT_TOKENS * tpot + batch * ttft)})
+    return out
+
+
+def compile_set(config: MiniMaxM2Config, moe_tp: int, hw) -> dict:
+    """Every program a serving engine's warm-up compiles on rank 0 at these settings: counts per unit, the
+    expert blocks its layer programs unroll, and the largest program of each unit as recorded."""
+    layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
+    experts = list(range(config.num_local_experts))
+    weights = zero_model_weights(config, experts, layout, np.dtype(ml_dtypes.bfloat16))
+    model = MiniMaxM2Model(config, weights, experts, CONTEXT, layout)
+    model.expert_cost = expert_cost(hw, weights.layers[0])
+    engine = Engine(model, **SERVING)
+    programs = list(engine.programs().values())
+    local = weights.layers[0].w13.shape[0]
+
+    def blocks(unit) -> int:
+        c = unit.constants
+        return local if c["block_rows"] == DENSE else expert_blocks(c["real_pairs"], local, c["block_rows"])
+
+    layer_programs = [u for u in programs if u.name.endswith("_layer")]
+    largest = {}
+    previous = collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
+    try:
+        for name in sorted({u.name for u in programs}):
+            mine = [u for u in programs if u.name == name]
+            unit = max(mine, key=lambda u: (blocks(u) if u.name.endswith("_layer") else 0,
+                                             sum(np.asarray(a).size for a in u.inputs.values())))
+            program, _ = trace_unit(unit.fn, unit.inputs, unit.constants, READ_BY_MATMULS, dry=True)
+            largest[name] = {"ops": len(program.ops), "matmuls": len(program.matmuls),
+                             "constant_kb": program.constant_bytes / 1e3}
+    finally:
+        collectives.set_backend(previous)
+    return {"settings": dict(SERVING, max_seq_len=CONTEXT, world=WORLD, tp=TP, moe_tp=moe_tp),
+            "step_shapes": len(engine.shapes.shapes()), "programs": len(programs),
+            "per_unit": dict(Counter(u.name for u in programs)),
+            "expert_blocks": sum(blocks(u) for u in layer_programs), "largest": largest}
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    config = MiniMaxM2Config()
+    config, hw = MiniMaxM2Config(), TRN2
     layers = config.num_hidden_layers
-    hw = TRN2
     print(f"hardware: {hw.name}")
     print(f"  memory {hw.memory_bytes_per_s / 1e9:.0f} GB/s, bf16 matmuls {hw.matmul_flops_per_s / 1e12:.1f} TFLOPS, "
           f"collective latency {hw.collective_latency_s * 1e6:.0f} us, links {hw.local_link_bytes_per_s / 1e9:.0f} GB/s "
-          f"within a chip / {hw.remote_link_bytes_per_s / 1e9:.0f} GB/s across chips, per rank")
+          f"within a chip / {hw.remote_link_bytes_per_s / 1e9:.0f} GB/s across chips, per rank; "
+          f"{hw.launch_s * 1e6:.0f} us per unit launched, {hw.host_transfer_s * 1e6:.0f} us and "
+          f"{hw.host_bytes_per_s / 1e9:.0f} GB/s per host-device copy")
     for fact, source in hw.sources.items():
         print(f"  - {fact}: {source}")
     print(f"model: MiniMax-M2 ({layers} layers), bf16 weights, {WORLD} ranks, attention tp {TP}, context {CONTEXT}\n")
 
-    rows = []
-    for moe_tp, moe_ep in LAYOUTS:
-        layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
-        prefill = record_units(config, layout, phase="prefill", batch=1, seq=PROMPT, context=CONTEXT)
-        row = {"moe_tp": moe_tp, "moe_ep": moe_ep, "ttft_ms": step_seconds(prefill, layers, hw) * 1e3, "tpot_ms": {},
-               "terms": {}}
-        for batch in BATCHES:
-            decode = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT)
-            row["tpot_ms"][batch] = step_seconds(decode, layers, hw) * 1e3
-            row["terms"][batch] = terms(decode, layers, hw)
-            if batch == 1:
-                row["tpot_ms_at_latency"] = {
-                    us: step_seconds(decode, layers, dataclasses.replace(hw, collective_latency_s=us * 1e-6)) * 1e3
-                    for us in (5, 20)}
-        rows.append(row)
-
+    rows = project(config, hw)
     head = " | ".join(f"TPOT b={b}" for b in BATCHES)
-    print(f"| layout (moe_tp, moe_ep) | TTFT {PROMPT} tok | {head} | TPOT b=1 at 5 / 20 us |")
-    print("|---|---|" + "---|" * len(BATCHES) + "---|")
+    print("1. TTFT and TPOT, device time plus the host's launches and copies")
+    print(f"| layout (moe_tp, moe_ep) | TTFT {PROMPT} tok | {head} |")
+    print("|---|---|" + "---|" * len(BATCHES))
     for r in rows:
-        tpots = " | ".join(f"{r['tpot_ms'][b]:.2f} ms" for b in BATCHES)
-        at = r["tpot_ms_at_latency"]
-        print(f"| ({r['moe_tp']}, {r['moe_ep']}) | {r['ttft_ms']:.0f} ms | {tpots} | {at[5]:.2f} / {at[20]:.2f} ms |")
+        print(f"| ({r['moe_tp']}, {r['moe_ep']}) | {r['ttft_ms']:.0f} ms | "
+              + " | ".join(f"{r['tpot_ms'][b]:.2f} ms" for b in BATCHES) + " |")
     for name, tpot in NXDI_MEASURED:
-        print(f"| {name} | | {tpot} ms |" + " |" * (len(BATCHES) - 1) + " |")
-
+        print(f"| {name} | | {tpot} ms |" + " |" * (len(BATCHES) - 1))
     best = min(rows, key=lambda r: r["tpot_ms"][1])
     t = best["terms"][1]
-    print(f"\nbest at batch 1: (moe_tp, moe_ep) = ({best['moe_tp']}, {best['moe_ep']}), TPOT {best['tpot_ms'][1]:.2f} ms: "
-          f"memory {t['memory_ms']:.2f} ms, matmuls {t['matmul_ms']:.2f} ms, collectives {t['collectives_ms']:.2f} ms "
-          f"({t['collectives_per_step']} per token)")
-    dominant = max(("memory", t["memory_ms"]), ("matmuls", t["matmul_ms"]), ("collectives", t["collectives_ms"]),
-                   key=lambda kv: kv[1])[0]
-    verdict = "met" if best["tpot_ms"][1] <= TARGET_MS else f"missed; the dominant term is {dominant}"
-    print(f"target TPOT <= {TARGET_MS} ms at batch 1: {verdict}")
+    print(f"\nbest at batch 1: ({best['moe_tp']}, {best['moe_ep']}), TPOT {best['tpot_ms'][1]:.2f} ms = memory "
+          f"{t['memory_ms']:.2f} ms (overlapping matmuls {t['matmul_ms']:.2f} ms) + collectives {t['collectives_ms']:.2f} ms "
+          f"({t['collectives_per_step']} a step) + host {t['host_ms']:.2f} ms ({t['launches_per_step']} launches, "
+          f"{t['host_copies_per_step']} copies of {t['host_bytes_per_step']} bytes in all)")
+    sens = sensitivity(best, layers, hw)
+    print("batch-1 TPOT if: " + ", ".join(f"{name}: {ms:.2f} ms" for name, ms in sens.items()))
+
+    print("\n2. Decode bytes read per rank per layer (MB) beside the expected distinct-expert floor")
+    print("| layout | batch | experts read | expert floor | ratio | all bytes | floor + other bytes | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for b in BATCHES:
+            x = r["bytes"][b]
+            print(f"| ({r['moe_tp']}, {r['moe_ep']}) | {b} | {x['expert_mb']:.1f} | {x['expert_floor_mb']:.1f} | "
+                  f"{x['expert_ratio']:.2f}x | {x['all_mb']:.1f} | {x['all_floor_mb']:.1f} | {x['all_ratio']:.2f}x |")
+
+    served = serving(rows)
+    print(f"\n3. Serving throughput, best layout per concurrency (with prefill: {PROMPT}-token prompts prefilled one "
+          f"at a time, {OUTPUT_TOKENS} output tokens each; ASSUMED mix)")
+    print("| concurrent | layout moe_tp | TPOT | decode tok/s | with prefill tok/s |")
+    print("|---|---|---|---|---|")
+    for s in served:
+        print(f"| {s['concurrent']} | {s['moe_tp']} | {s['tpot_ms']:.2f} ms | {s['decode_tok_s']:.0f} | "
+              f"{s['with_prefill_tok_s']:.0f} |")
+    print(f"NxDI measured {NXDI_TOK_S_AT_256} output tok/s in all at 256 users (TTFT 11.3 s) on trn2.48xlarge")
+
+    compiled = compile_set(config, best["moe_tp"], hw)
+    s = compiled["settings"]
+    print(f"\n4. Compile set of a serving engine (moe_tp {s['moe_tp']}, --max-num-seqs {s['max_num_seqs']}, "
+          f"--prefill-chunk {s['prefill_chunk']}, --max-seq-len {s['max_seq_len']}): {compiled['step_shapes']} step "
+          f"shapes, {compiled['programs']} programs (NEFFs) per rank: "
+          + ", ".join(f"{n} {name}" for name, n in sorted(compiled["per_unit"].items())))
+    print(f"  expert blocks unrolled over all layer programs: {compiled['expert_blocks']}; largest program of each unit "
+          "(recorded ops / matmuls / trace-time constants): "
+          + ", ".join(f"{name} {x['ops']} / {x['matmuls']} / {x['constant_kb']:.0f} KB"
+                      for name, x in compiled["largest"].items()))
+    print("  compile time per program on the Neuron compiler: not measured (nothing here has run on hardware)")
+
+    at = {b: min(r["tpot_ms"][b] for r in rows) for b in BATCHES}
+    floor_ratio = {b: min(r["bytes"][b]["expert_ratio"] for r in rows) for b in (8, 32, 256)}
+    verdicts = {
+        "tpot_b1_ms": at[1] <= TARGETS["tpot_b1_ms"], "tpot_b32_ms": at[32] <= TARGETS["tpot_b32_ms"],
+        "tpot_b256_ms": at[256] <= TARGETS["tpot_b256_ms"],
+        "expert_floor_ratio": all(v <= TARGETS["expert_floor_ratio"] for v in floor_ratio.values()),
+    }
+    print("\ntargets (best layout per batch): "
+          f"TPOT b=1 {at[1]:.2f} ms (<= {TARGETS['tpot_b1_ms']}: {'met' if verdicts['tpot_b1_ms'] else 'missed'}), "
+          f"b=32 {at[32]:.2f} ms (<= {TARGETS['tpot_b32_ms']}: {'met' if verdicts['tpot_b32_ms'] else 'missed'}), "
+          f"b=256 {at[256]:.2f} ms (<= {TARGETS['tpot_b256_ms']}: {'met' if verdicts['tpot_b256_ms'] else 'missed'}); "
+          "expert bytes / floor " + ", ".join(f"b={b} {v:.2f}x" for b, v in floor_ratio.items())
+          + f" (<= {TARGETS['expert_floor_ratio']}: {'met' if verdicts['expert_floor_ratio'] else 'missed'})")
     if args.json:
+        for r in rows:
+            del r["decode"]
         args.json.write_text(json.dumps(dict(hardware=dataclasses.asdict(hw), layouts=rows, nxdi=NXDI_MEASURED,
-                                             target_ms=TARGET_MS, verdict=verdict), indent=1))
+                                             sensitivity=sens, serving=served, compile_set=compiled,
+                                             targets=TARGETS, verdicts=verdicts), indent=1, default=str))
         print(f"wrote {args.json}")
     return 0
 

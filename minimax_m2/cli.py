@@ -16,7 +16,7 @@ from minimax_m2.distributed import CollectiveError, rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.memory import available_memory, check_fits, plan_memory
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts, select_experts
-from minimax_m2.neuron import NeuronRunner
+from minimax_m2.neuron import NeuronRunner, run_on
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.serving.parsers import parse_output
 from minimax_m2.prepare import prepared_layout
@@ -109,8 +109,7 @@ def _load_model(args: argparse.Namespace, layout: ParallelLayout, experts: list[
     else:
         model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len,
                                                layout=layout, dtype=args.dtype, progress=progress)
-    model.runner = runner or model.runner
-    return model
+    return run_on(model, runner)
 
 
 def _config_and_experts(args: argparse.Namespace, source: Path) -> tuple[MiniMaxM2Config, list[int], dict | None]:
@@ -136,6 +135,8 @@ def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, leader:
               f"tokens; {len(shapes)} step shapes (decode rows {list(engine.shapes.decode_rows)}, prefill rows "
               f"{list(engine.shapes.prefill_rows)} x tokens {list(engine.shapes.prefill_tokens)}, attended lengths "
               f"{list(engine.shapes.kv_lengths)})", flush=True)
+    if runner is not None and leader:
+        print(f"compiling {len(engine.programs())} programs on every rank", flush=True)
     start = time.perf_counter()
     steps = engine.warm_up(every_shape=runner is not None)
     if runner is not None:
@@ -282,9 +283,9 @@ def main(args: argparse.Namespace) -> int:
     for warning in warnings if leader else []:
         print(f"warning: {warning}", file=sys.stderr)
     if args.mode == "random":
-        model = MiniMaxM2Model.random(config, seed=args.model_seed, experts=experts, max_seq_len=args.max_seq_len,
-                                      layout=layout, dtype=args.dtype, progress=leader)
-        model.runner = runner or model.runner
+        model = run_on(MiniMaxM2Model.random(config, seed=args.model_seed, experts=experts,
+                                             max_seq_len=args.max_seq_len, layout=layout, dtype=args.dtype,
+                                             progress=leader), runner)
         if leader:
             print(f"random MiniMax-M2: {config}")
     else:

@@ -208,40 +208,65 @@ class MiniMaxM2Model:
             raise ValueError(f"positions must lie in 0..{self.max_seq_len - 1} (max_seq_len {self.max_seq_len})")
         if np.any(step.slots < 0) or np.any(step.slots > self.slots):
             raise ValueError(f"cache rows must lie in 0..{self.slots} (the last is scratch)")
-        mine = group_rows(step, layout)
-        rows, seq = step.input_ids.shape
-        union, real = layout.union_tokens(step.bucket, step.token_valid)
-        kv_len = step.kv_len or kv_len_for(step.kv_length, self.max_seq_len)
-        constants = layer_constants(config, layout, real, seq, kv_len, self.max_seq_len,
-                                    self.weights.layers[0].w13.shape[0], self.schedule_cost())
-        h = self.runner(embedding_call(step.input_ids[mine].reshape(-1), self.weights))
-        phase = "decode" if seq == 1 else "prefill"
-        for w, caches in zip(self.weights.layers, self._caches):
-            h = self.runner(layer_call(phase, layer_inputs(h, step, layout, union, self.rank_values, self.rope,
-                                                           caches, w), constants))
-            if constants["count_drops"]:
+        embedding, layer, head = self._calls(step)
+        h = self.runner(embedding)
+        for index in range(config.num_hidden_layers):
+            h = self.runner(layer(h, index))
+            if isinstance(h, tuple):  # the schedule's capacity is below the worst case: drops are counted
                 h, dropped = h
                 self.dropped_pairs += int(all_reduce(np.asarray(dropped)[:1], layout.world_groups)[0])
-        out = self.runner(lm_head_call(h, step, self.weights, self.rank_values, config, layout))
+        out = self.runner(head(h))
         ids, logits = out if step.return_logits else (out, None)
-        chosen = step.selected.shape[1]
+        rows, chosen = step.input_ids.shape[0], step.selected.shape[1]
         selected = rows // layout.dp * chosen
         ids = selected_rows(np.asarray(ids), layout.dp, selected).reshape(rows, chosen)
         if logits is not None:
             logits = selected_rows(np.asarray(logits), layout.dp, selected).reshape(rows, chosen, -1)
         return logits, ids
 
+    def programs(self, step: Step) -> list[Unit]:
+        """The distinct programs a step runs (embedding, the layer unit every layer shares, lm_head), with
+        placeholder hidden states: what a device compiles for this step's shape."""
+        embedding, layer, head = self._calls(step)
+        placeholder = np.zeros((embedding.inputs["input_ids"].shape[0], self.config.hidden_size), self.dtype)
+        return [embedding, layer(placeholder, 0), head(placeholder)]
+
+    def _calls(self, step: Step) -> tuple[Unit, Callable[[Any, int], Unit], Callable[[Any], Unit]]:
+        """A step's embedding unit, its layer unit for (h, layer index) and its lm_head unit for h."""
+        layout, config = self.layout, self.config
+        union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
+        kv_len = step.kv_len or kv_len_for(step.kv_length, self.max_seq_len)
+        seq = step.input_ids.shape[1]
+        constants = layer_constants(config, layout, real, seq, kv_len, self.max_seq_len,
+                                    self.weights.layers[0].w13.shape[0], self.schedule_cost())
+        phase = "decode" if seq == 1 else "prefill"
+
+        def layer(h: Any, index: int) -> Unit:
+            inputs = layer_inputs(h, step, layout, union, self.rank_values, self.rope, self._caches[index],
+                                  self.weights.layers[index])
+            return layer_call(phase, inputs, constants)
+
+        embedding = embedding_call(step.input_ids[group_rows(step, layout)].reshape(-1), self.weights)
+        return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout)
+
     def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy whole cache rows, (attention group, source slot, target slot) each, in every layer: a request
         reusing a prefix that a busy slot holds. Every rank runs the same unit; a rank whose group copies
         nothing copies its scratch row onto itself."""
-        positions = np.arange(self.max_seq_len, dtype=np.int32)
         for group, source, target in copies:
             if group != self.layout.group:
                 source = target = self.slots
             for caches in self._caches:
-                self.runner(copy_call(caches, cache_index(np.int32(source), positions, self.max_seq_len),
-                                      cache_index(np.int32(target), positions, self.max_seq_len)))
+                self.runner(self._copy_call(caches, source, target))
+
+    def copy_program(self) -> Unit:
+        """The program `copy_slots` runs (the scratch row onto itself): what a device compiles for it."""
+        return self._copy_call(self._caches[0], self.slots, self.slots)
+
+    def _copy_call(self, caches: tuple[np.ndarray, np.ndarray], source: int, target: int) -> Unit:
+        positions = np.arange(self.max_seq_len, dtype=np.int32)
+        return copy_call(caches, cache_index(np.int32(source), positions, self.max_seq_len),
+                         cache_index(np.int32(target), positions, self.max_seq_len))
 
     def _check_input(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)

@@ -34,7 +34,9 @@ import ml_dtypes
 import numpy as np
 
 from kernels import collectives
+from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.program import Unit
+from minimax_m2.roofline import TRN2, expert_cost
 from minimax_m2.weights import LAYER_WEIGHT_NAMES
 
 WRITTEN = ".must_alias_input"  # nkipy's suffix on the NEFF input name of an argument the unit writes
@@ -42,13 +44,21 @@ RESIDENT = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head", "cos_table", 
                                  "member_slots", "own_members", "own_position", "vocab_offset")
 
 
+def run_on(model: MiniMaxM2Model, runner: "NeuronRunner | None") -> MiniMaxM2Model:
+    """The model run by `runner` (None: NumPy on this CPU, unchanged), with the expert schedule a
+    NeuronCore's costs choose rather than this CPU's."""
+    if runner is not None:
+        model.runner, model.expert_cost = runner, expert_cost(TRN2, model.weights.layers[0])
+    return model
+
+
 def nkipy_runtime() -> tuple[Any, Any, collectives.Backend]:
     """nkipy's (DeviceKernel, DeviceTensor, in-kernel collectives)."""
     try:
         from nkipy.runtime import DeviceKernel, DeviceTensor
     except ImportError as err:
-        raise ImportError("--device neuron needs nkipy and the Neuron runtime (spike), installed on Trainium hosts "
-                          "with the Neuron SDK") from err
+        raise ImportError("running on NeuronCores (--device neuron) needs nkipy and the Neuron runtime (spike), "
+                          "installed on Trainium hosts with the Neuron SDK") from err
     return DeviceKernel, DeviceTensor, collectives.NkipyCollectives()
 
 
@@ -104,7 +114,7 @@ class NeuronRunner:
         return len(self._kernels)
 
     def __call__(self, unit: Unit) -> Any:
-        key = self._key(unit)
+        key = unit.key()
         kernel = self._kernels.get(key) or self._compile(key, unit)
         turn = self._turn[key] = 1 - self._turn.get(key, 1)
         outputs = dict(self._outputs[key][turn])
@@ -124,11 +134,6 @@ class NeuronRunner:
         self.downloaded += values.nbytes
         self._on_device[_content(values)] = array.tensor
         return values
-
-    @staticmethod
-    def _key(unit: Unit) -> tuple:
-        shapes = tuple((name, tuple(a.shape), str(a.dtype)) for name, a in unit.inputs.items())
-        return unit.name, shapes, repr(sorted(unit.constants.items()))
 
     def _compile(self, key: tuple, unit: Unit) -> Any:
         if self.frozen:

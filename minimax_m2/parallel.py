@@ -152,25 +152,27 @@ class ParallelLayout:
         """Batch rows each attention group runs (the batch is padded to a multiple of dp)."""
         return -(-batch // self.dp)
 
-    def union_tokens(self, bucket: int, token_valid: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray],
-                                                                             int]:
+    def union_tokens(self, bucket: int, token_valid: np.ndarray, max_tokens: int = 0
+                     ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
         """The real tokens this rank's slice group gathers: ((their indices in the gathered buffer, the member
         holding each, whether each entry is real), all [U]; U).
 
         token_valid: [dp * rows, seq] bool, every attention group's rows of the step, of which at most
-        `bucket` are real. U, the most real tokens any slice group can gather from `bucket` rows, depends on
-        the bucket and the layout alone, not on which rows are busy; entries past the real ones are padding
-        (at least two entries in all: no compiled input has a dimension of 1).
+        `bucket` are real, holding at most `max_tokens` real tokens in all (0: no bound beyond the rows).
+        U, the most real tokens any slice group can gather, depends on these bounds and the layout alone, not
+        on which rows are busy; entries past the real ones are padding (at least two entries in all: no
+        compiled input has a dimension of 1).
         """
         rows, seq = token_valid.shape[0] // self.dp, token_valid.shape[1]
         groups = max(1, self.moe_tp // self.tp)  # attention groups a slice group spans
         copies = min(self.tp, self.moe_tp)  # members of a slice group holding the same row
-        size = min(bucket, groups * rows) * seq * copies
+        tokens = min(bucket, groups * rows) * seq
+        size = (min(tokens, max_tokens) if max_tokens else tokens) * copies
         index = [m * rows * seq + np.flatnonzero(token_valid[(member // self.tp) * rows : (member // self.tp + 1) * rows])
                  for m, member in enumerate(self.slice_members())]
         index = np.concatenate(index)
         if len(index) > size:
-            raise ValueError(f"{len(index)} real tokens in a slice group exceed the bucket's {size}")
+            raise ValueError(f"{len(index)} real tokens in a slice group exceed the step's bound of {size}")
         padded_to = max(2, size)
         real = np.arange(padded_to) < len(index)
         index = np.pad(index, (0, padded_to - len(index))).astype(np.int32)

@@ -193,6 +193,11 @@ class Unit:
     inputs: dict[str, Any]
     constants: dict[str, Any] = field(default_factory=dict)
 
+    def key(self) -> tuple:
+        """What identifies its compiled program: the name, each input's shape and dtype, the constants."""
+        shapes = tuple((name, tuple(a.shape), str(a.dtype)) for name, a in self.inputs.items())
+        return self.name, shapes, repr(sorted(self.constants.items()))
+
 
 def run_on_cpu(unit: Unit) -> Any:
     """A unit run as plain NumPy in this process (the model's default runner)."""
@@ -253,6 +258,7 @@ class Step:
     selected: np.ndarray  # [dp * R, K] int32: positions within each row whose next token is wanted
     bucket: int  # at most this many rows are real
     kv_len: int | None = None  # positions attended (default: the bucket of the longest real row)
+    max_tokens: int = 0  # at most this many tokens are real in all (0: bucket x S), e.g. a prefill's chunk
     sampled: Sampled | None = None  # per row ([dp * R]); None: greedy
     return_logits: bool = False  # bring the logits of the selected tokens to the host
 
@@ -381,14 +387,16 @@ def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max
     return ((slots + 1) * max_seq_len, config.num_key_value_heads // layout.tp * config.head_dim)
 
 
-def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, samples: bool = False,
-                 return_logits: bool = False) -> Step:
+def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, max_tokens: int = 0,
+                 samples: bool = False, return_logits: bool = False, all_positions: bool = False) -> Step:
     """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units,
-    with the lm_head variant that samples on the device and / or returns logits."""
+    with the lm_head variant that samples on the device and / or returns logits, of the last position of
+    each row or of all of them."""
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
-    step = Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool),
-                np.zeros((total, 1), np.int32), bucket, kv_len, return_logits=return_logits)
+    selected = np.tile(np.arange(seq if all_positions else 1, dtype=np.int32), (total, 1))
+    step = Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool), selected,
+                bucket, kv_len, max_tokens, return_logits=return_logits)
     if samples:
         step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
                                np.zeros(total, np.float32))
@@ -466,7 +474,7 @@ def program_units(
     mine = group_rows(step, layout)
     h = weights.embed[step.input_ids[mine].reshape(-1)]
     layer = weights.layers[0]
-    union, real = layout.union_tokens(step.bucket, step.token_valid)
+    union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
     constants = layer_constants(config, layout, real, seq, kv_len_for(step.kv_length, max_seq_len), max_seq_len,
                                 layer.w13.shape[0], expert_cost)
     return [

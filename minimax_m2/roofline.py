@@ -79,22 +79,27 @@ TRN2 = Hardware(
     },
 )
 
-# What a steady decode step launches and copies (minimax_m2/neuron.py; counted by tests/test_neuron_runner.py):
-# the embedding, one unit per layer and the lm_head (which samples); each row's next id comes to the host and
-# its position and random draw go to the device.
+# What a step launches and copies (minimax_m2/neuron.py; counted by tests/test_neuron_runner.py): the
+# embedding, one unit per layer and the lm_head (which samples). A steady decode step brings each row's next
+# id to the host and sends its position and random draw; a prefill step sends its tokens' ids, positions and
+# validity and the step's small arrays (at most these many copies and bytes).
 DECODE_HOST_COPIES = 3
 DECODE_HOST_BYTES_PER_ROW = 12
+PREFILL_HOST_COPIES = 16
+PREFILL_HOST_BYTES_PER_TOKEN = 16
 
 
 def decode_launches(layers: int) -> int:
-    """Units launched per decode step: embedding, each layer, lm_head."""
+    """Units launched per step: embedding, each layer, lm_head."""
     return layers + 2
 
 
-def host_seconds(hw: "Hardware", layers: int, rows: int) -> float:
-    """A steady decode step's launches and host-device copies on `hw`."""
-    return (decode_launches(layers) * hw.launch_s + DECODE_HOST_COPIES * hw.host_transfer_s
-            + rows * DECODE_HOST_BYTES_PER_ROW / hw.host_bytes_per_s)
+def host_seconds(hw: "Hardware", layers: int, phase: str, tokens: int) -> float:
+    """A step's launches and host-device copies on `hw`: a steady decode step of `tokens` rows, or a
+    prefill step of `tokens` tokens."""
+    copies, nbytes = ((DECODE_HOST_COPIES, DECODE_HOST_BYTES_PER_ROW * tokens) if phase == "decode"
+                      else (PREFILL_HOST_COPIES, PREFILL_HOST_BYTES_PER_TOKEN * tokens))
+    return decode_launches(layers) * hw.launch_s + copies * hw.host_transfer_s + nbytes / hw.host_bytes_per_s
 
 
 NXDI_MEASURED = [
@@ -191,9 +196,22 @@ def record_units(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str,
 
 
 def step_seconds(costs: list[UnitCost], layers: int, hw: Hardware) -> float:
-    """embedding + layers x layer unit + lm_head."""
+    """On the device: embedding + layers x layer unit + lm_head."""
     embedding, layer, head = costs
     return embedding.seconds(hw) + layers * layer.seconds(hw) + head.seconds(hw)
+
+
+def served_seconds(costs: list[UnitCost], layers: int, hw: Hardware, phase: str, tokens: int) -> float:
+    """A step as the host sees it: `step_seconds` plus its launches and copies (`host_seconds`)."""
+    return step_seconds(costs, layers, hw) + host_seconds(hw, layers, phase, tokens)
+
+
+def distinct_expert_floor(config: MiniMaxM2Config, layout: ParallelLayout, tokens: int, expert_bytes: int) -> float:
+    """Expected expert weight bytes one rank must read per layer for `tokens` tokens routed at random: each
+    of its held experts (slices of `expert_bytes` each) read once if any token chose it."""
+    held = config.num_local_experts // layout.moe_ep
+    hit = 1 - (1 - config.num_experts_per_tok / config.num_local_experts) ** tokens
+    return held * hit * expert_bytes
 
 
 def moe_tp_choices(world: int, tp: int, config: MiniMaxM2Config, num_experts: int) -> list[int]:

@@ -25,6 +25,7 @@ class FakeTensor:
     uploads: Counter = Counter()  # from_numpy calls by name
     bytes_up = 0
     bytes_down = 0
+    copies = 0  # host <-> device copies, either way
 
     def __init__(self, array: np.ndarray, name: str):
         self.array, self.shape, self.dtype, self.name = array.copy(), array.shape, array.dtype, name
@@ -33,21 +34,24 @@ class FakeTensor:
     def from_numpy(cls, array: np.ndarray, name: str | None = None) -> "FakeTensor":
         cls.uploads[name] += 1
         FakeTensor.bytes_up += array.nbytes
+        FakeTensor.copies += 1
         return cls(np.ascontiguousarray(array), name)
 
     def write_from_numpy(self, array: np.ndarray) -> None:
         assert array.shape == self.shape and array.dtype == self.dtype
         FakeTensor.bytes_up += array.nbytes
+        FakeTensor.copies += 1
         self.array[...] = array
 
     def numpy(self) -> np.ndarray:
         FakeTensor.bytes_down += self.array.nbytes
+        FakeTensor.copies += 1
         return self.array.copy()
 
     @classmethod
     def reset(cls) -> None:
         cls.uploads.clear()
-        cls.bytes_up = cls.bytes_down = 0
+        cls.bytes_up = cls.bytes_down = cls.copies = 0
 
 
 @dataclass
@@ -56,18 +60,29 @@ class Info:
     dtype: str
 
 
+class Watched(np.ndarray):
+    """An argument that notes an assignment into it (as nkipy's tracer notes a written input)."""
+
+    wrote = False
+
+    def __setitem__(self, index, value) -> None:
+        self.wrote = True
+        super().__setitem__(index, value)
+
+
 class FakeKernel:
-    """DeviceKernel stand-in with nkipy's NEFF names: an argument the unit writes is the input
+    """DeviceKernel stand-in with nkipy's NEFF names: an argument the unit assigns into is the input
     '<name>.must_alias_input' and the output '<name>'; returned arrays are 'output<i>'. Runs the unit
     as NumPy on copies of the device tensors and writes its results into the output tensors."""
 
     compiled: Counter = Counter()
+    calls: Counter = Counter()
 
     def __init__(self, fn, arrays: dict[str, np.ndarray], constants: dict[str, Any]):
-        probe = {k: v.copy() for k, v in arrays.items()}
+        probe = {k: v.copy().view(Watched) for k, v in arrays.items()}
         returned = self._as_tuple(fn(**probe, **constants))
         self.fn, self.constants = fn, constants
-        self.written = [k for k in arrays if not np.array_equal(probe[k], arrays[k])]
+        self.written = [k for k in arrays if probe[k].wrote]
         self.input_tensors_info = {k + WRITTEN if k in self.written else k: Info(v.shape, str(v.dtype))
                                    for k, v in arrays.items()}
         self.output_tensors_info = {f"output{i}": Info(r.shape, str(r.dtype)) for i, r in enumerate(returned)}
@@ -75,16 +90,19 @@ class FakeKernel:
 
     @staticmethod
     def _as_tuple(result) -> tuple[np.ndarray, ...]:
-        return tuple(np.asarray(r) for r in (result if isinstance(result, tuple) else (result,)))
+        return tuple(np.asarray(r).view(np.ndarray) for r in (result if isinstance(result, tuple) else (result,)))
 
     @classmethod
     def compile_and_load(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs):
         cls.compiled[name] += 1
         arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
-        return cls(fn, arrays, {k: v for k, v in kwargs.items() if k not in arrays})
+        kernel = cls(fn, arrays, {k: v for k, v in kwargs.items() if k not in arrays})
+        kernel.name = name
+        return kernel
 
     def __call__(self, inputs: dict[str, FakeTensor], outputs: dict[str, FakeTensor]) -> None:
         assert set(inputs) == set(self.input_tensors_info) and set(outputs) == set(self.output_tensors_info)
+        FakeKernel.calls[self.name] += 1
         for k, t in inputs.items():
             assert t.shape == tuple(self.input_tensors_info[k].shape), k
         args = {k.removesuffix(WRITTEN): t.array.copy() for k, t in inputs.items()}  # on the device: not counted
@@ -107,6 +125,7 @@ def neuron_environment(monkeypatch) -> None:
 def runner() -> NeuronRunner:
     FakeTensor.reset()
     FakeKernel.compiled.clear()
+    FakeKernel.calls.clear()
     return NeuronRunner(runtime=STAND_INS)
 
 
@@ -161,23 +180,39 @@ def test_a_steady_decode_step_moves_only_ids_positions_and_draws(float32_checkpo
         assert runner.launches - before[1] == decode_launches(model.config.num_hidden_layers)
 
 
+SHARED = list(range(1, 41))  # a prefix that a second request copies from the first's busy slot
+
+
 def test_tokens_equal_the_numpy_engine_greedy_and_sampled(float32_checkpoint, runner) -> None:
-    numpy_model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
-    want = Engine(numpy_model, max_num_seqs=4, prefill_chunk=16).generate(
-        [p for p, _ in REQUESTS], [s for _, s in REQUESTS])
-    engine = _engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner)
-    got = engine.generate([p for p, _ in REQUESTS], [s for _, s in REQUESTS])
-    assert [r.generated for r in got] == [r.generated for r in want]
+    def run(engine: Engine) -> list[list[int]]:
+        first = engine.submit(SHARED, Sampling(max_new_tokens=12))
+        while not first.decoding:
+            engine.step()
+        results = engine.generate([SHARED + [50, 51]] + [p for p, _ in REQUESTS],
+                                  [Sampling(max_new_tokens=6)] + [s for _, s in REQUESTS])
+        while first.finish_reason is None:
+            engine.step()
+        return [first.generated] + [r.generated for r in results]
+
+    want = run(Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), max_num_seqs=4,
+                      prefill_chunk=16))
+    got = run(_engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner))
+    assert got == want
+    assert FakeKernel.calls["copy_rows"] > 0, "the busy slot's prefix was copied on the device"
 
 
 def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_checkpoint, runner) -> None:
     model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
     engine = _engine(model, runner)
     steps = engine.warm_up(every_shape=True)
-    assert steps == 4 * len(engine.shapes.shapes()), "each shape with each lm_head variant"
+    prefills = sum(phase == "prefill" for phase, *_ in engine.shapes.shapes())
+    assert steps == 4 * len(engine.shapes.shapes()) + 2 * prefills, "each shape with each lm_head variant"
     compiled = runner.compiled
+    assert compiled == len(engine.programs()), "the compile set the engine reports is what the device compiled"
     runner.frozen = True
-    engine.generate([p for p, _ in REQUESTS], [s for _, s in REQUESTS])
+    shared = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 3  # a prefix held by a busy slot is copied (copy_rows)
+    engine.generate([p for p, _ in REQUESTS] + [shared, shared + [13]], [s for _, s in REQUESTS] + [Sampling()] * 2)
+    assert engine.stats["reused_tokens"] > 0 and FakeKernel.compiled["copy_rows"] == 1
     assert runner.compiled == compiled, "a shape outside the warmed-up set was compiled while serving"
     with pytest.raises(RuntimeError, match="outside the compiled set"):
         model.forward(np.zeros((5, 3), np.int64))
@@ -206,7 +241,7 @@ def test_missing_runtime_is_named() -> None:
     try:
         import nkipy.runtime  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="--device neuron needs nkipy"):
+        with pytest.raises(ImportError, match="needs nkipy"):
             NeuronRunner()
     else:
         pytest.skip("nkipy is installed")

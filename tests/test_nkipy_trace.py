@@ -134,3 +134,56 @@ def test_neuron_runner_runs_nkipys_traced_units(float32_checkpoint) -> None:
     ids, logits = model.generate(PROMPT, 4, return_logits=True)
     np.testing.assert_array_equal(ids, want_ids)
     assert _relative(logits, want) <= 1e-5
+
+
+def _xla_runner():
+    from test_neuron_runner import FakeTensor
+
+    from minimax_m2.neuron import NeuronRunner
+
+    FakeTensor.reset()
+    return NeuronRunner(runtime=(XlaKernel, FakeTensor, collectives.NkipyCollectives()))
+
+
+def test_the_engine_on_nkipys_traced_units_gives_the_numpy_tokens(float32_checkpoint) -> None:
+    """Batched, greedy and seeded sampling, a prefix copied from a busy slot: the engine's steps on nkipy's
+    traced programs (XLA:CPU) give the NumPy engine's tokens."""
+    from test_neuron_runner import REQUESTS, SHARED
+
+    from minimax_m2 import MiniMaxM2Model
+    from minimax_m2.generation import Sampling
+    from minimax_m2.neuron import run_on
+    from minimax_m2.serving.engine import Engine
+
+    def run(model) -> list[list[int]]:
+        engine = Engine(model, max_num_seqs=4, prefill_chunk=16)
+        first = engine.submit(SHARED, Sampling(max_new_tokens=8))
+        while not first.decoding:
+            engine.step()
+        results = engine.generate([SHARED + [50, 51]] + [p for p, _ in REQUESTS],
+                                  [Sampling(max_new_tokens=6)] + [s for _, s in REQUESTS])
+        while first.finish_reason is None:
+            engine.step()
+        return [first.generated] + [r.generated for r in results]
+
+    want = run(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64))
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    model.runner = _xla_runner()  # the CPU's expert schedule, as the NumPy engine's: the same program
+    assert run(model) == want
+    assert run(run_on(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), _xla_runner())) == want, \
+        "the NeuronCore's expert schedule gives the same tokens"
+
+
+def test_the_device_check_passes_on_nkipys_traced_units() -> None:
+    """benchmarks/verify_neuron.py's checks, every program of the shape set traced by nkipy."""
+    from minimax_m2 import MiniMaxM2Model
+    from minimax_m2.neuron import run_on
+    from minimax_m2.neuron_check import check_device, format_report
+    from minimax_m2.run import random_config
+
+    config = random_config(128, 2, 8, 2, 256)
+    runner = _xla_runner()
+    cpu = MiniMaxM2Model.random(config, seed=3, max_seq_len=64)
+    device = run_on(MiniMaxM2Model.random(config, seed=3, max_seq_len=64), runner)
+    report = check_device(cpu, device, runner, prompt_len=12, new_tokens=8, batch=2, prefill_chunk=16, tolerance=1e-5)
+    assert report["ok"], format_report(report)

@@ -42,6 +42,20 @@ def test_union_leaves_out_padding_rows() -> None:
     assert size == 1 and rows.shape == (2,) and not real.any(), "slice group {2, 3} holds only padding"
 
 
+def test_a_token_bound_caps_the_union() -> None:
+    """Rows of 3 tokens, 4 of them real in all (a prefill chunk's budget): the union holds 4, not 2 rows x 3."""
+    layout = ParallelLayout(4, 1, 2, moe_tp=4)
+    valid = np.zeros((8, 3), bool)
+    valid[2] = [True, True, False]
+    valid[4] = [True, True, False]
+    assert layout.union_tokens(2, valid)[1] == 6
+    (rows, _, real), size = layout.union_tokens(2, valid, max_tokens=4)
+    assert size == 4 and real.sum() == 4
+    valid[6] = True
+    with pytest.raises(ValueError, match="7 real tokens in a slice group exceed the step's bound of 4"):
+        layout.union_tokens(3, valid, max_tokens=4)
+
+
 def test_sliced_experts_must_divide_the_intermediate_size(float32_checkpoint) -> None:
     config = MiniMaxM2Config.from_pretrained(float32_checkpoint)
     with pytest.raises(ValueError, match="moe_tp 32 does not divide the expert intermediate size 48"):

@@ -131,7 +131,8 @@ def one_process(with_tokenizer) -> dict:
 @pytest.mark.parametrize("tp, moe_tp", [(1, 2), (1, 1), (2, 2), (2, 1)])
 def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, tp, moe_tp) -> None:
     """Rank 0's engine sends every plan (steps and prefix copies) to the other rank, ranks as threads; requests
-    arrive while others run and share a 40-token prefix: every rank computes what one process does."""
+    arrive while others run and share a 40-token prefix, greedy, sampled on the device (top-k), sampled on the
+    host (no top-k: logits returned) and keeping their logits: every rank computes what one process does."""
     from thread_ranks import ThreadCollectives
 
     from kernels import collectives
@@ -140,11 +141,14 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, tp
 
     shared = list(range(5, 45))
     prompts = [shared + [1, 2], shared + [3], shared + [4, 5, 6], [9, 9], shared + [7]]
+    settings = [Sampling(max_new_tokens=5), Sampling(max_new_tokens=5, temperature=0.9, top_k=8, top_p=0.9, seed=1),
+                Sampling(max_new_tokens=5, temperature=1.1, seed=2), Sampling(max_new_tokens=5),
+                Sampling(max_new_tokens=5, temperature=0.7, top_k=3, seed=3)]
 
     def arriving(engine: Engine) -> list[list[int]]:
         requests = []
-        for prompt in prompts:
-            requests.append(engine.submit(prompt, Sampling(max_new_tokens=5)))
+        for i, (prompt, sampling) in enumerate(zip(prompts, settings)):
+            requests.append(engine.submit(prompt, sampling, keep_logits=i == 3))
             for _ in range(3):
                 engine.step()
         while not engine.idle():

@@ -20,7 +20,7 @@ import numpy as np
 
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import CANDIDATES, Sampled, Step, min_rows, padding_step
+from minimax_m2.program import CANDIDATES, Sampled, Step, Unit, min_rows, padding_step
 from minimax_m2.sampling import draw as draw_token
 from minimax_m2.sampling import sampling_probs
 from minimax_m2.serving.cache import SlotCache
@@ -106,13 +106,30 @@ class Engine:
         self.model.schedule_cost()
         if not every_shape:
             return 0
-        scratch, steps = self.model.slots, 0
-        for phase, rows, bucket, seq, kv in self.shapes.shapes():
-            for samples, logits in itertools.product((False, True), repeat=2):
-                self.executor.execute(padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv,
-                                                   samples, logits))
-                steps += 1
-        return steps
+        steps = self._warm_up_steps()
+        for step in steps:
+            self.executor.execute(step)
+        if self.cache.reuse:
+            self.executor.copy([(0, self.model.slots, self.model.slots)])
+        return len(steps)
+
+    def programs(self) -> dict[tuple, Unit]:
+        """Every distinct program the warm-up compiles (each step shape with each lm_head variant, and the
+        prefix copy), by `Unit.key`."""
+        units = [unit for step in self._warm_up_steps() for unit in self.model.programs(step)]
+        if self.cache.reuse:
+            units.append(self.model.copy_program())
+        return {unit.key(): unit for unit in units}
+
+    def _warm_up_steps(self) -> list[Step]:
+        """A padding step of each shape of the set with each lm_head variant: sampling on the device or not,
+        with logits or not, and for a prefill, with the logits of every position (a request keeping them)."""
+        scratch = self.model.slots
+        chunk = {"decode": 0, "prefill": self.shapes.prefill_chunk}
+        variants = {"decode": [(s, logits, False) for s, logits in itertools.product((False, True), repeat=2)]}
+        variants["prefill"] = variants["decode"] + [(False, True, True), (True, True, True)]
+        return [padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv, chunk[phase], *variant)
+                for phase, rows, bucket, seq, kv in self.shapes.shapes() for variant in variants[phase]]
 
     # --- requests ------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> None:

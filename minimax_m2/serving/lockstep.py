@@ -1,10 +1,11 @@
 """Serving over W ranks in lockstep: the engine runs on rank 0, and every step's plan goes to every rank.
 
 Rank 0 owns HTTP and the scheduler. Before each step it broadcasts the plan over the ranks' process group
-(one fixed-size header, then one int32 buffer with the step's token ids, positions, cache rows, validity
-and selected positions, or the cache rows to copy), and then runs the step itself; every other rank
-receives the plan and runs the same units, so the collectives inside them meet. Sampling needs only the
-logits every rank holds after the step, so nothing returns. While idle, rank 0 sends a heartbeat every
+(one fixed-size header, then one int32 buffer with the step's token ids, positions, cache rows, validity,
+selected positions and each row's sampling settings and random draw, or the cache rows to copy), and then
+runs the step itself; every other rank receives the plan and runs the same units (the same lm_head
+variant too), so the collectives inside them meet. The next tokens come out identical on every rank, so
+nothing returns. While idle, rank 0 sends a heartbeat every
 few seconds, so that a quiet server never looks like a lost rank; a rank that dies or stalls makes the
 next broadcast or collective fail within the collective timeout on every rank.
 """
@@ -15,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import Step
+from minimax_m2.program import Sampled, Step
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
-HEADER = 8  # command, rows, seq, selected per row, bucket, kv_len (0: derived), payload length, spare
+# header entries: the command, the step's fields (a copy's count in ROWS), the payload's length
+COMMAND, ROWS, SEQ, SELECTED, BUCKET, KV_LEN, MAX_TOKENS, FLAGS, SIZE = range(9)
+HEADER = 9
+LOGITS, SAMPLED = 1, 2  # FLAGS bits: return_logits, sampling settings in the payload
 
 
 class PlanSender:
@@ -30,10 +34,12 @@ class PlanSender:
         self.plans = 0
 
     def _send(self, fields: list[int], payload: np.ndarray) -> None:
-        """A header (the command and its fields, the payload's length at index 6), then the payload."""
+        """A header (the command, its fields, the payload's length), then the payload."""
         start = time.perf_counter()
-        header = fields + [0] * (6 - len(fields)) + [payload.size, 0]
-        self.backend.broadcast(np.array(header, np.int64))
+        header = np.zeros(HEADER, np.int64)
+        header[: len(fields)] = fields
+        header[SIZE] = payload.size
+        self.backend.broadcast(header)
         if payload.size:
             self.backend.broadcast(payload)
         self.control_seconds += time.perf_counter() - start
@@ -41,7 +47,9 @@ class PlanSender:
 
     def execute(self, step: Step) -> tuple[np.ndarray, np.ndarray]:
         rows, seq = step.input_ids.shape
-        self._send([STEP, rows, seq, step.selected.shape[1], step.bucket, step.kv_len or 0], _pack(step))
+        flags = (LOGITS if step.return_logits else 0) | (SAMPLED if step.sampled is not None else 0)
+        self._send([STEP, rows, seq, step.selected.shape[1], step.bucket, step.kv_len or 0, step.max_tokens, flags],
+                   _pack(step))
         return self.model.run(step)
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
@@ -57,16 +65,26 @@ class PlanSender:
 
 
 def _pack(step: Step) -> np.ndarray:
-    return np.concatenate([step.input_ids.reshape(-1), step.positions.reshape(-1), step.slots,
-                           step.token_valid.reshape(-1).astype(np.int32), step.selected.reshape(-1)]).astype(np.int32)
+    """The step's arrays as one int32 buffer (float32 settings by their bits)."""
+    parts = [step.input_ids.reshape(-1), step.positions.reshape(-1), step.slots,
+             step.token_valid.reshape(-1).astype(np.int32), step.selected.reshape(-1)]
+    if step.sampled is not None:
+        s = step.sampled
+        parts += [s.temperature.astype(np.float32).view(np.int32), s.top_k.astype(np.int32),
+                  s.top_p.astype(np.float32).view(np.int32), s.uniform.astype(np.float32).view(np.int32)]
+    return np.concatenate([np.asarray(p, np.int32) for p in parts])
 
 
 def _unpack(header: np.ndarray, payload: np.ndarray) -> Step:
-    _, rows, seq, selected, bucket, kv_len = (int(v) for v in header[:6])
-    parts = np.split(payload, np.cumsum([rows * seq, rows * seq, rows, rows * seq]))
-    return Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), parts[2],
-                parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), bucket,
-                kv_len or None)
+    rows, seq, selected, flags = (int(header[i]) for i in (ROWS, SEQ, SELECTED, FLAGS))
+    parts = np.split(payload, np.cumsum([rows * seq, rows * seq, rows, rows * seq, rows * selected]))
+    step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), parts[2],
+                parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), int(header[BUCKET]),
+                int(header[KV_LEN]) or None, int(header[MAX_TOKENS]), return_logits=bool(flags & LOGITS))
+    if flags & SAMPLED:
+        temperature, top_k, top_p, uniform = np.split(parts[5], 4)
+        step.sampled = Sampled(temperature.view(np.float32), top_k, top_p.view(np.float32), uniform.view(np.float32))
+    return step
 
 
 def follow(model: MiniMaxM2Model, backend: Any) -> int:
@@ -74,7 +92,7 @@ def follow(model: MiniMaxM2Model, backend: Any) -> int:
     steps = 0
     while True:
         header = backend.broadcast(np.zeros(HEADER, np.int64))
-        command, size = int(header[0]), int(header[6])
+        command, size = int(header[COMMAND]), int(header[SIZE])
         payload = backend.broadcast(np.zeros(size, np.int32)) if size else np.zeros(0, np.int32)
         if command == STEP:
             model.run(_unpack(header, payload))

@@ -60,11 +60,13 @@ class ShapeSet:
 
     def shapes(self) -> list[tuple[str, int, int, int, int]]:
         """(phase, rows per group, real rows in all, tokens per row, attended length) of every program step
-        (a step runs max(min_rows(tokens per row), rows) rows per group)."""
+        (a step runs max(min_rows(tokens per row), rows) rows per group). A prefill row of t tokens attends
+        at least t positions: no shorter length is in the set."""
         steps = [("decode", r, b, 1) for r, b in self._pairs(self.decode_rows)]
         steps += [("prefill", r, b, t) for r, b in self._pairs(self.prefill_rows) for t in self.prefill_tokens
                   if self.holds(r, t)]
-        return [(phase, rows, bucket, seq, kv) for phase, rows, bucket, seq in steps for kv in self.kv_lengths]
+        return [(phase, rows, bucket, seq, kv) for phase, rows, bucket, seq in steps for kv in self.kv_lengths
+                if kv >= seq]
 
     def kv_length(self, needed: int) -> int:
         return next(kv for kv in self.kv_lengths if kv >= needed)
@@ -160,6 +162,7 @@ class Scheduler:
         keep_all = any(c is not None and c.request.keep_logits for c in order)
         step = self._step(rows, bucket, seq,
                           [(c.request.slot.index, c.start, c.tokens) if c else None for c in order], keep_all)
+        step.max_tokens = self.shapes.prefill_chunk  # the budget: the experts see at most this many tokens
         return step, order
 
     def _decode_step(self) -> tuple[Step, list[Request | None]] | None:
