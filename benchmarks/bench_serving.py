@@ -9,12 +9,17 @@ is one token, so prompt lengths are exact) or on --checkpoint, and runs, in one 
 2. chunked prefill: decoding clients while 512-token prompts keep arriving: inter-token latency p50/p99;
 3. prefix reuse: a conversation's second turn (about 1000 tokens of history) with and without reuse;
 4. the Trainium projection of serving throughput at 32 and 256 concurrent requests (roofline, best
-   layout), beside NxDI's measured 128.9 tok/s at 256 users.
+   layout), beside NxDI's measured 128.9 tok/s at 256 users;
+5. with --nproc W [W ...]: the concurrency mix served by W ranks (torchrun, rank 0 schedules and
+   broadcasts each step's plan): output tok/s, the step time beside the control path's time and bytes
+   per plan (from /metrics), and the bytes each rank reads per decode step (from the recorded program:
+   what carries over to NeuronCores; on this machine the W processes share its cores).
 
 Reports TTFT, TPOT (per request: time between its first and last token over its tokens after the first)
 and inter-token latency at p50, p90, p99, output tok/s and requests/s, as tables and JSON.
 
-  python benchmarks/bench_serving.py [--clients 16] [--requests 32] [--json serving.json] [--checkpoint DIR]
+  python benchmarks/bench_serving.py [--clients 16] [--requests 32] [--nproc 1 2 4] [--json serving.json]
+                                     [--checkpoint DIR]
 """
 
 import argparse
@@ -62,15 +67,19 @@ def words(rng: np.random.Generator, n: int) -> str:
 
 
 class Server:
-    """run_example.py --mode serve on a free 127.0.0.1 port, stopped (SIGTERM) on exit."""
+    """run_example.py --mode serve on a free 127.0.0.1 port (under torchrun with `ranks` > 1), stopped
+    (SIGTERM) on exit."""
 
-    def __init__(self, checkpoint: Path, *flags: str):
+    def __init__(self, checkpoint: Path, *flags: str, ranks: int = 1):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "run_example.py"), "--mode", "serve",
+        launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc-per-node", str(ranks)]
+        self.process = subprocess.Popen([*launch, str(ROOT / "run_example.py"), "--mode", "serve", "--ep", str(ranks),
                                          "--checkpoint", str(checkpoint), "--port", str(self.port), *flags],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                                        start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> "Server":
@@ -88,9 +97,16 @@ class Server:
     def __exit__(self, *_) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(self.url.removesuffix("/v1") + "/metrics", timeout=10) as reply:
+            lines = reply.read().decode().splitlines()
+        return {line.split()[0].removeprefix("minimax_m2_"): float(line.split()[1])
+                for line in lines if line.startswith("minimax_m2_")}
 
 
 def stream(url: str, prompt: str, max_tokens: int) -> dict:
@@ -154,6 +170,45 @@ def show(name: str, s: dict) -> None:
           f"{fmt(s['tpot_ms'])} | {fmt(s['itl_ms'])} |", flush=True)
 
 
+def rank_bytes_per_step(checkpoint: Path, ranks: int, rows: int, context: int) -> float:
+    """Bytes one rank reads in a decode step of `rows` rows at the layout the server chooses for `ranks`
+    (the recorded program's weights and KV cache, float32 as served here)."""
+    from minimax_m2.config import MiniMaxM2Config
+    from minimax_m2.parallel import ParallelLayout
+    from minimax_m2.roofline import fastest_moe_tp, record_units
+
+    config = MiniMaxM2Config.from_pretrained(checkpoint)
+    moe_tp = fastest_moe_tp(config, ranks, 1, rows, context, config.num_local_experts)
+    costs = record_units(config, ParallelLayout(ranks, 1, 0, moe_tp=moe_tp), phase="decode", batch=rows, seq=1,
+                         context=context, dtype=np.dtype(np.float32))
+    return costs[0].bytes_read + config.num_hidden_layers * costs[1].bytes_read + costs[2].bytes_read
+
+
+def serve_over_ranks(checkpoint: Path, context: list[str], jobs: list, nproc: list[int]) -> list[dict]:
+    """The concurrency mix served by each number of ranks, with the control path's overhead."""
+    rows = []
+    print("\n| ranks | output tok/s | TPOT ms p50 | step ms | control ms per plan | control bytes per plan | "
+          "MB read per rank per decode step (16 rows) |")
+    print("|---|---|---|---|---|---|---|")
+    for ranks in nproc:
+        with Server(checkpoint, *context, "--max-num-seqs", "16", ranks=ranks) as server:
+            stream(server.url, "w1 w2 w3", 2)
+            summary = summarise(*run_clients(server.url, jobs))
+            m = server.metrics()
+        plans = m.get("plans", 0) or 1
+        row = {"ranks": ranks, **summary, "step_ms": m["step_seconds"] / m["steps"] * 1e3,
+               "control_ms_per_plan": m.get("control_seconds", 0.0) / plans * 1e3,
+               "control_bytes_per_plan": m.get("control_bytes", 0.0) / plans,
+               "rank_mb_per_decode_step": rank_bytes_per_step(checkpoint, ranks, 16, int(context[-1])) / 1e6}
+        rows.append(row)
+        print(f"| {ranks} | {row['output_tok_s']:.1f} | {row['tpot_ms']['p50']:.0f} | {row['step_ms']:.1f} | "
+              f"{row['control_ms_per_plan']:.2f} | {row['control_bytes_per_plan']:.0f} | "
+              f"{row['rank_mb_per_decode_step']:.1f} |", flush=True)
+    print(f"(this machine has {os.cpu_count()} cores: W ranks share them, so step times over W > 1 ranks are not "
+          "what W devices would take; the bytes each rank reads are)")
+    return rows
+
+
 def trainium_projection() -> list[dict]:
     """Output tok/s at 32 and 256 concurrent requests on trn2.48xlarge (64 ranks, tp 8), best layout of the
     roofline: batch / TPOT."""
@@ -175,6 +230,7 @@ def main() -> int:
     p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (with tokenizer.json) instead")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=32, help="requests in the concurrency mix")
+    p.add_argument("--nproc", type=int, nargs="+", default=[], help="also serve the mix over each number of ranks")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     rng = np.random.default_rng(0)
@@ -210,6 +266,8 @@ def main() -> int:
                 second = f"{first} {complete(server.url, first, 8)} {words(np.random.default_rng(2), 20)}"
                 turns[name] = summarise([stream(server.url, second, 8)], 1.0)["ttft_ms"]["p50"]
         results["second turn ttft ms"] = turns
+        if args.nproc:
+            results["ranks"] = serve_over_ranks(checkpoint, context, jobs, args.nproc)
         print(f"\nsecond turn of a ~1000-token conversation, TTFT: {turns['with prefix reuse']:.0f} ms with prefix reuse, "
               f"{turns['without prefix reuse']:.0f} ms without ({turns['with prefix reuse'] / turns['without prefix reuse']:.2f}x)")
     one, many = results["max-num-seqs 1"], results["max-num-seqs 16"]

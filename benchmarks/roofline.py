@@ -11,7 +11,8 @@ for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention t
 3. serving throughput at 32 and 256 concurrent requests, decode alone and with each request's prompt
    prefilled;
 4. the compile set of a serving engine (every program its warm-up compiles): program count per unit,
-   expert blocks unrolled, and the largest program of each unit as recorded (ops, matmuls).
+   expert blocks unrolled, and the largest program of each unit as recorded (ops, matmuls); and that
+   engine's memory plan per NeuronCore (what `run_example.py --device neuron` checks before loading).
 
 Every assumption is printed with its source or marked ASSUMED.
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import collectives  # noqa: E402
 from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
+from minimax_m2.memory import NEURON_CORE_HBM, engine_plan  # noqa: E402
 from minimax_m2.model import MiniMaxM2Model  # noqa: E402
 from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
@@ -224,6 +226,11 @@ def main(argv: list[str]) -> int:
           + ", ".join(f"{name} {x['ops']} / {x['matmuls']} / {x['constant_kb']:.0f} KB"
                       for name, x in compiled["largest"].items()))
     print("  compile time per program on the Neuron compiler: not measured (nothing here has run on hardware)")
+    plan = engine_plan(config, ParallelLayout(WORLD, TP, 0, moe_tp=best["moe_tp"]), config.num_local_experts,
+                       np.dtype(ml_dtypes.bfloat16), slots=SERVING["max_num_seqs"],
+                       prefill_chunk=SERVING["prefill_chunk"], max_seq_len=CONTEXT)
+    compiled["memory_plan"] = dataclasses.asdict(plan)
+    print(f"  memory plan per NeuronCore (bf16): {plan.describe()} of {NEURON_CORE_HBM / 2**30:.0f} GiB HBM")
 
     at = {b: min(r["tpot_ms"][b] for r in rows) for b in BATCHES}
     floor_ratio = {b: min(r["bytes"][b]["expert_ratio"] for r in rows) for b in (8, 32, 256)}

@@ -14,7 +14,7 @@ from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
 from minimax_m2.distributed import CollectiveError, rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
-from minimax_m2.memory import available_memory, check_fits, plan_memory
+from minimax_m2.memory import available_memory, check_fits, engine_plan
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts, select_experts
 from minimax_m2.neuron import NeuronRunner, run_on
 from minimax_m2.parallel import ParallelLayout
@@ -91,8 +91,8 @@ def _source(args: argparse.Namespace) -> Path:
 def _check_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, device: str,
                   slots: int, prefill_chunk: int, kept_logits: int, max_seq_len: int, leader: bool) -> None:
     """Print this rank's memory plan and refuse the run, before any allocation, when it cannot fit."""
-    plan = plan_memory(config, layout, num_experts, dtype, kv_rows=slots + 1, max_seq_len=max_seq_len, step_rows=1,
-                       step_tokens=max(2 * prefill_chunk, slots), kept_logits=kept_logits)
+    plan = engine_plan(config, layout, num_experts, dtype, slots=slots, prefill_chunk=prefill_chunk,
+                       max_seq_len=max_seq_len, kept_logits=kept_logits)
     available, where = available_memory(device, min(layout.world, world_size()))
     check_fits(plan, available, where)
     if leader:

@@ -48,10 +48,13 @@ def _gib(n: int) -> str:
 
 
 def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *,
-                kv_rows: int, max_seq_len: int, step_rows: int, step_tokens: int, kept_logits: int = 0) -> MemoryPlan:
+                kv_rows: int, max_seq_len: int, step_rows: int, step_tokens: int, kept_logits: int = 0,
+                real_tokens: int | None = None, logits_rows: int | None = None) -> MemoryPlan:
     """One rank's bytes: `kv_rows` cache rows of `max_seq_len` positions in its attention group; the
-    largest step runs `step_rows` rows of `step_tokens` tokens each in its group; `kept_logits`: logits
-    rows (token positions) kept for the whole run, all ranks' rows included."""
+    largest step runs `step_rows` rows of `step_tokens` tokens each in its group, at most `real_tokens`
+    of them real in all groups (default: all), with the logits of `logits_rows` tokens of all groups
+    (default: one a row); `kept_logits`: logits rows (token positions) kept for the whole run, all ranks'
+    rows included."""
     itemsize = np.dtype(dtype).itemsize
     model, layer = rank_shapes(config, num_experts, layout, np.dtype(dtype))
 
@@ -65,13 +68,27 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
     tokens = step_rows * step_tokens
     q_heads = config.num_attention_heads // layout.tp
     scores = 3 * step_rows * q_heads * step_tokens * max_seq_len * 4
-    gathered = tokens * layout.moe_tp
-    pairs = gathered * max(1, config.num_experts_per_tok // layout.tp)
+    gathered = tokens * layout.moe_tp  # the slice group's tokens, gathered
+    union = min(gathered, (real_tokens or tokens * layout.dp) * min(layout.tp, layout.moe_tp))
+    pairs = union * max(1, config.num_experts_per_tok // layout.tp)
     local = num_experts // layout.moe_ep
-    moe = pairs * (4 * config.hidden_size * itemsize + 8 * local) + gathered * config.hidden_size * itemsize * 4
-    logits = 2 * step_rows * layout.dp * step_tokens * config.vocab_size * 4
+    moe = pairs * (4 * config.hidden_size * itemsize + 8 * local) + gathered * config.hidden_size * itemsize * 2
+    logits = 2 * (logits_rows or step_rows * layout.dp) * config.vocab_size * 4  # a rank's slice, then all gathered
     activations = 8 * tokens * config.hidden_size * itemsize + scores + moe + logits
     return MemoryPlan(int(weights), int(kv + rope), int(activations), int(kept_logits * config.vocab_size * 4))
+
+
+def engine_plan(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *, slots: int,
+                prefill_chunk: int, max_seq_len: int, kept_logits: int = 0) -> MemoryPlan:
+    """One rank's bytes under the engine: `slots` cache rows per attention group plus the scratch row, and
+    the largest step (a prefill of up to 2 x prefill_chunk tokens in a group, prefill_chunk of them real
+    in all, or a decode of every slot), with the logits of every row, or of every prompt position when
+    they are kept."""
+    step_tokens = max(2 * prefill_chunk, slots)
+    return plan_memory(config, layout, num_experts, dtype, kv_rows=slots + 1, max_seq_len=max_seq_len, step_rows=1,
+                       step_tokens=step_tokens, kept_logits=kept_logits,
+                       real_tokens=max(prefill_chunk, slots * layout.dp),
+                       logits_rows=layout.dp * (step_tokens if kept_logits else slots))
 
 
 def available_memory(device: str, local_ranks: int) -> tuple[int, str]:

@@ -191,6 +191,9 @@ def test_two_ranks_answer_as_one_process(with_tokenizer, one_process, tp, moe_tp
     with RankServer(2, ["--checkpoint", str(with_tokenizer)], "--tp", str(tp), "--moe-tp", str(moe_tp)) as server:
         assert any("all 2 ranks loaded and ready" in line for line in server.output)
         check_equal(server.url, one_process)
+        plans = _metric(server.url, "plans")
+        assert plans >= _metric(server.url, "steps") > 0 and _metric(server.url, "control_bytes") > 0, \
+            "the control path's plans and bytes are on /metrics"
         # a client that disconnects mid-stream frees its slot on every rank
         body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 80, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:

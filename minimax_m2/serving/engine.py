@@ -43,6 +43,8 @@ class Executor(Protocol):
 
     def stop(self) -> None: ...
 
+    def stats(self) -> dict[str, float]: ...
+
 
 class LocalExecutor:
     """Runs each step on this process's model (one rank, or every rank deciding alike, as `--mode generate`
@@ -56,6 +58,9 @@ class LocalExecutor:
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
         self.model.copy_slots(copies)
+
+    def stats(self) -> dict[str, float]:
+        return {}
 
     def heartbeat(self) -> None:
         pass
@@ -358,4 +363,4 @@ class Engine:
         busy = slots - self.cache.free_count()
         return {"queue_depth": len(self.scheduler.waiting) + len(self._inbox),
                 "running": len(self.scheduler.running), "slots": slots, "slots_busy": busy,
-                "slot_occupancy": busy / slots, **self.stats}
+                "slot_occupancy": busy / slots, **self.stats, **self.executor.stats()}

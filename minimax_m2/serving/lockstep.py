@@ -31,6 +31,7 @@ class PlanSender:
     def __init__(self, model: MiniMaxM2Model, backend: Any):
         self.model, self.backend = model, backend
         self.control_seconds = 0.0  # time spent broadcasting plans
+        self.control_bytes = 0  # bytes of the plans broadcast
         self.plans = 0
 
     def _send(self, fields: list[int], payload: np.ndarray) -> None:
@@ -43,7 +44,12 @@ class PlanSender:
         if payload.size:
             self.backend.broadcast(payload)
         self.control_seconds += time.perf_counter() - start
+        self.control_bytes += header.nbytes + payload.nbytes
         self.plans += 1
+
+    def stats(self) -> dict[str, float]:
+        """Plans broadcast, with the seconds and bytes they took (the control path's overhead)."""
+        return {"plans": self.plans, "control_seconds": self.control_seconds, "control_bytes": self.control_bytes}
 
     def execute(self, step: Step) -> tuple[np.ndarray, np.ndarray]:
         rows, seq = step.input_ids.shape
