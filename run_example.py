@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="HF checkpoint directory or cache snapshot (generate mode)")
     p.add_argument("--weights", type=Path, help="directory written by prepare_weights.py (generate mode, instead of "
                                                 "--checkpoint; its layout is this run's)")
-    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for several prompts, of "
-                                                         "any lengths, batched by the engine (random mode: instead of "
-                                                         "random prompts)")
+    p.add_argument("--prompt-ids", action="append",
+                   help="comma-separated token ids; repeat for several prompts, of any lengths, batched by the engine "
+                        "(random mode: instead of random prompts)")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint and `tokenizers`)")
     p.add_argument("--chat", action="append", help="a chat turn, repeatable: 'system: ...' for the system prompt, "
                                                    "anything else a user turn; formatted as MiniMax-M2's chat")
@@ -71,15 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request body accepted; larger ones get a 413" + d)
     parallel = p.add_argument_group("several ranks (launch with torchrun --nproc-per-node W)")
     parallel.add_argument("--ep", type=int, default=1, help="ranks W (= torchrun's process count)" + d)
-    parallel.add_argument("--tp", type=int, default=1, help="ranks per attention group, splitting heads (divides 8 KV heads)" + d)
+    parallel.add_argument("--tp", type=int, default=1,
+                          help="ranks per attention group, splitting heads (divides 8 KV heads)" + d)
     parallel.add_argument("--moe-tp", type=int,
-                          help="ranks each expert's intermediate dimension is sliced over (1: whole experts spread over "
-                               "all ranks; W: every expert sliced over all ranks; moe_tp x moe_ep = W). Default: the "
-                               "layout the trn2 roofline projection says decodes this batch fastest")
+                          help="ranks each expert's intermediate dimension is sliced over (1: whole experts spread "
+                               "over all ranks; W: every expert sliced over all ranks; moe_tp x moe_ep = W). Default: "
+                               "the layout the trn2 roofline projection says decodes this batch fastest")
     parallel.add_argument("--capacity-factor", type=float,
                           help="send-buffer rows per rank as a multiple of the even share; pairs over it are dropped "
                                "and counted (default: worst-case capacity, nothing dropped)")
-    parallel.add_argument("--collective-timeout", type=float, default=600.0, help="seconds a rank waits for the others" + d)
+    parallel.add_argument("--collective-timeout", type=float, default=600.0,
+                          help="seconds a rank waits for the others" + d)
     random = p.add_argument_group("random mode")
     random.add_argument("--num-layers", type=int, default=4, help="decoder layers" + d)
     random.add_argument("--num-experts", type=int, default=16, help="experts per layer" + d)

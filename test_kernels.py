@@ -87,7 +87,8 @@ def test_rope_partial() -> None:
     assert np.array_equal(got[..., rotary_dim:], x[..., rotary_dim:]), "features past rotary_dim must pass through"
 
 
-def _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, kv_heads, head_dim, rotary_dim, theta, eps):
+def _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, kv_heads, head_dim, rotary_dim, theta,
+                   eps):
     """Per-token, per-head loops; past_k/past_v: [B, Hkv, P, D] for the positions before positions[0]."""
     batch, seq, _ = x.shape
     q = _ref_rmsnorm(x @ wq, qn, eps).reshape(batch, seq, heads, head_dim)
@@ -119,7 +120,8 @@ def test_attention() -> None:
     only the scratch row."""
     rng = _rng()
     hidden, heads, kv_heads, head_dim, rotary_dim, theta, eps, max_seq = 32, 4, 2, 16, 8, 1e4, 1e-6, 16
-    wq, wk, wv = _randn(rng, hidden, heads * head_dim, scale=0.3), _randn(rng, hidden, kv_heads * head_dim, scale=0.3), _randn(rng, hidden, kv_heads * head_dim, scale=0.3)
+    wq = _randn(rng, hidden, heads * head_dim, scale=0.3)
+    wk, wv = (_randn(rng, hidden, kv_heads * head_dim, scale=0.3) for _ in range(2))
     wo = _randn(rng, heads * head_dim, hidden, scale=0.3)
     qn, kn = 1 + _randn(rng, heads * head_dim, scale=0.3), 1 + _randn(rng, kv_heads * head_dim, scale=0.3)
     cos, sin = rope_tables(max_seq, rotary_dim, theta)
@@ -159,7 +161,8 @@ def test_attention_qk_norm_spans_all_heads() -> None:
     q, q_boosted = rmsnorm(x @ wq, ones, 1e-6), rmsnorm(x @ boosted, ones, 1e-6)
     other_heads = slice(head_dim, None)
     assert not np.allclose(q[..., other_heads], q_boosted[..., other_heads]), "q norm must not be per head"
-    _close(q_boosted[..., other_heads] * np.sqrt(np.mean(np.square(x @ boosted), axis=-1, keepdims=True)), (x @ wq)[..., other_heads])
+    _close(q_boosted[..., other_heads] * np.sqrt(np.mean(np.square(x @ boosted), axis=-1, keepdims=True)),
+           (x @ wq)[..., other_heads])
 
 
 def test_moe_router() -> None:
@@ -312,7 +315,8 @@ def test_moe_block_parallel_one_rank() -> None:
     got, dropped = moe_block_parallel(
         x, np.arange(tokens, dtype=np.int32), np.zeros(tokens, np.int32), np.ones(tokens, bool),
         np.arange(top_k, dtype=np.int32), np.zeros(2, np.int32), np.zeros(2, np.int32), gate, bias, w13, w2,
-        top_k=top_k, members=1, per_token=top_k, own_count=1, real_pairs=tokens * top_k, capacity=worst_case_capacity(tokens, top_k, experts),
+        top_k=top_k, members=1, per_token=top_k, own_count=1, real_pairs=tokens * top_k,
+        capacity=worst_case_capacity(tokens, top_k, experts),
         block_rows=1,
         slice_groups=one, ep_groups=one, combine_groups=one,
     )

@@ -151,7 +151,8 @@ def worker(prompt_len: int, steps: int, tp: int, moe_tp: int, machine: dict) -> 
     if layout.rank == 0:
         print(MARK + json.dumps({
             "ranks": layout.world, "tp": layout.tp, "moe_tp": layout.moe_tp,
-            "decode_ms": decode * 1e3, "predicted_ms": predicted * 1e3, "collective_latency_us": {f"{k}/{n}": v * 1e6 for (k, n), v in latency.items()},
+            "decode_ms": decode * 1e3, "predicted_ms": predicted * 1e3,
+            "collective_latency_us": {f"{k}/{n}": v * 1e6 for (k, n), v in latency.items()},
             "expert_read_bytes_per_step": config.num_hidden_layers * costs[1].expert_bytes,
             "a2a_bytes_per_token_layer": sent / steps / config.num_hidden_layers,
             "weight_bytes_rank0": model.weights.nbytes(),
@@ -185,7 +186,8 @@ def main() -> None:
         runs = []
         for _ in range(args.repeat):
             done = subprocess.run(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                 __file__,
                  "--worker", "--tp", str(tp), "--moe-tp", str(moe_tp), "--prompt-len", str(args.prompt_len),
                  "--decode-steps", str(args.decode_steps), "--machine", json.dumps(machines[world])],
                 capture_output=True, text=True, check=False, cwd=ROOT,
@@ -204,7 +206,8 @@ def main() -> None:
     alone = machines[1] if 1 in machines else shared_machine(1)
     for world, m in machines.items():
         print(f"one of {world} one-thread processes at once: GEMV {m['memory_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
-              f"{m['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {m['op_overhead_s'] * 1e6:.2f} us per NumPy op; {CORES} cores")
+              f"{m['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {m['op_overhead_s'] * 1e6:.2f} us per NumPy op; "
+              f"{CORES} cores")
     memory = alone["skinny_matmul_bytes"] / alone["memory_bytes_per_s"]
     matmul = alone["skinny_matmul_flops"] / alone["matmul_flops_per_s"]
     print(f"32-row matmul streaming 256 MiB of weights, alone: {alone['skinny_matmul_s'] * 1e3:.1f} ms measured; "
@@ -214,8 +217,8 @@ def main() -> None:
           f"medians of {args.repeat} launches")
     short = {"all_reduce": "ar", "all_gather": "ag", "all_to_all": "a2a"}
     print(f"{'ranks':>5}{'tp':>4}{'moe_tp':>7}{'measured ms':>12}{'predicted ms':>13}{'ratio':>7}"
-          f"{'expert MiB read/rank':>21}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}   collective ms by kind/ranks; "
-          f"launches ms")
+          f"{'expert MiB read/rank':>21}{'a2a KiB/tok/layer':>19}{'weights MiB/rank':>18}   "
+          "collective ms by kind/ranks; launches ms")
     for r in rows:
         latency = " ".join(f"{short[k.split('/')[0]]}/{k.split('/')[1]} {v / 1e3:.1f}"
                            for k, v in r["collective_latency_us"].items()) or "-"

@@ -58,8 +58,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
-    experts, top_k, hidden, inter = (MEDIUM[k] for k in ("num_local_experts", "num_experts_per_tok", "hidden_size",
-                                                         "intermediate_size"))
+    names = ("num_local_experts", "num_experts_per_tok", "hidden_size", "intermediate_size")
+    experts, top_k, hidden, inter = (MEDIUM[k] for k in names)
     rng = np.random.default_rng(0)
     w13 = (rng.standard_normal((experts, 2 * inter, hidden)) * 0.02).astype(np.float32)
     w2 = (rng.standard_normal((experts, hidden, inter)) * 0.02).astype(np.float32)
@@ -97,7 +97,8 @@ def main() -> None:
 
         print(f"\n{tokens} tokens, {pairs} pairs, {row['distinct_experts']} distinct experts hit: transformers "
               f"{row['transformers_ms']:.1f} ms, NumPy dynamic {row['numpy_dynamic_ms']:.1f} ms")
-        print("| schedule | weight reads (x distinct) | rows computed (x pairs) | ms | x NumPy dynamic | x transformers |")
+        print("| schedule | weight reads (x distinct) | rows computed (x pairs) | ms | x NumPy dynamic | x "
+              "transformers |")
         print("|---|---|---|---|---|---|")
         for c in row["candidates"]:
             name = "dense" if c["block_rows"] == DENSE else f"blocks of {c['block_rows']}"

@@ -6,7 +6,8 @@ is one token, so prompt lengths are exact) or on --checkpoint, and runs, in one 
 
 1. concurrency: --clients streaming clients, each sending its share of a seeded mix of prompt and output
    lengths, against the engine with --max-num-seqs 16 and with --max-num-seqs 1 (one at a time);
-2. chunked prefill: decoding clients while 512-token prompts keep arriving: inter-token latency p50/p99;
+2. chunked prefill: decoding clients while 512-token prompts keep arriving: inter-token latency p50/p99,
+   with the default --prefill-chunk 256 and with 32;
 3. prefix reuse: a conversation's second turn (about 1000 tokens of history) with and without reuse;
 4. the Trainium projection of serving throughput at 32 and 256 concurrent requests (roofline, best
    layout), beside NxDI's measured 128.9 tok/s at 256 users;
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 
 NXDI_TOK_S_AT_256 = 128.9
+CHUNKS = (256, 32)  # the default prefill chunk, and one whose prefill costs about a decode step here
 
 
 def medium_checkpoint(path: Path) -> Path:
@@ -214,12 +216,13 @@ def trainium_projection() -> list[dict]:
     roofline: batch / TPOT."""
     from minimax_m2.config import MiniMaxM2Config
     from minimax_m2.parallel import ParallelLayout
-    from minimax_m2.roofline import TRN2, record_units, step_seconds
+    from minimax_m2.roofline import TRN2, record_units, served_seconds
 
     config, rows = MiniMaxM2Config(), []
     for batch in (32, 256):
-        best = min((step_seconds(record_units(config, ParallelLayout(64, 8, 0, moe_tp=m), phase="decode", batch=batch,
-                                              seq=1, context=4096), config.num_hidden_layers, TRN2), m)
+        best = min((served_seconds(record_units(config, ParallelLayout(64, 8, 0, moe_tp=m), phase="decode",
+                                                batch=batch, seq=1, context=4096), config.num_hidden_layers, TRN2,
+                                   "decode", batch), m)
                    for m in (1, 8, 64))
         rows.append({"batch": batch, "moe_tp": best[1], "tpot_ms": best[0] * 1e3, "output_tok_s": batch / best[0]})
     return rows
@@ -253,12 +256,14 @@ def main() -> int:
             single = summarise(*run_clients(server.url, [[(words(rng, 64), 48)] * 2]))
             show("one client", single)
             results["one client"] = single
-            decoders = [[(words(rng, 32), 96)] for _ in range(6)]
-            arriving = [[(words(rng, 512), 4) for _ in range(4)]]
-            records, seconds = run_clients(server.url, decoders + arriving)
-            chunked = summarise([r for r in records if len(r["times"]) > 4], seconds)  # the decoding clients
-            show("decoding while 512-token prompts arrive", chunked)
-            results["chunked prefill"] = chunked
+        for chunk in CHUNKS:
+            with Server(checkpoint, *context, "--max-num-seqs", "16", "--prefill-chunk", str(chunk)) as server:
+                decoders = [[(words(rng, 32), 96)] for _ in range(6)]
+                arriving = [[(words(rng, 512), 4) for _ in range(4)]]
+                records, seconds = run_clients(server.url, decoders + arriving)
+                chunked = summarise([r for r in records if len(r["times"]) > 4], seconds)  # the decoding clients
+                show(f"decoding while 512-token prompts arrive, --prefill-chunk {chunk}", chunked)
+                results[f"chunked prefill {chunk}"] = chunked
         turns = {}
         for name, flags in (("with prefix reuse", []), ("without prefix reuse", ["--no-prefix-reuse"])):
             with Server(checkpoint, *context, "--max-num-seqs", "4", *flags) as server:
@@ -268,12 +273,15 @@ def main() -> int:
         results["second turn ttft ms"] = turns
         if args.nproc:
             results["ranks"] = serve_over_ranks(checkpoint, context, jobs, args.nproc)
-        print(f"\nsecond turn of a ~1000-token conversation, TTFT: {turns['with prefix reuse']:.0f} ms with prefix reuse, "
-              f"{turns['without prefix reuse']:.0f} ms without ({turns['with prefix reuse'] / turns['without prefix reuse']:.2f}x)")
+        reused, cold = turns["with prefix reuse"], turns["without prefix reuse"]
+        print(f"\nsecond turn of a ~1000-token conversation, TTFT: {reused:.0f} ms with prefix reuse, "
+              f"{cold:.0f} ms without ({reused / cold:.2f}x)")
     one, many = results["max-num-seqs 1"], results["max-num-seqs 16"]
-    print(f"\n{args.clients} clients: {many['output_tok_s'] / one['output_tok_s']:.2f}x the output tok/s of one at a time; "
-          f"p50 TPOT {many['tpot_ms']['p50'] / single['tpot_ms']['p50']:.2f}x one client's; p99/p50 inter-token latency "
-          f"while prompts arrive {chunked['itl_ms']['p99'] / chunked['itl_ms']['p50']:.2f}x")
+    print(f"\n{args.clients} clients: {many['output_tok_s'] / one['output_tok_s']:.2f}x the output tok/s of one "
+          f"at a time; p50 TPOT {many['tpot_ms']['p50'] / single['tpot_ms']['p50']:.2f}x one client's; "
+          "p99/p50 inter-token latency while prompts arrive " + ", ".join(
+              f"{r['itl_ms']['p99'] / r['itl_ms']['p50']:.2f}x (--prefill-chunk {c})"
+              for c, r in ((c, results[f"chunked prefill {c}"]) for c in CHUNKS)))
     projection = trainium_projection()
     results["trainium"] = projection
     print("\nTrainium projection (trn2.48xlarge, 64 ranks, tp 8, roofline of minimax_m2/roofline.py):")

@@ -72,7 +72,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"torch threads {torch.get_num_threads()}, {args.decode_steps} decode steps, best of {args.repeats}; "
           f"tokens/s, ratio = this project / transformers", flush=True)
-    print("| batch | prompt | prefill: this project | transformers | ratio | decode: this project | transformers | ratio |")
+    print("| batch | prompt | prefill: this project | transformers | ratio | decode: this project | transformers | "
+          "ratio |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for prompt_len in args.prompts:

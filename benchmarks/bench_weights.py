@@ -69,7 +69,8 @@ def prepare(checkpoint: Path, out: Path, dtype: str) -> dict:
 
     begin = time.perf_counter()
     run(prepare_weights.parse_args([str(checkpoint), "--out", str(out), "--dtype", dtype]))
-    return {"seconds": time.perf_counter() - begin, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"seconds": time.perf_counter() - begin,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def main() -> None:
@@ -104,7 +105,8 @@ def main() -> None:
     for name, r, prep in rows:
         extra = f"{prep['seconds']:>11.1f}{prep['peak_rss_bytes'] / 1e9:>17.2f}" if prep else ""
         print(f"{name:<34}{r['load_s']:>8.2f}{r['peak_rss_bytes'] / 1e9:>13.2f}{r['resident_bytes'] / 1e9:>13.2f}"
-              f"{r['bytes_per_param']:>9.2f}{r['peak_rss_bytes'] / r['resident_bytes']:>14.2f}{r['decode_ms']:>15.1f}{extra}")
+              f"{r['bytes_per_param']:>9.2f}{r['peak_rss_bytes'] / r['resident_bytes']:>14.2f}"
+              f"{r['decode_ms']:>15.1f}{extra}")
 
 
 if __name__ == "__main__":

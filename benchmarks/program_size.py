@@ -47,7 +47,8 @@ def record(config: MiniMaxM2Config, layout: ParallelLayout, phase: str, batch: i
             if unit.name.endswith("_layer") else 0
         rows.append(dict(
             unit=unit.name, violations=program.violations, matmuls=len(program.matmuls), gflop=program.flops / 1e9,
-            expert_weight_bytes=program.weight_bytes(EXPERT_WEIGHTS), other_weight_bytes=program.weight_bytes(OTHER_WEIGHTS),
+            expert_weight_bytes=program.weight_bytes(EXPERT_WEIGHTS),
+            other_weight_bytes=program.weight_bytes(OTHER_WEIGHTS),
             constant_bytes=program.constant_bytes, largest_constant=program.largest_constant,
             collectives=[(c.name, c.payload_bytes) for c in program.collectives],
             experts_held=local, expert_bytes=expert_bytes, received_slots=received,
@@ -64,9 +65,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
     config = MiniMaxM2Config()
-    print(f"MiniMax-M2: hidden {config.hidden_size}, {config.num_local_experts} experts top-{config.num_experts_per_tok}, "
-          f"intermediate {config.intermediate_size}, {config.num_attention_heads}/{config.num_key_value_heads} heads of "
-          f"{config.head_dim}, vocab {config.vocab_size}; bf16 weights and activations, context {CONTEXT}\n")
+    print(f"MiniMax-M2: hidden {config.hidden_size}, {config.num_local_experts} experts "
+          f"top-{config.num_experts_per_tok}, intermediate {config.intermediate_size}, "
+          f"{config.num_attention_heads}/{config.num_key_value_heads} heads of {config.head_dim}, "
+          f"vocab {config.vocab_size}; bf16 weights and activations, context {CONTEXT}\n")
     results, failures = [], []
     for layout_name, layout in LAYOUTS:
         for phase, batch, seq in SCENARIOS:
@@ -78,7 +80,8 @@ def main(argv: list[str]) -> int:
             for r in rows:
                 calls = ", ".join(f"{n} {mib(b)}" for n, b in r["collectives"]) or "-"
                 print(f"{r['unit']:<14} {r['matmuls']:>7} {r['gflop']:>9.2f} {mib(r['expert_weight_bytes']):>10} "
-                      f"{mib(r['other_weight_bytes']):>10} {mib(r['constant_bytes']):>9} {mib(r['largest_constant']):>8}  {calls}")
+                      f"{mib(r['other_weight_bytes']):>10} {mib(r['constant_bytes']):>9} "
+                      f"{mib(r['largest_constant']):>8}  {calls}")
                 if r["violations"]:
                     failures.append(f"{title} {r['unit']}: {r['violations']}")
                 if r["constant_bytes"] > CONSTANT_LIMIT:
@@ -86,8 +89,9 @@ def main(argv: list[str]) -> int:
                 if phase == "decode" and r["unit"].endswith("_layer"):
                     bound = min(r["experts_held"], r["received_slots"]) * r["expert_bytes"]
                     read = r["expert_weight_bytes"]
-                    print(f"   expert weights read per layer: {mib(read)} MiB = {read / r['expert_bytes']:.0f} experts; "
-                          f"bound min(L={r['experts_held']}, received slots={r['received_slots']}) = {mib(bound)} MiB")
+                    print(f"   expert weights read per layer: {mib(read)} MiB = "
+                          f"{read / r['expert_bytes']:.0f} experts; bound min(L={r['experts_held']}, "
+                          f"received slots={r['received_slots']}) = {mib(bound)} MiB")
                     if read > bound:
                         failures.append(f"{title}: reads {mib(read)} MiB of experts per layer, more than {mib(bound)}")
             print()

@@ -58,7 +58,8 @@ WORLD, TP, CONTEXT, PROMPT = 64, 8, 4096, 2048
 LAYOUTS = [(1, 64), (64, 1), (8, 8)]
 BATCHES = [1, 8, 32, 256]
 OUTPUT_TOKENS = 256  # per request, for the serving throughput with prefill (ASSUMED mix: 2048-token prompts)
-SERVING = dict(max_num_seqs=32, prefill_chunk=2048)  # per attention group: 256 concurrent requests over 8 groups
+# per attention group: 256 concurrent requests over 8 groups; the server keeps no request's logits
+SERVING = dict(max_num_seqs=32, prefill_chunk=2048, keep_logits=False)
 TARGETS = {"tpot_b1_ms": 5.0, "tpot_b32_ms": 12.0, "tpot_b256_ms": 25.0, "expert_floor_ratio": 1.3}
 NXDI_TOK_S_AT_256 = 128.9
 
@@ -85,8 +86,9 @@ def project(config: MiniMaxM2Config, hw) -> list[dict]:
     for moe_tp, moe_ep in LAYOUTS:
         layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
         prefill = record_units(config, layout, phase="prefill", batch=1, seq=PROMPT, context=CONTEXT)
-        row = {"moe_tp": moe_tp, "moe_ep": moe_ep, "ttft_ms": served_seconds(prefill, layers, hw, "prefill", PROMPT) * 1e3,
-               "tpot_ms": {}, "terms": {}, "bytes": {}, "decode": {}}
+        ttft = served_seconds(prefill, layers, hw, "prefill", PROMPT)
+        row = {"moe_tp": moe_tp, "moe_ep": moe_ep, "ttft_ms": ttft * 1e3, "tpot_ms": {}, "terms": {}, "bytes": {},
+               "decode": {}}
         for batch in BATCHES:
             decode = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT)
             row["decode"][batch] = decode
@@ -97,7 +99,8 @@ def project(config: MiniMaxM2Config, hw) -> list[dict]:
             other = layer.bytes_read - layer.expert_bytes
             row["bytes"][batch] = {"expert_mb": layer.expert_bytes / 1e6, "expert_floor_mb": floor / 1e6,
                                    "expert_ratio": layer.expert_bytes / floor, "all_mb": layer.bytes_read / 1e6,
-                                   "all_floor_mb": (floor + other) / 1e6, "all_ratio": layer.bytes_read / (floor + other)}
+                                   "all_floor_mb": (floor + other) / 1e6,
+                                   "all_ratio": layer.bytes_read / (floor + other)}
         rows.append(row)
     return rows
 
@@ -169,7 +172,8 @@ def main(argv: list[str]) -> int:
     layers = config.num_hidden_layers
     print(f"hardware: {hw.name}")
     print(f"  memory {hw.memory_bytes_per_s / 1e9:.0f} GB/s, bf16 matmuls {hw.matmul_flops_per_s / 1e12:.1f} TFLOPS, "
-          f"collective latency {hw.collective_latency_s * 1e6:.0f} us, links {hw.local_link_bytes_per_s / 1e9:.0f} GB/s "
+          f"collective latency {hw.collective_latency_s * 1e6:.0f} us, links {hw.local_link_bytes_per_s / 1e9:.0f} "
+          f"GB/s "
           f"within a chip / {hw.remote_link_bytes_per_s / 1e9:.0f} GB/s across chips, per rank; "
           f"{hw.launch_s * 1e6:.0f} us per unit launched, {hw.host_transfer_s * 1e6:.0f} us and "
           f"{hw.host_bytes_per_s / 1e9:.0f} GB/s per host-device copy")
@@ -190,7 +194,8 @@ def main(argv: list[str]) -> int:
     best = min(rows, key=lambda r: r["tpot_ms"][1])
     t = best["terms"][1]
     print(f"\nbest at batch 1: ({best['moe_tp']}, {best['moe_ep']}), TPOT {best['tpot_ms'][1]:.2f} ms = memory "
-          f"{t['memory_ms']:.2f} ms (overlapping matmuls {t['matmul_ms']:.2f} ms) + collectives {t['collectives_ms']:.2f} ms "
+          f"{t['memory_ms']:.2f} ms (overlapping matmuls {t['matmul_ms']:.2f} ms) + collectives "
+          f"{t['collectives_ms']:.2f} ms "
           f"({t['collectives_per_step']} a step) + host {t['host_ms']:.2f} ms ({t['launches_per_step']} launches, "
           f"{t['host_copies_per_step']} copies of {t['host_bytes_per_step']} bytes in all)")
     sens = sensitivity(best, layers, hw)
@@ -221,7 +226,8 @@ def main(argv: list[str]) -> int:
           f"--prefill-chunk {s['prefill_chunk']}, --max-seq-len {s['max_seq_len']}): {compiled['step_shapes']} step "
           f"shapes, {compiled['programs']} programs (NEFFs) per rank: "
           + ", ".join(f"{n} {name}" for name, n in sorted(compiled["per_unit"].items())))
-    print(f"  expert blocks unrolled over all layer programs: {compiled['expert_blocks']}; largest program of each unit "
+    print(f"  expert blocks unrolled over all layer programs: {compiled['expert_blocks']}; largest program of each "
+          f"unit "
           "(recorded ops / matmuls / trace-time constants): "
           + ", ".join(f"{name} {x['ops']} / {x['matmuls']} / {x['constant_kb']:.0f} KB"
                       for name, x in compiled["largest"].items()))

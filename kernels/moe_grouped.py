@@ -44,7 +44,8 @@ def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w1
     b = block_rows
     num_blocks = expert_blocks(rows, num_experts, b)
 
-    member = ((expert_ids[:, None] == np.arange(num_experts, dtype=np.int32)[None, :]) & valid[:, None]).astype(np.int32)
+    ids = np.arange(num_experts, dtype=np.int32)
+    member = ((expert_ids[:, None] == ids[None, :]) & valid[:, None]).astype(np.int32)
     padded = np.bitwise_and(np.sum(member, axis=0) + (b - 1), -b)  # [E] each run rounded up to whole blocks
     run_start = exclusive_cumsum(padded[:, None])[:, 0]  # [E]
     slot = np.sum(member * run_start[None, :], axis=1) + rank_within(member)  # [P]

@@ -56,7 +56,8 @@ def dispatch_experts(
     tag = (chosen - rank * local + 1).astype(x.dtype)
     send = place_rows(np.concatenate([x, tag[:, None]], axis=1), slot, kept, world * capacity)
 
-    received = all_to_all(send.reshape(world, capacity, hidden + 1), 0, 0, ep_groups).reshape(world * capacity, hidden + 1)
+    received = all_to_all(send.reshape(world, capacity, hidden + 1), 0, 0,
+                          ep_groups).reshape(world * capacity, hidden + 1)
     local_tag = np.rint(received[:, hidden].astype(np.float32)).astype(np.int32)
     y = grouped_experts(received[:, :hidden], np.maximum(local_tag - 1, 0), local_tag > 0, w13, w2,
                         block_rows=block_rows)

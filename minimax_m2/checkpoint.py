@@ -156,7 +156,8 @@ class Checkpoint:
         for shard in shards.values():
             for key in shard.keys():
                 if key in self._file_of:
-                    raise CheckpointError(f"{key!r} is stored twice ({self._file_of[key].path.name}, {shard.path.name})")
+                    raise CheckpointError(f"{key!r} is stored twice "
+                                          f"({self._file_of[key].path.name}, {shard.path.name})")
                 if "" not in indexed and indexed.get(key) != shard.path:
                     raise CheckpointError(f"{key!r} is in {shard.path.name} but the index does not list it there")
                 self._file_of[key] = shard

@@ -128,7 +128,8 @@ def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, leader:
     """The engine over `model`, warmed up: schedules chosen and, on a device, every step shape compiled and
     run once (after which a shape outside the set is refused)."""
     engine = Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk, executor=executor,
-                    prefix_reuse=not args.no_prefix_reuse)
+                    prefix_reuse=not args.no_prefix_reuse,
+                    keep_logits=args.mode != "serve" and args.dump_logits is not None)
     shapes = engine.shapes.shapes()
     if leader:
         print(f"engine: {slots} KV-cache slots per attention group, prefill chunks of {engine.shapes.prefill_chunk} "
@@ -155,8 +156,8 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
 
     source = _source(args)
     tokenizer = load_tokenizer(source, "--mode serve")
-    defaults, warnings = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,
-                                          args.top_p, args.seed)
+    defaults, warnings = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature,
+                                          args.top_k, args.top_p, args.seed)
     config, experts, prepared = _config_and_experts(args, source)
     _check_ranks(args)
     tp, moe_tp = _layout_choice(args, config, prepared, len(experts), args.max_num_seqs or 8)
@@ -203,7 +204,8 @@ def _check_ranks(args: argparse.Namespace) -> None:
         raise ValueError(f"--ep {args.ep} --tp {args.tp} need {max(args.ep, args.tp)} ranks: launch with "
                          f"torchrun --nproc-per-node {args.ep} run_example.py ...")
     if world_size() != args.ep:
-        raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: launch with torchrun --nproc-per-node {args.ep}")
+        raise ValueError(f"--ep {args.ep} but {world_size()} ranks are running: "
+                         f"launch with torchrun --nproc-per-node {args.ep}")
 
 
 def _layout_choice(args: argparse.Namespace, config: MiniMaxM2Config, prepared: dict | None, num_experts: int,
@@ -234,7 +236,8 @@ def main(args: argparse.Namespace) -> int:
             warnings.append("--checkpoint / --weights have no effect in random mode")
         if args.prompt is not None or args.chat:
             raise ValueError("--prompt and --chat need a checkpoint's tokenizer: use --mode generate")
-        config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token, args.vocab_size)
+        config = random_config(args.hidden_size, args.num_layers, args.num_experts, args.experts_per_token,
+                               args.vocab_size)
         experts = select_experts(config, parse_experts(args.experts, config.num_local_experts))
         rows = parse_ids(args.prompt_ids) if args.prompt_ids else None
         lengths = [len(r) for r in rows] if rows else [args.prompt_len] * args.batch
@@ -277,7 +280,8 @@ def main(args: argparse.Namespace) -> int:
     kept = sum(n + sampling.max_new_tokens - 1 for n in lengths) if args.dump_logits else 0
     _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots, args.prefill_chunk, kept,
                   args.max_seq_len, rank() == 0)
-    prompts = rows or np.random.default_rng(args.model_seed).integers(0, config.vocab_size, (len(lengths), lengths[0])).tolist()
+    rng = np.random.default_rng(args.model_seed)
+    prompts = rows or rng.integers(0, config.vocab_size, (len(lengths), lengths[0])).tolist()
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
     leader = layout.rank == 0
     for warning in warnings if leader else []:

@@ -76,7 +76,8 @@ class MiniMaxM2Config:
                                  "supported")
             size = quant.get("weight_block_size") or [128, 128]
             if not isinstance(size, list) or len(size) != 2:
-                raise ValueError(f"{source}: 'quantization_config.weight_block_size' is {size!r}, expected [rows, cols]")
+                raise ValueError(f"{source}: 'quantization_config.weight_block_size' is {size!r}, "
+                                 "expected [rows, cols]")
             block = tuple(checks.integer(f"{source}: 'quantization_config.weight_block_size'", n, 1, 1 << 16)
                           for n in size)
         use_mtp = get("use_mtp", False, checks.boolean)

@@ -38,7 +38,8 @@ def _torch():
         import torch
         import torch.distributed as dist
     except ImportError as err:
-        raise ImportError("runs over several ranks need torch for torch.distributed: pip install torch==2.13.0") from err
+        raise ImportError("runs over several ranks need torch for torch.distributed: "
+                          "pip install torch==2.13.0") from err
     return torch, dist
 
 
@@ -72,7 +73,8 @@ class TorchCollectives:
             return op()
         except Exception as err:  # noqa: BLE001 - gloo raises several types; all end the run here
             silent = self._unresponsive(members)
-            who = f"ranks not responding: {', '.join(map(str, silent))}" if silent else "every rank of the group responded"
+            who = (f"ranks not responding: {', '.join(map(str, silent))}" if silent
+                   else "every rank of the group responded")
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CollectiveError(
                 f"rank {self.rank}: {name} #{self._calls} over ranks {list(members)} failed within the "
@@ -113,7 +115,8 @@ class TorchCollectives:
         self._run("all_gather", members, lambda: self._dist.all_gather(out, t, group=self._groups[members]))
         return [o.numpy().view(x.dtype) for o in out]
 
-    def all_to_all(self, x: np.ndarray, split_dimension: int, concat_dimension: int, replica_groups: ReplicaGroups) -> np.ndarray:
+    def all_to_all(self, x: np.ndarray, split_dimension: int, concat_dimension: int,
+                   replica_groups: ReplicaGroups) -> np.ndarray:
         members = self._members(replica_groups)
         x = np.ascontiguousarray(np.stack(np.split(x, len(members), axis=split_dimension)))
         t = self._torch.from_numpy(_carried(x))

@@ -114,4 +114,5 @@ def check_fits(plan: MemoryPlan, available: int, where: str) -> None:
     """Refuse, saying what the run needs and what there is, when the plan exceeds `available`."""
     if plan.total > available:
         raise ValueError(f"this run needs {_gib(plan.total)} per rank ({plan.describe()}) but {where} is "
-                         f"{_gib(available)}: use fewer rows or a shorter --max-seq-len, more ranks, or an expert subset")
+                         f"{_gib(available)}: use fewer rows or a shorter --max-seq-len, more ranks, "
+                         "or an expert subset")

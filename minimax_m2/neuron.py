@@ -121,7 +121,8 @@ class NeuronRunner:
         self._forget(outputs.values())
         inputs = {name: self._bind(name.removesuffix(WRITTEN), unit.inputs[name.removesuffix(WRITTEN)])
                   for name in kernel.input_tensors_info}
-        outputs.update({name: inputs[name + WRITTEN] for name in kernel.output_tensors_info if name + WRITTEN in inputs})
+        outputs.update({name: inputs[name + WRITTEN]
+                        for name in kernel.output_tensors_info if name + WRITTEN in inputs})
         kernel(inputs=inputs, outputs=outputs)
         self.launches += 1
         count = len(self._outputs[key][turn])

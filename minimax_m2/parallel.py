@@ -50,7 +50,8 @@ class ParallelLayout:
             problems.append(f"{num_experts} loaded experts cannot be spread evenly over {self.moe_ep} rank groups "
                             f"(moe_ep = {self.world} ranks / moe_tp {self.moe_tp})")
         if config.intermediate_size % self.moe_tp:
-            problems.append(f"moe_tp {self.moe_tp} does not divide the expert intermediate size {config.intermediate_size}")
+            problems.append(f"moe_tp {self.moe_tp} does not divide the expert intermediate size "
+                            f"{config.intermediate_size}")
         if config.num_key_value_heads % self.tp:
             problems.append(f"tp {self.tp} does not divide the {config.num_key_value_heads} KV heads")
         if config.num_experts_per_tok % self.tp:
@@ -168,7 +169,8 @@ class ParallelLayout:
         copies = min(self.tp, self.moe_tp)  # members of a slice group holding the same row
         tokens = min(bucket, groups * rows) * seq
         size = (min(tokens, max_tokens) if max_tokens else tokens) * copies
-        index = [m * rows * seq + np.flatnonzero(token_valid[(member // self.tp) * rows : (member // self.tp + 1) * rows])
+        index = [m * rows * seq
+                 + np.flatnonzero(token_valid[(member // self.tp) * rows : (member // self.tp + 1) * rows])
                  for m, member in enumerate(self.slice_members())]
         index = np.concatenate(index)
         if len(index) > size:

@@ -2,7 +2,7 @@
 
 `prepare` streams a Hugging Face checkpoint layer by layer, reading each tensor once for all ranks and
 writing each rank's part (its heads, its experts or expert slices, its vocabulary columns) straight to
-that rank's file, in kernel layout ([in, out] matrices, fused gate/up), keyed by the units' argument
+that rank's file, in kernel layout (see `minimax_m2.weights`), keyed by the units' argument
 names (`embed`, `final_norm`, `lm_head`, `layers.<i>.<name>` for each `LayerWeights` field). Every array
 is checked finite after its cast. Files are written under a temporary name and renamed when complete;
 `manifest.json` records the config, layout, dtype, experts and, per file, its size and the CRC32 of
@@ -294,14 +294,16 @@ def load_prepared(path: str | Path, layout: ParallelLayout,
     manifest = _read_manifest(root)
     config = MiniMaxM2Config.from_record(manifest["config"], f"{root / MANIFEST}: 'config'")
     if manifest["layout"] != _layout_record(layout):
-        raise ValueError(f"{root} was prepared for layout {manifest['layout']}, but this run is {_layout_record(layout)}")
+        raise ValueError(f"{root} was prepared for layout {manifest['layout']}, but this run is "
+                         f"{_layout_record(layout)}")
     name = rank_file(layout.rank, layout.world)
     entry = manifest["files"].get(name)
     file = root / name
     if entry is None or not file.is_file():
         raise FileNotFoundError(f"{file} is missing: rerun prepare_weights.py to finish it")
     if file.stat().st_size != entry["bytes"]:
-        raise ValueError(f"{file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}: rerun prepare_weights.py")
+        raise ValueError(f"{file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                         "rerun prepare_weights.py")
     experts = manifest["experts"]
     layout.check(config, len(experts))
     tensors = SafetensorsFile(file)
@@ -323,7 +325,8 @@ def load_prepared(path: str | Path, layout: ParallelLayout,
         _verify(file, tensors, entry["tensors"])
     layers = [LayerWeights(**{n: tensors.map(f"layers.{i}.{n}") for n in LAYER_WEIGHT_NAMES})
               for i in range(config.num_hidden_layers)]
-    return config, experts, ModelWeights(tensors.map("embed"), tensors.map("final_norm"), tensors.map("lm_head"), layers)
+    return config, experts, ModelWeights(tensors.map("embed"), tensors.map("final_norm"), tensors.map("lm_head"),
+                                         layers)
 
 
 def _changed_fields(before: dict, after: dict) -> str:

@@ -39,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
     sizes = [f["bytes"] for f in manifest["files"].values()]
     carried = ", ".join(manifest["carried"]) or "none found"
     print(f"prepared {len(sizes)} rank files in {args.out} ({manifest['skipped']} already complete) in "
-          f"{time.perf_counter() - begin:.1f} s: {np.mean(sizes) / 2**20:,.1f} MiB per rank, {sum(sizes) / 2**20:,.1f} MiB "
-          f"in all; carried from the source: {carried}")
+          f"{time.perf_counter() - begin:.1f} s: {np.mean(sizes) / 2**20:,.1f} MiB per rank, "
+          f"{sum(sizes) / 2**20:,.1f} MiB in all; carried from the source: {carried}")
     return 0

@@ -129,7 +129,8 @@ def layer_unit(
 
 
 def _attention_gathered(h: np.ndarray, partial: np.ndarray, post_norm: np.ndarray, own_position: np.ndarray, *,
-                        eps: float, tp: int, members: int, slice_groups: ReplicaGroups) -> tuple[np.ndarray, np.ndarray]:
+                        eps: float, tp: int, members: int,
+                        slice_groups: ReplicaGroups) -> tuple[np.ndarray, np.ndarray]:
     """The attention residual and the MoE's gathered input in one all_gather over the slice group, which
     holds members / tp whole attention groups: each member sends h / tp + its partial output projection, and
     the tp members of a group sum to that group's h + attention (the o_proj all_reduce is not needed).

@@ -73,9 +73,9 @@ TRN2 = Hardware(
         "collective latency 10 us per collective": "ASSUMED: no public per-collective latency for Trainium2 was "
                                                   "found; TPOT is also printed at 5 and 20 us",
         "matmuls at the dense BF16 peak, memory at the HBM peak": "ASSUMED: a roofline, not a measurement",
-        "10 us per unit launched, 20 us and 16 GB/s per host-device copy": "ASSUMED: no public figure for nkipy's "
-                                                                             "runtime calls was found; TPOT is also "
-                                                                             "printed with launches at 5 and 30 us",
+        "10 us per unit launched, 20 us and 16 GB/s per host-device copy":
+            "ASSUMED: no public figure for nkipy's runtime calls was found; TPOT is also printed with launches at 5 "
+            "and 30 us",
     },
 )
 

@@ -129,8 +129,9 @@ def report(result: GenerationResult, decode_text: Callable[[list[int]], str] | N
 def report_parallel(model: MiniMaxM2Model, backend) -> None:
     """Layout, this rank's resident weight bytes, all_to_all traffic and dropped pairs (rank 0 prints)."""
     layout, layers = model.layout, model.config.num_hidden_layers
-    print(f"ranks {layout.world} (tp {layout.tp}, moe_tp {layout.moe_tp} x moe_ep {layout.moe_ep}, {layout.dp} attention groups): "
-          f"{model.weights.layers[0].w13.shape[0]} experts and {model.weights.nbytes() / 2**20:.1f} MiB of weights on rank 0")
+    print(f"ranks {layout.world} (tp {layout.tp}, moe_tp {layout.moe_tp} x moe_ep {layout.moe_ep}, "
+          f"{layout.dp} attention groups): {model.weights.layers[0].w13.shape[0]} experts and "
+          f"{model.weights.nbytes() / 2**20:.1f} MiB of weights on rank 0")
     print(f"all_to_all sent by rank 0: {backend.all_to_all_bytes / 2**20:.2f} MiB over {layers} layers")
     if layout.capacity_factor is not None:
         print(f"capacity factor {layout.capacity_factor:g}: {model.dropped_pairs} (token, expert) pairs dropped")
@@ -233,7 +234,8 @@ def exit_with(main: Callable[[], int]) -> None:
     except Exception as err:  # noqa: BLE001 - a bug: still one line, the traceback on request
         if os.environ.get("MINIMAX_M2_TRACEBACK"):
             raise
-        code, message = 1, f"internal error: {type(err).__name__}: {err} (rerun with MINIMAX_M2_TRACEBACK=1 for the traceback)"
+        code, message = 1, (f"internal error: {type(err).__name__}: {err} "
+                            "(rerun with MINIMAX_M2_TRACEBACK=1 for the traceback)")
     if code and not quiet:
         print(f"error: {message}", file=sys.stderr, flush=True)
     if code == 2 or quiet:

@@ -60,7 +60,8 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
             header_len = int.from_bytes(prefix, "little")
             if header_len > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"{self.path}: header length {header_len} exceeds the file (truncated or not safetensors)")
+                raise ValueError(f"{self.path}: header length {header_len} exceeds the file "
+                                 "(truncated or not safetensors)")
             try:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -93,7 +94,8 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
         if begin > end or end - begin != nbytes:
-            raise ValueError(f"{self.path}: tensor {key!r} has offsets {begin}..{end} that do not fit shape {shape} {dtype}")
+            raise ValueError(f"{self.path}: tensor {key!r} has offsets {begin}..{end} "
+                             f"that do not fit shape {shape} {dtype}")
         return dtype, shape, begin, end
 
     def _check_ranges(self, data_size: int) -> None:

@@ -1,5 +1,5 @@
-"""Model weights in the layout the kernels use ([in, out] matrices, fused expert gate/up), from a
-checkpoint (layer by layer) or random."""
+"""Model weights in the layout the kernels use (attention and lm_head matrices [in, out]; experts in the
+checkpoint's [out, in], gate and up fused), from a checkpoint (layer by layer) or random."""
 
 from dataclasses import dataclass, fields
 from typing import Iterable
@@ -63,7 +63,8 @@ class ModelWeights:
     def nbytes(self) -> int:
         """Resident bytes of every weight held (a tied lm_head counted once)."""
         arrays = [self.embed, self.final_norm] + [a for layer in self.layers for a in vars(layer).values()]
-        return sum(a.nbytes for a in arrays) + (0 if np.shares_memory(self.lm_head, self.embed) else self.lm_head.nbytes)
+        tied = np.shares_memory(self.lm_head, self.embed)
+        return sum(a.nbytes for a in arrays) + (0 if tied else self.lm_head.nbytes)
 
 
 def _linear(weight: np.ndarray) -> np.ndarray:
@@ -77,7 +78,8 @@ def expert_part(w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, part: slice) -> 
     return np.concatenate([w1[part], w3[part]], axis=0), np.ascontiguousarray(w2[:, part])
 
 
-def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray], part: slice) -> tuple[np.ndarray, np.ndarray]:
+def _fuse_experts(w1: list[np.ndarray], w3: list[np.ndarray], w2: list[np.ndarray],
+                  part: slice) -> tuple[np.ndarray, np.ndarray]:
     """expert_part of every expert, stacked: w13 [E, 2I', hidden], w2 [E, hidden, I']."""
     parts = [expert_part(a, b, c, part) for a, b, c in zip(w1, w3, w2)]
     return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
@@ -102,7 +104,8 @@ def dense_part(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np
     )
 
 
-def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray, w2: np.ndarray) -> LayerWeights:
+def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray,
+           w2: np.ndarray) -> LayerWeights:
     return LayerWeights(**dense_part(config, layout, hf), w13=w13, w2=w2)
 
 
@@ -239,7 +242,8 @@ def rank_shapes(config: MiniMaxM2Config, num_experts: int, layout: ParallelLayou
     model = {"embed": (config.vocab_size, hidden), "final_norm": (hidden,),
              "lm_head": (hidden, layout.vocab_columns(config.vocab_size))}
     return ({name: (shape, dtype) for name, shape in model.items()},
-            {name: (shape, np.dtype(np.float32) if name in FLOAT32_WEIGHTS else dtype) for name, shape in layer.items()})
+            {name: (shape, np.dtype(np.float32) if name in FLOAT32_WEIGHTS else dtype)
+             for name, shape in layer.items()})
 
 
 def zero_model_weights(

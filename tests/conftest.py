@@ -1,5 +1,6 @@
 """Shared tiny checkpoints, built once per test session by transformers."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ import hf_reference  # noqa: E402
 
 PROMPT = np.array([[5, 17, 200, 3, 99, 42, 7], [250, 1, 64, 64, 12, 180, 33]])
 DECODE_STEPS = 8
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temp_dir(tmp_path_factory) -> None:
+    """Processes the tests start (torchrun keeps a log directory per run) write their temporary files under
+    pytest's own temporary directory, which pytest prunes, not into /tmp."""
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +55,8 @@ def with_tokenizer(float32_checkpoint, tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(["hello"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["hello"], trainer)
     assert tokenizer.get_vocab_size() == 256
     tokenizer.save(str(path / "tokenizer.json"))
     return path

@@ -35,7 +35,8 @@ def tiny_config(**overrides) -> HFConfig:
     return HFConfig(**values)
 
 
-def build_model(config: HFConfig, seed: int = 0, bias_scale: float = 0.1, bias_shift: dict[int, float] | None = None) -> MiniMaxM2ForCausalLM:
+def build_model(config: HFConfig, seed: int = 0, bias_scale: float = 0.1,
+                bias_shift: dict[int, float] | None = None) -> MiniMaxM2ForCausalLM:
     """transformers model with random weights, norm weights away from 1 and a non-zero router bias.
 
     bias_shift adds a constant to the bias of the given experts (to skew routing).

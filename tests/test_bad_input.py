@@ -52,9 +52,8 @@ def test_wrong_shape_is_named(float32_checkpoint, tmp_path) -> None:
 
 def test_mtp_modules_are_ignored_by_rule(float32_checkpoint, tmp_path) -> None:
     """Keys of MTP modules (layers past num_hidden_layers when use_mtp) are accounted for, not errors."""
-    path = _rewrite(
-        float32_checkpoint, tmp_path / "c", lambda t: t.update({"model.layers.2.self_attn.q_proj.weight": torch.zeros(64, 64)})
-    )
+    key = "model.layers.2.self_attn.q_proj.weight"
+    path = _rewrite(float32_checkpoint, tmp_path / "c", lambda t: t.update({key: torch.zeros(64, 64)}))
     config = json.loads((path / "config.json").read_text())
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.2.self_attn.q_proj.weight'"):
         MiniMaxM2Model.from_pretrained(path)

@@ -47,7 +47,8 @@ def _config_without(checkpoint: Path, tmp_path: Path, change) -> Path:
     (["--mode", "random", "--batch", "0"], "--batch is 0, expected an integer in [1,"),
     (["--mode", "random", "--vocab-size", "0"], "--vocab-size must be at least 1"),
     (["--mode", "random", "--max-new-tokens", "0"], "--max-new-tokens is 0, expected an integer in [1,"),
-    (["--mode", "random", "--output-json", "/nonexistent-dir/out.json"], "--output-json /nonexistent-dir/out.json: cannot write"),
+    (["--mode", "random", "--output-json", "/nonexistent-dir/out.json"],
+     "--output-json /nonexistent-dir/out.json: cannot write"),
     (["--mode", "random", "--dump-logits", "/proc/x.npy"], "--dump-logits /proc/x.npy: cannot write"),
     (["--mode", "random", "--prompt-len", "30", "--max-seq-len", "16"], "exceeds --max-seq-len 16"),
     (["--mode", "random", "--prompt", "hi"], "--prompt and --chat need a checkpoint's tokenizer"),
@@ -71,7 +72,8 @@ def test_generate_needs_exactly_one_prompt(float32_checkpoint) -> None:
 
 
 def test_empty_prompt(with_tokenizer) -> None:
-    assert_one_line_error(run("--mode", "generate", "--checkpoint", str(with_tokenizer), "--prompt", " "), "--prompt is empty")
+    assert_one_line_error(run("--mode", "generate", "--checkpoint", str(with_tokenizer), "--prompt", " "),
+                          "--prompt is empty")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -99,7 +101,8 @@ def test_help_documents_every_option() -> None:
     undocumented = [a.option_strings[0] for a in actions if not a.help]
     assert undocumented == [], f"options without help: {undocumented}"
     with_default = [a for a in actions if a.default not in (None, False) and a.default != "==SUPPRESS=="]
-    assert all("default" in a.help for a in with_default), [a.option_strings[0] for a in with_default if "default" not in a.help]
+    undocumented = [a.option_strings[0] for a in with_default if "default" not in a.help]
+    assert not undocumented, undocumented
     assert run("--help").returncode == 0
 
 
@@ -183,15 +186,18 @@ def test_serve_needs_a_tokenizer(float32_checkpoint) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mode", "random", "--experts", "0-99999999999"], "--experts '0-99999999999' is not an ascending range inside 0..15"),
+    (["--mode", "random", "--experts", "0-99999999999"],
+     "--experts '0-99999999999' is not an ascending range inside 0..15"),
     (["--mode", "random", "--max-seq-len", "2000000000"], "--max-seq-len is 2000000000, expected an integer in"),
     (["--mode", "random", "--batch", "100000000"], "--batch is 100000000, expected an integer in"),
     (["--mode", "random", "--collective-timeout", "-5"], "--collective-timeout is -5.0, expected a finite number"),
-    (["--mode", "random", "--prompt-ids", "99999999999999999999999"], "--prompt-ids 99999999999999999999999 is not a token id"),
+    (["--mode", "random", "--prompt-ids", "99999999999999999999999"],
+     "--prompt-ids 99999999999999999999999 is not a token id"),
     (["--mode", "random", "--max-seq-len", "16000000"], "this run needs"),
-    (["--mode", "random", "--hidden-size", "3072", "--num-layers", "62", "--num-experts", "256", "--experts-per-token", "8",
-      "--vocab-size", "200064"], "GiB per rank (weights"),
-    (["--mode", "random", "--max-new-tokens", "2", "--dump-logits", "/dev/full"], "--dump-logits /dev/full: No space left"),
+    (["--mode", "random", "--hidden-size", "3072", "--num-layers", "62", "--num-experts", "256",
+      "--experts-per-token", "8", "--vocab-size", "200064"], "GiB per rank (weights"),
+    (["--mode", "random", "--max-new-tokens", "2", "--dump-logits", "/dev/full"],
+     "--dump-logits /dev/full: No space left"),
 ])
 def test_oversized_or_unwritable_runs_are_refused(args, message) -> None:
     """Sizes are checked, and memory planned, before anything is allocated; a full disk is an error, not 'wrote'."""
@@ -221,7 +227,8 @@ def test_broken_chat_template_is_named(with_tokenizer, tmp_path) -> None:
 
 def test_broken_manifest_is_named(float32_checkpoint, tmp_path) -> None:
     out = tmp_path / "w"
-    assert subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(float32_checkpoint), "--out", str(out)],
+    assert subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(float32_checkpoint), "--out",
+                           str(out)],
                           capture_output=True, timeout=120, cwd=ROOT).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["layout"] = [1, 1, 1]
@@ -243,7 +250,8 @@ def test_sigterm_ends_a_busy_server_within_seconds(with_tokenizer) -> None:
                                str(with_tokenizer), "--port", str(port), "--max-seq-len", "4096"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": 3500, "stream": True}).encode()
+        body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": 3500,
+                           "stream": True}).encode()
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -30,7 +30,8 @@ def alone(model: MiniMaxM2Model, prompt: list[int], new: int) -> tuple[list[int]
     return ids[0, len(prompt):].tolist(), logits[0]
 
 
-@pytest.mark.parametrize("slots, chunk", [(2, 8), (4, 64), (1, 5)], ids=["2-slots-chunk-8", "4-slots", "1-slot-chunk-5"])
+@pytest.mark.parametrize("slots, chunk", [(2, 8), (4, 64), (1, 5)],
+                         ids=["2-slots-chunk-8", "4-slots", "1-slot-chunk-5"])
 def test_ragged_prompts_batched_give_what_each_gives_alone(model, slots, chunk) -> None:
     prompts = prompts_of([7, 3, 20, 12, 1, 33])
     engine = Engine(model, max_num_seqs=slots, prefill_chunk=chunk)
@@ -46,8 +47,8 @@ def test_the_engine_matches_transformers(float32_checkpoint, hf_model) -> None:
     """Both rows of the shared prompt through the engine, against transformers' own greedy decoding."""
     model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
     want_tokens, want_logits = greedy_logits(hf_model, PROMPT, 9)
-    results = Engine(model, max_num_seqs=2, prefill_chunk=4).generate(PROMPT.tolist(), Sampling(max_new_tokens=9),
-                                                                       keep_logits=True)
+    engine = Engine(model, max_num_seqs=2, prefill_chunk=4)
+    results = engine.generate(PROMPT.tolist(), Sampling(max_new_tokens=9), keep_logits=True)
     for row, result in enumerate(results):
         assert result.generated == want_tokens[row, PROMPT.shape[1]:].tolist()
         assert relative_error(result.logits, want_logits[row]) < RTOL
@@ -180,6 +181,21 @@ def test_every_step_has_a_shape_of_the_set(model) -> None:
 
     engine.executor.execute = record
     engine.generate(prompts_of([3, 40, 17, 9]), Sampling(max_new_tokens=4))
-    allowed = {(phase, max(min_rows(seq), rows), bucket, seq, kv) for phase, rows, bucket, seq, kv in engine.shapes.shapes()}
+    allowed = {(phase, max(min_rows(seq), rows), bucket, seq, kv)
+               for phase, rows, bucket, seq, kv in engine.shapes.shapes()}
     assert seen and seen <= allowed, seen - allowed
     assert min(rows * seq for _, rows, _, seq, _ in seen) >= 2, "no compiled shape has a token axis of 1"
+
+
+def test_an_engine_keeping_no_logits_compiles_no_all_position_logits(model) -> None:
+    serving, generating = (Engine(model, max_num_seqs=2, prefill_chunk=16, keep_logits=keep) for keep in (False, True))
+
+    def heads_returning_every_position(engine: Engine) -> int:
+        return sum(1 for unit in engine.programs().values() if unit.name == "lm_head"
+                   and unit.constants.get("return_logits") and unit.inputs["selected"].shape[0] > 2 * 2)
+
+    assert heads_returning_every_position(serving) == 0
+    assert heads_returning_every_position(generating) > 0
+    assert len(serving.programs()) < len(generating.programs())
+    with pytest.raises(ValueError, match="keep_logits=False"):
+        serving.submit([1, 2, 3], Sampling(), keep_logits=True)

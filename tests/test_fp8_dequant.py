@@ -44,7 +44,8 @@ def test_ceil_grid_dequantisation(tmp_path) -> None:
         "block_sparse_moe.gate.weight": (1, 24), "block_sparse_moe.e_score_correction_bias": (1,),
     }.items():
         tensors[p + name] = torch.zeros(shape)
-    tensors.update({"model.embed_tokens.weight": torch.zeros(8, 24), "model.norm.weight": torch.zeros(24), "lm_head.weight": torch.zeros(8, 24)})
+    tensors.update({"model.embed_tokens.weight": torch.zeros(8, 24), "model.norm.weight": torch.zeros(24),
+                    "lm_head.weight": torch.zeros(8, 24)})
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({}))
     got = Checkpoint(tmp_path, config, [0]).read(key)

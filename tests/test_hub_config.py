@@ -21,7 +21,8 @@ def config() -> MiniMaxM2Config:
 
 def test_dimensions(config: MiniMaxM2Config) -> None:
     c = config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (3072, 62, 48, 8, 128)
+    shape = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    assert shape == (3072, 62, 48, 8, 128)
     assert (c.vocab_size, c.num_local_experts, c.num_experts_per_tok, c.intermediate_size) == (200064, 256, 8, 1536)
     assert (c.rotary_dim, c.rope_theta, c.tie_word_embeddings, c.fp8_block_size) == (64, 5e6, False, (128, 128))
 
@@ -31,7 +32,8 @@ def test_every_hub_tensor_is_expected(config: MiniMaxM2Config) -> None:
     shapes = global_shapes(config)
     for layer in range(config.num_hidden_layers):
         shapes.update(layer_shapes(config, layer, list(range(config.num_local_experts))))
-    scales = {k + "_scale_inv": tuple(-(-n // 128) for n in s) for k, s in shapes.items() if k.split(".")[-2] in QUANTIZED}
+    scales = {k + "_scale_inv": tuple(-(-n // 128) for n in s)
+              for k, s in shapes.items() if k.split(".")[-2] in QUANTIZED}
     assert len(shapes) + len(scales) == 96103
     assert scales["model.layers.0.block_sparse_moe.experts.0.w1.weight_scale_inv"] == (12, 24)
     assert scales["model.layers.0.block_sparse_moe.experts.0.w2.weight_scale_inv"] == (24, 12)

@@ -47,7 +47,8 @@ def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capaci
         rows = np.array([m * TOKENS + t for m in range(moe_tp) for t in range(valid_rows)], np.int32)
         local_w13, local_w2 = _rank_weights(layout, w13, w2)
         return moe_block_parallel(
-            collectives.all_gather(x[layout.group], 0, layout.slice_groups), rows, rows // TOKENS, np.ones(len(rows), bool), values.member_slots, values.own_members,
+            collectives.all_gather(x[layout.group], 0, layout.slice_groups), rows, rows // TOKENS,
+            np.ones(len(rows), bool), values.member_slots, values.own_members,
             values.own_position, gate, bias, local_w13, local_w2, top_k=TOP_K, members=moe_tp, per_token=TOP_K // tp,
             own_count=len(layout.own_members()), real_pairs=len(rows) * (TOP_K // tp),
             capacity=capacity or layout.capacity(len(rows), TOP_K, local_w13.shape[0]), block_rows=block_rows,

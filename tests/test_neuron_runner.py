@@ -157,7 +157,8 @@ def _engine(model: MiniMaxM2Model, runner: NeuronRunner) -> Engine:
 
 
 REQUESTS = [([5, 17, 200, 3, 99], Sampling(max_new_tokens=12)),
-            ([250, 1, 64, 64, 12, 180, 33, 9], Sampling(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=3)),
+            ([250, 1, 64, 64, 12, 180, 33, 9], Sampling(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9,
+                                                        seed=3)),
             ([7, 7, 7], Sampling(max_new_tokens=12, temperature=1.2, top_k=5, seed=4))]
 
 

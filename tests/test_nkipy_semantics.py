@@ -92,7 +92,8 @@ def assert_same_program_as_numpy(program, traced, plain, allowed, what: str) -> 
     assert program.violations == [], f"{what}: {program.violations}"
     if allowed is not None:
         assert outside_subset(program, allowed) == [], f"{what} calls what nkipy cannot trace"
-    assert _mismatch(traced, plain) <= 1e-6, f"{what}: traced result differs from NumPy by {_mismatch(traced, plain):.3g}"
+    mismatch = _mismatch(traced, plain)
+    assert mismatch <= 1e-6, f"{what}: traced result differs from NumPy by {mismatch:.3g}"
 
 
 # --- single kernels ---------------------------------------------------------------------------------
@@ -129,8 +130,8 @@ def _kernel_cases():
     for block_rows in (1, 2, 4, 8, 16, 32, 64, 128, DENSE):
         yield f"grouped_experts blocks of {block_rows or 'all (dense)'}", grouped_experts, dict(
             x=x(40, 64), expert_ids=ids, valid=valid, w13=w.w13, w2=w.w2), dict(block_rows=block_rows)
-    yield "grouped_experts one expert", grouped_experts, dict(
-        x=x(40, 64), expert_ids=np.full(40, 5, np.int32), valid=np.ones(40, bool), w13=w.w13, w2=w.w2), dict(block_rows=4)
+    one = dict(x=x(40, 64), expert_ids=np.full(40, 5, np.int32), valid=np.ones(40, bool), w13=w.w13, w2=w.w2)
+    yield "grouped_experts one expert", grouped_experts, one, dict(block_rows=4)
     yield "exclusive_cumsum", exclusive_cumsum, dict(values=rng.integers(0, 3, (300, 5)).astype(np.int32)), {}
     yield "place_rows", place_rows, dict(x=x(3, 64), slot=np.array([2, 0, 5], np.int32),
                                          valid=np.array([True, False, True])), dict(num_slots=6)
@@ -138,7 +139,8 @@ def _kernel_cases():
                                                    table=x(250, 64)), {}
     yield "lm_head", lm_head, dict(h=x(2, 64), norm_weight=w.input_norm, weight=x(64, 250)), dict(eps=1e-6)
     yield "greedy_pick", greedy_pick, dict(logits=x(2, 250)), {}
-    yield "top_candidates", top_candidates, dict(logits=x(3, 250), ids=np.tile(np.arange(250, dtype=np.int32), (3, 1))), \
+    yield "top_candidates", top_candidates, dict(logits=x(3, 250),
+                                                 ids=np.tile(np.arange(250, dtype=np.int32), (3, 1))), \
         dict(k=16)
     yield "sample_candidates", sample_candidates, dict(
         values=np.sort(x(3, 16))[:, ::-1].copy(), ids=rng.integers(0, 250, (3, 16)).astype(np.int32),
@@ -322,9 +324,11 @@ WRONG = [
     ("integer //", _floor_div, dict(ids=np.array([3, 4], np.int32)), {}, "integer np.floor_divide"),
     ("negative take", _negative_take, dict(x=np.eye(3, dtype=np.float32), ids=np.array([0, 2], np.int32)), {}, None),
     ("integer /", _int_divide, dict(ids=np.array([3, 4], np.int32)), {}, None),
-    ("constant matmul operand", _constant_matmul, dict(x=np.ones((2, 3), np.float32)), {}, "constant as a matmul operand"),
+    ("constant matmul operand", _constant_matmul, dict(x=np.ones((2, 3), np.float32)), {},
+     "constant as a matmul operand"),
     ("constant result", _constant_result, dict(x=np.ones(2, np.float32)), {}, "not computed from the inputs"),
-    ("dataclass weights", _dataclass_weights, dict(x=np.ones((1, 2), np.float32), weights=_Weights(np.eye(2, dtype=np.float32))),
+    ("dataclass weights", _dataclass_weights, dict(x=np.ones((1, 2), np.float32),
+                                                   weights=_Weights(np.eye(2, dtype=np.float32))),
      {}, "not an array: baked in"),
     ("rank constant", _rank_constant, dict(x=np.eye(3, dtype=np.float32)), dict(slots=np.array([1], np.int32)),
      "holds an array"),

@@ -52,7 +52,8 @@ def _run_on_xla(code, per_rank_inputs: list[dict]) -> list[list[np.ndarray]]:
     replicas = len(per_rank_inputs)
     backend = jax_backend.get_backend("cpu")
     if len(backend.devices()) < replicas:
-        pytest.skip(f"XLA has {len(backend.devices())} CPU devices; set XLA_FLAGS=--xla_force_host_platform_device_count=4")
+        pytest.skip(f"XLA has {len(backend.devices())} CPU devices; "
+                    "set XLA_FLAGS=--xla_force_host_platform_device_count=4")
     options = xla_client.CompileOptions()
     options.num_replicas = replicas
     build = options.executable_build_options
@@ -78,8 +79,8 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-30))
 
 
-@pytest.mark.parametrize("world, tp, moe_tp, phase, batch, seq, skewed", CASES,
-                         ids=[f"w{c[0]}-tp{c[1]}-moetp{c[2]}-{c[3]}-b{c[4]}-s{c[5]}{'-skewed' if c[6] else ''}" for c in CASES])
+@pytest.mark.parametrize("world, tp, moe_tp, phase, batch, seq, skewed", CASES, ids=[
+    f"w{c[0]}-tp{c[1]}-moetp{c[2]}-{c[3]}-b{c[4]}-s{c[5]}{'-skewed' if c[6] else ''}" for c in CASES])
 def test_traced_units_compute_the_numpy_result(world, tp, moe_tp, phase, batch, seq, skewed) -> None:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     ranks = [_rank_units(world, tp, moe_tp, r, phase, batch, seq, skewed) for r in range(world)]

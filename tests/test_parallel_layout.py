@@ -77,12 +77,14 @@ def test_ep_without_torchrun_is_refused(capsys) -> None:
         main(run_example.parse_args(["--mode", "random", "--ep", "2"]))
 
 
-@pytest.mark.parametrize("world, tp, moe_tp, batch", [(2, 2, 1, 2), (4, 2, 1, 2), (4, 1, 4, 1), (4, 1, 1, 1), (4, 2, 2, 1)],
+@pytest.mark.parametrize("world, tp, moe_tp, batch", [(2, 2, 1, 2), (4, 2, 1, 2), (4, 1, 4, 1), (4, 1, 1, 1),
+                                                      (4, 2, 2, 1)],
                          ids=["w2-tp2", "w4-tp2", "w4-sliced-batch1", "w4-spread-batch1", "w4-mixed-batch1"])
 def test_threaded_ranks_match_one_process(float32_checkpoint, world, tp, moe_tp, batch) -> None:
     """Batch 1 over 4 attention groups leaves 3 groups of padding rows: they never reach an expert."""
     prompt = PROMPT[:batch]
-    want_ids, want = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32).generate(prompt, 4, return_logits=True)
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
+    want_ids, want = model.generate(prompt, 4, return_logits=True)
     backend = ThreadCollectives(world)
     collectives.set_backend(backend)
     try:

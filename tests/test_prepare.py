@@ -64,12 +64,14 @@ def test_rank_files_reproduce_one_process(fp8_checkpoint, tmp_path, world, tp, m
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / MANIFEST).read_text())
     assert sorted(manifest["files"]) == [rank_file(r, world) for r in range(world)]
-    want_ids, want = MiniMaxM2Model.from_pretrained(fp8_checkpoint, max_seq_len=32).generate(PROMPT, 4, return_logits=True)
+    model = MiniMaxM2Model.from_pretrained(fp8_checkpoint, max_seq_len=32)
+    want_ids, want = model.generate(PROMPT, 4, return_logits=True)
     backend = ThreadCollectives(world)
     collectives.set_backend(backend)
     try:
         results = backend.run(lambda r: MiniMaxM2Model.from_prepared(
-            out, max_seq_len=32, layout=ParallelLayout(world, tp, r, moe_tp=moe_tp)).generate(PROMPT, 4, return_logits=True))
+            out, max_seq_len=32, layout=ParallelLayout(world, tp, r, moe_tp=moe_tp),
+        ).generate(PROMPT, 4, return_logits=True))
     finally:
         collectives.set_backend(None)
     for ids, logits in results:
@@ -78,7 +80,8 @@ def test_rank_files_reproduce_one_process(fp8_checkpoint, tmp_path, world, tp, m
 
 
 def test_expert_subset(float32_checkpoint, tmp_path) -> None:
-    assert prepare(str(float32_checkpoint), "--out", str(tmp_path / "w"), "--dtype", "float32", "--experts", "0-3,8-11").returncode == 0
+    assert prepare(str(float32_checkpoint), "--out", str(tmp_path / "w"), "--dtype", "float32", "--experts",
+                   "0-3,8-11").returncode == 0
     experts = [0, 1, 2, 3, 8, 9, 10, 11]
     got = MiniMaxM2Model.from_prepared(tmp_path / "w", max_seq_len=16).forward(PROMPT)
     want = MiniMaxM2Model.from_pretrained(float32_checkpoint, experts=experts, max_seq_len=16).forward(PROMPT)
@@ -136,7 +139,8 @@ def test_prepared_for_another_layout_is_refused(float32_checkpoint, tmp_path) ->
 def test_bad_arguments_are_one_line_errors(float32_checkpoint, tmp_path, args, message) -> None:
     done = prepare(str(float32_checkpoint), "--out", str(tmp_path / "w"), *args)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [message.split(": ", 1)[0] + ": " + done.stderr.split(": ", 1)[1].strip()]
+    first = message.split(": ", 1)[0] + ": " + done.stderr.split(": ", 1)[1].strip()
+    assert done.stderr.strip().splitlines() == [first]
     assert message in done.stderr
 
 
@@ -307,7 +311,8 @@ def test_a_second_preparation_into_the_same_directory_is_refused(float32_checkpo
         second = prepare(str(float32_checkpoint), "--out", str(out))  # bfloat16: would rewrite everything
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [second.stderr.strip()]
-    assert second.stderr.startswith("error: ") and "being written by another prepare_weights.py (pid 4242)" in second.stderr
+    assert second.stderr.startswith("error: ")
+    assert "being written by another prepare_weights.py (pid 4242)" in second.stderr
     assert (out / MANIFEST).read_text() == before and not list(out.glob("*.tmp"))
     assert prepare(str(float32_checkpoint), "--out", str(out)).returncode == 0
 

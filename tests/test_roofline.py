@@ -37,7 +37,8 @@ def test_expert_parallel_reads_at_most_its_experts_and_exchanges_pairs_twice() -
     layer = decode_layer(4, 1)
     assert layer.expert_bytes == 4 * EXPERT_BYTES
     exchanges = [c for c in layer.collectives if c.name == "all_to_all"]
-    assert [c.payload_bytes for c in exchanges] == [4 * 2 * (CONFIG.hidden_size + 1) * 4, 4 * 2 * CONFIG.hidden_size * 4]
+    assert [c.payload_bytes for c in exchanges] == [4 * 2 * (CONFIG.hidden_size + 1) * 4,
+                                                    4 * 2 * CONFIG.hidden_size * 4]
 
 
 def test_memory_and_matmul_overlap_only_where_the_hardware_says() -> None:

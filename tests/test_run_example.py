@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "run_example.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "run_example.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
 
 
 def test_mode_test_passes_every_kernel() -> None:
@@ -43,7 +44,8 @@ def test_mode_generate_writes_json_and_logits(hf_model, sharded_checkpoint, tmp_
     rows = [",".join(map(str, row)) for row in PROMPT]
     result = _run(
         "--mode", "generate", "--checkpoint", str(sharded_checkpoint), "--prompt-ids", rows[0], "--prompt-ids", rows[1],
-        "--max-new-tokens", str(steps), "--max-seq-len", "32", "--output-json", str(out_json), "--dump-logits", str(out_logits),
+        "--max-new-tokens", str(steps), "--max-seq-len", "32", "--output-json", str(out_json),
+        "--dump-logits", str(out_logits),
     )
     assert result.returncode == 0, result.stderr
     want_tokens, want_logits = greedy_logits(hf_model, PROMPT, steps)

@@ -26,7 +26,8 @@ from minimax_m2.serving.engine import Engine  # noqa: E402
 from minimax_m2.serving.server import Limits, ServedModel, make_server  # noqa: E402
 
 SCRIPT = ("The user wants the weather.\n</think>\n\nLet me check.<minimax:tool_call>\n<invoke name=\"get_weather\">\n"
-          "<parameter name=\"city\">Paris</parameter>\n<parameter name=\"days\">2</parameter>\n</invoke>\n</minimax:tool_call>")
+          "<parameter name=\"city\">Paris</parameter>\n<parameter name=\"days\">2</parameter>\n</invoke>\n"
+          "</minimax:tool_call>")
 LIMITS = Limits(max_body_bytes=64 << 10, body_seconds=3, header_seconds=2)
 
 
@@ -154,8 +155,8 @@ def test_reasoning_and_tool_calls(scripted_server) -> None:
     assert whole.choices[0].finish_reason == "tool_calls"
     call = message.tool_calls[0]
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
-    chunks = list(client(scripted_server).chat.completions.create(model="scripted", messages=messages, tools=[WEATHER],
-                                                                  stream=True))
+    chunks = list(client(scripted_server).chat.completions.create(model="scripted", messages=messages,
+                                                                  tools=[WEATHER], stream=True))
     streamed_calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
     assert [json.loads(t.function.arguments) for t in streamed_calls] == [{"city": "Paris", "days": 2}]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me check."
@@ -170,8 +171,8 @@ def test_stop_sequence(scripted_server) -> None:
 def test_concurrent_clients_each_get_their_own_answer(model_server) -> None:
     """Requests of different lengths batched by the engine give what each gives alone."""
     def ask(text: str) -> str:
-        reply = client(model_server).chat.completions.create(model="tiny-m2", messages=[{"role": "user", "content": text}],
-                                                           max_tokens=5)
+        reply = client(model_server).chat.completions.create(
+            model="tiny-m2", messages=[{"role": "user", "content": text}], max_tokens=5)
         return reply.choices[0].message.content or ""
 
     texts = ["first", "the second one is longer", "3", "and a fourth, longer than all the others here"]
@@ -195,8 +196,10 @@ def _chat(**fields) -> bytes:
 
 @pytest.mark.parametrize("body, status, param, message", [
     (b"{not json", 400, None, "not valid JSON"),
-    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model", "does not exist"),
-    (json.dumps({"messages": [{"role": "user", "content": "x" * 300}]}).encode(), 400, "max_tokens", "exceed the context"),
+    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model",
+     "does not exist"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 300}]}).encode(), 400, "max_tokens",
+     "exceed the context"),
     (_chat(temperature=-1), 400, "temperature", "'temperature' must be"),
     (json.dumps({"messages": []}).encode(), 400, "messages", "'messages' must be"),
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "messages", "role must be one of"),
@@ -207,7 +210,8 @@ def _chat(**fields) -> bytes:
      "messages", "tool_calls[0] must be"),
     (_chat(tools="get_weather"), 400, "tools", "'tools' must be a list"),
     (_chat(tools=[1, 2]), 400, "tools", "tools[0] must be"),
-    (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}]), 400, "tools", "tools[0] must be"),
+    (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}]), 400, "tools",
+     "tools[0] must be"),
     (_chat(stream_options="yes"), 400, "stream_options", "'stream_options' must be"),
     (_chat(stream="no"), 400, "stream", "'stream' must be true or false"),
     (_chat(n=3), 400, "n", "'n' must be 1"),
@@ -217,7 +221,8 @@ def _chat(**fields) -> bytes:
     (json.dumps({"messages": [{"role": "user", "content": "x" * 60000}]}).encode(), 400, "messages",
      "characters cannot fit"),
 ])
-def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(model_server, body, status, param, message) -> None:
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(model_server, body, status, param,
+                                                                       message) -> None:
     code, reply = _post(model_server, "/v1/chat/completions", body)
     assert code == status, reply
     error = reply["error"]

@@ -1,7 +1,8 @@
-"""One OpenAI endpoint over W = 2 ranks (torchrun, gloo): rank 0 serves and schedules, every step's plan goes
-to both ranks. Greedy completions, plain and streamed, chat and text, equal the one-process server's; a
-client that disconnects frees its slot; a killed rank ends the in-flight request with an error and every
-process within the collective timeout; SIGTERM to the launcher drains and stops both ranks."""
+"""One OpenAI endpoint over W = 2 ranks (torchrun, gloo), and the plans of W = 2 and 4 ranks as threads: rank 0
+serves and schedules, every step's plan goes to every rank. Greedy completions, plain and streamed, chat and
+text, equal the one-process server's; a client that disconnects frees its slot; a killed rank ends the
+in-flight request with an error and every process within the collective timeout; SIGTERM to the launcher
+drains and stops both ranks."""
 
 import json
 import os
@@ -46,8 +47,9 @@ class RankServer:
     def __init__(self, world: int, source: list[str], *flags: str):
         self.port = free_port()
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-                   str(ROOT / "run_example.py"), "--mode", "serve", *source, "--ep", str(world), "--port", str(self.port),
-                   "--max-seq-len", "256", "--max-num-seqs", "4", "--collective-timeout", str(TIMEOUT), *flags]
+                   str(ROOT / "run_example.py"), "--mode", "serve", *source, "--ep", str(world),
+                   "--port", str(self.port), "--max-seq-len", "256", "--max-num-seqs", "4",
+                   "--collective-timeout", str(TIMEOUT), *flags]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                                         start_new_session=True)
         self.output: list[str] = []
@@ -128,8 +130,9 @@ def one_process(with_tokenizer) -> dict:
         engine.stop()
 
 
-@pytest.mark.parametrize("tp, moe_tp", [(1, 2), (1, 1), (2, 2), (2, 1)])
-def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, tp, moe_tp) -> None:
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 2), (2, 1, 1), (2, 2, 2), (2, 2, 1), (4, 1, 4), (4, 2, 2),
+                                               (4, 2, 4), (4, 1, 2)])
+def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, world, tp, moe_tp) -> None:
     """Rank 0's engine sends every plan (steps and prefix copies) to the other rank, ranks as threads; requests
     arrive while others run and share a 40-token prefix, greedy, sampled on the device (top-k), sampled on the
     host (no top-k: logits returned) and keeping their logits: every rank computes what one process does."""
@@ -158,11 +161,11 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, tp
 
     want = arriving(Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=128), max_num_seqs=4,
                            prefill_chunk=16))
-    backend = ThreadCollectives(2)
+    backend = ThreadCollectives(world)
 
     def rank(r: int):
         model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=128,
-                                               layout=ParallelLayout(2, tp, r, moe_tp=moe_tp))
+                                               layout=ParallelLayout(world, tp, r, moe_tp=moe_tp))
         model.schedule_cost()
         if r:
             model.allocate(4)
@@ -174,10 +177,10 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, tp
 
     collectives.set_backend(backend)
     try:
-        (got, plans), steps = backend.run(rank)
+        (got, plans), *steps = backend.run(rank)
     finally:
         collectives.set_backend(None)
-    assert got == want and 0 < steps < plans
+    assert got == want and all(0 < s == steps[0] < plans for s in steps)
 
 
 def check_equal(url: str, one_process: dict) -> None:
@@ -195,7 +198,8 @@ def test_two_ranks_answer_as_one_process(with_tokenizer, one_process, tp, moe_tp
         assert plans >= _metric(server.url, "steps") > 0 and _metric(server.url, "control_bytes") > 0, \
             "the control path's plans and bytes are on /metrics"
         # a client that disconnects mid-stream frees its slot on every rank
-        body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 80, "stream": True}).encode()
+        body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 80,
+                           "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
             raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)

@@ -23,7 +23,8 @@ TIMEOUT = 240
 
 
 def torchrun(world: int, script: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), str(script), *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+               str(script), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
 
 
@@ -46,7 +47,8 @@ def assert_same(got_ids, got_logits, want_ids, want_logits) -> None:
     n = PROMPT.shape[1]
     assert relative_error(got_logits[:, :n], want_logits[:, :n]) < RTOL, "prefill logits differ"
     for step in range(DECODE_STEPS):
-        assert relative_error(got_logits[:, n + step], want_logits[:, n + step]) < RTOL, f"decode step {step + 1} differs"
+        error = relative_error(got_logits[:, n + step], want_logits[:, n + step])
+        assert error < RTOL, f"decode step {step + 1} differs"
     np.testing.assert_array_equal(got_ids, want_ids)
 
 
@@ -77,7 +79,8 @@ def test_fp8(fp8_checkpoint, tmp_path, moe_tp) -> None:
 def test_expert_subset(float32_checkpoint, tmp_path, moe_tp) -> None:
     experts = [0, 2, 3, 5, 8, 9, 12, 15]
     ids, logits, _ = run_ranks(
-        2, 1, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint), "--experts", ",".join(map(str, experts)),
+        2, 1, tmp_path, "--mode", "generate", "--checkpoint", str(float32_checkpoint),
+        "--experts", ",".join(map(str, experts)),
         moe_tp=moe_tp,
     )
     assert_same(ids, logits, *single(float32_checkpoint, experts))
@@ -97,13 +100,15 @@ def test_every_token_on_one_rank(all_on_rank_0, tmp_path) -> None:
 
 
 def test_capacity_factor_reports_drops(all_on_rank_0, tmp_path) -> None:
-    _, _, stdout = run_ranks(4, 1, tmp_path, "--mode", "generate", "--checkpoint", str(all_on_rank_0), "--capacity-factor", "1")
+    _, _, stdout = run_ranks(4, 1, tmp_path, "--mode", "generate", "--checkpoint", str(all_on_rank_0),
+                             "--capacity-factor", "1")
     dropped = int(stdout.split("capacity factor 1: ")[1].split()[0])
     assert dropped > 0
 
 
 def test_random_mode_matches_single_process(tmp_path) -> None:
-    args = ["--mode", "random", "--num-layers", "2", "--num-experts", "8", "--hidden-size", "256", "--vocab-size", "300", "--model-seed", "3"]
+    args = ["--mode", "random", "--num-layers", "2", "--num-experts", "8", "--hidden-size", "256", "--vocab-size",
+            "300", "--model-seed", "3"]
     ids, logits, _ = run_ranks(2, 2, tmp_path, *args)
     config = random_config(256, 2, 8, 4, 300)
     model = MiniMaxM2Model.random(config, seed=3, max_seq_len=32)
@@ -223,7 +228,8 @@ RAGGED = [[5, 17, 200], [250, 1, 64, 64, 12, 180, 33, 9, 41], [7], [99, 3, 3, 18
 RAGGED_LAYOUTS = [(2, 1, 1), (2, 2, 2), (4, 1, 4), (4, 2, 1), (4, 2, 2)]
 
 
-@pytest.mark.parametrize("world, tp, moe_tp", RAGGED_LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in RAGGED_LAYOUTS])
+@pytest.mark.parametrize("world, tp, moe_tp", RAGGED_LAYOUTS,
+                         ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in RAGGED_LAYOUTS])
 def test_ragged_prompts_through_the_engine(float32_checkpoint, tmp_path, world, tp, moe_tp) -> None:
     """Prompts of different lengths, batched by the engine over W ranks (2 slots per attention group, chunks
     of 4 tokens): every row's logits and tokens are what the row gives alone in one process."""

@@ -126,8 +126,8 @@ def render_with_template(template: str, messages: list[Message], tools: list[dic
         raise ValueError(f"chat template: {message}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False: json.dumps(value, indent=indent,
-                                                                                    ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False: json.dumps(
+        value, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(messages=messages, tools=tools,

@@ -80,14 +80,18 @@ class Result:
 
 class Engine:
     def __init__(self, model: MiniMaxM2Model, max_num_seqs: int = 8, prefill_chunk: int = 256,
-                 executor: Executor | None = None, prefix_reuse: bool = True):
+                 executor: Executor | None = None, prefix_reuse: bool = True, keep_logits: bool = True):
         """max_num_seqs: KV-cache slots per attention group; prefill_chunk: prompt tokens per step;
-        prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold)."""
+        prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold); keep_logits:
+        requests may keep the logits of every position (off: the lm_head variants returning a prefill's
+        [tokens, vocab] logits are neither compiled nor planned for)."""
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be positive, got {max_num_seqs}, {prefill_chunk}")
         self.model = model
+        self.keep_logits = keep_logits
         self.groups = model.layout.dp
-        self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len), model.max_seq_len)
+        self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len),
+                                     model.max_seq_len)
         model.allocate(max_num_seqs)
         self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY, prefix_reuse)
         self.scheduler = Scheduler(self.cache, self.shapes, self.groups)
@@ -128,11 +132,14 @@ class Engine:
 
     def _warm_up_steps(self) -> list[Step]:
         """A padding step of each shape of the set with each lm_head variant: sampling on the device or not,
-        with logits or not, and for a prefill, with the logits of every position (a request keeping them)."""
+        with logits or not, and for a prefill, with the logits of every position (when requests may keep
+        them)."""
         scratch = self.model.slots
         chunk = {"decode": 0, "prefill": self.shapes.prefill_chunk}
         variants = {"decode": [(s, logits, False) for s, logits in itertools.product((False, True), repeat=2)]}
-        variants["prefill"] = variants["decode"] + [(False, True, True), (True, True, True)]
+        variants["prefill"] = list(variants["decode"])
+        if self.keep_logits:
+            variants["prefill"] += [(False, True, True), (True, True, True)]
         return [padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv, chunk[phase], *variant)
                 for phase, rows, bucket, seq, kv in self.shapes.shapes() for variant in variants[phase]]
 
@@ -154,6 +161,8 @@ class Engine:
         if outside:
             raise ValueError(f"token ids {sorted(set(outside))[:10]} are outside the vocabulary "
                              f"0..{self.model.config.vocab_size - 1}")
+        if keep_logits and not self.keep_logits:
+            raise ValueError("this engine was built with keep_logits=False: no request keeps its logits")
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         request = Request(list(prompt), sampling, notify or (lambda kind, value: None), keep_logits)

@@ -109,7 +109,8 @@ def parse_invokes(block: str, tools: list[dict] | None) -> list[dict]:
     for name, body in _INVOKE.findall(block):
         properties = schemas.get(name, {})
         arguments = {key: _typed(value.strip("\n"), properties.get(key, {})) for key, value in _PARAMETER.findall(body)}
-        calls.append({"type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
+        calls.append({"type": "function", "function": {"name": name,
+                                                       "arguments": json.dumps(arguments, ensure_ascii=False)}})
     return calls
 
 

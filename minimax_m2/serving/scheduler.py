@@ -56,7 +56,9 @@ class ShapeSet:
     def holds(self, rows: int, tokens: int) -> bool:
         """Whether a prefill step of `rows` rows per group, the longest of `tokens` tokens, has a shape of the set."""
         r = self.bucket(rows, self.prefill_rows, "prefill rows")
-        return r == self.prefill_rows[0] or r * self.bucket(tokens, self.prefill_tokens, "tokens") <= 2 * self.prefill_chunk
+        if r == self.prefill_rows[0]:
+            return True
+        return r * self.bucket(tokens, self.prefill_tokens, "tokens") <= 2 * self.prefill_chunk
 
     def shapes(self) -> list[tuple[str, int, int, int, int]]:
         """(phase, rows per group, real rows in all, tokens per row, attended length) of every program step

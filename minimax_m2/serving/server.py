@@ -124,11 +124,13 @@ def _check_parameters(body: dict) -> None:
     if not isinstance(body.get("stream", False), bool):
         raise RequestError(f"'stream' must be true or false, got {body.get('stream')!r}", "stream")
     options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)
+    if options is not None and (not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)
                                 or set(options) - {"include_usage"}):
         raise RequestError("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
     if body.get("tool_choice") not in (None, "auto", "none"):
-        raise RequestError("'tool_choice' must be \"auto\" or \"none\" (forcing a tool is not supported)", "tool_choice")
+        raise RequestError("'tool_choice' must be \"auto\" or \"none\" (forcing a tool is not supported)",
+                           "tool_choice")
 
 
 def _check_tools(tools: Any) -> list[dict] | None:
@@ -150,8 +152,8 @@ def _check_tools(tools: Any) -> list[dict] | None:
 def _check_content(content: Any, where: str) -> None:
     if content is None or isinstance(content, str):
         return
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
         return
     raise RequestError(f"{where}.content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts "
                        "(images and other parts are not supported)", "messages")
@@ -174,7 +176,8 @@ def _check_messages(messages: Any) -> list[dict]:
         if calls is not None:
             if message["role"] != "assistant" or not isinstance(calls, list):
                 raise RequestError(f"{where}.tool_calls must be a list, on an assistant message", "messages")
-            message = dict(message, tool_calls=[_check_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls)])
+            message = dict(message, tool_calls=[_check_call(call, f"{where}.tool_calls[{j}]")
+                                                for j, call in enumerate(calls)])
         checked.append(message)
     return checked
 
@@ -398,7 +401,8 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "minimax_m2"}]}
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
+                                            "owned_by": "minimax_m2"}]}
 
     @app.get("/health")
     async def health() -> dict:
@@ -428,7 +432,8 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
         try:
             raw = await asyncio.wait_for(read(), limits.body_seconds)
         except asyncio.TimeoutError:
-            raise RequestError(f"the request body did not arrive within {limits.body_seconds:g} s", status=408) from None
+            raise RequestError(f"the request body did not arrive within {limits.body_seconds:g} s",
+                               status=408) from None
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
