@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", help="expert ids and ranges to load, like 0-7 or 0,3,5 (default: all)")
     p.add_argument("--no-verify", action="store_true",
                    help="with --weights, skip the CRC32 check of every prepared tensor against manifest.json (it reads "
-                        "each rank's file once, about 0.4 s per GB on one core here; names, dtypes, shapes, the rank, "
+                        "each rank's file once, about 0.3 s per GB on one core here; names, dtypes, shapes, the rank, "
                         "layout and config are checked either way)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per row" + d)
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length: prompt + new tokens" + d)

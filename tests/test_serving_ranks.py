@@ -1,4 +1,4 @@
-"""One OpenAI endpoint over W = 2 ranks (torchrun, gloo), and the plans of W = 2 and 4 ranks as threads: rank 0
+"""One OpenAI endpoint over W = 2 and 4 ranks (torchrun, gloo), and the plans of W = 2 and 4 ranks as threads: rank 0
 serves and schedules, every step's plan goes to every rank. Greedy completions, plain and streamed, chat and
 text, equal the one-process server's; a client that disconnects frees its slot; a killed rank ends the
 in-flight request with an error and every process within the collective timeout; SIGTERM to the launcher
@@ -189,10 +189,11 @@ def check_equal(url: str, one_process: dict) -> None:
     assert answers == one_process
 
 
-@pytest.mark.parametrize("tp, moe_tp", [(1, 2), (2, 1)], ids=["experts-sliced", "tp2-experts-spread"])
-def test_two_ranks_answer_as_one_process(with_tokenizer, one_process, tp, moe_tp) -> None:
-    with RankServer(2, ["--checkpoint", str(with_tokenizer)], "--tp", str(tp), "--moe-tp", str(moe_tp)) as server:
-        assert any("all 2 ranks loaded and ready" in line for line in server.output)
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 2), (2, 2, 1), (4, 1, 4)],
+                         ids=["experts-sliced", "tp2-experts-spread", "w4-experts-sliced"])
+def test_ranks_answer_as_one_process(with_tokenizer, one_process, world, tp, moe_tp) -> None:
+    with RankServer(world, ["--checkpoint", str(with_tokenizer)], "--tp", str(tp), "--moe-tp", str(moe_tp)) as server:
+        assert any(f"all {world} ranks loaded and ready" in line for line in server.output)
         check_equal(server.url, one_process)
         plans = _metric(server.url, "plans")
         assert plans >= _metric(server.url, "steps") > 0 and _metric(server.url, "control_bytes") > 0, \
@@ -213,13 +214,15 @@ def test_two_ranks_answer_as_one_process(with_tokenizer, one_process, tp, moe_tp
         check_equal(server.url, {k: v for k, v in one_process.items() if k[0] == REQUESTS[0]})
 
 
-def test_prepared_weights_over_two_ranks(with_tokenizer, one_process, tmp_path) -> None:
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 2, 2), (4, 2, 2)], ids=["w2-tp2-sliced", "w4-tp2-mixed"])
+def test_prepared_weights_over_ranks(with_tokenizer, one_process, tmp_path, world, tp, moe_tp) -> None:
     out = tmp_path / "prepared"
     done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(with_tokenizer), "--out", str(out),
-                           "--dtype", "float32", "--ep", "2", "--tp", "2", "--moe-tp", "2"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+                           "--dtype", "float32", "--ep", str(world), "--tp", str(tp), "--moe-tp", str(moe_tp)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    with RankServer(2, ["--weights", str(out)]) as server:
+    with RankServer(world, ["--weights", str(out)]) as server:
+        assert any(f"all {world} ranks loaded and ready" in line for line in server.output)
         check_equal(server.url, one_process)
 
 
