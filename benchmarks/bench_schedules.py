@@ -66,7 +66,7 @@ def main() -> None:
     reference = MiniMaxM2Experts(HFConfig(**MEDIUM)).eval()
     reference.gate_up_proj.data = torch.from_numpy(w13)
     reference.down_proj.data = torch.from_numpy(w2)
-    cost = measured_table(measure_block_times(w13, w2))
+    cost = measured_table(measure_block_times([(w13, w2)]))
     print(f"one MoE layer of the medium config, float32, torch threads {torch.get_num_threads()}, best of "
           f"{args.repeats}; ms per layer", flush=True)
 

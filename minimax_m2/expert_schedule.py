@@ -15,7 +15,7 @@ rows on the target, its weights just read or not:
   overlaps the matmuls, so cost(n) = max(weight bytes / HBM bandwidth, FLOPs / bf16 rate), repeated or
   not (each block DMAs its weights); 128 rows cost about one weight read.
 - this CPU (`measured_table` of `measure_block_times`): timed once per model for the expert's own
-  shapes, from memory and again from the cache. On one CPU a handful of rows already cost as much as the
+  shapes, from memory (an expert of the next layer, not touched before) and again from the cache. On one CPU a handful of rows already cost as much as the
   read: a one-row product streams the weights at memory speed, while BLAS packs the weights for any
   product of two or more rows (measured here: 2 to 16 rows cost about 2.7x one row); a repeated expert
   comes from the cache.
@@ -25,7 +25,7 @@ tested under nkipy's emulated semantics (tests/test_nkipy_semantics.py).
 """
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -65,19 +65,23 @@ def roofline_cost(weight_bytes: int, flops_per_row: int, memory_bytes_per_s: flo
     return cost
 
 
-def measure_block_times(w13: np.ndarray, w2: np.ndarray, repeats: int = 3) -> dict[int, tuple[float, float]]:
-    """Seconds for one expert applied to each block size of BLOCK_SIZES on this CPU, for these expert
-    weights ([E, 2I', hidden], [E, hidden, I']) -> {B: (from memory, repeated at once)}: medians of
-    `repeats`, cycling over the experts so that a first product reads its weights from memory as it does
-    in a step."""
-    experts, hidden = w13.shape[0], w13.shape[2]
+def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray]], repeats: int = 3
+                        ) -> dict[int, tuple[float, float]]:
+    """Seconds for one expert applied to each block size of BLOCK_SIZES on this CPU, for the experts of these
+    layers ((w13 [E, 2I', hidden], w2 [E, hidden, I']) each) -> {B: (from memory, repeated at once)}:
+    medians of `repeats`. Each first product takes an expert not used before in the measurement, from the
+    next layer in turn, so that it reads its weights from memory as a step does (a step streams every
+    layer's experts; one layer's experts timed again and again would sit in the cache)."""
+    hidden = layers[0][0].shape[2]
     rng = np.random.default_rng(0)
-    timed = {}
+    timed, drawn = {}, 0
     for b in BLOCK_SIZES:
-        x = rng.standard_normal((b, hidden)).astype(w13.dtype)
+        x = rng.standard_normal((b, hidden)).astype(layers[0][0].dtype)
         samples = []
-        for r in range(repeats + 1):
-            e = (r * 7 + b) % experts
+        for _ in range(repeats + 1):
+            w13, w2 = layers[drawn % len(layers)]
+            e = (drawn // len(layers) * 7) % w13.shape[0]
+            drawn += 1
             pair = []
             for _ in range(2):
                 start = time.perf_counter()

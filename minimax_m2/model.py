@@ -191,7 +191,7 @@ class MiniMaxM2Model:
             layer = self.weights.layers[0]
             key = (layer.w13.shape, layer.w2.shape, str(layer.w13.dtype), self.layout.world, self.layout.rank)
             if key not in _MEASURED:
-                timed = measure_block_times(layer.w13, layer.w2)
+                timed = measure_block_times([(w.w13, w.w2) for w in self.weights.layers])
                 times = all_reduce(np.array([timed[b] for b in BLOCK_SIZES]), self.layout.world_groups)
                 _MEASURED[key] = measured_table({b: tuple(t) for b, t in zip(BLOCK_SIZES, times / self.layout.world)})
             self.expert_cost = _MEASURED[key]
