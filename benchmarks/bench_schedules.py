@@ -1,13 +1,14 @@
 """What bounds a static, dropless expert schedule on this CPU: every candidate measured side by side.
 
-One MoE layer of the medium config (64 experts top-8, hidden 1024, intermediate 512, float32), routed at
-random, for the pairs of a decode step at batch 1, 8 and 32 and of a prefill of 128 and 512 tokens. Each
-candidate of `kernels.moe_grouped.grouped_experts` (blocks of B rows sorted by expert; dense) is timed,
-beside two dynamic references that a traced program cannot express: the same NumPy expert over each hit
-expert's own rows, and transformers' `MiniMaxM2Experts` (eager). For each static candidate the table
-shows its two worst-case terms: expert weight reads (blocks) against the distinct experts hit, and rows
-computed (blocks x B) against the real pairs. The schedule the model chooses (from this CPU's measured
-block costs) is marked. Best of --repeats.
+The MoE layers of the medium config (8 layers of 64 experts top-8, hidden 1024, intermediate 512, float32),
+each candidate timed as one pass over all 8 layers as in a step (so each layer's experts come from memory,
+not from the cache), routed at random, for the pairs of a decode step at batch 1, 8 and 32 and of a prefill
+of 128 and 512 tokens. Each candidate of `kernels.moe_grouped.grouped_experts` (blocks of B rows sorted by
+expert; dense) is timed, beside two dynamic references that a traced program cannot express: the same NumPy
+expert over each hit expert's own rows, and transformers' `MiniMaxM2Experts` (eager). For each static
+candidate the table shows its two worst-case terms: expert weight reads (blocks) against the distinct
+experts hit, and rows computed (blocks x B) against the real pairs. The schedule the model chooses (from
+this CPU's measured block costs) is marked. Best of --repeats.
 
   python benchmarks/bench_schedules.py [--tokens 1 8 32 128 512] [--json F]
 """
@@ -58,17 +59,25 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
-    names = ("num_local_experts", "num_experts_per_tok", "hidden_size", "intermediate_size")
-    experts, top_k, hidden, inter = (MEDIUM[k] for k in names)
+    names = ("num_local_experts", "num_experts_per_tok", "hidden_size", "intermediate_size", "num_hidden_layers")
+    experts, top_k, hidden, inter, num_layers = (MEDIUM[k] for k in names)
     rng = np.random.default_rng(0)
-    w13 = (rng.standard_normal((experts, 2 * inter, hidden)) * 0.02).astype(np.float32)
-    w2 = (rng.standard_normal((experts, hidden, inter)) * 0.02).astype(np.float32)
-    reference = MiniMaxM2Experts(HFConfig(**MEDIUM)).eval()
-    reference.gate_up_proj.data = torch.from_numpy(w13)
-    reference.down_proj.data = torch.from_numpy(w2)
-    cost = measured_table(measure_block_times([(w13, w2)]))
-    print(f"one MoE layer of the medium config, float32, torch threads {torch.get_num_threads()}, best of "
-          f"{args.repeats}; ms per layer", flush=True)
+    layers = [((rng.standard_normal((experts, 2 * inter, hidden)) * 0.02).astype(np.float32),
+               (rng.standard_normal((experts, hidden, inter)) * 0.02).astype(np.float32)) for _ in range(num_layers)]
+    references = []
+    for w13, w2 in layers:
+        reference = MiniMaxM2Experts(HFConfig(**MEDIUM)).eval()
+        reference.gate_up_proj.data = torch.from_numpy(w13)
+        reference.down_proj.data = torch.from_numpy(w2)
+        references.append(reference)
+    cost = measured_table(measure_block_times(layers))
+    print(f"the MoE layers of the medium config, float32, torch threads {torch.get_num_threads()}, best of "
+          f"{args.repeats}; ms per layer, each timed as one pass over all {num_layers} layers (as in a step, each "
+          "layer's experts read from memory)", flush=True)
+
+    def per_layer(run_layer) -> float:
+        """ms per layer of run_layer(i) over every layer in turn, best of --repeats passes."""
+        return best_ms(lambda: [run_layer(i) for i in range(num_layers)], args.repeats) / num_layers
 
     results = []
     for tokens in args.tokens:
@@ -82,13 +91,13 @@ def main() -> None:
         row = {"tokens": tokens, "pairs": pairs, "distinct_experts": int(len(np.unique(ids))),
                "chosen": choose_block_rows(pairs, experts, cost), "candidates": []}
         with torch.no_grad():
-            row["transformers_ms"] = best_ms(lambda: reference(tokens_x, index, weights), args.repeats)
-        row["numpy_dynamic_ms"] = best_ms(lambda: numpy_dynamic(x, ids, w13, w2), args.repeats)
+            row["transformers_ms"] = per_layer(lambda i: references[i](tokens_x, index, weights))
+        row["numpy_dynamic_ms"] = per_layer(lambda i: numpy_dynamic(x, ids, *layers[i]))
         for b in (*BLOCK_SIZES, DENSE):
             blocks = experts if b == DENSE else expert_blocks(pairs, experts, b)
             if (b > pairs and b != DENSE) or blocks > MAX_BLOCKS or (b == DENSE and pairs > 512):
                 continue
-            ms = best_ms(lambda: grouped_experts(x, ids, valid, w13, w2, block_rows=b), args.repeats)
+            ms = per_layer(lambda i: grouped_experts(x, ids, valid, *layers[i], block_rows=b))
             row["candidates"].append({"block_rows": b, "blocks": blocks, "rows_computed": blocks * (b or pairs),
                                       "ms": ms})
         best = min(row["candidates"], key=lambda c: c["ms"])
