@@ -184,20 +184,23 @@ def test_a_steady_decode_step_moves_only_ids_positions_and_draws(float32_checkpo
 SHARED = list(range(1, 41))  # a prefix that a second request copies from the first's busy slot
 
 
-def test_tokens_equal_the_numpy_engine_greedy_and_sampled(float32_checkpoint, runner) -> None:
-    def run(engine: Engine) -> list[list[int]]:
-        first = engine.submit(SHARED, Sampling(max_new_tokens=12))
-        while not first.decoding:
-            engine.step()
-        results = engine.generate([SHARED + [50, 51]] + [p for p, _ in REQUESTS],
-                                  [Sampling(max_new_tokens=6)] + [s for _, s in REQUESTS])
-        while first.finish_reason is None:
-            engine.step()
-        return [first.generated] + [r.generated for r in results]
+def run_with_shared_prefix(engine: Engine, first_tokens: int = 12) -> list[list[int]]:
+    """A first request decoding while a second copies its prefix from the busy slot and REQUESTS run
+    batched beside them -> every request's tokens."""
+    first = engine.submit(SHARED, Sampling(max_new_tokens=first_tokens))
+    while not first.decoding:
+        engine.step()
+    results = engine.generate([SHARED + [50, 51]] + [p for p, _ in REQUESTS],
+                              [Sampling(max_new_tokens=6)] + [s for _, s in REQUESTS])
+    while first.finish_reason is None:
+        engine.step()
+    return [first.generated] + [r.generated for r in results]
 
-    want = run(Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), max_num_seqs=4,
-                      prefill_chunk=16))
-    got = run(_engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner))
+
+def test_tokens_equal_the_numpy_engine_greedy_and_sampled(float32_checkpoint, runner) -> None:
+    want = run_with_shared_prefix(Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64),
+                                         max_num_seqs=4, prefill_chunk=16))
+    got = run_with_shared_prefix(_engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner))
     assert got == want
     assert FakeKernel.calls["copy_rows"] > 0, "the busy slot's prefix was copied on the device"
 

@@ -149,23 +149,14 @@ def _xla_runner():
 def test_the_engine_on_nkipys_traced_units_gives_the_numpy_tokens(float32_checkpoint) -> None:
     """Batched, greedy and seeded sampling, a prefix copied from a busy slot: the engine's steps on nkipy's
     traced programs (XLA:CPU) give the NumPy engine's tokens."""
-    from test_neuron_runner import REQUESTS, SHARED
+    from test_neuron_runner import run_with_shared_prefix
 
     from minimax_m2 import MiniMaxM2Model
-    from minimax_m2.generation import Sampling
     from minimax_m2.neuron import run_on
     from minimax_m2.serving.engine import Engine
 
     def run(model) -> list[list[int]]:
-        engine = Engine(model, max_num_seqs=4, prefill_chunk=16)
-        first = engine.submit(SHARED, Sampling(max_new_tokens=8))
-        while not first.decoding:
-            engine.step()
-        results = engine.generate([SHARED + [50, 51]] + [p for p, _ in REQUESTS],
-                                  [Sampling(max_new_tokens=6)] + [s for _, s in REQUESTS])
-        while first.finish_reason is None:
-            engine.step()
-        return [first.generated] + [r.generated for r in results]
+        return run_with_shared_prefix(Engine(model, max_num_seqs=4, prefill_chunk=16), first_tokens=8)
 
     want = run(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64))
     model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
