@@ -15,10 +15,10 @@ rows on the target, its weights just read or not:
   overlaps the matmuls, so cost(n) = max(weight bytes / HBM bandwidth, FLOPs / bf16 rate), repeated or
   not (each block DMAs its weights); 128 rows cost about one weight read.
 - this CPU (`measured_table` of `measure_block_times`): timed once per model for the expert's own
-  shapes, from memory (an expert of the next layer, not touched before) and again from the cache. On one CPU a handful of rows already cost as much as the
-  read: a one-row product streams the weights at memory speed, while BLAS packs the weights for any
-  product of two or more rows (measured here: 2 to 16 rows cost about 2.7x one row); a repeated expert
-  comes from the cache.
+  shapes, from memory (an expert of the next layer, not touched before) and again from the cache. On one
+  CPU a handful of rows already cost as much as the read: a one-row product streams the weights at
+  memory speed, while BLAS packs the weights for any product of two or more rows (measured here: 2 to 16
+  rows cost about 2.7x one row); a repeated expert comes from the cache.
 
 Both targets run the same kernel; only the constant differs. Every block size either target picks is
 tested under nkipy's emulated semantics (tests/test_nkipy_semantics.py).

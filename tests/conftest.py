@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -13,6 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_reference  # noqa: E402
 
 PROMPT = np.array([[5, 17, 200, 3, 99, 42, 7], [250, 1, 64, 64, 12, 180, 33]])
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 DECODE_STEPS = 8
 
 

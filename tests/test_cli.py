@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROMPT
+from conftest import PROMPT, free_port
 
 from minimax_m2 import MiniMaxM2Model
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
@@ -155,12 +155,9 @@ def test_chat_streams_text_and_parses_output(with_tokenizer) -> None:
 
 def test_serve_mode_answers_on_loopback(with_tokenizer) -> None:
     """run_example.py --mode serve as a user starts it: /v1/models answers, then the process is stopped."""
-    import socket
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "run_example.py"), "--mode", "serve", "--checkpoint",
                                str(with_tokenizer), "--port", str(port), "--max-seq-len", "256"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -243,9 +240,7 @@ def test_sigterm_ends_a_busy_server_within_seconds(with_tokenizer) -> None:
     import signal
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "run_example.py"), "--mode", "serve", "--checkpoint",
                                str(with_tokenizer), "--port", str(port), "--max-seq-len", "4096"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)

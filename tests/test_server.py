@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
+from conftest import free_port  # noqa: E402
 from test_chat import WEATHER  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -32,9 +33,7 @@ LIMITS = Limits(max_body_bytes=64 << 10, body_seconds=3, header_seconds=2)
 
 
 def _serve(served: ServedModel, limits: Limits = LIMITS):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = make_server(served, "127.0.0.1", port, limits, log_level="error")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -21,6 +21,7 @@ pytest.importorskip("torch.distributed")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from conftest import free_port  # noqa: E402
 from test_server import _metric  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -33,12 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 20  # collective timeout of the served ranks, seconds
 REQUESTS = [("chat", "Hello there", 6), ("chat", "What is the weather like?", 9), ("text", "Once upon a", 7),
             ("chat", "x", 4), ("text", "The quick brown fox jumps over", 8)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankServer:
@@ -69,12 +64,21 @@ class RankServer:
         raise AssertionError("the ranks did not start serving within 120 s")
 
     def __exit__(self, *_) -> None:
+        """Kill the launcher and every worker: torchrun starts each worker in a session of its own, so
+        killing the launcher's process group alone would leave them serving."""
+        workers = self.worker_pids().values()
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait(timeout=30)
 
-    def rank_pid(self, rank: int) -> int:
-        """The pid of the worker process of `rank` (read from the processes' environments)."""
+    def worker_pids(self) -> dict[int, int]:
+        """{rank: pid} of the worker processes still running (read from the processes' environments)."""
+        pids = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -83,10 +87,17 @@ class RankServer:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"run_example.py" in cmdline and f"RANK={rank}".encode() in environ and \
-                    "MASTER_PORT=".encode() in b"".join(environ) and str(self.port).encode() in cmdline:
-                return int(entry.name)
-        raise AssertionError(f"no process of rank {rank}")
+            ranks = [v.removeprefix(b"RANK=") for v in environ if v.startswith(b"RANK=")]
+            if b"run_example.py" in cmdline and ranks and "MASTER_PORT=".encode() in b"".join(environ) and \
+                    str(self.port).encode() in cmdline:
+                pids[int(ranks[0])] = int(entry.name)
+        return pids
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of the worker process of `rank`."""
+        pid = self.worker_pids().get(rank)
+        assert pid is not None, f"no process of rank {rank}"
+        return pid
 
 
 def ask(url: str, kind: str, text: str, max_tokens: int, stream: bool) -> dict:
@@ -226,12 +237,18 @@ def test_prepared_weights_over_ranks(with_tokenizer, one_process, tmp_path, worl
         check_equal(server.url, one_process)
 
 
+def long_stream(url: str):
+    """A streamed chat completion of up to 100 tokens whose first chunk has arrived."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    stream = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=100, stream=True,
+                                            messages=[{"role": "user", "content": "a long answer please"}])
+    next(iter(stream))
+    return stream
+
+
 def test_a_killed_rank_ends_requests_with_an_error_and_every_process(with_tokenizer) -> None:
     with RankServer(2, ["--checkpoint", str(with_tokenizer)], "--moe-tp", "2") as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
-        stream = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=100, stream=True,
-                                                messages=[{"role": "user", "content": "a long answer please"}])
-        next(iter(stream))
+        stream = long_stream(server.url)
         start = time.monotonic()
         os.kill(server.rank_pid(1), signal.SIGKILL)
         with pytest.raises(Exception):  # noqa: B017 - an error event or a broken connection, as the client sees it
@@ -243,10 +260,7 @@ def test_a_killed_rank_ends_requests_with_an_error_and_every_process(with_tokeni
 
 def test_sigterm_to_the_launcher_drains_and_stops_every_rank(with_tokenizer) -> None:
     with RankServer(2, ["--checkpoint", str(with_tokenizer)], "--moe-tp", "2") as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
-        stream = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=100, stream=True,
-                                                messages=[{"role": "user", "content": "a long answer please"}])
-        next(iter(stream))
+        stream = long_stream(server.url)
         pids = [server.rank_pid(0), server.rank_pid(1)]
         start = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
