@@ -3,7 +3,7 @@
 import numpy as np
 
 from kernels.collectives import ReplicaGroups, all_reduce, group_size
-from kernels.matmul import matmul
+from kernels.matmul import cast, matmul
 from kernels.rmsnorm import normalize, sum_of_squares
 from kernels.rope import rope_partial
 
@@ -84,16 +84,17 @@ def attention(
     values = np.transpose(v_cache[read].reshape(rows, kv_len, kv_heads, head_dim), (0, 2, 1, 3))
 
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
-    q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 4, 3, 1))
-    q = q.reshape(rows, kv_heads, head_dim, group * seq)  # [R, Hkv, D, G * S]
-    scores = np.swapaxes(matmul(keys, q), -1, -2).astype(np.float32) * np.float32(head_dim**-0.5)
+    q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
+    q = q.reshape(rows, kv_heads, group * seq, head_dim)  # [R, Hkv, G * S, D]
+    scores = cast(matmul(q, np.swapaxes(keys, -1, -2)), np.float32)  # [R, Hkv, G * S, kv_len]
 
     visible = np.arange(kv_len, dtype=np.int32)[None, None, :] <= positions.reshape(rows, seq)[:, :, None]
     scores = np.where(np.expand_dims(np.tile(visible, (1, group, 1)), 1), scores, _MASKED)
-    scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    probs = scores / np.sum(scores, axis=-1, keepdims=True)
-
-    out = matmul(probs.astype(values.dtype), values).reshape(rows, kv_heads, group, seq, head_dim)
+    # softmax(scores / sqrt(D)) @ V, normalised after the product (over D columns, not kv_len)
+    weights = np.exp((scores - np.max(scores, axis=-1, keepdims=True)) * np.float32(head_dim**-0.5))
+    total = np.sum(weights, axis=-1, keepdims=True)
+    out = cast(matmul(cast(weights, values.dtype), values), np.float32) / total
+    out = cast(out, x.dtype).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
     partial = matmul(out, wo)
     return all_reduce(partial, replica_groups) if reduce_output else partial

@@ -12,4 +12,9 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     weight once per slice."""
     if a.ndim > 2 and b.ndim == 2:
         return matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
-    return (a @ b).astype(np.result_type(a.dtype, b.dtype))
+    return cast(a @ b, np.result_type(a.dtype, b.dtype))
+
+
+def cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """a in `dtype`, not copied when it already is (a traced astype takes no copy argument)."""
+    return a if a.dtype == dtype else a.astype(dtype)

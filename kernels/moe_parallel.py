@@ -112,7 +112,10 @@ def moe_block_parallel(
        when moe_ep > 1.
     3. Weighted sums per row are all-reduced over the slice group (summing the slices), put back in
        place, this rank adds up its own members' rows, and `combine_groups` sums the choices split
-       over attention tp ranks outside the slice group.
+       over attention tp ranks outside the slice group. The own_count members holding the same tokens
+       are consecutive in the slice group: where that exchanges fewer rows, each rank first puts its rows
+       in place and sums those copies, and the slice group all-reduces one [T, hidden] per attention
+       group instead of every union row (tp x fewer rows at a full decode bucket).
     """
     hidden = gathered.shape[-1]
     tokens = gathered.shape[0] // members
@@ -130,9 +133,15 @@ def moe_block_parallel(
         y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, block_rows=block_rows,
                                    ep_groups=ep_groups)
     per_row = np.sum(y.reshape(-1, per_token, hidden) * pair_weights.astype(gathered.dtype)[..., None], axis=1)
-    per_row = all_reduce(per_row, slice_groups)  # [U, hidden], every slice summed
-    every = place_rows(per_row, union_rows, union_valid, members * tokens).reshape(members, tokens, hidden)
-    mine = np.sum(np.take(every, own_members[:own_count], axis=0), axis=0)
+    if members // own_count * tokens < per_row.shape[0]:  # fewer rows to exchange once the copies are summed
+        every = place_rows(per_row, union_rows, union_valid, members * tokens)
+        every = np.sum(every.reshape(members // own_count, own_count, tokens, hidden), axis=1)
+        every = all_reduce(every, slice_groups)  # [M / copies, T, hidden], every slice summed
+        mine = np.take(np.repeat(every, own_count, axis=0), own_members[:1], axis=0).reshape(tokens, hidden)
+    else:
+        per_row = all_reduce(per_row, slice_groups)  # [U, hidden], every slice summed
+        every = place_rows(per_row, union_rows, union_valid, members * tokens).reshape(members, tokens, hidden)
+        mine = np.sum(np.take(every, own_members[:own_count], axis=0), axis=0)
     mine_pairs = np.repeat(union_member == own_position[:1], per_token)
     dropped = np.sum((valid & np.logical_not(kept) & mine_pairs).astype(np.int32))
     return all_reduce(mine, combine_groups), np.stack([dropped, dropped * 0])

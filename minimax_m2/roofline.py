@@ -214,6 +214,14 @@ def distinct_expert_floor(config: MiniMaxM2Config, layout: ParallelLayout, token
     return held * hit * expert_bytes
 
 
+def static_expert_floor(config: MiniMaxM2Config, layout: ParallelLayout, tokens: int, expert_bytes: int) -> float:
+    """Expert weight bytes per rank per layer that no static, dropless program can go below for `tokens`
+    tokens: its reads are fixed before routing, and some routing picks min(tokens x top_k, held) distinct
+    experts of a rank's held ones (slices of `expert_bytes` each), each of which must be read."""
+    held = config.num_local_experts // layout.moe_ep
+    return min(tokens * config.num_experts_per_tok, held) * expert_bytes
+
+
 def moe_tp_choices(world: int, tp: int, config: MiniMaxM2Config, num_experts: int) -> list[int]:
     """Every moe_tp that fits: divides W and the intermediate size, nests with tp, leaves whole experts per group."""
     return [m for m in range(1, world + 1)

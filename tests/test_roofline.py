@@ -7,15 +7,15 @@ import pytest
 
 from minimax_m2.nkipy_semantics import Collective
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.roofline import TRN2, UnitCost, fastest_moe_tp, record_units, step_seconds
+from minimax_m2.roofline import TRN2, UnitCost, fastest_moe_tp, record_units, static_expert_floor, step_seconds
 from minimax_m2.run import random_config
 
 CONFIG = random_config(128, 2, 16, 2, 256)  # 16 experts, top 2, intermediate 64
 EXPERT_BYTES = 3 * CONFIG.hidden_size * CONFIG.intermediate_size * 4  # w1, w3, w2 in float32
 
 
-def decode_layer(world: int, moe_tp: int, tp: int = 1) -> UnitCost:
-    costs = record_units(CONFIG, ParallelLayout(world, tp, 0, moe_tp=moe_tp), phase="decode", batch=1, seq=1,
+def decode_layer(world: int, moe_tp: int, tp: int = 1, batch: int = 1) -> UnitCost:
+    costs = record_units(CONFIG, ParallelLayout(world, tp, 0, moe_tp=moe_tp), phase="decode", batch=batch, seq=1,
                          context=16, dtype=np.dtype(np.float32))
     return costs[1]
 
@@ -66,3 +66,27 @@ def test_step_is_embedding_layers_and_head() -> None:
 
 def test_batch_one_prefers_experts_sliced_over_every_rank() -> None:
     assert fastest_moe_tp(CONFIG, 4, 1, batch=1, context=16, num_experts=16) == 4
+
+
+@pytest.mark.parametrize("world, moe_tp", [(1, 1), (4, 4), (4, 1), (4, 2)])
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_no_program_reads_fewer_experts_than_the_static_floor(world, moe_tp, batch) -> None:
+    """The floor is what some routing of the batch needs: the recorded program reads at least that, and
+    exactly that once every held expert can be chosen (a single rank at batch 16: 32 pairs, 16 experts)."""
+    layout = ParallelLayout(world, 1, 0, moe_tp=moe_tp)
+    floor = static_expert_floor(CONFIG, layout, batch, EXPERT_BYTES // moe_tp)
+    layer = decode_layer(world, moe_tp, batch=batch)
+    assert layer.expert_bytes >= floor
+    if world == 1 and batch == 16:
+        assert layer.expert_bytes == floor == CONFIG.num_local_experts * EXPERT_BYTES
+
+
+def test_sliced_experts_all_reduce_one_row_per_token_not_per_tp_copy() -> None:
+    """Attention tp 2 inside a slice group of 4: the tp copies of a token carry different choices, summed
+    on each rank before the slice group's all_reduce, so it carries each of the step's tokens once."""
+    config = random_config(256, 2, 16, 2, 256)  # 2 KV heads: attention tp 2
+    layer = record_units(config, ParallelLayout(4, 2, 0, moe_tp=4), phase="decode", batch=8, seq=1, context=16,
+                         dtype=np.dtype(np.float32))[1]
+    tokens = 8  # 2 attention groups of 4 rows
+    reduces = [c for c in layer.collectives if c.name == "all_reduce" and len(c.replica_groups[0]) == 4]
+    assert max(c.payload_bytes for c in reduces) == tokens * config.hidden_size * 4
