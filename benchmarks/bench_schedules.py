@@ -64,13 +64,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     layers = [((rng.standard_normal((experts, 2 * inter, hidden)) * 0.02).astype(np.float32),
                (rng.standard_normal((experts, hidden, inter)) * 0.02).astype(np.float32)) for _ in range(num_layers)]
+    cost = measured_table(measure_block_times(layers))  # before torch runs: its idle threads spin for a while
     references = []
     for w13, w2 in layers:
         reference = MiniMaxM2Experts(HFConfig(**MEDIUM)).eval()
         reference.gate_up_proj.data = torch.from_numpy(w13)
         reference.down_proj.data = torch.from_numpy(w2)
         references.append(reference)
-    cost = measured_table(measure_block_times(layers))
     print(f"the MoE layers of the medium config, float32, torch threads {torch.get_num_threads()}, best of "
           f"{args.repeats}; ms per layer, each timed as one pass over all {num_layers} layers (as in a step, each "
           "layer's experts read from memory)", flush=True)

@@ -105,7 +105,8 @@ def project(config: MiniMaxM2Config, hw) -> list[dict]:
                                    "all_floor_mb": (floor + other) / 1e6,
                                    "all_ratio": layer.bytes_read / (floor + other)}
             saved = layers * (layer.expert_bytes - static) / hw.memory_bytes_per_s * 1e3
-            row["static_tpot_floor_ms"][batch] = row["terms"][batch]["memory_ms"] - saved + row["terms"][batch]["host_ms"]
+            t = row["terms"][batch]
+            row["static_tpot_floor_ms"][batch] = t["memory_ms"] - saved + t["host_ms"]
         rows.append(row)
     return rows
 

@@ -33,6 +33,8 @@ from kernels.moe_expert import moe_expert
 from kernels.moe_grouped import DENSE, expert_blocks
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+REPEATED_CALLS = 4  # a repeated expert's time is the mean of this many calls in a row, as consecutive blocks run
+WARM_UP_ROUNDS = 2  # rounds of measurements left out (a process's first products run slower)
 # (rows, repeated) -> seconds for one expert applied to that many rows, its weights just read (repeated) or not
 ExpertCost = Callable[..., float]
 
@@ -65,48 +67,60 @@ def roofline_cost(weight_bytes: int, flops_per_row: int, memory_bytes_per_s: flo
     return cost
 
 
-def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray]], repeats: int = 3
+def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray]], repeats: int = 5
                         ) -> dict[int, tuple[float, float]]:
     """Seconds for one expert applied to each block size of BLOCK_SIZES on this CPU, for the experts of these
     layers ((w13 [E, 2I', hidden], w2 [E, hidden, I']) each) -> {B: (from memory, repeated at once)}:
-    medians of `repeats`. Each first product takes an expert not used before in the measurement, from the
-    next layer in turn, so that it reads its weights from memory as a step does (a step streams every
-    layer's experts; one layer's experts timed again and again would sit in the cache)."""
+    medians of `repeats` rounds, each round timing every size in turn (so that the machine's slow moments
+    fall on all sizes alike), after WARM_UP_ROUNDS rounds left out. Every weight is read once first: the
+    first read of freshly written or mapped memory runs slower than a steady step's (measured here: it
+    made one row look 2-3x dearer and chose blocks of 16 for a 32-row decode that blocks of one row run in
+    half the time). Each first product takes an expert not used before in the measurement, from the next
+    layer in turn, so that it reads its weights from memory as a step does (a step streams every layer's
+    experts; one layer's experts timed again and again would sit in the cache)."""
+    for weights in (w for layer in layers for w in layer):  # as a steady step finds them: mapped and read before
+        np.max(weights.view(f"u{weights.dtype.itemsize}"))
     hidden = layers[0][0].shape[2]
     rng = np.random.default_rng(0)
-    timed, drawn = {}, 0
-    for b in BLOCK_SIZES:
-        x = rng.standard_normal((b, hidden)).astype(layers[0][0].dtype)
-        samples = []
-        for _ in range(repeats + 1):
+    rows = {b: rng.standard_normal((b, hidden)).astype(layers[0][0].dtype) for b in BLOCK_SIZES}
+    samples: dict[int, list[list[float]]] = {b: [] for b in BLOCK_SIZES}
+    drawn = 0
+    for _ in range(repeats + WARM_UP_ROUNDS):
+        for b in BLOCK_SIZES:
             w13, w2 = layers[drawn % len(layers)]
             e = (drawn // len(layers) * 7) % w13.shape[0]
             drawn += 1
             pair = []
-            for _ in range(2):
+            for calls in (1, REPEATED_CALLS):
                 start = time.perf_counter()
-                moe_expert(x, w13[e], w2[e])
-                pair.append(time.perf_counter() - start)
-            samples.append(pair)
-        cold, warm = np.median(samples[1:], axis=0)
-        timed[b] = (float(cold), float(warm))
-    return timed
+                for _ in range(calls):
+                    moe_expert(rows[b], w13[e], w2[e])
+                pair.append((time.perf_counter() - start) / calls)
+            samples[b].append(pair)
+    return {b: tuple(float(t) for t in np.median(samples[b][WARM_UP_ROUNDS:], axis=0)) for b in BLOCK_SIZES}
 
 
 def measured_table(timed: dict[int, float | tuple[float, float]]) -> ExpertCost:
     """cost(n, repeated) from measured times of the block sizes ({B: seconds} or {B: (from memory,
-    repeated)}): exact at them, linear between and beyond them."""
+    repeated)}): exact at them, linear between and beyond them. A block of more rows never costs less than
+    a smaller one (it does the smaller one's work and more): each time is raised to the largest time of
+    the smaller sizes, so that a noisy measurement cannot make a larger block look cheaper. Beyond the
+    largest size each further row costs at least what a row costs there with the weights already read
+    (its repeated time per row), so that a flat measured tail cannot make the dense schedule look free."""
     sizes = sorted(timed)
+    pairs = [timed[b] if isinstance(timed[b], tuple) else (timed[b], timed[b]) for b in sizes]
+    cold = list(np.maximum.accumulate([p[0] for p in pairs]))
+    warm = list(np.minimum(np.maximum.accumulate([min(p) for p in pairs]), cold))
+    per_row = warm[-1] / sizes[-1]
 
     def line(times: list[float]) -> Callable[[int], float]:
-        slope = max(0.0, (times[-1] - times[-2]) / (sizes[-1] - sizes[-2]))
+        slope = max(per_row, (times[-1] - times[-2]) / (sizes[-1] - sizes[-2]))
         return lambda rows: (times[-1] + slope * (rows - sizes[-1]) if rows >= sizes[-1]
                              else float(np.interp(rows, sizes, times)))
 
-    pairs = [timed[b] if isinstance(timed[b], tuple) else (timed[b], timed[b]) for b in sizes]
-    cold, warm = line([p[0] for p in pairs]), line([min(p) for p in pairs])
+    cold_line, warm_line = line(cold), line(warm)
 
     def cost(rows: int, repeated: bool = False) -> float:
-        return warm(rows) if repeated else cold(rows)
+        return warm_line(rows) if repeated else cold_line(rows)
 
     return cost

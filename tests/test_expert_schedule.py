@@ -25,8 +25,21 @@ NO_CACHE = measured_table(COLD)
 def test_measured_table_is_exact_at_the_sizes_and_linear_beyond() -> None:
     assert CPU(8) == COLD[8] and CPU(8, repeated=True) == WARM[8]
     assert CPU(3) == pytest.approx((COLD[2] + COLD[4]) / 2)
-    assert CPU(256) == pytest.approx(COLD[128] + 128 * (COLD[128] - COLD[64]) / 64)
+    assert CPU(256) == pytest.approx(COLD[128] + 128 * WARM[128] / 128), "a row beyond costs a cached row at least"
+    assert CPU(256, repeated=True) == pytest.approx(2 * WARM[128])
     assert NO_CACHE(16, repeated=True) == NO_CACHE(16), "without repeated times a repeat costs a read"
+
+
+def test_a_larger_block_never_costs_less_than_a_smaller_one() -> None:
+    """A noisy measurement of one row (5 ms, against 1 ms for two rows) must not make blocks of two rows
+    look 4.5x cheaper than blocks of one at a batch-1 decode."""
+    noisy = measured_table({1: (5.0, 0.2), 2: (1.0, 0.4), 4: (6.0, 0.5)})
+    assert noisy(2) == 5.0 and noisy(3) == 5.5 and noisy(4) == 6.0
+    assert noisy(2, repeated=True) == 0.4 and noisy(1, repeated=True) == 0.2
+    assert choose_block_rows(8, 64, noisy) == 1
+    flat = measured_table({b: (1.0, 0.5) for b in BLOCK_SIZES})  # a flat tail: one row as dear as 128
+    assert flat(4096) == pytest.approx(1.0 + (4096 - 128) * 0.5 / 128)
+    assert choose_block_rows(4096, 64, flat) != DENSE, "dense runs every expert over all 4096 rows"
 
 
 def test_blocked_time_reads_at_most_one_new_expert_a_block_and_repeats_the_rest() -> None:
