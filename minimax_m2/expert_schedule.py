@@ -110,7 +110,7 @@ def measured_table(timed: dict[int, float | tuple[float, float]]) -> ExpertCost:
     sizes = sorted(timed)
     pairs = [timed[b] if isinstance(timed[b], tuple) else (timed[b], timed[b]) for b in sizes]
     cold = list(np.maximum.accumulate([p[0] for p in pairs]))
-    warm = list(np.minimum(np.maximum.accumulate([min(p) for p in pairs]), cold))
+    warm = list(np.maximum.accumulate([min(p) for p in pairs]))  # <= cold: each min(p) <= p[0]
     per_row = warm[-1] / sizes[-1]
 
     def line(times: list[float]) -> Callable[[int], float]:
