@@ -5,7 +5,12 @@ top-8; its checkpoint written by transformers, with a word-level tokenizer of it
 is one token, so prompt lengths are exact) or on --checkpoint, and runs, in one run:
 
 1. concurrency: --clients streaming clients, each sending its share of a seeded mix of prompt and output
-   lengths, against the engine with --max-num-seqs 16 and with --max-num-seqs 1 (one at a time);
+   lengths, against the engine with --max-num-seqs 16 and with --max-num-seqs 1 (one at a time), for two
+   mixes: short answers (--requests requests of 32-256 prompt and 16-64 new tokens: about 3.6 prompt
+   tokens per output token) and reasoning-length answers (one request per client, 32-256 prompt and
+   128-256 new tokens: MiniMax-M2 thinks before it answers); with where the time went (prefill and decode
+   steps, from /metrics) and what that bounds; then 16 clients decoding together with no prompt arriving,
+   beside one client: the decode step's own TPOT ratio;
 2. chunked prefill: decoding clients while 512-token prompts keep arriving: inter-token latency p50/p99,
    with the default --prefill-chunk 256 and with 32;
 3. prefix reuse: a conversation's second turn (about 1000 tokens of history) with and without reuse;
@@ -107,7 +112,7 @@ class Server:
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url.removesuffix("/v1") + "/metrics", timeout=10) as reply:
             lines = reply.read().decode().splitlines()
-        return {line.split()[0].removeprefix("minimax_m2_"): float(line.split()[1])
+        return {line.split()[0].removeprefix("minimax_m2_").removesuffix("_total"): float(line.split()[1])
                 for line in lines if line.startswith("minimax_m2_")}
 
 
@@ -170,6 +175,20 @@ def show(name: str, s: dict) -> None:
 
     print(f"| {name} | {s['requests']} | {s['output_tok_s']:.1f} | {s['requests_s']:.2f} | {fmt(s['ttft_ms'])} | "
           f"{fmt(s['tpot_ms'])} | {fmt(s['itl_ms'])} |", flush=True)
+
+
+def served(checkpoint: Path, flags: list[str], jobs: list[list[tuple[str, int]]], warm_up: str) -> dict:
+    """The jobs' summary on a server started with these flags, with the time its engine spent in prefill
+    and in decode steps while serving them (from /metrics, the warm-up request left out)."""
+    with Server(checkpoint, *flags) as server:
+        stream(server.url, warm_up, 2)  # the first request pays for the schedules' measurement
+        before = server.metrics()
+        summary = summarise(*run_clients(server.url, jobs))
+        after = server.metrics()
+    spent = {k: after[k] - before[k] for k in ("prefill_seconds", "decode_seconds", "prefill_steps", "decode_steps")}
+    return {**summary, "prefill_seconds": spent["prefill_seconds"], "decode_seconds": spent["decode_seconds"],
+            "prefill_steps": spent["prefill_steps"], "decode_steps": spent["decode_steps"],
+            "decode_ms_per_step": spent["decode_seconds"] / max(spent["decode_steps"], 1) * 1e3}
 
 
 def rank_bytes_per_step(checkpoint: Path, ranks: int, rows: int, context: int) -> float:
@@ -241,21 +260,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or medium_checkpoint(Path(tmp))
         context = ["--max-seq-len", "2048"]
-        mix = [(words(rng, int(rng.integers(32, 257))), int(rng.integers(16, 65))) for _ in range(args.requests)]
-        jobs = [mix[i :: args.clients] for i in range(args.clients)]
-        print(f"{args.clients} clients, {args.requests} requests: prompts of 32-256 tokens, 16-64 new tokens, greedy; "
+        mixes = {name: [(words(rng, int(rng.integers(32, 257))), int(rng.integers(*new))) for _ in range(count)]
+                 for name, new, count in (("short answers", (16, 65), args.requests),
+                                          ("reasoning-length answers", (128, 257), args.clients))}
+        print(f"{args.clients} clients, greedy; short answers: {args.requests} requests of 32-256 prompt and 16-64 new "
+              f"tokens; reasoning-length answers: {args.clients} requests of 32-256 prompt and 128-256 new tokens; "
               "this machine has 2 cores, shared by the server and the clients\n")
         print("| run | requests | output tok/s | requests/s | TTFT ms p50/p90/p99 | TPOT ms | ITL ms |")
         print("|---|---|---|---|---|---|---|")
-        for name, flags in (("max-num-seqs 16", ["--max-num-seqs", "16"]), ("max-num-seqs 1", ["--max-num-seqs", "1"])):
-            with Server(checkpoint, *context, *flags) as server:
-                stream(server.url, words(rng, 8), 2)  # the first request pays for the schedules' measurement
-                results[name] = summarise(*run_clients(server.url, jobs))
+        for mix_name, mix in mixes.items():
+            jobs = [mix[i :: args.clients] for i in range(args.clients)]
+            for seqs in (16, 1):
+                name = f"{mix_name}, max-num-seqs {seqs}"
+                results[name] = served(checkpoint, [*context, "--max-num-seqs", str(seqs)], jobs,
+                                       warm_up=words(rng, 8))
                 show(name, results[name])
+        decoders = [[(words(rng, 32), 64)] for _ in range(args.clients)]
         with Server(checkpoint, *context, "--max-num-seqs", "16") as server:
             single = summarise(*run_clients(server.url, [[(words(rng, 64), 48)] * 2]))
             show("one client", single)
-            results["one client"] = single
+            together = summarise(*run_clients(server.url, decoders))
+            show(f"{args.clients} clients decoding, no prompt arriving", together)
+        results["one client"], results["decoding together"] = single, together
         for chunk in CHUNKS:
             with Server(checkpoint, *context, "--max-num-seqs", "16", "--prefill-chunk", str(chunk)) as server:
                 decoders = [[(words(rng, 32), 96)] for _ in range(6)]
@@ -272,16 +298,26 @@ def main() -> int:
                 turns[name] = summarise([stream(server.url, second, 8)], 1.0)["ttft_ms"]["p50"]
         results["second turn ttft ms"] = turns
         if args.nproc:
-            results["ranks"] = serve_over_ranks(checkpoint, context, jobs, args.nproc)
+            short = mixes["short answers"]
+            results["ranks"] = serve_over_ranks(checkpoint, context, [short[i :: args.clients]
+                                                                      for i in range(args.clients)], args.nproc)
         reused, cold = turns["with prefix reuse"], turns["without prefix reuse"]
         print(f"\nsecond turn of a ~1000-token conversation, TTFT: {reused:.0f} ms with prefix reuse, "
               f"{cold:.0f} ms without ({reused / cold:.2f}x)")
-    one, many = results["max-num-seqs 1"], results["max-num-seqs 16"]
-    print(f"\n{args.clients} clients: {many['output_tok_s'] / one['output_tok_s']:.2f}x the output tok/s of one "
-          f"at a time; p50 TPOT {many['tpot_ms']['p50'] / single['tpot_ms']['p50']:.2f}x one client's; "
-          "p99/p50 inter-token latency while prompts arrive " + ", ".join(
-              f"{r['itl_ms']['p99'] / r['itl_ms']['p50']:.2f}x (--prefill-chunk {c})"
-              for c, r in ((c, results[f"chunked prefill {c}"]) for c in CHUNKS)))
+    print()
+    for mix_name in mixes:
+        one, many = results[f"{mix_name}, max-num-seqs 1"], results[f"{mix_name}, max-num-seqs 16"]
+        print(f"{mix_name}: {args.clients} clients give {many['output_tok_s'] / one['output_tok_s']:.2f}x the output "
+              f"tok/s of one at a time, p50 TPOT {many['tpot_ms']['p50'] / single['tpot_ms']['p50']:.2f}x one "
+              f"client's; time in prefill steps {many['prefill_seconds']:.1f} s of {many['seconds']:.1f} s (one at a "
+              f"time: {one['prefill_seconds']:.1f} s of {one['seconds']:.1f} s), decode steps "
+              f"{many['decode_ms_per_step']:.0f} ms each (one at a time: {one['decode_ms_per_step']:.0f} ms): "
+              f"with decode steps free, at most {one['seconds'] / many['prefill_seconds']:.2f}x")
+    print(f"{args.clients} clients decoding with no prompt arriving: p50 TPOT "
+          f"{together['tpot_ms']['p50'] / single['tpot_ms']['p50']:.2f}x one client's (the decode step's own cost)")
+    print("p99/p50 inter-token latency while prompts arrive " + ", ".join(
+        f"{r['itl_ms']['p99'] / r['itl_ms']['p50']:.2f}x (--prefill-chunk {c})"
+        for c, r in ((c, results[f"chunked prefill {c}"]) for c in CHUNKS)))
     projection = trainium_projection()
     results["trainium"] = projection
     print("\nTrainium projection (trn2.48xlarge, 64 ranks, tp 8, roofline of minimax_m2/roofline.py):")

@@ -40,7 +40,12 @@ def test_ragged_prompts_batched_give_what_each_gives_alone(model, slots, chunk) 
         tokens, logits = alone(model, prompt, 6)
         assert result.generated == tokens and result.finish_reason == "length"
         assert relative_error(result.logits, logits) < RTOL
-    assert engine.metrics()["slots_busy"] == 0
+    m = engine.metrics()
+    assert m["slots_busy"] == 0
+    # 7 + 3 + 20 + 12 + 1 + 33 = 76 prompt tokens in chunks; each request's 5 tokens after its first in decode steps
+    assert m["prefill_steps"] >= -(-76 // chunk) and m["decode_steps"] >= 5
+    assert m["prefill_seconds"] > 0 and m["decode_seconds"] > 0
+    assert m["prefill_seconds"] + m["decode_seconds"] <= m["step_seconds"]
 
 
 def test_the_engine_matches_transformers(float32_checkpoint, hf_model) -> None:

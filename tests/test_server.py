@@ -243,10 +243,14 @@ def test_unknown_routes_and_methods_get_an_openai_error(model_server, method, pa
     assert set(json.loads(raised.value.read())["error"]) == {"message", "type", "param", "code"}
 
 
-def _metric(url: str, name: str) -> float:
+def _metrics_text(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"minimax_m2_{name} ")))
+        return reply.read().decode()
+
+
+def _metric(url: str, name: str) -> float:
+    return float(next(line.split()[1] for line in _metrics_text(url).splitlines()
+                      if line.startswith(f"minimax_m2_{name} ")))
 
 
 def test_a_dropped_stream_frees_its_slot_and_the_next_request_is_served(model_server) -> None:
@@ -324,6 +328,10 @@ def test_trickled_headers_are_cut_off(model_server) -> None:
 
 
 def test_metrics_report_the_engine(model_server) -> None:
-    for name in ("queue_depth", "running", "slots_busy", "slot_occupancy", "generated_tokens"):
+    """Prometheus text: the load as gauges, and what only grows as counters named `_total`."""
+    for name in ("queue_depth", "running", "slots_busy", "slot_occupancy", "generated_tokens_total",
+                 "prefill_seconds_total", "decode_seconds_total"):
         assert _metric(model_server, name) >= 0
     assert _metric(model_server, "slots") == 4
+    text = _metrics_text(model_server)
+    assert "# TYPE minimax_m2_running gauge" in text and "# TYPE minimax_m2_steps_total counter" in text

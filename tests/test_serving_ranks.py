@@ -206,8 +206,8 @@ def test_ranks_answer_as_one_process(with_tokenizer, one_process, world, tp, moe
     with RankServer(world, ["--checkpoint", str(with_tokenizer)], "--tp", str(tp), "--moe-tp", str(moe_tp)) as server:
         assert any(f"all {world} ranks loaded and ready" in line for line in server.output)
         check_equal(server.url, one_process)
-        plans = _metric(server.url, "plans")
-        assert plans >= _metric(server.url, "steps") > 0 and _metric(server.url, "control_bytes") > 0, \
+        plans = _metric(server.url, "plans_total")
+        assert plans >= _metric(server.url, "steps_total") > 0 and _metric(server.url, "control_bytes_total") > 0, \
             "the control path's plans and bytes are on /metrics"
         # a client that disconnects mid-stream frees its slot on every rank
         body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 80,

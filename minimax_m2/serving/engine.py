@@ -27,6 +27,7 @@ from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
+GAUGES = ("queue_depth", "running", "slots", "slots_busy", "slot_occupancy")  # of `metrics`; the rest only grow
 MIN_COPY = 32  # prompt tokens a copied cache row must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
 
@@ -105,7 +106,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                      "reused_tokens": 0, "finished": 0, "step_seconds": 0.0}
+                      "reused_tokens": 0, "finished": 0, "step_seconds": 0.0, "prefill_seconds": 0.0,
+                      "decode_seconds": 0.0}
 
     def warm_up(self, every_shape: bool) -> int:
         """Before serving: choose the expert schedules (measuring this CPU's costs) and, with every_shape,
@@ -253,8 +255,7 @@ class Engine:
             step, chunks = plan.prefill
             draws = self._sampling(step, [c.request if c and c.samples else None for c in chunks],
                                    [c is not None and c.request.keep_logits for c in chunks])
-            logits, ids = self.executor.execute(step)
-            self.stats["prefill_steps"] += 1
+            logits, ids = self._execute(step, "prefill")
             for row, chunk in enumerate(chunks):
                 if chunk is not None:
                     self._prefilled(chunk, step, row, logits, ids, draws[row])
@@ -264,15 +265,22 @@ class Engine:
             if self._last_ids is not None and self._last_ids.shape == step.input_ids.shape:
                 padding = np.array([r is None for r in rows])
                 step.input_ids[padding] = self._last_ids[padding]  # any id will do: these are the device's own
-            logits, ids = self.executor.execute(step)
+            logits, ids = self._execute(step, "decode")
             self._last_ids = ids.astype(np.int32)
-            self.stats["decode_steps"] += 1
             for row, request in enumerate(rows):
                 if request is not None and request.finish_reason is None:
                     request.slot.tokens.append(request.generated[-1])
                     if request.keep_logits:
                         request.logits.append(logits[row, :1])
                     self._sampled(request, None if logits is None else logits[row, 0], ids[row, 0], draws[row])
+
+    def _execute(self, step: Step, phase: str) -> tuple[np.ndarray | None, np.ndarray]:
+        """Run one prefill or decode step, counting it and its seconds under its phase."""
+        start = time.perf_counter()
+        out = self.executor.execute(step)
+        self.stats[f"{phase}_steps"] += 1
+        self.stats[f"{phase}_seconds"] += time.perf_counter() - start
+        return out
 
     @staticmethod
     def _on_host(sampling: Sampling) -> bool:
@@ -367,7 +375,8 @@ class Engine:
                 for r in requests]
 
     def metrics(self) -> dict[str, float]:
-        """Queue depth, running rows, slot occupancy and counters, for logs and /metrics."""
+        """The GAUGES (queue depth, running rows, slot occupancy) and counters (steps, tokens, seconds, and the
+        executor's), for logs and /metrics."""
         slots = sum(len(g) for g in self.cache.slots)
         busy = slots - self.cache.free_count()
         return {"queue_depth": len(self.scheduler.waiting) + len(self._inbox),

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Protocol
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.chat import GENERATION_PROMPT, ROLES, format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
+from minimax_m2.serving.engine import GAUGES
 from minimax_m2.serving.parsers import OutputParser, ParsedOutput
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own handler prints it
@@ -412,7 +413,8 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
     async def metrics() -> PlainTextResponse:
         lines = []
         for key, value in served.engine.metrics().items():
-            lines += [f"# TYPE minimax_m2_{key} gauge", f"minimax_m2_{key} {float(value):g}"]
+            kind, name = ("gauge", f"minimax_m2_{key}") if key in GAUGES else ("counter", f"minimax_m2_{key}_total")
+            lines += [f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def body_of(http: HttpRequest) -> Any:
