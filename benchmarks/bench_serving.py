@@ -186,9 +186,7 @@ def served(checkpoint: Path, flags: list[str], jobs: list[list[tuple[str, int]]]
         summary = summarise(*run_clients(server.url, jobs))
         after = server.metrics()
     spent = {k: after[k] - before[k] for k in ("prefill_seconds", "decode_seconds", "prefill_steps", "decode_steps")}
-    return {**summary, "prefill_seconds": spent["prefill_seconds"], "decode_seconds": spent["decode_seconds"],
-            "prefill_steps": spent["prefill_steps"], "decode_steps": spent["decode_steps"],
-            "decode_ms_per_step": spent["decode_seconds"] / max(spent["decode_steps"], 1) * 1e3}
+    return {**summary, **spent, "decode_ms_per_step": spent["decode_seconds"] / max(spent["decode_steps"], 1) * 1e3}
 
 
 def rank_bytes_per_step(checkpoint: Path, ranks: int, rows: int, context: int) -> float:
@@ -263,16 +261,16 @@ def main() -> int:
         mixes = {name: [(words(rng, int(rng.integers(32, 257))), int(rng.integers(*new))) for _ in range(count)]
                  for name, new, count in (("short answers", (16, 65), args.requests),
                                           ("reasoning-length answers", (128, 257), args.clients))}
+        jobs = {name: [mix[i :: args.clients] for i in range(args.clients)] for name, mix in mixes.items()}
         print(f"{args.clients} clients, greedy; short answers: {args.requests} requests of 32-256 prompt and 16-64 new "
               f"tokens; reasoning-length answers: {args.clients} requests of 32-256 prompt and 128-256 new tokens; "
               "this machine has 2 cores, shared by the server and the clients\n")
         print("| run | requests | output tok/s | requests/s | TTFT ms p50/p90/p99 | TPOT ms | ITL ms |")
         print("|---|---|---|---|---|---|---|")
-        for mix_name, mix in mixes.items():
-            jobs = [mix[i :: args.clients] for i in range(args.clients)]
+        for mix_name in mixes:
             for seqs in (16, 1):
                 name = f"{mix_name}, max-num-seqs {seqs}"
-                results[name] = served(checkpoint, [*context, "--max-num-seqs", str(seqs)], jobs,
+                results[name] = served(checkpoint, [*context, "--max-num-seqs", str(seqs)], jobs[mix_name],
                                        warm_up=words(rng, 8))
                 show(name, results[name])
         decoders = [[(words(rng, 32), 64)] for _ in range(args.clients)]
@@ -298,9 +296,7 @@ def main() -> int:
                 turns[name] = summarise([stream(server.url, second, 8)], 1.0)["ttft_ms"]["p50"]
         results["second turn ttft ms"] = turns
         if args.nproc:
-            short = mixes["short answers"]
-            results["ranks"] = serve_over_ranks(checkpoint, context, [short[i :: args.clients]
-                                                                      for i in range(args.clients)], args.nproc)
+            results["ranks"] = serve_over_ranks(checkpoint, context, jobs["short answers"], args.nproc)
         reused, cold = turns["with prefix reuse"], turns["without prefix reuse"]
         print(f"\nsecond turn of a ~1000-token conversation, TTFT: {reused:.0f} ms with prefix reuse, "
               f"{cold:.0f} ms without ({reused / cold:.2f}x)")
