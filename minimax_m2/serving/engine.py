@@ -27,7 +27,6 @@ from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
-GAUGES = ("queue_depth", "running", "slots", "slots_busy", "slot_occupancy")  # of `metrics`; the rest only grow
 MIN_COPY = 32  # prompt tokens a copied cache row must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
 
@@ -374,11 +373,18 @@ class Engine:
                        np.concatenate(r.logits) if keep_logits else None)
                 for r in requests]
 
-    def metrics(self) -> dict[str, float]:
-        """The GAUGES (queue depth, running rows, slot occupancy) and counters (steps, tokens, seconds, and the
-        executor's), for logs and /metrics."""
+    def load(self) -> dict[str, float]:
+        """What the engine holds now (gauges): queue depth, running rows, slots and their occupancy."""
         slots = sum(len(g) for g in self.cache.slots)
         busy = slots - self.cache.free_count()
         return {"queue_depth": len(self.scheduler.waiting) + len(self._inbox),
                 "running": len(self.scheduler.running), "slots": slots, "slots_busy": busy,
-                "slot_occupancy": busy / slots, **self.stats, **self.executor.stats()}
+                "slot_occupancy": busy / slots}
+
+    def counters(self) -> dict[str, float]:
+        """What only grows: steps, tokens and seconds, and the executor's (plans and control bytes)."""
+        return {**self.stats, **self.executor.stats()}
+
+    def metrics(self) -> dict[str, float]:
+        """`load` and `counters` together, for logs and tests."""
+        return {**self.load(), **self.counters()}

@@ -32,7 +32,6 @@ from typing import Any, AsyncIterator, Protocol
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.chat import GENERATION_PROMPT, ROLES, format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
-from minimax_m2.serving.engine import GAUGES
 from minimax_m2.serving.parsers import OutputParser, ParsedOutput
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own handler prints it
@@ -412,9 +411,10 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         lines = []
-        for key, value in served.engine.metrics().items():
-            kind, name = ("gauge", f"minimax_m2_{key}") if key in GAUGES else ("counter", f"minimax_m2_{key}_total")
-            lines += [f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
+        engine = served.engine
+        for kind, values, suffix in (("gauge", engine.load(), ""), ("counter", engine.counters(), "_total")):
+            for key, value in values.items():
+                lines += [f"# TYPE minimax_m2_{key}{suffix} {kind}", f"minimax_m2_{key}{suffix} {float(value):g}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def body_of(http: HttpRequest) -> Any:
