@@ -1,6 +1,7 @@
 """What run_example.py runs, once its arguments are parsed: checks first, then the model."""
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -12,7 +13,7 @@ from minimax_m2 import checks
 from minimax_m2.serving.chat import format_chat
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
-from minimax_m2.distributed import CollectiveError, rank, start, world_size
+from minimax_m2.distributed import CollectiveError, on_launcher_exit, rank, start, world_size
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.memory import available_memory, check_fits, engine_plan
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts, select_experts
@@ -187,6 +188,7 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     server = make_server(ServedModel(name, engine, tokenizer, defaults, args.max_seq_len, source), args.host, args.port,
                          Limits(max_body_bytes=args.max_request_bytes))
     engine.on_failure = lambda message: setattr(server, "should_exit", True)
+    on_launcher_exit(_stop_serving)
     engine.start()
     try:
         server.run()
@@ -197,6 +199,13 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     if backend:
         backend.close()
     return 0
+
+
+def _stop_serving(launcher: int) -> None:
+    """The launcher is gone: shut down as on SIGTERM (requests in flight end, then every rank stops)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    print(f"error: the launcher (pid {launcher}) is gone: ending every request and stopping every rank",
+          file=sys.stderr, flush=True)
 
 
 def _check_ranks(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ answering, found through torchrun's rendezvous store, and exit with an error ins
 """
 
 import os
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -181,3 +182,18 @@ active: TorchCollectives | None = None  # this process's backend once `start` ha
 def under_torchrun() -> bool:
     """True when torchrun started this process (its launcher turns any non-zero exit into a traceback)."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def on_launcher_exit(callback: Callable[[int], None], poll_seconds: float = 0.5) -> None:
+    """Under torchrun, call callback(launcher pid) once, from a daemon thread, when the launcher is gone
+    (killed with SIGKILL, it can neither stop nor signal its workers, which would otherwise run on)."""
+    if not under_torchrun():
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        callback(launcher)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

@@ -2,7 +2,7 @@
 serves and schedules, every step's plan goes to every rank. Greedy completions, plain and streamed, chat and
 text, equal the one-process server's; a client that disconnects frees its slot; a killed rank ends the
 in-flight request with an error and every process within the collective timeout; SIGTERM to the launcher
-drains and stops both ranks."""
+drains and stops both ranks, and so does a launcher killed outright."""
 
 import json
 import os
@@ -269,3 +269,18 @@ def test_sigterm_to_the_launcher_drains_and_stops_every_rank(with_tokenizer) -> 
         server.process.wait(timeout=40)
         assert time.monotonic() - start < 40
         assert not [p for p in pids if Path(f"/proc/{p}").exists()], "a rank outlived the launcher"
+
+
+def test_sigkill_to_the_launcher_stops_every_rank(with_tokenizer) -> None:
+    with RankServer(2, ["--checkpoint", str(with_tokenizer)], "--moe-tp", "2") as server:
+        stream = long_stream(server.url)
+        pids = [server.rank_pid(0), server.rank_pid(1)]
+        start = time.monotonic()
+        os.kill(server.process.pid, signal.SIGKILL)  # the launcher alone: it can neither stop nor signal the ranks
+        reasons = [c.choices[0].finish_reason for c in stream if c.choices]
+        assert reasons[-1] == "abort"
+        deadline = start + 40
+        while [p for p in pids if Path(f"/proc/{p}").exists()] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in pids if Path(f"/proc/{p}").exists()], "a rank outlived its killed launcher"
+        assert "the launcher" in "".join(server.output) and "is gone" in "".join(server.output)
