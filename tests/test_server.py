@@ -100,8 +100,11 @@ class ScriptedEngine:
     def cancel(self, request) -> None:
         self.cancelled.append(request)
 
-    def metrics(self) -> dict:
+    def load(self) -> dict:
         return {"running": len(self.running)}
+
+    def counters(self) -> dict:
+        return {}
 
     def stop(self, timeout: float = 10.0) -> None:
         pass
@@ -180,6 +183,34 @@ def test_concurrent_clients_each_get_their_own_answer(model_server) -> None:
     assert together == [ask(t) for t in texts], "a batched request must not disturb another's KV cache"
 
 
+def test_n_choices_are_the_requests_seeded_seed_plus_index(model_server) -> None:
+    """n = 3 sampled choices: choice i is what one request with seed + i gives; usage counts them all."""
+    ask = dict(model="tiny-m2", prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11)
+    whole = client(model_server).completions.create(n=3, **ask)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    alone = [client(model_server).completions.create(**{**ask, "seed": 11 + i}).choices[0].text for i in range(3)]
+    assert [c.text for c in whole.choices] == alone
+    assert len(set(alone)) > 1, "the choices should differ"
+    assert whole.usage.completion_tokens == 18
+
+
+def test_n_choices_stream_interleaved_with_their_index(model_server, engine) -> None:
+    """A streamed chat of n = 2: each choice's deltas carry its index and end with its own finish reason, and
+    add up to the plain response; the second choice reuses the first one's prompt from the cache."""
+    ask = dict(model="tiny-m2", messages=[{"role": "user", "content": "tell me a story"}], max_tokens=5,
+               temperature=1.0, seed=3, n=2)
+    reused = engine.metrics()["reused_tokens"]
+    whole = client(model_server).chat.completions.create(**ask)
+    assert engine.metrics()["reused_tokens"] - reused >= whole.usage.prompt_tokens - 1
+    chunks = [c for c in client(model_server).chat.completions.create(stream=True, **ask) if c.choices]
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert [c.finish_reason for c in mine if c.finish_reason] == [whole.choices[i].finish_reason]
+        assert "".join(c.delta.content or "" for c in mine) == (whole.choices[i].message.content or "")
+    assert engine.metrics()["slots_busy"] == 0
+
+
 def _post(url: str, path: str, body: bytes, timeout: float = 30) -> tuple[int, dict]:
     request = urllib.request.Request(f"{url}{path}", data=body, headers={"Content-Type": "application/json"})
     try:
@@ -213,7 +244,9 @@ def _chat(**fields) -> bytes:
      "tools[0] must be"),
     (_chat(stream_options="yes"), 400, "stream_options", "'stream_options' must be"),
     (_chat(stream="no"), 400, "stream", "'stream' must be true or false"),
-    (_chat(n=3), 400, "n", "'n' must be 1"),
+    (_chat(n=0), 400, "n", "'n' must be an integer in [1, 16]"),
+    (_chat(n=17), 400, "n", "'n' must be an integer in [1, 16]"),
+    (_chat(n=1.5), 400, "n", "'n' must be an integer"),
     (_chat(logprobs=True), 400, "logprobs", "'logprobs' is not supported"),
     (_chat(response_format={"type": "json_object"}), 400, "response_format", "'response_format' is not supported"),
     (_chat(frobnicate=1), 400, "frobnicate", "unknown parameter"),
@@ -253,20 +286,23 @@ def _metric(url: str, name: str) -> float:
                       if line.startswith(f"minimax_m2_{name} ")))
 
 
-def test_a_dropped_stream_frees_its_slot_and_the_next_request_is_served(model_server) -> None:
-    """A client reads part of a long streamed completion and closes the connection: its generation stops
-    (its slot is free again within seconds), and the next request is answered at once."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_dropped_stream_frees_its_slot_and_the_next_request_is_served(model_server, n) -> None:
+    """A client reads part of a long streamed completion (of n choices) and closes the connection: its
+    generation stops (every slot it held is free again within seconds), and the next request is answered
+    at once."""
     host, port = model_server.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 100,
-                       "stream": True}).encode()
+                       "stream": True, "n": n}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         received, deadline = b"", time.monotonic() + 20
-        while received.count(b"data:") < 3 and time.monotonic() < deadline:
+        while (received.count(b"data:") < 3 * n or _metric(model_server, "running") < n) and \
+                time.monotonic() < deadline:
             received += raw.recv(4096)
-        assert b"200 OK" in received and received.count(b"data:") >= 3, received[:300]
-        assert _metric(model_server, "running") == 1
+        assert b"200 OK" in received and received.count(b"data:") >= 3 * n, received[:300]
+        assert _metric(model_server, "running") == n
     deadline = time.monotonic() + 15
     while _metric(model_server, "running") and time.monotonic() < deadline:
         time.sleep(0.05)

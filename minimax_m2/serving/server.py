@@ -1,10 +1,10 @@
 """An OpenAI-compatible server over the engine: /v1/models, /v1/chat/completions, /v1/completions, /metrics,
 /health (FastAPI + uvicorn).
 
-Requests run concurrently: each is tokenized off the event loop, checked, and handed to the engine, which
-batches it with the others; its tokens come back as events and become text (detokenized incrementally,
-split into `reasoning_content`, `content` and `tool_calls` for chat, cut at stop strings), streamed as
-server-sent events when `stream` is set.
+Requests run concurrently: each is tokenized off the event loop, checked, and handed to the engine (each of
+its `n` choices as a request of its own), which batches it with the others; its tokens come back as events
+and become text (detokenized incrementally, split into `reasoning_content`, `content` and `tool_calls` for
+chat, cut at stop strings), streamed as server-sent events when `stream` is set.
 
 No client can hang it:
 - a client that disconnects, streaming or not, cancels its request: its slot is free at the next step;
@@ -54,7 +54,9 @@ class EngineLike(Protocol):
 
     def cancel(self, request: Any) -> None: ...
 
-    def metrics(self) -> dict[str, float]: ...
+    def load(self) -> dict[str, float]: ...
+
+    def counters(self) -> dict[str, float]: ...
 
     def stop(self, timeout: float = 10.0) -> None: ...
 
@@ -94,6 +96,7 @@ UNSUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "response_for
                "presence_penalty": "presence and frequency penalties", "frequency_penalty":
                "presence and frequency penalties", "logit_bias": "logit_bias", "echo": "echo", "best_of": "best_of",
                "suffix": "suffix", "functions": "functions (use tools)", "function_call": "function_call (use tools)"}
+MAX_CHOICES = 16  # 'n' at most: each choice is a request of its own in the engine
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "response_format": {"type": "text"},
            "echo": False, "best_of": 1}
 
@@ -119,8 +122,6 @@ def _check_parameters(body: dict) -> None:
                 continue
             raise RequestError(f"'{key}' is not supported by this server ({UNSUPPORTED[key]})", key)
         raise RequestError(f"unknown parameter '{key}'", key)
-    if body.get("n") not in (None, 1):
-        raise RequestError(f"'n' must be 1 (one choice per request), got {body.get('n')!r}", "n")
     if not isinstance(body.get("stream", False), bool):
         raise RequestError(f"'stream' must be true or false, got {body.get('stream')!r}", "stream")
     options = body.get("stream_options")
@@ -208,7 +209,8 @@ class Parsed:
     reasoning_open: bool
     stream: bool
     include_usage: bool
-    completion_tokens: int = 0  # counted as the engine produces them
+    n: int = 1  # choices
+    completion_tokens: int = 0  # of every choice, counted as the engine produces them
 
 
 def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
@@ -222,6 +224,7 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
         raise RequestError(f"model {body.get('model')!r} does not exist; this server serves {served.name!r}", "model",
                            status=404)
     tools = _check_tools(body.get("tools")) if body.get("tool_choice") != "none" else None
+    n = _number(body, "n", 1, MAX_CHOICES, integer=True) or 1
     max_tokens = _number(body, "max_completion_tokens", 1, 1 << 30, integer=True) or \
         _number(body, "max_tokens", 1, 1 << 30, integer=True) or served.defaults.max_new_tokens
     temperature = _number(body, "temperature", 0, 2)
@@ -256,7 +259,7 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
         sampling = replace(sampling, top_k=None, top_p=None)
     options = body.get("stream_options") or {}
     return Parsed(prompt, sampling, stop, chat, tools, chat and text.endswith(GENERATION_PROMPT),
-                  body.get("stream", False), options.get("include_usage", False))
+                  body.get("stream", False), options.get("include_usage", False), n)
 
 
 # --- from tokens to text ------------------------------------------------------------------------------------
@@ -313,16 +316,26 @@ class EngineFailed(Exception):
     """The engine ended a request with an error (a rank was lost, say): the client gets a 503."""
 
 
-async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio.Event) -> AsyncIterator[Delta]:
-    """The request's deltas as the engine produces them; it is cancelled if the client disconnects or the
-    consumer stops early, and ended at its first stop string."""
+async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio.Event, choice: int = 0,
+                      prefilled: asyncio.Event | None = None) -> AsyncIterator[Delta]:
+    """One choice's deltas as the engine produces them; it is cancelled if the client disconnects or the
+    consumer stops early, and ended at its first stop string. Choice i samples with the request's seed + i.
+    Choice 0 sets `prefilled` at its first event (its prompt is then in the cache); every other choice waits
+    for it before it is submitted, so that it reuses that prompt instead of prefilling it again."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
     def notify(kind: str, value: object) -> None:
         loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-    request = served.engine.submit(parsed.prompt, parsed.sampling, notify)
+    if choice and prefilled:
+        await prefilled.wait()
+        if disconnected.is_set():
+            return
+    sampling = parsed.sampling
+    if choice and sampling.seed is not None:
+        sampling = replace(sampling, seed=(sampling.seed + choice) % 2**64)
+    request = served.engine.submit(parsed.prompt, sampling, notify)
     text = TextStream(served, parsed)
     try:
         while True:
@@ -334,6 +347,8 @@ async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio
                 return
             gone.cancel()
             kind, value = getter.result()
+            if prefilled and not choice:
+                prefilled.set()
             if kind == "token":
                 parsed.completion_tokens += 1
                 delta = text.token(value)
@@ -351,8 +366,54 @@ async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio
                     yield delta
                 return
     finally:
+        if prefilled and not choice:
+            prefilled.set()
         if request.finish_reason is None:
             served.engine.cancel(request)
+
+
+async def run_choices(served: ServedModel, parsed: Parsed,
+                      disconnected: asyncio.Event) -> AsyncIterator[tuple[int, Delta]]:
+    """Every choice's deltas as (choice, delta), as they come (see `run_request`); leaving early, or an
+    error in one choice, cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    prefilled = asyncio.Event()
+
+    async def pump(choice: int) -> None:
+        try:
+            async for delta in run_request(served, parsed, disconnected, choice, prefilled):
+                queue.put_nowait((choice, delta))
+        except Exception as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((choice, err))
+        finally:
+            queue.put_nowait((choice, None))
+
+    tasks = [asyncio.ensure_future(pump(choice)) for choice in range(parsed.n)]
+    try:
+        running = parsed.n
+        while running:
+            choice, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield choice, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def whole_choice(index: int, whole: Delta, chat: bool) -> dict:
+    """A non-streamed response's choice from all its deltas added up."""
+    if not chat:
+        return {"index": index, "text": whole.content, "finish_reason": whole.finish_reason}
+    calls = whole.tool_calls
+    message = {"role": "assistant", "content": whole.content or (None if calls else ""),
+               "reasoning_content": whole.reasoning or None}
+    if calls:
+        message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:12]}", **c} for c in calls]
+    return {"index": index, "message": message, "finish_reason": whole.finish_reason}
 
 
 # --- the application --------------------------------------------------------------------------------------
@@ -378,7 +439,7 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
         """Queue depth, running rows and slot occupancy in the log, every `limits.log_seconds` while busy."""
         while True:
             await asyncio.sleep(limits.log_seconds)
-            m = served.engine.metrics()
+            m = {**served.engine.load(), **served.engine.counters()}
             if m.get("running") or m.get("queue_depth"):
                 log.info("engine: %d queued, %d running, %d of %d slots busy, %d tokens generated in %d steps",
                          m.get("queue_depth", 0), m.get("running", 0), m.get("slots_busy", 0), m.get("slots", 0),
@@ -467,58 +528,51 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
 
         if not parsed.stream:
             disconnected, listener = watch(http)
-            reasoning, content, calls, reason = "", "", [], "length"
+            whole = [Delta(tool_calls=[], finish_reason="length") for _ in range(parsed.n)]
             try:
-                async for delta in run_request(served, parsed, disconnected):
-                    reasoning, content = reasoning + delta.reasoning, content + delta.content
-                    calls += delta.tool_calls or []
-                    reason = delta.finish_reason or reason
+                async for i, delta in run_choices(served, parsed, disconnected):
+                    whole[i].reasoning += delta.reasoning
+                    whole[i].content += delta.content
+                    whole[i].tool_calls += delta.tool_calls or []
+                    whole[i].finish_reason = delta.finish_reason or whole[i].finish_reason
             except EngineFailed as err:
                 return error(503, f"the model stopped: {err}", kind="server_error")
             finally:
                 listener.cancel()
-            if chat:
-                message = {"role": "assistant", "content": content or (None if calls else ""),
-                           "reasoning_content": reasoning or None}
-                if calls:
-                    message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:12]}", **c} for c in calls]
-                choice = {"index": 0, "message": message, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": content, "finish_reason": reason}
             return JSONResponse({"id": ident, "object": kind, "created": created, "model": served.name,
-                                 "choices": [choice], "usage": usage()})
+                                 "choices": [whole_choice(i, w, chat) for i, w in enumerate(whole)], "usage": usage()})
 
         async def events() -> AsyncIterator[str]:
-            def chunk(delta: dict, finish: str | None = None, with_usage: bool = False) -> str:
-                if chat:
-                    choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                else:
-                    choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish}
+            def sse(choices: list[dict], **extra: Any) -> str:
                 data = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                        "model": served.name, "choices": [] if with_usage else [choice]}
-                if with_usage:
-                    data["usage"] = usage()
+                        "model": served.name, "choices": choices, **extra}
                 return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-            if chat:
-                yield chunk({"role": "assistant", "content": ""})
-            index = 0
+            def chunk(i: int, delta: dict, finish: str | None = None) -> str:
+                if chat:
+                    return sse([{"index": i, "delta": delta, "finish_reason": finish}])
+                return sse([{"index": i, "text": delta.get("content", ""), "finish_reason": finish}])
+
+            for i in range(parsed.n) if chat else ():
+                yield chunk(i, {"role": "assistant", "content": ""})
+            calls = [0] * parsed.n  # tool calls streamed so far, per choice
             try:
-                async for delta in run_request(served, parsed, asyncio.Event()):
+                async for i, delta in run_choices(served, parsed, asyncio.Event()):
                     if delta.finish_reason:
-                        yield chunk({}, delta.finish_reason)
+                        yield chunk(i, {}, delta.finish_reason)
                         continue
                     if delta.reasoning:
-                        yield chunk({"reasoning_content": delta.reasoning})
+                        yield chunk(i, {"reasoning_content": delta.reasoning})
                     if delta.content:
-                        yield chunk({"content": delta.content})
+                        yield chunk(i, {"content": delta.content})
                     for call in delta.tool_calls or []:
-                        yield chunk({"tool_calls": [{"index": index, "id": f"call_{uuid.uuid4().hex[:12]}", **call}]})
-                        index += 1
+                        yield chunk(i, {"tool_calls": [{"index": calls[i], "id": f"call_{uuid.uuid4().hex[:12]}",
+                                                        **call}]})
+                        calls[i] += 1
             except EngineFailed as err:
                 yield f"data: {json.dumps(error_body(f'the model stopped: {err}', kind='server_error'))}\n\n"
             if parsed.include_usage:
-                yield chunk({}, with_usage=True)
+                yield sse([], usage=usage())
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
