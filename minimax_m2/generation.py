@@ -16,6 +16,7 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; n: each new token's log-probability and the n most likely ones'
 
 
 _DEFAULTS = {

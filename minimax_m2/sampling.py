@@ -27,6 +27,16 @@ def sampling_probs(logits: np.ndarray, temperature: float, top_k: int | None, to
     return probs
 
 
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """logits [V] -> (the log-probability of `token` under softmax(logits), the `top` most likely tokens
+    with theirs, most likely first): the model's own distribution, before temperature, top-k or top-p."""
+    z = logits.astype(np.float64)
+    logp = z - (z.max() + np.log(np.sum(np.exp(z - z.max()))))
+    best = np.argpartition(-logp, top - 1)[:top] if 0 < top < len(logp) else np.arange(len(logp))[:top]
+    best = best[np.lexsort((best, -logp[best]))]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in best]
+
+
 def draw(probs: np.ndarray, uniform: float) -> int:
     """The token at `uniform` (in [0, 1)) of the inverse CDF taken in descending order of probability (ties:
     the lower id first), as the device sampler takes it."""

@@ -140,6 +140,29 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model) -> None:
     assert batched[1].generated == alone_tokens
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (0.8, 5), (0.8, None)],
+                         ids=["greedy", "sampled-on-device", "sampled-on-host"])
+def test_logprobs_are_the_log_softmax_of_each_new_tokens_logits(model, temperature, top_k) -> None:
+    """Each new token's log-probability and the 3 most likely tokens', from the model's own distribution,
+    whoever samples it; the logits they come from are the ones the tests above compare with transformers."""
+    prompts = prompts_of([5, 11], seed=4)
+    sampling = Sampling(max_new_tokens=4, temperature=temperature, top_k=top_k, seed=1, logprobs=3)
+    results = Engine(model, max_num_seqs=2).generate(prompts, sampling, keep_logits=True)
+    plain = Engine(model, max_num_seqs=2).generate(prompts, sampling)  # the engine asks for the logits itself
+    for prompt, result, alike in zip(prompts, results, plain):
+        assert len(result.logprobs) == len(result.generated) == 4 and alike.generated == result.generated
+        assert np.allclose([lp for lp, _ in alike.logprobs], [lp for lp, _ in result.logprobs], rtol=0, atol=1e-5)
+        rows = result.logits[len(prompt) - 1:].astype(np.float64)  # the logits each new token was chosen from
+        shifted = rows - rows.max(-1, keepdims=True)
+        reference = shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))
+        for token, (logprob, top), expected in zip(result.generated, result.logprobs, reference):
+            assert abs(logprob - expected[token]) < 1e-9
+            assert [i for i, _ in top] == np.argsort(-expected, kind="stable")[:3].tolist()
+            assert np.allclose([v for _, v in top], np.sort(expected)[::-1][:3], rtol=0, atol=1e-9)
+            if temperature == 0:
+                assert top[0][0] == token
+
+
 def test_eos_and_cancel_free_the_slot_at_once(model) -> None:
     engine = Engine(model, max_num_seqs=2)
     prompt = prompts_of([6], seed=10)[0]

@@ -211,6 +211,40 @@ def test_n_choices_stream_interleaved_with_their_index(model_server, engine) -> 
     assert engine.metrics()["slots_busy"] == 0
 
 
+def test_chat_logprobs_plain_and_streamed(model_server) -> None:
+    """Each new token's log-probability with its 2 most likely alternatives; greedy, so the token is the
+    first of them; the streamed chunks carry the same entries."""
+    ask = dict(model="tiny-m2", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, logprobs=True,
+               top_logprobs=2)
+    whole = client(model_server).chat.completions.create(**ask)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens == 5
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    chunks = [c for c in client(model_server).chat.completions.create(stream=True, **ask) if c.choices]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    plain = client(model_server).chat.completions.create(model="tiny-m2", messages=ask["messages"], max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completions_logprobs(model_server) -> None:
+    out = client(model_server).completions.create(model="tiny-m2", prompt="Once upon", max_tokens=4, logprobs=3)
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert "".join(logprobs.tokens) == out.choices[0].text
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(4)]
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) <= 3 and max(top.values()) == logprob and top[token] == logprob
+    stream = client(model_server).completions.create(model="tiny-m2", prompt="Once upon", max_tokens=4, logprobs=3,
+                                                     stream=True)
+    chunks = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == logprobs.tokens
+    assert [o for c in chunks for o in c.text_offset] == logprobs.text_offset
+
+
 def _post(url: str, path: str, body: bytes, timeout: float = 30) -> tuple[int, dict]:
     request = urllib.request.Request(f"{url}{path}", data=body, headers={"Content-Type": "application/json"})
     try:
@@ -247,7 +281,9 @@ def _chat(**fields) -> bytes:
     (_chat(n=0), 400, "n", "'n' must be an integer in [1, 16]"),
     (_chat(n=17), 400, "n", "'n' must be an integer in [1, 16]"),
     (_chat(n=1.5), 400, "n", "'n' must be an integer"),
-    (_chat(logprobs=True), 400, "logprobs", "'logprobs' is not supported"),
+    (_chat(logprobs="yes"), 400, "logprobs", "'logprobs' must be true or false"),
+    (_chat(top_logprobs=3), 400, "top_logprobs", "'top_logprobs' needs 'logprobs': true"),
+    (_chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "'top_logprobs' must be an integer in [0, 20]"),
     (_chat(response_format={"type": "json_object"}), 400, "response_format", "'response_format' is not supported"),
     (_chat(frobnicate=1), 400, "frobnicate", "unknown parameter"),
     (json.dumps({"messages": [{"role": "user", "content": "x" * 60000}]}).encode(), 400, "messages",

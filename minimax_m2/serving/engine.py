@@ -22,7 +22,7 @@ from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.program import CANDIDATES, Sampled, Step, Unit, min_rows, padding_step
 from minimax_m2.sampling import draw as draw_token
-from minimax_m2.sampling import sampling_probs
+from minimax_m2.sampling import sampling_probs, token_logprobs
 from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
@@ -76,6 +76,7 @@ class Result:
     finish_reason: str
     reused: int  # prompt tokens found in the cache
     logits: np.ndarray | None  # [prompt + generated - 1, vocab] with keep_logits
+    logprobs: list[tuple[float, list[tuple[int, float]]]]  # per new token, when its sampling asks for them
 
 
 class Engine:
@@ -289,7 +290,8 @@ class Engine:
     def _sampling(self, step: Step, sampling_rows: list[Request | None], keeps: list[bool]) -> list[float | None]:
         """Attach each row's sampling settings and random draw to the step (from the request's own generator,
         one draw per new token, so that a seed gives the same tokens whatever the batch); ask for the
-        logits when a row keeps them or is sampled on the host. Returns each row's draw."""
+        logits when a row keeps them, wants its tokens' log-probabilities or is sampled on the host. Returns
+        each row's draw."""
         n = len(sampling_rows)
         sampled = Sampled.greedy(n)
         draws: list[float | None] = [None] * n
@@ -302,7 +304,8 @@ class Engine:
             sampled.top_k[row] = 0 if self._on_host(s) else s.top_k
             sampled.top_p[row] = 1.0 if s.top_p is None else s.top_p
         step.sampled = sampled
-        step.return_logits = any(keeps) or any(r is not None and self._on_host(r.sampling) for r in sampling_rows)
+        step.return_logits = any(keeps) or any(
+            r is not None and (self._on_host(r.sampling) or r.sampling.logprobs is not None) for r in sampling_rows)
         return draws
 
     def _prefilled(self, chunk: Chunk, step: Step, row: int, logits: np.ndarray | None, ids: np.ndarray,
@@ -323,13 +326,16 @@ class Engine:
 
     def _sampled(self, request: Request, logits: np.ndarray | None, token: np.integer, draw: float | None) -> None:
         """The request's next token: the device's, or drawn here from its logits when the device leaves it
-        to the host (with the same draw)."""
+        to the host (with the same draw); with its log-probabilities first when asked for."""
         s = request.sampling
         if self._on_host(s):
             token = draw_token(sampling_probs(logits, s.temperature, s.top_k, s.top_p), draw)
         token = int(token)
         request.generated.append(token)
         self.stats["generated_tokens"] += 1
+        if s.logprobs is not None:
+            request.logprobs.append(token_logprobs(logits, token, s.logprobs))
+            request.notify("logprobs", request.logprobs[-1])
         request.notify("token", token)
         if token in s.eos_token_ids:
             self._end(request, "stop")
@@ -370,7 +376,7 @@ class Engine:
         else:
             done.wait()
         return [Result(r.prompt, r.generated, r.finish_reason, r.reused,
-                       np.concatenate(r.logits) if keep_logits else None)
+                       np.concatenate(r.logits) if keep_logits else None, r.logprobs)
                 for r in requests]
 
     def load(self) -> dict[str, float]:

@@ -9,7 +9,9 @@ import numpy as np
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.cache import Placement, Slot
 
-Notify = Callable[[str, object], None]  # ("token", id) | ("finish", reason) | ("error", message)
+# ("logprobs", (logprob, [(id, logprob), ...])) just before its ("token", id), when asked for;
+# ("finish", reason); ("error", message)
+Notify = Callable[[str, object], None]
 _ids = itertools.count()
 
 
@@ -25,6 +27,7 @@ class Request:
     reused: int = 0  # of them, found cached (prefix reuse)
     generated: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per new token, if asked
     finish_reason: str | None = None
     rng: np.random.Generator | None = None
 

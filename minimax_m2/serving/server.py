@@ -25,7 +25,7 @@ import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
@@ -90,15 +90,16 @@ class ServedModel:
 # --- request validation -------------------------------------------------------------------------------------
 
 SUPPORTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-             "seed", "stop", "stream", "stream_options", "tools", "tool_choice", "n"}
+             "seed", "stop", "stream", "stream_options", "tools", "tool_choice", "n", "logprobs", "top_logprobs"}
 IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "service_tier"}  # accepted, without effect here
-UNSUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "response_format": "response_format",
+UNSUPPORTED = {"response_format": "response_format",
                "presence_penalty": "presence and frequency penalties", "frequency_penalty":
                "presence and frequency penalties", "logit_bias": "logit_bias", "echo": "echo", "best_of": "best_of",
                "suffix": "suffix", "functions": "functions (use tools)", "function_call": "function_call (use tools)"}
 MAX_CHOICES = 16  # 'n' at most: each choice is a request of its own in the engine
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "response_format": {"type": "text"},
-           "echo": False, "best_of": 1}
+MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, and completions' logprobs, at most (as OpenAI's)
+NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}, "echo": False,
+           "best_of": 1}
 
 
 def _number(body: dict, key: str, low: float, high: float, integer: bool = False, low_open: bool = False) -> Any:
@@ -132,6 +133,19 @@ def _check_parameters(body: dict) -> None:
     if body.get("tool_choice") not in (None, "auto", "none"):
         raise RequestError("'tool_choice' must be \"auto\" or \"none\" (forcing a tool is not supported)",
                            "tool_choice")
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives each new token's log-probability comes with (None: no log-probabilities):
+    chat's logprobs (true / false) and top_logprobs, or completions' logprobs (a count)."""
+    if not chat:
+        return _number(body, "logprobs", 0, MAX_TOP_LOGPROBS[chat], integer=True)
+    wanted, top = body.get("logprobs"), _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS[chat], integer=True)
+    if wanted not in (None, True, False):
+        raise RequestError(f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
+    if top is not None and not wanted:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _check_tools(tools: Any) -> list[dict] | None:
@@ -225,6 +239,7 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
                            status=404)
     tools = _check_tools(body.get("tools")) if body.get("tool_choice") != "none" else None
     n = _number(body, "n", 1, MAX_CHOICES, integer=True) or 1
+    logprobs = _logprobs(body, chat)
     max_tokens = _number(body, "max_completion_tokens", 1, 1 << 30, integer=True) or \
         _number(body, "max_tokens", 1, 1 << 30, integer=True) or served.defaults.max_new_tokens
     temperature = _number(body, "temperature", 0, 2)
@@ -251,7 +266,7 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
     except ValueError as err:
         raise RequestError(str(err), "max_tokens" if prompt else ("messages" if chat else "prompt")) from None
     d = served.defaults
-    sampling = replace(d, max_new_tokens=max_tokens, seed=None if seed is None else seed % 2**64,
+    sampling = replace(d, max_new_tokens=max_tokens, seed=None if seed is None else seed % 2**64, logprobs=logprobs,
                        temperature=d.temperature if temperature is None else temperature,
                        top_p=d.top_p if top_p is None else top_p,
                        top_k=d.top_k if top_k is None else (None if top_k in (-1, 0) else top_k))
@@ -264,6 +279,9 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
 
 # --- from tokens to text ------------------------------------------------------------------------------------
 
+Scored = tuple[int, tuple[float, list[tuple[int, float]]]]  # (token, (its logprob, [(id, logprob), ...]))
+
+
 @dataclass
 class Delta:
     """What one token (or the end) adds to a response."""
@@ -272,6 +290,7 @@ class Delta:
     content: str = ""
     tool_calls: list[dict] | None = None
     finish_reason: str | None = None
+    logprobs: list[Scored] = field(default_factory=list)  # of the tokens since the previous delta, when asked
 
 
 class TextStream:
@@ -337,6 +356,8 @@ async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio
         sampling = replace(sampling, seed=(sampling.seed + choice) % 2**64)
     request = served.engine.submit(parsed.prompt, sampling, notify)
     text = TextStream(served, parsed)
+    scored: list[Scored] = []  # tokens whose log-probabilities no delta has carried yet
+    logprob = None  # the next token's, when asked for
     try:
         while True:
             getter = asyncio.ensure_future(events.get())
@@ -349,20 +370,27 @@ async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio
             kind, value = getter.result()
             if prefilled and not choice:
                 prefilled.set()
-            if kind == "token":
+            if kind == "logprobs":
+                logprob = value
+            elif kind == "token":
                 parsed.completion_tokens += 1
+                if logprob is not None:
+                    scored.append((value, logprob))
+                    logprob = None
                 delta = text.token(value)
                 if delta:
+                    delta.logprobs, scored = scored, []
                     yield delta
                 if text.stopped:
                     served.engine.cancel(request)
-                    for delta in text.finish("stop"):
+                    for delta in with_scored(text.finish("stop"), scored):
                         yield delta
                     return
             elif kind == "error":
                 raise EngineFailed(str(value))
             elif kind == "finish":
-                for delta in text.finish(value if value in ("stop", "length", "abort") else "length"):
+                for delta in with_scored(text.finish(value if value in ("stop", "length", "abort") else "length"),
+                                         scored):
                     yield delta
                 return
     finally:
@@ -370,6 +398,34 @@ async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio
             prefilled.set()
         if request.finish_reason is None:
             served.engine.cancel(request)
+
+
+def with_scored(deltas: list[Delta], scored: list[Scored]) -> list[Delta]:
+    """The last deltas of a choice, the first carrying the log-probabilities no delta has carried yet."""
+    deltas[0].logprobs = scored + deltas[0].logprobs
+    return deltas
+
+
+def logprobs_field(served: ServedModel, parsed: Parsed, scored: list[Scored], offset: int = 0) -> dict | None:
+    """A choice's (or chunk's) `logprobs` in the endpoint's format (None when not asked for): chat's
+    {"content": [{token, logprob, bytes, top_logprobs}]}, or completions' {tokens, token_logprobs,
+    top_logprobs, text_offset} with offsets from `offset` characters into the choice's text."""
+    if parsed.sampling.logprobs is None:
+        return None
+
+    def text(token: int) -> str:
+        return served.tokenizer.decode([token], skip_special_tokens=False)
+
+    if parsed.chat:
+        def entry(token: int, logprob: float) -> dict:
+            return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode())}
+
+        return {"content": [{**entry(token, logprob), "top_logprobs": [entry(i, v) for i, v in top]}
+                            for token, (logprob, top) in scored]}
+    tokens = [text(token) for token, _ in scored]
+    starts = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [logprob for _, (logprob, _) in scored],
+            "top_logprobs": [{text(i): v for i, v in top} for _, (_, top) in scored], "text_offset": starts}
 
 
 async def run_choices(served: ServedModel, parsed: Parsed,
@@ -404,16 +460,16 @@ async def run_choices(served: ServedModel, parsed: Parsed,
             task.cancel()
 
 
-def whole_choice(index: int, whole: Delta, chat: bool) -> dict:
+def whole_choice(index: int, whole: Delta, chat: bool, logprobs: dict | None) -> dict:
     """A non-streamed response's choice from all its deltas added up."""
     if not chat:
-        return {"index": index, "text": whole.content, "finish_reason": whole.finish_reason}
+        return {"index": index, "text": whole.content, "logprobs": logprobs, "finish_reason": whole.finish_reason}
     calls = whole.tool_calls
     message = {"role": "assistant", "content": whole.content or (None if calls else ""),
                "reasoning_content": whole.reasoning or None}
     if calls:
         message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:12]}", **c} for c in calls]
-    return {"index": index, "message": message, "finish_reason": whole.finish_reason}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": whole.finish_reason}
 
 
 # --- the application --------------------------------------------------------------------------------------
@@ -535,12 +591,14 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
                     whole[i].content += delta.content
                     whole[i].tool_calls += delta.tool_calls or []
                     whole[i].finish_reason = delta.finish_reason or whole[i].finish_reason
+                    whole[i].logprobs += delta.logprobs
             except EngineFailed as err:
                 return error(503, f"the model stopped: {err}", kind="server_error")
             finally:
                 listener.cancel()
             return JSONResponse({"id": ident, "object": kind, "created": created, "model": served.name,
-                                 "choices": [whole_choice(i, w, chat) for i, w in enumerate(whole)], "usage": usage()})
+                                 "choices": [whole_choice(i, w, chat, logprobs_field(served, parsed, w.logprobs))
+                                             for i, w in enumerate(whole)], "usage": usage()})
 
         async def events() -> AsyncIterator[str]:
             def sse(choices: list[dict], **extra: Any) -> str:
@@ -548,27 +606,29 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
                         "model": served.name, "choices": choices, **extra}
                 return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-            def chunk(i: int, delta: dict, finish: str | None = None) -> str:
+            def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
                 if chat:
-                    return sse([{"index": i, "delta": delta, "finish_reason": finish}])
-                return sse([{"index": i, "text": delta.get("content", ""), "finish_reason": finish}])
+                    return sse([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+                return sse([{"index": i, "text": delta.get("content", ""), "logprobs": logprobs,
+                             "finish_reason": finish}])
 
             for i in range(parsed.n) if chat else ():
                 yield chunk(i, {"role": "assistant", "content": ""})
             calls = [0] * parsed.n  # tool calls streamed so far, per choice
+            offsets = [0] * parsed.n  # characters of each choice's tokens so far (completions' text_offset)
             try:
                 async for i, delta in run_choices(served, parsed, asyncio.Event()):
-                    if delta.finish_reason:
-                        yield chunk(i, {}, delta.finish_reason)
-                        continue
-                    if delta.reasoning:
-                        yield chunk(i, {"reasoning_content": delta.reasoning})
-                    if delta.content:
-                        yield chunk(i, {"content": delta.content})
+                    logprobs = logprobs_field(served, parsed, delta.logprobs, offsets[i])
+                    offsets[i] += sum(map(len, logprobs["tokens"])) if logprobs and not chat else 0
+                    parts = [({"reasoning_content": delta.reasoning}, None)] if delta.reasoning else []
+                    parts += [({"content": delta.content}, None)] if delta.content else []
                     for call in delta.tool_calls or []:
-                        yield chunk(i, {"tool_calls": [{"index": calls[i], "id": f"call_{uuid.uuid4().hex[:12]}",
-                                                        **call}]})
+                        parts.append(({"tool_calls": [{"index": calls[i], "id": f"call_{uuid.uuid4().hex[:12]}",
+                                                       **call}]}, None))
                         calls[i] += 1
+                    parts += [({}, delta.finish_reason)] if delta.finish_reason else []
+                    for j, (part, finish) in enumerate(parts):
+                        yield chunk(i, part, finish, None if j else logprobs)
             except EngineFailed as err:
                 yield f"data: {json.dumps(error_body(f'the model stopped: {err}', kind='server_error'))}\n\n"
             if parsed.include_usage:
