@@ -13,6 +13,7 @@ from kernels import (
     greedy_pick,
     grouped_experts,
     lm_head,
+    logprobs_vocab_parallel,
     moe_block,
     moe_block_parallel,
     moe_expert,
@@ -274,6 +275,23 @@ def test_lm_head_vocab_parallel_one_rank() -> None:
     logits = vocab_slice_logits(h, norm, padded, offset, eps=1e-6, vocab_size=40)
     _close(gather_vocab(logits, 40, None), lm_head(h, norm, weight, 1e-6))
     np.testing.assert_array_equal(greedy_vocab_parallel(logits, offset, None), np.argmax(logits[:, :40], axis=-1))
+
+
+def test_logprobs_vocab_parallel_one_rank() -> None:
+    """log p = logit - log sum exp(logits) of each chosen token and of the 4 largest, the padding columns
+    (masked, as vocab_slice_logits leaves them) left out of the sum."""
+    rng = _rng()
+    logits = _randn(rng, 3, 30, scale=3.0)
+    masked = np.concatenate([logits, np.full((3, 2), np.finfo(np.float32).min, np.float32)], axis=1)
+    chosen = np.array([4, 29, 0], np.int32)
+    got, top, ids = logprobs_vocab_parallel(masked, np.array([0, 0], np.int32), chosen, top=4, replica_groups=None)
+    for row in range(3):
+        x = logits[row].astype(np.float64)
+        want = [x[v] - np.log(sum(np.exp(x[u]) for u in range(30))) for v in range(30)]
+        order = sorted(range(30), key=lambda v: -want[v])[:4]
+        assert abs(got[row] - want[chosen[row]]) <= 1e-5 * abs(want[chosen[row]]) + 1e-6
+        assert ids[row].tolist() == order
+        _close(top[row], np.array([want[v] for v in order]))
 
 
 def test_top_candidates() -> None:

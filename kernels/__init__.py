@@ -7,6 +7,7 @@ static shapes, no Python branching on tensor values, only the NumPy calls nkipy 
 from kernels.attention import attention
 from kernels.embedding import token_embedding
 from kernels.lm_head import gather_vocab, greedy_pick, greedy_vocab_parallel, lm_head, vocab_slice_logits
+from kernels.logprobs import log_normaliser, logprobs_vocab_parallel
 from kernels.moe_block import moe_block
 from kernels.moe_parallel import moe_block_parallel, worst_case_capacity
 from kernels.moe_expert import moe_expert
@@ -25,6 +26,8 @@ __all__ = [
     "expert_blocks",
     "grouped_experts",
     "lm_head",
+    "log_normaliser",
+    "logprobs_vocab_parallel",
     "vocab_slice_logits",
     "moe_block",
     "moe_block_parallel",

@@ -16,6 +16,7 @@ from minimax_m2.prepare import load_prepared
 from minimax_m2.program import (
     RankValues,
     Step,
+    StepOutput,
     Unit,
     batch_rows,
     cache_shape,
@@ -197,11 +198,11 @@ class MiniMaxM2Model:
             self.expert_cost = _MEASURED[key]
         return self.expert_cost
 
-    def run(self, step: Step) -> tuple[np.ndarray | None, np.ndarray]:
-        """One step: every layer over the step's rows, each continuing its own cache row -> (logits [dp * R,
-        K, vocab] float32 when the step asks for them, else None; next tokens [dp * R, K] int32) at the
-        selected positions of every row, identical on every rank. Padding rows and tokens are left out of
-        the experts; their results are meaningless."""
+    def run(self, step: Step) -> StepOutput:
+        """One step: every layer over the step's rows, each continuing its own cache row -> the next tokens
+        [dp * R, K] int32 at the selected positions of every row (with their log-probabilities and their
+        logits [dp * R, K, vocab] float32 when the step asks for them), identical on every rank. Padding rows
+        and tokens are left out of the experts; their results are meaningless."""
         layout, config = self.layout, self.config
         check_vocabulary(step.input_ids, config.vocab_size)
         if np.any(step.positions < 0) or np.any(step.positions >= self.max_seq_len):
@@ -216,13 +217,12 @@ class MiniMaxM2Model:
                 h, dropped = h
                 self.dropped_pairs += int(all_reduce(np.asarray(dropped)[:1], layout.world_groups)[0])
         out = self.runner(head(h))
-        ids, logits = out if step.return_logits else (out, None)
         rows, chosen = step.input_ids.shape[0], step.selected.shape[1]
         selected = rows // layout.dp * chosen
-        ids = selected_rows(np.asarray(ids), layout.dp, selected).reshape(rows, chosen)
-        if logits is not None:
-            logits = selected_rows(np.asarray(logits), layout.dp, selected).reshape(rows, chosen, -1)
-        return logits, ids
+        outputs = [selected_rows(np.asarray(a), layout.dp, selected).reshape(rows, chosen, -1)
+                   for a in (out if isinstance(out, tuple) else (out,))]
+        return StepOutput(outputs[0][:, :, 0], outputs[-1] if step.return_logits else None,
+                          (outputs[1][:, :, 0], outputs[2], outputs[3]) if step.logprobs else None)
 
     def programs(self, step: Step) -> list[Unit]:
         """The distinct programs a step runs (embedding, the layer unit every layer shares, lm_head), with
@@ -300,10 +300,10 @@ class MiniMaxM2Model:
             self.allocate(rows)
         self._batch = batch
         step = uniform_step(batch, seq, self.position, self.layout, ids, all_logits)
-        logits, tokens = self.run(step)
+        out = self.run(step)
         self.position += seq
         rows = batch_rows(batch, self.layout, seq)
-        return logits[rows], tokens[rows]
+        return out.logits[rows], out.ids[rows]
 
     def generate_steps(
         self,

@@ -31,6 +31,7 @@ import numpy as np
 from kernels import attention, moe_block, moe_block_parallel, rmsnorm, token_embedding
 from kernels.collectives import ReplicaGroups, all_gather, group_size
 from kernels.lm_head import gather_vocab, greedy_vocab_parallel, vocab_slice_logits
+from kernels.logprobs import logprobs_vocab_parallel
 from kernels.sampling import sample_vocab_parallel
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.expert_schedule import ExpertCost, choose_block_rows
@@ -39,6 +40,7 @@ from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
 KV_BLOCK = 128
 CANDIDATES = 64  # the device samples among this many most likely tokens (top_k up to this)
+TOP_LOGPROBS = 20  # the most likely tokens whose log-probabilities the device returns, when asked
 
 
 def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
@@ -156,11 +158,14 @@ def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, targ
 def lm_head_unit(
     h: np.ndarray, selected: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray,
     temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray, *,
-    eps: float, vocab_size: int, dp: int, tp: int, candidates: int, return_logits: bool, world_groups: ReplicaGroups,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    eps: float, vocab_size: int, dp: int, tp: int, candidates: int, logprobs: int, return_logits: bool,
+    world_groups: ReplicaGroups,
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """h: [T, hidden] of this rank's attention group, selected: [n] int32 (the tokens whose next token is
     wanted, e.g. each row's last real token) -> the next token of each selected token of every group,
-    ids [N = dp * n] int32, identical on every rank; with return_logits also the logits [N, vocab] float32.
+    ids [N = dp * n] int32, identical on every rank; with logprobs > 0 then also each next token's
+    log-probability [N] float32 and the `logprobs` largest [N, logprobs] with their ids [N, logprobs] int32
+    (`kernels.logprobs`); with return_logits last the logits [N, vocab] float32.
 
     The groups' selected tokens are gathered over all ranks (the tp copies of a group are identical; the
     first is kept), each rank projects them onto its vocabulary slice lm_head: [hidden, V / W] starting at
@@ -175,7 +180,12 @@ def lm_head_unit(
     if candidates:
         ids = sample_vocab_parallel(logits, vocab_offset, ids, temperature, top_k, top_p, uniform,
                                     candidates=candidates, replica_groups=world_groups)
-    return (ids, gather_vocab(logits, vocab_size, world_groups)) if return_logits else ids
+    outputs = (ids,)
+    if logprobs:
+        outputs += logprobs_vocab_parallel(logits, vocab_offset, ids, top=logprobs, replica_groups=world_groups)
+    if return_logits:
+        outputs += (gather_vocab(logits, vocab_size, world_groups),)
+    return outputs if len(outputs) > 1 else ids
 
 
 def all_rows(h: np.ndarray, dp: int, tp: int, world_groups: ReplicaGroups) -> np.ndarray:
@@ -262,11 +272,30 @@ class Step:
     max_tokens: int = 0  # at most this many tokens are real in all (0: bucket x S), e.g. a prefill's chunk
     sampled: Sampled | None = None  # per row ([dp * R]); None: greedy
     return_logits: bool = False  # bring the logits of the selected tokens to the host
+    logprobs: bool = False  # bring their next tokens' log-probabilities (and the TOP_LOGPROBS largest) to the host
 
     @property
     def kv_length(self) -> int:
         """Positions the longest real row reaches (its last position + 1)."""
         return int(np.max(np.where(self.token_valid, self.positions + 1, 1)))
+
+
+@dataclass
+class StepOutput:
+    """What a step brings to the host, for each row's selected tokens."""
+
+    ids: np.ndarray  # [rows, K] int32: each selected token's next token
+    logits: np.ndarray | None = None  # [rows, K, vocab] float32, when the step asked for them
+    logprobs: tuple[np.ndarray, ...] | None = None  # the next tokens' [rows, K], the largest [rows, K, TOP_LOGPROBS]
+    # and their ids [rows, K, TOP_LOGPROBS], when the step asked for them
+
+    def scored(self, row: int, k: int, top: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """Row `row`'s k-th next token's log-probability and the `top` largest with their ids (None when the
+        step did not ask for them)."""
+        if self.logprobs is None:
+            return None
+        chosen, values, ids = (a[row, k] for a in self.logprobs)
+        return float(chosen), [(int(i), float(v)) for i, v in zip(ids[:top], values[:top])]
 
 
 def padded(values: np.ndarray) -> np.ndarray:
@@ -321,10 +350,12 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
 
 
 def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout, return_logits: bool,
-                      samples: bool = True) -> dict[str, Any]:
-    """samples: some row of the step is sampled on the device (else the sampling is traced out)."""
+                      samples: bool = True, logprobs: bool = False) -> dict[str, Any]:
+    """samples: some row of the step is sampled on the device (else the sampling is traced out); logprobs:
+    the step returns its tokens' log-probabilities (and the TOP_LOGPROBS largest)."""
     return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
-                candidates=min(CANDIDATES, config.vocab_size) if samples else 0, return_logits=return_logits,
+                candidates=min(CANDIDATES, config.vocab_size) if samples else 0,
+                logprobs=min(TOP_LOGPROBS, config.vocab_size) if logprobs else 0, return_logits=return_logits,
                 world_groups=layout.world_groups)
 
 
@@ -373,7 +404,7 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
                 dict(h=h, selected=padded(selected), final_norm=weights.final_norm, lm_head=weights.lm_head,
                      vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
                      top_p=sampled.top_p, uniform=sampled.uniform),
-                lm_head_constants(config, layout, step.return_logits, sampled.samples_on_device()))
+                lm_head_constants(config, layout, step.return_logits, sampled.samples_on_device(), step.logprobs))
 
 
 def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:
@@ -389,15 +420,16 @@ def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max
 
 
 def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, max_tokens: int = 0,
-                 samples: bool = False, return_logits: bool = False, all_positions: bool = False) -> Step:
+                 samples: bool = False, return_logits: bool = False, all_positions: bool = False,
+                 logprobs: bool = False) -> Step:
     """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units,
-    with the lm_head variant that samples on the device and / or returns logits, of the last position of
-    each row or of all of them."""
+    with the lm_head variant that samples on the device, returns log-probabilities and / or returns logits,
+    of the last position of each row or of all of them."""
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
     selected = np.tile(np.arange(seq if all_positions else 1, dtype=np.int32), (total, 1))
     step = Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool), selected,
-                bucket, kv_len, max_tokens, return_logits=return_logits)
+                bucket, kv_len, max_tokens, return_logits=return_logits, logprobs=logprobs)
     if samples:
         step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
                                np.zeros(total, np.float32))
@@ -451,12 +483,13 @@ def program_units(
     position: int = 0,
     samples: bool = True,
     return_logits: bool = False,
+    logprobs: bool = False,
 ) -> list[Unit]:
     """The units one rank runs for one phase ('prefill': `seq` prompt tokens from `position`;
     'decode': one token at `position`), with example inputs of the right shapes, dtypes and values
     (layer 0's weights; every layer runs the same program; every row its own cache row; rows in a bucket
-    of at least 2; the next tokens sampled from the top candidates unless not `samples`, the logits
-    returned with `return_logits`)."""
+    of at least 2; the next tokens sampled from the top candidates unless not `samples`, their
+    log-probabilities returned with `logprobs`, the logits with `return_logits`)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
@@ -471,7 +504,7 @@ def program_units(
     if samples:
         step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32),
                                np.full(total, 0.9, np.float32), np.linspace(0.05, 0.95, total, dtype=np.float32))
-    step.return_logits = return_logits
+    step.return_logits, step.logprobs = return_logits, logprobs
     mine = group_rows(step, layout)
     h = weights.embed[step.input_ids[mine].reshape(-1)]
     layer = weights.layers[0]

@@ -14,6 +14,7 @@ from conftest import PROMPT
 from minimax_m2 import MiniMaxM2Model
 from minimax_m2.generation import Sampling
 from minimax_m2.neuron import WRITTEN, NeuronRunner
+from minimax_m2.program import TOP_LOGPROBS
 from minimax_m2.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
 from minimax_m2.serving.engine import Engine
 from minimax_m2.nkipy_semantics import LoopbackCollectives
@@ -181,6 +182,34 @@ def test_a_steady_decode_step_moves_only_ids_positions_and_draws(float32_checkpo
         assert runner.launches - before[1] == decode_launches(model.config.num_hidden_layers)
 
 
+def test_log_probabilities_come_from_the_device_without_the_logits(float32_checkpoint, runner) -> None:
+    """Rows that want log-probabilities (greedy and sampled on the device) get them from the device: a steady
+    decode step moves each row's chosen one and the TOP_LOGPROBS largest with their ids beside the id,
+    position and draw (never the logits), and they equal the NumPy engine's."""
+    prompts = [[5, 17, 200, 3, 99], [7, 7, 7]]
+    sampling = [Sampling(max_new_tokens=8, logprobs=5),
+                Sampling(max_new_tokens=8, temperature=0.8, top_k=20, seed=3, logprobs=2)]
+    want = Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), max_num_seqs=4,
+                  prefill_chunk=16).generate(prompts, sampling)
+    engine = _engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner)
+    requests = [engine.submit(prompt, s) for prompt, s in zip(prompts, sampling)]
+    while not all(r.decoding for r in requests):
+        engine.step()
+    engine.step()
+    rows = engine.scheduler.plan().decode[0].input_ids.shape[0]
+    before = FakeTensor.bytes_up + FakeTensor.bytes_down
+    engine.step()
+    moved = FakeTensor.bytes_up + FakeTensor.bytes_down - before
+    assert moved == (DECODE_HOST_BYTES_PER_ROW + 4 + 8 * TOP_LOGPROBS) * rows, f"{moved} bytes for {rows} rows"
+    while not engine.idle():
+        engine.step()
+    for request, alone in zip(requests, want):
+        assert request.generated == alone.generated and len(request.logprobs) == 8
+        for (logprob, top), (want_logprob, want_top) in zip(request.logprobs, alone.logprobs):
+            assert [i for i, _ in top] == [i for i, _ in want_top]
+            assert np.allclose([logprob] + [v for _, v in top], [want_logprob] + [v for _, v in want_top], atol=1e-5)
+
+
 SHARED = list(range(1, 41))  # a prefix that a second request copies from the first's busy slot
 
 
@@ -210,7 +239,7 @@ def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_check
     engine = _engine(model, runner)
     steps = engine.warm_up(every_shape=True)
     prefills = sum(phase == "prefill" for phase, *_ in engine.shapes.shapes())
-    assert steps == 4 * len(engine.shapes.shapes()) + 2 * prefills, "each shape with each lm_head variant"
+    assert steps == 5 * len(engine.shapes.shapes()) + 2 * prefills, "each shape with each lm_head variant"
     compiled = runner.compiled
     assert compiled == len(engine.programs()), "the compile set the engine reports is what the device compiled"
     runner.frozen = True

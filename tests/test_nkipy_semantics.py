@@ -228,17 +228,21 @@ def test_device_units_trace_to_the_numpy_program(allowed, world, tp, moe_tp, pha
 
 
 @pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)])
-@pytest.mark.parametrize("samples, return_logits", [(False, False), (False, True), (True, True)])
-def test_each_lm_head_variant_traces_to_the_numpy_program(allowed, world, tp, samples, return_logits) -> None:
-    """The lm_head without sampling (a step with no row to sample) and with the logits returned."""
-    ranks = run_ranks(world, tp, 1, "decode", 3, 1, samples=samples, return_logits=return_logits)
+@pytest.mark.parametrize("samples, return_logits, logprobs", [(False, False, False), (False, True, False),
+                                                              (True, True, False), (True, False, True)])
+def test_each_lm_head_variant_traces_to_the_numpy_program(allowed, world, tp, samples, return_logits,
+                                                          logprobs) -> None:
+    """The lm_head without sampling (a step with no row to sample), with the logits returned, and with the
+    log-probabilities returned."""
+    ranks = run_ranks(world, tp, 1, "decode", 3, 1, samples=samples, return_logits=return_logits, logprobs=logprobs)
     for rank, units in enumerate(ranks):
         name, program, traced, plain = units[-1]
         assert name == "lm_head"
         assert_same_program_as_numpy(program, traced, plain, allowed, f"rank {rank} {name}")
-        assert isinstance(plain, tuple) == return_logits
+        outputs = plain if isinstance(plain, tuple) else (plain,)
+        assert len(outputs) == 1 + 3 * logprobs + return_logits
         argmaxes = sum("argmax" in op[0] for op in program.ops)
-        assert argmaxes >= 1 and (argmaxes > 2) == samples, f"{argmaxes} argmax: greedy, or the top candidates too"
+        assert argmaxes >= 1 and (argmaxes > 2) == (samples or logprobs), f"{argmaxes} argmax: greedy, or top ones"
     assert ranks[0][-1][1].ops == ranks[-1][-1][1].ops
 
 

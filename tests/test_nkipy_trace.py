@@ -24,13 +24,14 @@ def _trace(unit):
         collectives.set_backend(None)
 
 
-def _numpy_outputs(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int, skewed: bool) -> list[list]:
+def _numpy_outputs(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int, skewed: bool,
+                   **variant) -> list[list]:
     """Per rank, per unit: (user outputs, inputs after the call) of the plain NumPy units."""
     backend = ThreadCollectives(world)
 
     def body(rank: int):
         results = []
-        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed):
+        for unit in _rank_units(world, tp, moe_tp, rank, phase, batch, seq, skewed, **variant):
             inputs = _copy(unit.inputs)
             out = unit.fn(**inputs, **unit.constants)
             results.append((out if isinstance(out, tuple) else (out,), inputs))
@@ -82,9 +83,21 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
 @pytest.mark.parametrize("world, tp, moe_tp, phase, batch, seq, skewed", CASES, ids=[
     f"w{c[0]}-tp{c[1]}-moetp{c[2]}-{c[3]}-b{c[4]}-s{c[5]}{'-skewed' if c[6] else ''}" for c in CASES])
 def test_traced_units_compute_the_numpy_result(world, tp, moe_tp, phase, batch, seq, skewed) -> None:
+    _assert_traced_units_compute_the_numpy_result(world, tp, moe_tp, phase, batch, seq, skewed)
+
+
+@pytest.mark.parametrize("world, tp", [(1, 1), (2, 1), (4, 2)])
+def test_the_lm_head_returning_log_probabilities_computes_the_numpy_result(world, tp) -> None:
+    """The lm_head variant that also returns log-probabilities (`kernels.logprobs`), each rank holding a
+    vocabulary slice."""
+    _assert_traced_units_compute_the_numpy_result(world, tp, 1, "decode", 3, 1, False, logprobs=True)
+
+
+def _assert_traced_units_compute_the_numpy_result(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int,
+                                                  skewed: bool, **variant) -> None:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    ranks = [_rank_units(world, tp, moe_tp, r, phase, batch, seq, skewed) for r in range(world)]
-    want = _numpy_outputs(world, tp, moe_tp, phase, batch, seq, skewed)
+    ranks = [_rank_units(world, tp, moe_tp, r, phase, batch, seq, skewed, **variant) for r in range(world)]
+    want = _numpy_outputs(world, tp, moe_tp, phase, batch, seq, skewed, **variant)
     for index, unit in enumerate(ranks[0]):
         code = _trace(unit)
         assert code.to_proto().SerializeToString() == _trace(ranks[-1][index]).to_proto().SerializeToString(), \

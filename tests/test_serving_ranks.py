@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch.distributed")
@@ -146,7 +147,8 @@ def one_process(with_tokenizer) -> dict:
 def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, world, tp, moe_tp) -> None:
     """Rank 0's engine sends every plan (steps and prefix copies) to the other rank, ranks as threads; requests
     arrive while others run and share a 40-token prefix, greedy, sampled on the device (top-k), sampled on the
-    host (no top-k: logits returned) and keeping their logits: every rank computes what one process does."""
+    host (no top-k: logits returned) and keeping their logits, two with log-probabilities (from the vocabulary
+    slices of every rank): every rank computes what one process does."""
     from thread_ranks import ThreadCollectives
 
     from kernels import collectives
@@ -155,11 +157,12 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, wo
 
     shared = list(range(5, 45))
     prompts = [shared + [1, 2], shared + [3], shared + [4, 5, 6], [9, 9], shared + [7]]
-    settings = [Sampling(max_new_tokens=5), Sampling(max_new_tokens=5, temperature=0.9, top_k=8, top_p=0.9, seed=1),
+    settings = [Sampling(max_new_tokens=5, logprobs=3),
+                Sampling(max_new_tokens=5, temperature=0.9, top_k=8, top_p=0.9, seed=1),
                 Sampling(max_new_tokens=5, temperature=1.1, seed=2), Sampling(max_new_tokens=5),
-                Sampling(max_new_tokens=5, temperature=0.7, top_k=3, seed=3)]
+                Sampling(max_new_tokens=5, temperature=0.7, top_k=3, seed=3, logprobs=2)]
 
-    def arriving(engine: Engine) -> list[list[int]]:
+    def arriving(engine: Engine) -> tuple[list[list[int]], list[np.ndarray]]:
         requests = []
         for i, (prompt, sampling) in enumerate(zip(prompts, settings)):
             requests.append(engine.submit(prompt, sampling, keep_logits=i == 3))
@@ -168,10 +171,11 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, wo
         while not engine.idle():
             engine.step()
         assert any(r.reused == 40 for r in requests), "no prefix was reused"
-        return [r.generated for r in requests]
+        scored = [np.array([[lp] + [v for _, v in top] for lp, top in r.logprobs]) for r in requests]
+        return [r.generated for r in requests], scored
 
-    want = arriving(Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=128), max_num_seqs=4,
-                           prefill_chunk=16))
+    want, want_scored = arriving(Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=128),
+                                        max_num_seqs=4, prefill_chunk=16))
     backend = ThreadCollectives(world)
 
     def rank(r: int):
@@ -184,14 +188,16 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, wo
         sender = PlanSender(model, backend)
         got = arriving(Engine(model, max_num_seqs=4, prefill_chunk=16, executor=sender))
         sender.stop()
-        return got, sender.plans
+        return *got, sender.plans
 
     collectives.set_backend(backend)
     try:
-        (got, plans), *steps = backend.run(rank)
+        (got, scored, plans), *steps = backend.run(rank)
     finally:
         collectives.set_backend(None)
     assert got == want and all(0 < s == steps[0] < plans for s in steps)
+    assert [a.shape for a in scored] == [(5, 4), (0,), (0,), (0,), (5, 3)]
+    assert all(np.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(scored, want_scored))
 
 
 def check_equal(url: str, one_process: dict) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import CANDIDATES, Sampled, Step, Unit, min_rows, padding_step
+from minimax_m2.program import CANDIDATES, TOP_LOGPROBS, Sampled, Step, StepOutput, Unit, min_rows, padding_step
 from minimax_m2.sampling import draw as draw_token
 from minimax_m2.sampling import sampling_probs, token_logprobs
 from minimax_m2.serving.cache import SlotCache
@@ -35,7 +35,7 @@ class Executor(Protocol):
     """What runs the engine's steps: on this process (`LocalExecutor`), or on every rank
     (`minimax_m2.serving.lockstep.PlanSender`)."""
 
-    def execute(self, step: Step) -> tuple[np.ndarray, np.ndarray]: ...
+    def execute(self, step: Step) -> StepOutput: ...
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None: ...
 
@@ -53,7 +53,7 @@ class LocalExecutor:
     def __init__(self, model: MiniMaxM2Model):
         self.model = model
 
-    def execute(self, step: Step) -> tuple[np.ndarray, np.ndarray]:
+    def execute(self, step: Step) -> StepOutput:
         return self.model.run(step)
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
@@ -134,14 +134,15 @@ class Engine:
 
     def _warm_up_steps(self) -> list[Step]:
         """A padding step of each shape of the set with each lm_head variant: sampling on the device or not,
-        with logits or not, and for a prefill, with the logits of every position (when requests may keep
-        them)."""
+        with logits or not, sampling with log-probabilities, and for a prefill, with the logits of every
+        position (when requests may keep them)."""
         scratch = self.model.slots
         chunk = {"decode": 0, "prefill": self.shapes.prefill_chunk}
-        variants = {"decode": [(s, logits, False) for s, logits in itertools.product((False, True), repeat=2)]}
+        variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
+                    + [(True, False, False, True)]}
         variants["prefill"] = list(variants["decode"])
         if self.keep_logits:
-            variants["prefill"] += [(False, True, True), (True, True, True)]
+            variants["prefill"] += [(False, True, True, False), (True, True, True, False)]
         return [padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv, chunk[phase], *variant)
                 for phase, rows, bucket, seq, kv in self.shapes.shapes() for variant in variants[phase]]
 
@@ -165,6 +166,8 @@ class Engine:
                              f"0..{self.model.config.vocab_size - 1}")
         if keep_logits and not self.keep_logits:
             raise ValueError("this engine was built with keep_logits=False: no request keeps its logits")
+        if sampling.logprobs is not None and not 0 <= sampling.logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{TOP_LOGPROBS}, got {sampling.logprobs}")
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         request = Request(list(prompt), sampling, notify or (lambda kind, value: None), keep_logits)
@@ -255,26 +258,26 @@ class Engine:
             step, chunks = plan.prefill
             draws = self._sampling(step, [c.request if c and c.samples else None for c in chunks],
                                    [c is not None and c.request.keep_logits for c in chunks])
-            logits, ids = self._execute(step, "prefill")
+            out = self._execute(step, "prefill")
             for row, chunk in enumerate(chunks):
                 if chunk is not None:
-                    self._prefilled(chunk, step, row, logits, ids, draws[row])
+                    self._prefilled(chunk, step, row, out, draws[row])
         if plan.decode:
             step, rows = plan.decode
             draws = self._sampling(step, rows, [r is not None and r.keep_logits for r in rows])
             if self._last_ids is not None and self._last_ids.shape == step.input_ids.shape:
                 padding = np.array([r is None for r in rows])
                 step.input_ids[padding] = self._last_ids[padding]  # any id will do: these are the device's own
-            logits, ids = self._execute(step, "decode")
-            self._last_ids = ids.astype(np.int32)
+            out = self._execute(step, "decode")
+            self._last_ids = out.ids.astype(np.int32)
             for row, request in enumerate(rows):
                 if request is not None and request.finish_reason is None:
                     request.slot.tokens.append(request.generated[-1])
                     if request.keep_logits:
-                        request.logits.append(logits[row, :1])
-                    self._sampled(request, None if logits is None else logits[row, 0], ids[row, 0], draws[row])
+                        request.logits.append(out.logits[row, :1])
+                    self._sampled(request, out, row, 0, draws[row])
 
-    def _execute(self, step: Step, phase: str) -> tuple[np.ndarray | None, np.ndarray]:
+    def _execute(self, step: Step, phase: str) -> StepOutput:
         """Run one prefill or decode step, counting it and its seconds under its phase."""
         start = time.perf_counter()
         out = self.executor.execute(step)
@@ -290,8 +293,8 @@ class Engine:
     def _sampling(self, step: Step, sampling_rows: list[Request | None], keeps: list[bool]) -> list[float | None]:
         """Attach each row's sampling settings and random draw to the step (from the request's own generator,
         one draw per new token, so that a seed gives the same tokens whatever the batch); ask for the
-        logits when a row keeps them, wants its tokens' log-probabilities or is sampled on the host. Returns
-        each row's draw."""
+        logits when a row keeps them or is sampled on the host, and else the log-probabilities when a row
+        wants them (with logits at hand, they are computed from the logits). Returns each row's draw."""
         n = len(sampling_rows)
         sampled = Sampled.greedy(n)
         draws: list[float | None] = [None] * n
@@ -304,12 +307,12 @@ class Engine:
             sampled.top_k[row] = 0 if self._on_host(s) else s.top_k
             sampled.top_p[row] = 1.0 if s.top_p is None else s.top_p
         step.sampled = sampled
-        step.return_logits = any(keeps) or any(
-            r is not None and (self._on_host(r.sampling) or r.sampling.logprobs is not None) for r in sampling_rows)
+        step.return_logits = any(keeps) or any(r is not None and self._on_host(r.sampling) for r in sampling_rows)
+        step.logprobs = not step.return_logits and any(
+            r is not None and r.sampling.logprobs is not None for r in sampling_rows)
         return draws
 
-    def _prefilled(self, chunk: Chunk, step: Step, row: int, logits: np.ndarray | None, ids: np.ndarray,
-                   draw: float | None) -> None:
+    def _prefilled(self, chunk: Chunk, step: Step, row: int, out: StepOutput, draw: float | None) -> None:
         request = chunk.request
         if request.finish_reason is not None:
             return
@@ -319,22 +322,26 @@ class Engine:
         self.stats["prompt_tokens"] += count
         last = count - 1 if step.selected.shape[1] > 1 else 0  # all positions were kept, or just the last
         if request.keep_logits:
-            request.logits.append(logits[row, :count])
+            request.logits.append(out.logits[row, :count])
         if chunk.samples:
             self.stats["reused_tokens"] += request.reused
-            self._sampled(request, None if logits is None else logits[row, last], ids[row, last], draw)
+            self._sampled(request, out, row, last, draw)
 
-    def _sampled(self, request: Request, logits: np.ndarray | None, token: np.integer, draw: float | None) -> None:
-        """The request's next token: the device's, or drawn here from its logits when the device leaves it
-        to the host (with the same draw); with its log-probabilities first when asked for."""
+    def _sampled(self, request: Request, out: StepOutput, row: int, k: int, draw: float | None) -> None:
+        """The request's next token (the step's row `row`, its k-th selected token): the device's, or drawn
+        here from its logits when the device leaves it to the host (with the same draw); with its
+        log-probabilities first when asked for (the device's, or computed from the logits)."""
         s = request.sampling
+        logits = None if out.logits is None else out.logits[row, k]
+        token = out.ids[row, k]
         if self._on_host(s):
             token = draw_token(sampling_probs(logits, s.temperature, s.top_k, s.top_p), draw)
         token = int(token)
         request.generated.append(token)
         self.stats["generated_tokens"] += 1
         if s.logprobs is not None:
-            request.logprobs.append(token_logprobs(logits, token, s.logprobs))
+            scored = out.scored(row, k, s.logprobs)
+            request.logprobs.append(scored if scored is not None else token_logprobs(logits, token, s.logprobs))
             request.notify("logprobs", request.logprobs[-1])
         request.notify("token", token)
         if token in s.eos_token_ids:

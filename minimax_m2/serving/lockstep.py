@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import Sampled, Step
+from minimax_m2.program import Sampled, Step, StepOutput
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
 # header entries: the command, the step's fields (a copy's count in ROWS), the payload's length
 COMMAND, ROWS, SEQ, SELECTED, BUCKET, KV_LEN, MAX_TOKENS, FLAGS, SIZE = range(9)
 HEADER = 9
-LOGITS, SAMPLED = 1, 2  # FLAGS bits: return_logits, sampling settings in the payload
+LOGITS, SAMPLED, LOGPROBS = 1, 2, 4  # FLAGS bits: return_logits, sampling settings in the payload, logprobs
 
 
 class PlanSender:
@@ -51,9 +51,10 @@ class PlanSender:
         """Plans broadcast, with the seconds and bytes they took (the control path's overhead)."""
         return {"plans": self.plans, "control_seconds": self.control_seconds, "control_bytes": self.control_bytes}
 
-    def execute(self, step: Step) -> tuple[np.ndarray, np.ndarray]:
+    def execute(self, step: Step) -> StepOutput:
         rows, seq = step.input_ids.shape
-        flags = (LOGITS if step.return_logits else 0) | (SAMPLED if step.sampled is not None else 0)
+        flags = (LOGITS if step.return_logits else 0) | (SAMPLED if step.sampled is not None else 0) | \
+            (LOGPROBS if step.logprobs else 0)
         self._send([STEP, rows, seq, step.selected.shape[1], step.bucket, step.kv_len or 0, step.max_tokens, flags],
                    _pack(step))
         return self.model.run(step)
@@ -86,7 +87,8 @@ def _unpack(header: np.ndarray, payload: np.ndarray) -> Step:
     parts = np.split(payload, np.cumsum([rows * seq, rows * seq, rows, rows * seq, rows * selected]))
     step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), parts[2],
                 parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), int(header[BUCKET]),
-                int(header[KV_LEN]) or None, int(header[MAX_TOKENS]), return_logits=bool(flags & LOGITS))
+                int(header[KV_LEN]) or None, int(header[MAX_TOKENS]), return_logits=bool(flags & LOGITS),
+                logprobs=bool(flags & LOGPROBS))
     if flags & SAMPLED:
         temperature, top_k, top_p, uniform = np.split(parts[5], 4)
         step.sampled = Sampled(temperature.view(np.float32), top_k, top_p.view(np.float32), uniform.view(np.float32))
