@@ -404,7 +404,9 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
                 dict(h=h, selected=padded(selected), final_norm=weights.final_norm, lm_head=weights.lm_head,
                      vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
                      top_p=sampled.top_p, uniform=sampled.uniform),
-                lm_head_constants(config, layout, step.return_logits, sampled.samples_on_device(), step.logprobs))
+                lm_head_constants(config, layout, step.return_logits,
+                                  sampled.samples_on_device() or step.logprobs,  # one variant: greedy rows stay so
+                                  step.logprobs))
 
 
 def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:

@@ -245,6 +245,7 @@ def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_check
     runner.frozen = True
     shared = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 3  # a prefix held by a busy slot is copied (copy_rows)
     engine.generate([p for p, _ in REQUESTS] + [shared, shared + [13]], [s for _, s in REQUESTS] + [Sampling()] * 2)
+    engine.generate([[3, 4, 5]], Sampling(logprobs=2))  # greedy rows alone, with log-probabilities
     assert engine.stats["reused_tokens"] > 0 and FakeKernel.compiled["copy_rows"] == 1
     assert runner.compiled == compiled, "a shape outside the warmed-up set was compiled while serving"
     with pytest.raises(RuntimeError, match="outside the compiled set"):
