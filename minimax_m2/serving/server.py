@@ -97,7 +97,8 @@ UNSUPPORTED = {"response_format": "response_format",
                "presence and frequency penalties", "logit_bias": "logit_bias", "echo": "echo", "best_of": "best_of",
                "suffix": "suffix", "functions": "functions (use tools)", "function_call": "function_call (use tools)"}
 MAX_CHOICES = 16  # 'n' at most: each choice is a request of its own in the engine
-MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, and completions' logprobs, at most (as OpenAI's)
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs at most (as OpenAI's, and what the device returns)
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs at most (as OpenAI's)
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}, "echo": False,
            "best_of": 1}
 
@@ -139,8 +140,8 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     """How many alternatives each new token's log-probability comes with (None: no log-probabilities):
     chat's logprobs (true / false) and top_logprobs, or completions' logprobs (a count)."""
     if not chat:
-        return _number(body, "logprobs", 0, MAX_TOP_LOGPROBS[chat], integer=True)
-    wanted, top = body.get("logprobs"), _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS[chat], integer=True)
+        return _number(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, integer=True)
+    wanted, top = body.get("logprobs"), _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
     if wanted not in (None, True, False):
         raise RequestError(f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
     if top is not None and not wanted:
