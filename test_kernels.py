@@ -28,6 +28,7 @@ from kernels import (
     worst_case_capacity,
 )
 from minimax_m2.sampling import draw, sampling_probs
+from kernels.matmul import matmul
 from kernels.slots import exclusive_cumsum, place_rows
 
 RNG_SEED = 1234
@@ -264,6 +265,16 @@ def test_place_rows() -> None:
     want = np.zeros((6, 3), np.float32)
     want[[4, 0, 1]] = x[[0, 1, 4]]
     np.testing.assert_array_equal(out, want)
+
+
+def test_matmul_rows_together_and_apart() -> None:
+    """Both schedules of a few rows by a weight (also stacked rows, and a transposed weight) give a @ b."""
+    rng = _rng()
+    a, weight = _randn(rng, 2, 3, 16), _randn(rng, 24, 16).T
+    want = np.einsum("bik,kn->bin", a.astype(np.float64), weight.astype(np.float64))
+    for apart in (False, True):
+        _close(matmul(a, weight, apart), want)
+        _close(matmul(a[0], weight, apart), want[0])
 
 
 def test_lm_head_vocab_parallel_one_rank() -> None:

@@ -38,6 +38,7 @@ def attention(
     seq: int,
     replica_groups: ReplicaGroups | None = None,
     reduce_output: bool = True,
+    rows_apart: bool = False,
 ) -> np.ndarray:
     """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own KV-cache row.
 
@@ -54,7 +55,8 @@ def attention(
     q and k are RMS-normalised over their whole projection width before the head split. Under tensor
     parallelism (heads split over `replica_groups`) the q and k sums of squares are all-reduced together
     over the group, and so are the output projection's partial sums (unless reduce_output is False: the
-    caller then sums this rank's partial itself, as part of a wider exchange).
+    caller then sums this rank's partial itself, as part of a wider exchange). rows_apart: the projections'
+    schedule (`kernels.matmul.matmul`).
     """
     tokens = x.shape[0]
     rows = tokens // seq
@@ -64,12 +66,12 @@ def attention(
     scratch = np.int32(k_cache.shape[0] // max_seq - 1)
     slots = slots[:rows]
 
-    q, k = matmul(x, wq), matmul(x, wk)
+    q, k = matmul(x, wq, rows_apart), matmul(x, wk, rows_apart)
     ranks = group_size(replica_groups)
     sums = all_reduce(np.concatenate([sum_of_squares(q), sum_of_squares(k)], axis=-1), replica_groups)  # one exchange
     q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(tokens, q_heads, head_dim)
     k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(tokens, kv_heads, head_dim)
-    v = matmul(x, wv)
+    v = matmul(x, wv, rows_apart)
 
     cos = np.take(cos_table, positions, axis=0)  # [T, R']
     sin = np.take(sin_table, positions, axis=0)
@@ -96,5 +98,5 @@ def attention(
     out = cast(matmul(cast(weights, values.dtype), values), np.float32) / total
     out = cast(out, x.dtype).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
-    partial = matmul(out, wo)
+    partial = matmul(out, wo, rows_apart)
     return all_reduce(partial, replica_groups) if reduce_output else partial

@@ -9,9 +9,11 @@ from kernels.rmsnorm import rmsnorm
 _MASKED = np.float32(np.finfo(np.float32).min)
 
 
-def lm_head(h: np.ndarray, norm_weight: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """h: [..., hidden], norm_weight: [hidden], weight: [hidden, vocab] -> logits [..., vocab] float32."""
-    return matmul(rmsnorm(h, norm_weight, eps), weight).astype(np.float32)
+def lm_head(h: np.ndarray, norm_weight: np.ndarray, weight: np.ndarray, eps: float,
+            rows_apart: bool = False) -> np.ndarray:
+    """h: [..., hidden], norm_weight: [hidden], weight: [hidden, vocab] -> logits [..., vocab] float32
+    (rows_apart: the product's schedule, `kernels.matmul.matmul`)."""
+    return matmul(rmsnorm(h, norm_weight, eps), weight, rows_apart).astype(np.float32)
 
 
 def greedy_pick(logits: np.ndarray) -> np.ndarray:
@@ -20,10 +22,10 @@ def greedy_pick(logits: np.ndarray) -> np.ndarray:
 
 
 def vocab_slice_logits(h: np.ndarray, norm_weight: np.ndarray, weight: np.ndarray, vocab_offset: np.ndarray, *,
-                       eps: float, vocab_size: int) -> np.ndarray:
+                       eps: float, vocab_size: int, rows_apart: bool = False) -> np.ndarray:
     """h: [N, hidden] -> this rank's logits [N, Vr] float32 for columns vocab_offset[0] .. + Vr - 1 of the
     vocabulary (weight: [hidden, Vr], zero-padded past vocab_size; the padding columns masked)."""
-    logits = lm_head(h, norm_weight, weight, eps)
+    logits = lm_head(h, norm_weight, weight, eps, rows_apart)
     ids = vocab_offset[0] + np.arange(weight.shape[-1], dtype=np.int32)
     return np.where(ids[None, :] < vocab_size, logits, _MASKED)
 

@@ -34,6 +34,7 @@ from kernels.moe_grouped import DENSE, expert_blocks
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 REPEATED_CALLS = 4  # a repeated expert's time is the mean of this many calls in a row, as consecutive blocks run
+APART_SAVING = 0.1  # see rows_apart
 WARM_UP_ROUNDS = 2  # rounds of measurements left out (a process's first products run slower)
 # (rows, repeated) -> seconds for one expert applied to that many rows, its weights just read (repeated) or not
 ExpertCost = Callable[..., float]
@@ -54,6 +55,15 @@ def choose_block_rows(rows: int, num_experts: int, cost: ExpertCost) -> int:
     options = [(blocked_seconds(rows, num_experts, b, cost), b) for b in BLOCK_SIZES if b == 1 or b <= rows]
     options.append((num_experts * cost(rows), DENSE))
     return min(options, key=lambda option: option[0])[1]
+
+
+def rows_apart(rows: int, cost: ExpertCost) -> bool:
+    """Whether a few rows multiply a weight one at a time: where, by the target's cost of one expert (its
+    weights read afresh), multiplying them together saves less than APART_SAVING of doing it row by row.
+    So on a CPU at two rows (its BLAS packs the weight for two or more, which costs what streaming it for a
+    row does: a large or transposed weight such as the lm_head's then multiplies two rows apart in about
+    half the time), never on a NeuronCore (the weight streams once either way)."""
+    return 1 < rows <= BLOCK_SIZES[-1] and cost(rows) >= (1 - APART_SAVING) * rows * cost(1)
 
 
 def roofline_cost(weight_bytes: int, flops_per_row: int, memory_bytes_per_s: float, matmul_flops_per_s: float,

@@ -237,8 +237,10 @@ class MiniMaxM2Model:
         union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
         kv_len = step.kv_len or kv_len_for(step.kv_length, self.max_seq_len)
         seq = step.input_ids.shape[1]
+        mine = step.input_ids[group_rows(step, layout)].reshape(-1)
+        cost = self.schedule_cost()
         constants = layer_constants(config, layout, real, seq, kv_len, self.max_seq_len,
-                                    self.weights.layers[0].w13.shape[0], self.schedule_cost())
+                                    self.weights.layers[0].w13.shape[0], cost, mine.size)
         phase = "decode" if seq == 1 else "prefill"
 
         def layer(h: Any, index: int) -> Unit:
@@ -246,8 +248,8 @@ class MiniMaxM2Model:
                                   self.weights.layers[index])
             return layer_call(phase, inputs, constants)
 
-        embedding = embedding_call(step.input_ids[group_rows(step, layout)].reshape(-1), self.weights)
-        return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout)
+        embedding = embedding_call(mine, self.weights)
+        return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, cost)
 
     def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy whole cache rows, (attention group, source slot, target slot) each, in every layer: a request

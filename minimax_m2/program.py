@@ -34,7 +34,7 @@ from kernels.lm_head import gather_vocab, greedy_vocab_parallel, vocab_slice_log
 from kernels.logprobs import logprobs_vocab_parallel
 from kernels.sampling import sample_vocab_parallel
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.expert_schedule import ExpertCost, choose_block_rows
+from minimax_m2.expert_schedule import ExpertCost, choose_block_rows, rows_apart
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
@@ -89,6 +89,7 @@ def layer_unit(
     capacity: int,
     count_drops: bool,
     block_rows: int,
+    rows_apart: bool,
     tp_groups: ReplicaGroups,
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
@@ -103,11 +104,13 @@ def layer_unit(
     an expert), member_slots, own_members, own_position: see `kernels.moe_parallel.moe_block_parallel` (on
     one rank the union is this rank's tokens). real_pairs: how many (token, expert) pairs this rank's
     slice group can have at most (rows padding a bucket have none); block_rows: the expert schedule
-    (`minimax_m2.expert_schedule`). Weights as in `LayerWeights`.
+    (`minimax_m2.expert_schedule`); rows_apart: the attention projections' (`kernels.matmul.matmul`).
+    Weights as in `LayerWeights`.
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
     normed = rmsnorm(h, input_norm, eps)
-    attend = dict(head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len, seq=seq, replica_groups=tp_groups)
+    attend = dict(head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
+                  rows_apart=rows_apart)
     weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         h = h + attention(normed, positions, slots, token_valid, *weights, **attend)
@@ -159,13 +162,14 @@ def lm_head_unit(
     h: np.ndarray, selected: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray,
     temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray, *,
     eps: float, vocab_size: int, dp: int, tp: int, candidates: int, logprobs: int, return_logits: bool,
-    world_groups: ReplicaGroups,
+    rows_apart: bool, world_groups: ReplicaGroups,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """h: [T, hidden] of this rank's attention group, selected: [n] int32 (the tokens whose next token is
     wanted, e.g. each row's last real token) -> the next token of each selected token of every group,
     ids [N = dp * n] int32, identical on every rank; with logprobs > 0 then also each next token's
     log-probability [N] float32 and the `logprobs` largest [N, logprobs] with their ids [N, logprobs] int32
-    (`kernels.logprobs`); with return_logits last the logits [N, vocab] float32.
+    (`kernels.logprobs`); with return_logits last the logits [N, vocab] float32. rows_apart: the vocabulary
+    projection's schedule (`kernels.matmul.matmul`).
 
     The groups' selected tokens are gathered over all ranks (the tp copies of a group are identical; the
     first is kept), each rank projects them onto its vocabulary slice lm_head: [hidden, V / W] starting at
@@ -175,7 +179,8 @@ def lm_head_unit(
     row greedy, the sampling inputs unused.
     """
     picked = all_rows(np.take(h, selected, axis=0), dp, tp, world_groups)  # [N, hidden]
-    logits = vocab_slice_logits(picked, final_norm, lm_head, vocab_offset, eps=eps, vocab_size=vocab_size)
+    logits = vocab_slice_logits(picked, final_norm, lm_head, vocab_offset, eps=eps, vocab_size=vocab_size,
+                                rows_apart=rows_apart)
     ids = greedy_vocab_parallel(logits, vocab_offset, world_groups)
     if candidates:
         ids = sample_vocab_parallel(logits, vocab_offset, ids, temperature, top_k, top_p, uniform,
@@ -334,9 +339,9 @@ def expert_rows(config: MiniMaxM2Config, layout: ParallelLayout, union: int, loc
 
 
 def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, seq: int, kv_len: int, max_seq: int,
-                    local_experts: int, expert_cost: ExpertCost) -> dict[str, Any]:
+                    local_experts: int, expert_cost: ExpertCost, tokens: int) -> dict[str, Any]:
     """Keyword constants of `layer_unit`; union: the tokens a slice group gathers that can be real; expert_cost:
-    the target's cost of one expert over n rows, which chooses the schedule."""
+    the target's cost of one expert over n rows, which chooses the schedules; tokens: the unit's T."""
     top_k = config.num_experts_per_tok
     rows = expert_rows(config, layout, union, local_experts)
     return dict(
@@ -344,19 +349,21 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
         real_pairs=union * top_k // layout.tp,
         members=layout.moe_tp, per_token=top_k // layout.tp, own_count=len(layout.own_members()),
         capacity=layout.capacity(union, top_k, local_experts), count_drops=layout.capacity_factor is not None,
-        block_rows=choose_block_rows(rows, local_experts, expert_cost), tp_groups=layout.tp_groups,
+        block_rows=choose_block_rows(rows, local_experts, expert_cost), rows_apart=rows_apart(tokens, expert_cost),
+        tp_groups=layout.tp_groups,
         slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
     )
 
 
 def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout, return_logits: bool,
-                      samples: bool = True, logprobs: bool = False) -> dict[str, Any]:
+                      samples: bool = True, logprobs: bool = False, apart: bool = False) -> dict[str, Any]:
     """samples: some row of the step is sampled on the device (else the sampling is traced out); logprobs:
-    the step returns its tokens' log-probabilities (and the TOP_LOGPROBS largest)."""
+    the step returns its tokens' log-probabilities (and the TOP_LOGPROBS largest); apart: the vocabulary
+    projection multiplies its rows one at a time."""
     return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
                 candidates=min(CANDIDATES, config.vocab_size) if samples else 0,
                 logprobs=min(TOP_LOGPROBS, config.vocab_size) if logprobs else 0, return_logits=return_logits,
-                world_groups=layout.world_groups)
+                rows_apart=apart, world_groups=layout.world_groups)
 
 
 def group_rows(step: Step, layout: ParallelLayout) -> slice:
@@ -393,20 +400,22 @@ def layer_call(phase: str, inputs: dict[str, Any], constants: dict[str, Any]) ->
 
 
 def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, config: MiniMaxM2Config,
-                 layout: ParallelLayout) -> Unit:
+                 layout: ParallelLayout, expert_cost: ExpertCost) -> Unit:
     """The lm_head unit of a step: each of this group's rows' selected tokens (as flat indices into its T
-    tokens), and every group's sampling arrays."""
+    tokens), and every group's sampling arrays (expert_cost: the target's costs, which choose the
+    projection's schedule)."""
     mine = group_rows(step, layout)
     seq, chosen = step.input_ids.shape[1], step.selected.shape[1]
     selected = (np.arange(mine.stop - mine.start, dtype=np.int32)[:, None] * seq + step.selected[mine]).reshape(-1)
     sampled = (step.sampled or Sampled.greedy(step.input_ids.shape[0])).repeat(chosen).padded(layout.dp)
+    selected = padded(selected)
     return Unit("lm_head", lm_head_unit,
-                dict(h=h, selected=padded(selected), final_norm=weights.final_norm, lm_head=weights.lm_head,
+                dict(h=h, selected=selected, final_norm=weights.final_norm, lm_head=weights.lm_head,
                      vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
                      top_p=sampled.top_p, uniform=sampled.uniform),
                 lm_head_constants(config, layout, step.return_logits,
                                   sampled.samples_on_device() or step.logprobs,  # one variant: greedy rows stay so
-                                  step.logprobs))
+                                  step.logprobs, rows_apart(layout.dp * selected.size, expert_cost)))
 
 
 def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:
@@ -512,9 +521,9 @@ def program_units(
     layer = weights.layers[0]
     union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
     constants = layer_constants(config, layout, real, seq, kv_len_for(step.kv_length, max_seq_len), max_seq_len,
-                                layer.w13.shape[0], expert_cost)
+                                layer.w13.shape[0], expert_cost, h.shape[0])
     return [
         embedding_call(step.input_ids[mine].reshape(-1), weights),
         layer_call(phase, layer_inputs(h, step, layout, union, rank, rope, caches, layer), constants),
-        lm_head_call(h, step, weights, rank, config, layout),
+        lm_head_call(h, step, weights, rank, config, layout, expert_cost),
     ]

@@ -11,6 +11,7 @@ from minimax_m2.expert_schedule import (
     measure_block_times,
     measured_table,
     roofline_cost,
+    rows_apart,
 )
 from minimax_m2.roofline import TRN2
 
@@ -85,3 +86,13 @@ def test_block_times_are_measured_from_memory_and_repeated() -> None:
     timed = measure_block_times(layers, repeats=1)
     assert sorted(timed) == list(BLOCK_SIZES)
     assert all(len(t) == 2 and min(t) > 0 for t in timed.values())
+
+
+def test_a_cpu_multiplies_two_rows_apart_and_a_neuron_core_never() -> None:
+    """Two rows cost a CPU's BLAS about what two single rows do (it packs the weight), so a one-request
+    decode (a bucket of two rows) multiplies its rows apart; from four rows, together. A NeuronCore streams
+    the weight once for any rows: always together."""
+    assert rows_apart(2, CPU) and not rows_apart(1, CPU) and not rows_apart(4, CPU)
+    hidden = 3072
+    cost = roofline_cost(hidden * hidden * 2, 2 * hidden * hidden, TRN2.memory_bytes_per_s, TRN2.matmul_flops_per_s)
+    assert not any(rows_apart(rows, cost) for rows in (2, 4, 8))
