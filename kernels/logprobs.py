@@ -7,7 +7,7 @@ and its sum of exp below it, so no rank needs the whole vocabulary's logits.
 import numpy as np
 
 from kernels.collectives import ReplicaGroups, all_gather
-from kernels.sampling import top_candidates
+from kernels.sampling import top_vocab_parallel
 
 _MASKED = np.float32(np.finfo(np.float32).min)
 
@@ -34,7 +34,5 @@ def logprobs_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray, chosen
     held = (local >= 0) & (local < columns)
     value = np.take_along_axis(logits, np.clip(local, 0, columns - 1)[:, None], axis=1)
     chosen_logit = np.max(all_gather(np.where(held[:, None], value, _MASKED), 1, replica_groups), axis=-1)
-    ids = np.broadcast_to(vocab_offset[0] + np.arange(columns, dtype=np.int32)[None, :], logits.shape)
-    values, best = top_candidates(logits, ids, min(top, columns))
-    values, best = top_candidates(all_gather(values, 1, replica_groups), all_gather(best, 1, replica_groups), top)
+    values, best = top_vocab_parallel(logits, vocab_offset, top, replica_groups)
     return chosen_logit - norm[:, 0], values - norm, best

@@ -51,18 +51,26 @@ def sample_candidates(values: np.ndarray, ids: np.ndarray, temperature: np.ndarr
     return np.take_along_axis(ids, np.minimum(chosen, last)[:, None], axis=1)[:, 0]
 
 
+def top_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray, k: int,
+                       replica_groups: ReplicaGroups | None) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's vocabulary slice of the logits ([N, Vr], starting at vocab_offset[0], padding masked) ->
+    the k largest logits of the whole vocabulary (values [N, k] descending, ids [N, k] int32), identical on
+    every rank: each rank's best gathered, the best of those kept."""
+    columns = logits.shape[-1]
+    ids = np.broadcast_to(vocab_offset[0] + np.arange(columns, dtype=np.int32)[None, :], logits.shape)
+    values, chosen = top_candidates(logits, ids, min(k, columns))
+    every_value = all_gather(values, 1, replica_groups)  # [N, W * k]
+    every_id = all_gather(chosen, 1, replica_groups)
+    return top_candidates(every_value, every_id, k)
+
+
 def sample_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray, greedy: np.ndarray, temperature: np.ndarray,
                           top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray, *, candidates: int,
                           replica_groups: ReplicaGroups | None) -> np.ndarray:
     """The next token of each row from this rank's vocabulary slice of the logits ([N, Vr], starting at
     vocab_offset[0], padding masked): greedy [N] int32 where temperature is 0, else a draw from the
     `candidates` most likely tokens of the whole vocabulary (each rank's best gathered, the best of those
-    kept). Rows whose top_k is 0 (none) get greedy here: the host samples them."""
-    columns = logits.shape[-1]
-    ids = np.broadcast_to(vocab_offset[0] + np.arange(columns, dtype=np.int32)[None, :], logits.shape)
-    values, chosen = top_candidates(logits, ids, min(candidates, columns))
-    every_value = all_gather(values, 1, replica_groups)  # [N, W * k]
-    every_id = all_gather(chosen, 1, replica_groups)
-    values, chosen = top_candidates(every_value, every_id, candidates)
+    kept, `top_vocab_parallel`). Rows whose top_k is 0 (none) get greedy here: the host samples them."""
+    values, chosen = top_vocab_parallel(logits, vocab_offset, candidates, replica_groups)
     drawn = sample_candidates(values, chosen, temperature, np.maximum(top_k, 1), top_p, uniform)
     return np.where((temperature > 0) & (top_k > 0), drawn, greedy)

@@ -36,6 +36,7 @@ from kernels.sampling import sample_vocab_parallel
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.expert_schedule import ExpertCost, choose_block_rows, rows_apart
 from minimax_m2.parallel import ParallelLayout
+from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
 KV_BLOCK = 128
@@ -294,7 +295,7 @@ class StepOutput:
     logprobs: tuple[np.ndarray, ...] | None = None  # the next tokens' [rows, K], the largest [rows, K, TOP_LOGPROBS]
     # and their ids [rows, K, TOP_LOGPROBS], when the step asked for them
 
-    def scored(self, row: int, k: int, top: int) -> tuple[float, list[tuple[int, float]]] | None:
+    def scored(self, row: int, k: int, top: int) -> TokenLogprobs | None:
         """Row `row`'s k-th next token's log-probability and the `top` largest with their ids (None when the
         step did not ask for them)."""
         if self.logprobs is None:

@@ -3,6 +3,9 @@ sampler `kernels.sampling` follows, and the path for rows the device does not sa
 
 import numpy as np
 
+# a token's log-probability, and the most likely tokens' as (id, log-probability), most likely first
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise for settings that do not define a distribution."""
@@ -27,7 +30,7 @@ def sampling_probs(logits: np.ndarray, temperature: float, top_k: int | None, to
     return probs
 
 
-def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprobs:
     """logits [V] -> (the log-probability of `token` under softmax(logits), the `top` most likely tokens
     with theirs, most likely first): the model's own distribution, before temperature, top-k or top-p."""
     z = logits.astype(np.float64)

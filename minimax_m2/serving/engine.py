@@ -22,7 +22,7 @@ from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.program import CANDIDATES, TOP_LOGPROBS, Sampled, Step, StepOutput, Unit, min_rows, padding_step
 from minimax_m2.sampling import draw as draw_token
-from minimax_m2.sampling import sampling_probs, token_logprobs
+from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
 from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
@@ -76,7 +76,7 @@ class Result:
     finish_reason: str
     reused: int  # prompt tokens found in the cache
     logits: np.ndarray | None  # [prompt + generated - 1, vocab] with keep_logits
-    logprobs: list[tuple[float, list[tuple[int, float]]]]  # per new token, when its sampling asks for them
+    logprobs: list[TokenLogprobs]  # per new token, when its sampling asks for them
 
 
 class Engine:

@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from minimax_m2.generation import Sampling
+from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.serving.cache import Placement, Slot
 
 # ("logprobs", (logprob, [(id, logprob), ...])) just before its ("token", id), when asked for;
@@ -27,7 +28,7 @@ class Request:
     reused: int = 0  # of them, found cached (prefix reuse)
     generated: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per new token, if asked
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per new token, if asked
     finish_reason: str | None = None
     rng: np.random.Generator | None = None
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from minimax_m2.generation import Sampling
+from minimax_m2.program import TOP_LOGPROBS
+from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.serving.chat import GENERATION_PROMPT, ROLES, format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
 from minimax_m2.serving.parsers import OutputParser, ParsedOutput
@@ -97,7 +99,6 @@ UNSUPPORTED = {"response_format": "response_format",
                "presence and frequency penalties", "logit_bias": "logit_bias", "echo": "echo", "best_of": "best_of",
                "suffix": "suffix", "functions": "functions (use tools)", "function_call": "function_call (use tools)"}
 MAX_CHOICES = 16  # 'n' at most: each choice is a request of its own in the engine
-MAX_TOP_LOGPROBS = 20  # chat's top_logprobs at most (as OpenAI's, and what the device returns)
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs at most (as OpenAI's)
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}, "echo": False,
            "best_of": 1}
@@ -141,7 +142,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     chat's logprobs (true / false) and top_logprobs, or completions' logprobs (a count)."""
     if not chat:
         return _number(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, integer=True)
-    wanted, top = body.get("logprobs"), _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    wanted, top = body.get("logprobs"), _number(body, "top_logprobs", 0, TOP_LOGPROBS, integer=True)
     if wanted not in (None, True, False):
         raise RequestError(f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
     if top is not None and not wanted:
@@ -280,7 +281,7 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
 
 # --- from tokens to text ------------------------------------------------------------------------------------
 
-Scored = tuple[int, tuple[float, list[tuple[int, float]]]]  # (token, (its logprob, [(id, logprob), ...]))
+Scored = tuple[int, TokenLogprobs]  # a new token and its log-probabilities
 
 
 @dataclass
