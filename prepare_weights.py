@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from minimax_m2.prepare_cli import run
 from minimax_m2.run import exit_with
+from minimax_m2.weights.prepare_cli import run
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

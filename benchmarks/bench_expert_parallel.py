@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model  # noqa: E402
+from minimax_m2.device.roofline import Hardware, record_units, step_seconds  # noqa: E402
 from minimax_m2.distributed import start  # noqa: E402
-from minimax_m2.roofline import Hardware, record_units, step_seconds  # noqa: E402
 from minimax_m2.run import random_config  # noqa: E402
 
 MARK = "RESULT "

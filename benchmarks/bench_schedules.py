@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 from kernels.moe_expert import moe_expert  # noqa: E402
 from kernels.moe_grouped import DENSE, expert_blocks, grouped_experts  # noqa: E402
-from minimax_m2.expert_schedule import BLOCK_SIZES, choose_block_rows, measure_block_times, measured_table  # noqa: E402
+from minimax_m2.device.expert_schedule import BLOCK_SIZES, choose_block_rows, measure_block_times, measured_table  # noqa: E402
 
 MAX_BLOCKS = 4096  # candidates with more blocks than this are not timed (blocks of one row at long prefills)
 

@@ -194,8 +194,8 @@ def rank_bytes_per_step(checkpoint: Path, ranks: int, rows: int, context: int) -
     """Bytes one rank reads in a decode step of `rows` rows at the layout the server chooses for `ranks`
     (the recorded program's weights and KV cache, float32 as served here)."""
     from minimax_m2.config import MiniMaxM2Config
+    from minimax_m2.device.roofline import fastest_moe_tp, record_units
     from minimax_m2.parallel import ParallelLayout
-    from minimax_m2.roofline import fastest_moe_tp, record_units
 
     config = MiniMaxM2Config.from_pretrained(checkpoint)
     moe_tp = fastest_moe_tp(config, ranks, 1, rows, context, config.num_local_experts)
@@ -262,8 +262,8 @@ def trainium_projection() -> list[dict]:
     """Output tok/s at 32 and 256 concurrent requests on trn2.48xlarge (64 ranks, tp 8), best layout of the
     roofline: batch / TPOT."""
     from minimax_m2.config import MiniMaxM2Config
+    from minimax_m2.device.roofline import TRN2, record_units, served_seconds
     from minimax_m2.parallel import ParallelLayout
-    from minimax_m2.roofline import TRN2, record_units, served_seconds
 
     config, rows = MiniMaxM2Config(), []
     for batch in (32, 256):
@@ -352,7 +352,7 @@ def main() -> int:
         for c, r in ((c, results[f"chunked prefill {c}"]) for c in CHUNKS)))
     projection = trainium_projection()
     results["trainium"] = projection
-    print("\nTrainium projection (trn2.48xlarge, 64 ranks, tp 8, roofline of minimax_m2/roofline.py):")
+    print("\nTrainium projection (trn2.48xlarge, 64 ranks, tp 8, roofline of minimax_m2/device/roofline.py):")
     for row in projection:
         print(f"  {row['batch']} concurrent: {row['output_tok_s']:.0f} output tok/s (TPOT {row['tpot_ms']:.2f} ms, "
               f"moe_tp {row['moe_tp']}); NxDI measured {NXDI_TOK_S_AT_256} tok/s at 256 users")

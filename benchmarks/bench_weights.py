@@ -65,7 +65,7 @@ def child(*args: str) -> dict:
 def prepare(checkpoint: Path, out: Path, dtype: str) -> dict:
     """prepare_weights.py's work in this process: seconds and peak RSS."""
     import prepare_weights
-    from minimax_m2.prepare_cli import run
+    from minimax_m2.weights.prepare_cli import run
 
     begin = time.perf_counter()
     run(prepare_weights.parse_args([str(checkpoint), "--out", str(out), "--dtype", dtype]))

@@ -1,6 +1,6 @@
 """Size of the declared device program at the real MiniMax-M2's shapes, per unit and per rank.
 
-Each unit of `minimax_m2.program` is recorded under nkipy's emulated semantics (matmuls sized, not
+Each unit of `minimax_m2.device.program` is recorded under nkipy's emulated semantics (matmuls sized, not
 computed) with zero weights of one rank's shapes, bf16 as on a NeuronCore, for:
   - 1 rank, and 64 ranks (experts spread over 64, attention tp 8, 8 attention groups);
   - a 2048-token prefill (batch 1), and decode at batch 1 and 32 with a 4096-token context.
@@ -18,13 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
+from minimax_m2.device.roofline import record_programs  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
-from minimax_m2.roofline import record_programs  # noqa: E402
-from minimax_m2.weights import LAYER_WEIGHT_NAMES  # noqa: E402
+from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES  # noqa: E402
 
 CONTEXT = 4096
 CONSTANT_LIMIT = 16 * 2**20

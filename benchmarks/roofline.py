@@ -1,6 +1,6 @@
 """Roofline projection of the declared device program on trn2.48xlarge (64 logical NeuronCores).
 
-From the recorded units' per-rank bytes read, matmul FLOPs and collective payloads (minimax_m2/roofline.py),
+From the recorded units' per-rank bytes read, matmul FLOPs and collective payloads (minimax_m2/device/roofline.py),
 for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention tp 8, prints:
 
 1. TTFT of a 2048-token prompt and decode TPOT at batch 1, 8, 32 and 256 (4096-token context), each with
@@ -34,11 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import collectives  # noqa: E402
 from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
-from minimax_m2.memory import NEURON_CORE_HBM, engine_plan  # noqa: E402
-from minimax_m2.model import MiniMaxM2Model  # noqa: E402
-from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
-from minimax_m2.parallel import ParallelLayout  # noqa: E402
-from minimax_m2.roofline import (  # noqa: E402
+from minimax_m2.device.memory import NEURON_CORE_HBM, engine_plan  # noqa: E402
+from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
+from minimax_m2.device.roofline import (  # noqa: E402
     DECODE_HOST_BYTES_PER_ROW,
     DECODE_HOST_COPIES,
     NXDI_MEASURED,
@@ -52,8 +50,10 @@ from minimax_m2.roofline import (  # noqa: E402
     served_seconds,
     static_expert_floor,
 )
+from minimax_m2.model import MiniMaxM2Model  # noqa: E402
+from minimax_m2.parallel import ParallelLayout  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
-from minimax_m2.weights import zero_model_weights  # noqa: E402
+from minimax_m2.weights.model_weights import zero_model_weights  # noqa: E402
 
 WORLD, TP, CONTEXT, PROMPT = 64, 8, 4096, 2048
 LAYOUTS = [(1, 64), (64, 1), (8, 8)]

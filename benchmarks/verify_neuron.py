@@ -4,7 +4,7 @@ Compiles the serving engine's whole shape set for a small random model (or for -
 prepare_weights.py for this layout), runs prefill and decode on the NeuronCores, compares tokens and
 logits with the same model run by NumPy on this host's CPU (bf16 tolerance), and prints measured TTFT,
 TPOT, launches and host-device bytes beside the roofline's projection, as a table and JSON (see
-minimax_m2/neuron_check.py). Exits 1 when a check fails. Needs nkipy and the Neuron SDK: NOT RUN ON
+minimax_m2/device/neuron_check.py). Exits 1 when a check fails. Needs nkipy and the Neuron SDK: NOT RUN ON
 HARDWARE YET.
 
   python benchmarks/verify_neuron.py                                            # one NeuronCore
@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minimax_m2 import distributed  # noqa: E402
+from minimax_m2.device.neuron import NeuronRunner, run_on  # noqa: E402
+from minimax_m2.device.neuron_check import check_device, format_report  # noqa: E402
 from minimax_m2.model import MiniMaxM2Model  # noqa: E402
-from minimax_m2.neuron import NeuronRunner, run_on  # noqa: E402
-from minimax_m2.neuron_check import check_device, format_report  # noqa: E402
 from minimax_m2.run import exit_with, random_config  # noqa: E402
 
 

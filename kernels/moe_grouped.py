@@ -1,7 +1,7 @@
 """Experts applied to rows grouped by expert (static shapes, no dropped rows).
 
 The schedule is a trace-time constant, `block_rows`, chosen by the caller for the hardware that runs it
-(`minimax_m2.expert_schedule`):
+(`minimax_m2.device.expert_schedule`):
 
 - `block_rows = B > 0`: rows are sorted by expert into slots, each expert's run padded to a multiple of B,
   so that every block of B slots belongs to one expert; each block gathers its expert's weights by the

@@ -10,18 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2 import checks
-from minimax_m2.serving.chat import format_chat
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.serving.detokenize import IncrementalDetokenizer
+from minimax_m2.device.memory import available_memory, check_fits, engine_plan
+from minimax_m2.device.neuron import NeuronRunner, run_on
+from minimax_m2.device.roofline import fastest_moe_tp
 from minimax_m2.distributed import CollectiveError, on_launcher_exit, rank, start, world_size
+from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
-from minimax_m2.memory import available_memory, check_fits, engine_plan
-from minimax_m2.model import MiniMaxM2Model, check_vocabulary, parse_experts, select_experts
-from minimax_m2.neuron import NeuronRunner, run_on
+from minimax_m2.model import MiniMaxM2Model, check_vocabulary
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.serving.parsers import parse_output
-from minimax_m2.prepare import prepared_layout
-from minimax_m2.roofline import fastest_moe_tp
 from minimax_m2.run import (
     engine_generate,
     kernel_checks,
@@ -33,8 +30,12 @@ from minimax_m2.run import (
     run_kernel_checks,
     write_outputs,
 )
+from minimax_m2.serving.chat import format_chat
+from minimax_m2.serving.detokenize import IncrementalDetokenizer
 from minimax_m2.serving.engine import Engine, Executor
-from minimax_m2.weights import model_dtype
+from minimax_m2.serving.parsers import parse_output
+from minimax_m2.weights.model_weights import model_dtype
+from minimax_m2.weights.prepare import prepared_layout
 
 
 def _check_writable(flag: str, path: Path | None) -> None:

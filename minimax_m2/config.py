@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minimax_m2 import checks
-from minimax_m2.files import read_json
+from minimax_m2.weights.files import read_json
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minimax_m2 import checks
-from minimax_m2.files import read_json
+from minimax_m2.weights.files import read_json
 
 
 @dataclass(frozen=True)

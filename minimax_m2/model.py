@@ -8,12 +8,9 @@ import numpy as np
 from kernels import rope_tables
 from kernels.attention import cache_index
 from kernels.collectives import all_reduce
-from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.expert_schedule import BLOCK_SIZES, ExpertCost, measure_block_times, measured_table
-from minimax_m2.parallel import ParallelLayout
-from minimax_m2.prepare import load_prepared
-from minimax_m2.program import (
+from minimax_m2.device.expert_schedule import BLOCK_SIZES, ExpertCost, measure_block_times, measured_table
+from minimax_m2.device.program import (
     RankValues,
     Step,
     StepOutput,
@@ -32,9 +29,12 @@ from minimax_m2.program import (
     selected_rows,
     uniform_step,
 )
+from minimax_m2.experts import select_experts
+from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import check_sampling, next_tokens
-from minimax_m2.weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
-
+from minimax_m2.weights.checkpoint import Checkpoint
+from minimax_m2.weights.model_weights import ModelWeights, load_model_weights, model_dtype, random_model_weights
+from minimax_m2.weights.prepare import load_prepared
 
 _MEASURED: dict[tuple, ExpertCost] = {}  # this CPU's expert costs, by expert shapes, dtype and rank
 
@@ -44,41 +44,6 @@ def check_vocabulary(ids: np.ndarray, vocab_size: int) -> None:
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
         raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary 0..{vocab_size - 1}")
-
-
-def parse_experts(spec: str | None, num_experts: int) -> list[int] | None:
-    """'0-7' or '0,3,5' or '0-3,8' -> ids, each in 0..num_experts-1 (checked before any range is
-    expanded); None -> None (all)."""
-    if not spec:
-        return None
-    ids = []
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        try:
-            low, high = int(first), int(last or first)
-        except ValueError:
-            raise ValueError(f"--experts takes ids and ranges like 0-7 or 0,3,5, got {spec!r}") from None
-        if not 0 <= low <= high < num_experts:
-            raise ValueError(f"--experts {part!r} is not an ascending range inside 0..{num_experts - 1}")
-        ids.extend(range(low, high + 1))
-    return ids
-
-
-def select_experts(config: MiniMaxM2Config, experts: list[int] | None) -> list[int]:
-    """The sorted expert ids to load (all when None); refuses ids out of range, repeats, or fewer than top-k."""
-    if experts is None:
-        return list(range(config.num_local_experts))
-    chosen = sorted(int(e) for e in experts)
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"expert list {experts} repeats an expert")
-    outside = [e for e in chosen if not 0 <= e < config.num_local_experts]
-    if outside:
-        raise ValueError(f"experts {outside} are outside 0..{config.num_local_experts - 1}")
-    if len(chosen) < config.num_experts_per_tok:
-        raise ValueError(
-            f"{len(chosen)} experts loaded but each token needs {config.num_experts_per_tok} (num_experts_per_tok)"
-        )
-    return chosen
 
 
 class MiniMaxM2Model:
@@ -92,8 +57,8 @@ class MiniMaxM2Model:
     its rows its own positions and cache row, so rows of different lengths share a step. `forward` and
     `generate` run a batch of equal-length prompts, row b in cache row b.
 
-    Every step runs the device program's units (`minimax_m2.program`): embedding, one layer unit per
-    layer, lm_head, each through `runner` (`run_on_cpu`: NumPy here; `minimax_m2.neuron.NeuronRunner`:
+    Every step runs the device program's units (`minimax_m2.device.program`): embedding, one layer unit per
+    layer, lm_head, each through `runner` (`run_on_cpu`: NumPy here; `minimax_m2.device.neuron.NeuronRunner`:
     compiled for a NeuronCore). Weights, activations and KV caches are in the weights' dtype (float32,
     or bfloat16 as on a NeuronCore); the router, norm statistics, softmax and logits stay float32. The
     expert schedule is chosen for the target by `expert_cost` (measured on this CPU unless set).
@@ -150,7 +115,7 @@ class MiniMaxM2Model:
                       verify: bool = True) -> "MiniMaxM2Model":
         """This rank's file of a directory written by prepare_weights.py, memory-mapped: no transposes and
         no copies; the model runs in the prepared dtype. The manifest must match the layout; with `verify`
-        every tensor's checksum is checked (see `minimax_m2.prepare.load_prepared`)."""
+        every tensor's checksum is checked (see `minimax_m2.weights.prepare.load_prepared`)."""
         config, experts, weights = load_prepared(path, layout, verify)
         return cls(config, weights, experts, max_seq_len, layout)
 

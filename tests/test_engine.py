@@ -8,8 +8,8 @@ from conftest import PROMPT
 from hf_reference import greedy_logits, relative_error
 
 from minimax_m2 import MiniMaxM2Model
+from minimax_m2.device.program import kv_len_for, min_rows
 from minimax_m2.generation import Sampling
-from minimax_m2.program import kv_len_for, min_rows
 from minimax_m2.serving.engine import Engine
 
 RTOL = 1e-5

@@ -1,10 +1,10 @@
-"""The expert schedule each target's costs choose (minimax_m2/expert_schedule.py)."""
+"""The expert schedule each target's costs choose (minimax_m2/device/expert_schedule.py)."""
 
 import numpy as np
 import pytest
 
 from kernels.moe_grouped import DENSE, expert_blocks
-from minimax_m2.expert_schedule import (
+from minimax_m2.device.expert_schedule import (
     BLOCK_SIZES,
     blocked_seconds,
     choose_block_rows,
@@ -13,7 +13,7 @@ from minimax_m2.expert_schedule import (
     roofline_cost,
     rows_apart,
 )
-from minimax_m2.roofline import TRN2
+from minimax_m2.device.roofline import TRN2
 
 # This CPU's medium-config expert (ms): one row streams the weights, BLAS packs them for two or more rows;
 # an expert just read comes from the cache.

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.safetensors_file import SafetensorsFile
+from minimax_m2.weights.checkpoint import Checkpoint
+from minimax_m2.weights.safetensors_file import SafetensorsFile
 
 
 def test_every_e4m3fn_pattern_decodes_like_torch(tmp_path) -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from minimax_m2.checkpoint import global_shapes, layer_shapes
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.weights.checkpoint import global_shapes, layer_shapes
 
 HUB_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimax_m2_hub"
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")

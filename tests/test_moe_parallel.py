@@ -9,8 +9,8 @@ from thread_ranks import ThreadCollectives
 from kernels import collectives, moe_block
 from kernels.moe_parallel import moe_block_parallel
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.device.program import RankValues
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.program import RankValues
 
 HIDDEN, INTER, EXPERTS, TOP_K, TOKENS = 16, 8, 8, 4, 6
 CONFIG = MiniMaxM2Config(vocab_size=32, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=1,

@@ -1,4 +1,4 @@
-"""benchmarks/verify_neuron.py's logic (minimax_m2/neuron_check.py), run with the counting stand-ins for
+"""benchmarks/verify_neuron.py's logic (minimax_m2/device/neuron_check.py), run with the counting stand-ins for
 nkipy's runtime: the report compares the device's tokens and logits with NumPy, counts programs, launches
 and host bytes, and fails when the device disagrees."""
 
@@ -7,8 +7,8 @@ import pytest
 from test_neuron_runner import STAND_INS, FakeKernel, FakeTensor
 
 from minimax_m2 import MiniMaxM2Model
-from minimax_m2.neuron import NeuronRunner, run_on
-from minimax_m2.neuron_check import check_device, format_report
+from minimax_m2.device.neuron import NeuronRunner, run_on
+from minimax_m2.device.neuron_check import check_device, format_report
 from minimax_m2.run import random_config
 
 CONFIG = random_config(128, 2, 8, 2, 256)

@@ -12,12 +12,12 @@ import pytest
 from conftest import PROMPT
 
 from minimax_m2 import MiniMaxM2Model
+from minimax_m2.device.neuron import WRITTEN, NeuronRunner
+from minimax_m2.device.nkipy_semantics import LoopbackCollectives
+from minimax_m2.device.program import TOP_LOGPROBS
+from minimax_m2.device.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
 from minimax_m2.generation import Sampling
-from minimax_m2.neuron import WRITTEN, NeuronRunner
-from minimax_m2.program import TOP_LOGPROBS
-from minimax_m2.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
 from minimax_m2.serving.engine import Engine
-from minimax_m2.nkipy_semantics import LoopbackCollectives
 
 
 class FakeTensor:

@@ -1,5 +1,5 @@
 """The traced program is the NumPy program: every kernel and every declared device unit, run on arrays
-that compute with nkipy's traced semantics (minimax_m2/nkipy_semantics.py, from
+that compute with nkipy's traced semantics (minimax_m2/device/nkipy_semantics.py, from
 ../shared/nkipy/SEMANTICS.md), equals plain NumPy, records no violation, stays inside the traceable
 subset, and compiles to the same program on every rank. Deliberately wrong kernels show the check bites."""
 
@@ -30,12 +30,12 @@ from kernels import (
 )
 from kernels.slots import exclusive_cumsum, place_rows
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.expert_schedule import measured_table, roofline_cost
-from minimax_m2.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, outside_subset, trace_unit
+from minimax_m2.device.expert_schedule import measured_table, roofline_cost
+from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, outside_subset, trace_unit
+from minimax_m2.device.program import program_units
+from minimax_m2.device.roofline import TRN2
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.program import program_units
-from minimax_m2.roofline import TRN2
-from minimax_m2.weights import LAYER_WEIGHT_NAMES, model_dtype, random_model_weights
+from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES, model_dtype, random_model_weights
 
 OPS_FILE = Path(__file__).resolve().parents[2] / "shared" / "nkipy" / "traceable_ops.json"
 CONFIG = MiniMaxM2Config(

@@ -140,7 +140,7 @@ def test_neuron_runner_runs_nkipys_traced_units(float32_checkpoint) -> None:
     from test_neuron_runner import FakeTensor
 
     from minimax_m2 import MiniMaxM2Model
-    from minimax_m2.neuron import NeuronRunner
+    from minimax_m2.device.neuron import NeuronRunner
 
     model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=32)
     want_ids, want = model.generate(PROMPT, 4, return_logits=True)
@@ -153,7 +153,7 @@ def test_neuron_runner_runs_nkipys_traced_units(float32_checkpoint) -> None:
 def _xla_runner():
     from test_neuron_runner import FakeTensor
 
-    from minimax_m2.neuron import NeuronRunner
+    from minimax_m2.device.neuron import NeuronRunner
 
     FakeTensor.reset()
     return NeuronRunner(runtime=(XlaKernel, FakeTensor, collectives.NkipyCollectives()))
@@ -165,7 +165,7 @@ def test_the_engine_on_nkipys_traced_units_gives_the_numpy_tokens(float32_checkp
     from test_neuron_runner import run_with_shared_prefix
 
     from minimax_m2 import MiniMaxM2Model
-    from minimax_m2.neuron import run_on
+    from minimax_m2.device.neuron import run_on
     from minimax_m2.serving.engine import Engine
 
     def run(model) -> list[list[int]]:
@@ -182,8 +182,8 @@ def test_the_engine_on_nkipys_traced_units_gives_the_numpy_tokens(float32_checkp
 def test_the_device_check_passes_on_nkipys_traced_units() -> None:
     """benchmarks/verify_neuron.py's checks, every program of the shape set traced by nkipy."""
     from minimax_m2 import MiniMaxM2Model
-    from minimax_m2.neuron import run_on
-    from minimax_m2.neuron_check import check_device, format_report
+    from minimax_m2.device.neuron import run_on
+    from minimax_m2.device.neuron_check import check_device, format_report
     from minimax_m2.run import random_config
 
     config = random_config(128, 2, 8, 2, 256)

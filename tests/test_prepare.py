@@ -2,8 +2,8 @@
 memory-mapped, verified, resumable after kill -9, and refused when they do not match the run."""
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +19,7 @@ from thread_ranks import ThreadCollectives
 from kernels import collectives
 from minimax_m2 import MiniMaxM2Model
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.prepare import MANIFEST, rank_file
+from minimax_m2.weights.prepare import MANIFEST, rank_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def _prepared(checkpoint: Path, out: Path, *args: str) -> Path:
 
 def _tensor_bytes(path: Path, key: str) -> tuple[int, int]:
     """(first, last + 1) file offsets of a tensor's bytes."""
-    from minimax_m2.safetensors_file import SafetensorsFile
+    from minimax_m2.weights.safetensors_file import SafetensorsFile
 
     file = SafetensorsFile(path)
     _, _, begin, end = file._entries[key]
@@ -299,7 +299,7 @@ def test_a_second_preparation_into_the_same_directory_is_refused(float32_checkpo
     run into it is refused and changes nothing; once the lock is released the directory can be prepared."""
     import fcntl
 
-    from minimax_m2.prepare import LOCK
+    from minimax_m2.weights.prepare import LOCK
 
     out = _prepared(float32_checkpoint, tmp_path / "w")
     before = (out / MANIFEST).read_text()

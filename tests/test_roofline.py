@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from minimax_m2.nkipy_semantics import Collective
+from minimax_m2.device.nkipy_semantics import Collective
+from minimax_m2.device.roofline import TRN2, UnitCost, fastest_moe_tp, record_units, static_expert_floor, step_seconds
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.roofline import TRN2, UnitCost, fastest_moe_tp, record_units, static_expert_floor, step_seconds
 from minimax_m2.run import random_config
 
 CONFIG = random_config(128, 2, 16, 2, 256)  # 16 experts, top 2, intermediate 64

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from minimax_m2.files import read_json
+from minimax_m2.weights.files import read_json
 
 BEGIN = "]~!b["
 END = "[e~["

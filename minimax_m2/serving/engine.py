@@ -18,11 +18,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from minimax_m2.device.program import CANDIDATES, TOP_LOGPROBS, Sampled, Step, StepOutput, Unit, min_rows, padding_step
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import CANDIDATES, TOP_LOGPROBS, Sampled, Step, StepOutput, Unit, min_rows, padding_step
-from minimax_m2.sampling import draw as draw_token
 from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
+from minimax_m2.sampling import draw as draw_token
 from minimax_m2.serving.cache import SlotCache
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from minimax_m2.device.program import Sampled, Step, StepOutput
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import Sampled, Step, StepOutput
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
 # header entries: the command, the step's fields (a copy's count in ROWS), the payload's length

@@ -9,9 +9,10 @@ rows x tokens from the prefill buckets, and the attended cache length from the K
 
 from collections import deque
 from dataclasses import dataclass, field
+
 import numpy as np
 
-from minimax_m2.program import KV_BLOCK, Step, min_rows
+from minimax_m2.device.program import KV_BLOCK, Step, min_rows
 from minimax_m2.serving.cache import Placement, SlotCache
 from minimax_m2.serving.request import Request
 

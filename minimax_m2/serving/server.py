@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
+from minimax_m2.device.program import TOP_LOGPROBS
 from minimax_m2.generation import Sampling
-from minimax_m2.program import TOP_LOGPROBS
 from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.serving.chat import GENERATION_PROMPT, ROLES, format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
@@ -482,7 +482,8 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
 
 def build_app(served: ServedModel, limits: Limits = Limits()):
     """The FastAPI application serving `served`."""
-    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException

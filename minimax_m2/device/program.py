@@ -34,10 +34,10 @@ from kernels.lm_head import gather_vocab, greedy_vocab_parallel, vocab_slice_log
 from kernels.logprobs import logprobs_vocab_parallel
 from kernels.sampling import sample_vocab_parallel
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.expert_schedule import ExpertCost, choose_block_rows, rows_apart
+from minimax_m2.device.expert_schedule import ExpertCost, choose_block_rows, rows_apart
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import TokenLogprobs
-from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
+from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
 KV_BLOCK = 128
 CANDIDATES = 64  # the device samples among this many most likely tokens (top_k up to this)
@@ -105,7 +105,7 @@ def layer_unit(
     an expert), member_slots, own_members, own_position: see `kernels.moe_parallel.moe_block_parallel` (on
     one rank the union is this rank's tokens). real_pairs: how many (token, expert) pairs this rank's
     slice group can have at most (rows padding a bucket have none); block_rows: the expert schedule
-    (`minimax_m2.expert_schedule`); rows_apart: the attention projections' (`kernels.matmul.matmul`).
+    (`minimax_m2.device.expert_schedule`); rows_apart: the attention projections' (`kernels.matmul.matmul`).
     Weights as in `LayerWeights`.
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """

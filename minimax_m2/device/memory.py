@@ -14,7 +14,7 @@ import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.weights import rank_shapes
+from minimax_m2.weights.model_weights import rank_shapes
 
 GIB = 1 << 30
 # trn2: 96 GiB of HBM per Trainium2 chip, 4 logical NeuronCores per chip at LNC=2 (AWS Neuron docs, Trn2

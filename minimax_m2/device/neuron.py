@@ -34,10 +34,10 @@ import ml_dtypes
 import numpy as np
 
 from kernels import collectives
+from minimax_m2.device.program import Unit
+from minimax_m2.device.roofline import TRN2, expert_cost
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.program import Unit
-from minimax_m2.roofline import TRN2, expert_cost
-from minimax_m2.weights import LAYER_WEIGHT_NAMES
+from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES
 
 WRITTEN = ".must_alias_input"  # nkipy's suffix on the NEFF input name of an argument the unit writes
 RESIDENT = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head", "cos_table", "sin_table", "k_cache", "v_cache",

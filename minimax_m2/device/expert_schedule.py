@@ -11,7 +11,7 @@ expert order, so every other block repeats the expert of the block before it (an
 blocks, and the padding blocks at the end). cost(n, repeated) is the time of one expert applied to n
 rows on the target, its weights just read or not:
 
-- a NeuronCore (`roofline_cost`, from `minimax_m2.roofline.Hardware`): the DMA of the expert's weights
+- a NeuronCore (`roofline_cost`, from `minimax_m2.device.roofline.Hardware`): the DMA of the expert's weights
   overlaps the matmuls, so cost(n) = max(weight bytes / HBM bandwidth, FLOPs / bf16 rate), repeated or
   not (each block DMAs its weights); 128 rows cost about one weight read.
 - this CPU (`measured_table` of `measure_block_times`): timed once per model for the expert's own

@@ -8,9 +8,9 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from minimax_m2.checkpoint import Checkpoint, expert_key, layer_prefix
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.parallel import ParallelLayout
+from minimax_m2.weights.checkpoint import Checkpoint, expert_key, layer_prefix
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A roofline projection of the declared device program.
 
-Each unit of `minimax_m2.program` is recorded (nkipy's emulated semantics, matmuls sized not
+Each unit of `minimax_m2.device.program` is recorded (nkipy's emulated semantics, matmuls sized not
 computed, zero weights of one rank's shapes) and costed from what it reads, computes and exchanges:
 
     unit time = max(bytes read / memory bandwidth, matmul FLOPs / matmul rate)
@@ -21,11 +21,11 @@ import numpy as np
 
 from kernels import collectives, rope_tables
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.expert_schedule import ExpertCost, roofline_cost
-from minimax_m2.nkipy_semantics import Collective, EmulatedCollectives, LoopbackCollectives, Program, trace_unit
+from minimax_m2.device.expert_schedule import ExpertCost, roofline_cost
+from minimax_m2.device.nkipy_semantics import Collective, EmulatedCollectives, LoopbackCollectives, Program, trace_unit
+from minimax_m2.device.program import Unit, program_units
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.program import Unit, program_units
-from minimax_m2.weights import LAYER_WEIGHT_NAMES, LayerWeights, zero_model_weights
+from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES, LayerWeights, zero_model_weights
 
 READ_BY_MATMULS = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head", "k_cache", "v_cache")
 
@@ -79,7 +79,7 @@ TRN2 = Hardware(
     },
 )
 
-# What a step launches and copies (minimax_m2/neuron.py; counted by tests/test_neuron_runner.py): the
+# What a step launches and copies (minimax_m2/device/neuron.py; counted by tests/test_neuron_runner.py): the
 # embedding, one unit per layer and the lm_head (which samples). A steady decode step brings each row's next
 # id to the host and sends its position and random draw; a prefill step sends its tokens' ids, positions and
 # validity and the step's small arrays (at most these many copies and bytes).

@@ -11,7 +11,7 @@ by a `NeuronRunner`, and:
    through the NumPy model and compares the logits at every position (max |difference| / max |logit|,
    within `tolerance`) and the tokens (each device token is the NumPy argmax, unless the NumPy top two are
    closer than the tolerance allows to tell apart);
-4. projects the same TTFT and TPOT with the roofline (minimax_m2/roofline.py, trn2 figures).
+4. projects the same TTFT and TPOT with the roofline (minimax_m2/device/roofline.py, trn2 figures).
 
 Every rank runs it with the same arguments (the engine is deterministic, so every rank steps through
 the same plans in lockstep). benchmarks/verify_neuron.py is its command line.
@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from minimax_m2.device.neuron import NeuronRunner
+from minimax_m2.device.roofline import DECODE_HOST_BYTES_PER_ROW, TRN2, decode_launches, record_units, served_seconds
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.neuron import NeuronRunner
-from minimax_m2.roofline import DECODE_HOST_BYTES_PER_ROW, TRN2, decode_launches, record_units, served_seconds
 from minimax_m2.serving.engine import Engine
 from minimax_m2.serving.request import Request
 

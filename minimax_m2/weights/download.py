@@ -8,10 +8,10 @@ which `Checkpoint` reads like any checkpoint directory.
 
 from pathlib import Path
 
-from minimax_m2.checkpoint import INDEX_FILE, SINGLE_FILE, needed_keys, read_weight_map
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.model import parse_experts, select_experts
-from minimax_m2.prepare import CARRIED_FILES
+from minimax_m2.experts import parse_experts, select_experts
+from minimax_m2.weights.checkpoint import INDEX_FILE, SINGLE_FILE, needed_keys, read_weight_map
+from minimax_m2.weights.prepare import CARRIED_FILES
 
 
 def _hub():

@@ -6,12 +6,12 @@ import time
 
 import numpy as np
 
-from minimax_m2.checkpoint import Checkpoint
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.model import parse_experts, select_experts
+from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.prepare import prepare
-from minimax_m2.weights import model_dtype
+from minimax_m2.weights.checkpoint import Checkpoint
+from minimax_m2.weights.model_weights import model_dtype
+from minimax_m2.weights.prepare import prepare
 
 
 def _interrupted(signum: int, _frame) -> None:
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupted)  # so a terminated run removes its temporary files
     layout = ParallelLayout(args.ep, args.tp, 0, moe_tp=args.moe_tp)
     if args.repo_id:
-        from minimax_m2.download import fetch
+        from minimax_m2.weights.download import fetch
 
         root, revision = fetch(args.repo_id, args.revision, args.experts)
         source = {"repo_id": args.repo_id, "revision": revision}

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.files import read_json
-from minimax_m2.safetensors_file import SafetensorsFile
+from minimax_m2.weights.files import read_json
+from minimax_m2.weights.safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

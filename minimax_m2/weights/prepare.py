@@ -2,7 +2,7 @@
 
 `prepare` streams a Hugging Face checkpoint layer by layer, reading each tensor once for all ranks and
 writing each rank's part (its heads, its experts or expert slices, its vocabulary columns) straight to
-that rank's file, in kernel layout (see `minimax_m2.weights`), keyed by the units' argument
+that rank's file, in kernel layout (see `minimax_m2.weights.model_weights`), keyed by the units' argument
 names (`embed`, `final_norm`, `lm_head`, `layers.<i>.<name>` for each `LayerWeights` field). Every array
 is checked finite after its cast. Files are written under a temporary name and renamed when complete;
 `manifest.json` records the config, layout, dtype, experts and, per file, its size and the CRC32 of
@@ -31,13 +31,11 @@ import numpy as np
 from tqdm import tqdm
 
 from minimax_m2 import checks
-from minimax_m2.checkpoint import Checkpoint, expert_key
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.files import read_json
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.safetensors_file import SafetensorsFile
-from minimax_m2.safetensors_writer import SafetensorsWriter
-from minimax_m2.weights import (
+from minimax_m2.weights.checkpoint import Checkpoint, expert_key
+from minimax_m2.weights.files import read_json
+from minimax_m2.weights.model_weights import (
     FLOAT32_WEIGHTS,
     LAYER_WEIGHT_NAMES,
     LayerWeights,
@@ -50,6 +48,8 @@ from minimax_m2.weights import (
     vocab_columns,
     zero_model_weights,
 )
+from minimax_m2.weights.safetensors_file import SafetensorsFile
+from minimax_m2.weights.safetensors_writer import SafetensorsWriter
 
 MANIFEST = "manifest.json"
 LOCK = ".prepare.lock"
