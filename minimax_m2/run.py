@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from minimax_m2.config import MiniMaxM2Config
 from minimax_m2 import distributed
+from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.distributed import CollectiveError
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model

@@ -168,3 +168,13 @@ def test_parsed_values() -> None:
     assert [c["function"]["name"] for c in two.tool_calls] == ["a", "b"] and two.content == " done"
     assert [c["function"]["name"] for c in parse_output(OUTPUTS[5][1]).tool_calls] == ["a"]
     assert parse_output(OUTPUTS[2][1], reasoning_open=False).content == OUTPUTS[2][1]
+
+
+def test_a_tool_call_value_nested_beyond_bounds_stays_text() -> None:
+    """The model may emit any text as a parameter: a value nested deeper than JSON input may be is kept as
+    the text it is, never a RecursionError."""
+    deep = "[" * 5000 + "]" * 5000
+    text = f'<minimax:tool_call>\n<invoke name="f">\n<parameter name="x">{deep}</parameter>\n</invoke>\n</minimax:tool_call>'
+    call = parse_output(text, [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "array"}}}}}], reasoning_open=False).tool_calls[0]
+    assert json.loads(call["function"]["arguments"]) == {"x": deep}

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from minimax_m2 import MiniMaxM2Model  # noqa: E402
 from minimax_m2.generation import Sampling  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
+from minimax_m2.serving.bounded_json import MAX_DEPTH  # noqa: E402
 from minimax_m2.serving.server import Limits, ServedModel, make_server  # noqa: E402
 
 SCRIPT = ("The user wants the weather.\n</think>\n\nLet me check.<minimax:tool_call>\n<invoke name=\"get_weather\">\n"
@@ -88,6 +89,9 @@ class ScriptedEngine:
             for token in self.script[: sampling.max_new_tokens]:
                 if request in self.cancelled:
                     break
+                if sampling.logprobs is not None:  # the token, then bytes 0x80, 0x81, ... (none whole UTF-8)
+                    alternatives = [(token, -0.5)] + [(b, -1.0 - b / 1000) for b in range(0x80, 0x100) if b != token]
+                    notify("logprobs", (-0.5, alternatives[: sampling.logprobs]))
                 notify("token", token)
                 time.sleep(self.delay)
             request.finish_reason = "length"
@@ -113,6 +117,20 @@ class ScriptedEngine:
 @pytest.fixture(scope="module")
 def scripted_server(tokenizer):
     script = tokenizer.encode(SCRIPT).ids
+    served = ServedModel("scripted", ScriptedEngine(script), tokenizer, Sampling(max_new_tokens=len(script)), 4096)
+    server, thread, url, _ = _serve(served)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+UNICODE = "Café 你好, São Paulo — ok"
+
+
+@pytest.fixture(scope="module")
+def unicode_server(tokenizer):
+    """A scripted answer whose characters span several byte-level tokens each."""
+    script = tokenizer.encode(UNICODE).ids
     served = ServedModel("scripted", ScriptedEngine(script), tokenizer, Sampling(max_new_tokens=len(script)), 4096)
     server, thread, url, _ = _serve(served)
     yield url
@@ -170,6 +188,65 @@ def test_stop_sequence(scripted_server) -> None:
     assert out.choices[0].message.content == "Let me " and out.choices[0].finish_reason == "stop"
 
 
+def test_a_stop_string_in_the_reasoning_stops_generation(scripted_server) -> None:
+    """Stop strings are matched against the whole output, reasoning included (as vLLM does)."""
+    for stream in (False, True):
+        out = client(scripted_server).chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "x"}], stop=["weather"], tools=[WEATHER],
+            stream=stream)
+        chunks = list(out) if stream else None
+        if stream:
+            reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+        else:
+            message = out.choices[0].message
+            reasoning, content, calls = message.reasoning_content, message.content, message.tool_calls or []
+            finish = [out.choices[0].finish_reason]
+        assert (reasoning, content, calls, finish) == ("The user wants the ", "", [], ["stop"])
+
+
+def test_logprobs_of_tokens_that_split_a_character(unicode_server) -> None:
+    """Chat's `bytes` are each token's own: joined, they are the reply's UTF-8; completions' top_logprobs keep
+    every alternative (partial tokens spelled `bytes:\\x..`), its tokens decode to the text and each offset
+    is where its token starts."""
+    chat = client(unicode_server).chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=5)
+    entries = chat.choices[0].logprobs.content
+    message = chat.choices[0].message
+    assert bytes(b for e in entries for b in e.bytes) == UNICODE.encode()
+    assert (message.reasoning_content or "") + (message.content or "") == UNICODE  # the template opened <think>
+    assert any(e.token.startswith("bytes:") for e in entries)
+    assert all(len({t.token for t in e.top_logprobs}) == 5 for e in entries)
+    for stream in (False, True):
+        out = client(unicode_server).completions.create(model="scripted", prompt="x", logprobs=5, stream=stream)
+        if stream:
+            chunks = [c.choices[0] for c in out]
+            text = "".join(c.text for c in chunks)
+            tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+            offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+            tops = [t for c in chunks if c.logprobs for t in c.logprobs.top_logprobs]
+        else:
+            logprobs, text = out.choices[0].logprobs, out.choices[0].text
+            tokens, offsets, tops = logprobs.tokens, logprobs.text_offset, logprobs.top_logprobs
+        assert text == UNICODE
+        assert_offsets_fit(tokens, offsets, text)
+        assert all(len(top) == 5 for top in tops)
+
+
+def test_a_body_as_deep_as_allowed_is_served(scripted_server) -> None:
+    """A tool schema nesting 29 objects (the body 63 levels deep) renders and is served."""
+    body = _with("tools", '[{"type": "function", "function": {"name": "f", "parameters": ' + nested_schema(29) + "}}]")
+    code, reply = _post(scripted_server, "/v1/chat/completions", body[:-1] + b', "max_tokens": 2}')
+    assert code == 200, reply
+
+
+def test_a_lone_surrogate_in_a_text_prompt_is_refused(model_server) -> None:
+    code, reply = _post(model_server, "/v1/completions", b'{"prompt": "hi \\udc00"}')
+    assert code == 400 and reply["error"]["param"] == "prompt" and "lone surrogate" in reply["error"]["message"]
+
+
 def test_concurrent_clients_each_get_their_own_answer(model_server) -> None:
     """Requests of different lengths batched by the engine give what each gives alone."""
     def ask(text: str) -> str:
@@ -219,8 +296,11 @@ def test_chat_logprobs_plain_and_streamed(model_server) -> None:
     whole = client(model_server).chat.completions.create(**ask)
     entries = whole.choices[0].logprobs.content
     assert len(entries) == whole.usage.completion_tokens == 5
+    message = whole.choices[0].message
+    assert bytes(b for e in entries for b in e.bytes).decode("utf-8", "replace") == \
+        (message.reasoning_content or "") + (message.content or "")
     for entry in entries:
-        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2 and bytes(entry.bytes) == token_bytes(entry.token)
         assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
     chunks = [c for c in client(model_server).chat.completions.create(stream=True, **ask) if c.choices]
@@ -234,15 +314,30 @@ def test_completions_logprobs(model_server) -> None:
     out = client(model_server).completions.create(model="tiny-m2", prompt="Once upon", max_tokens=4, logprobs=3)
     logprobs = out.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
-    assert "".join(logprobs.tokens) == out.choices[0].text
-    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(4)]
+    assert_offsets_fit(logprobs.tokens, logprobs.text_offset, out.choices[0].text)
     for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
-        assert len(top) <= 3 and max(top.values()) == logprob and top[token] == logprob
+        assert len(top) == 3 and max(top.values()) == logprob and top[token] == logprob
     stream = client(model_server).completions.create(model="tiny-m2", prompt="Once upon", max_tokens=4, logprobs=3,
                                                      stream=True)
     chunks = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
     assert [t for c in chunks for t in c.tokens] == logprobs.tokens
     assert [o for c in chunks for o in c.text_offset] == logprobs.text_offset
+
+
+def token_bytes(spelling: str) -> bytes:
+    """A token's bytes from its spelling: its text, or `bytes:\\xe4\\xbd` for bytes that are not whole UTF-8."""
+    if spelling.startswith("bytes:"):
+        return bytes.fromhex(spelling.removeprefix("bytes:").replace("\\x", ""))
+    return spelling.encode()
+
+
+def assert_offsets_fit(tokens: list[str], offsets: list[int], text: str) -> None:
+    """Completions' tokens decode to the text, and each token's offset is where its text starts in it."""
+    assert b"".join(map(token_bytes, tokens)).decode("utf-8", "replace") == text
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+    for token, offset in zip(tokens, offsets):
+        if not token.startswith("bytes:"):
+            assert text[offset:offset + len(token)] == token
 
 
 def _post(url: str, path: str, body: bytes, timeout: float = 30) -> tuple[int, dict]:
@@ -252,6 +347,21 @@ def _post(url: str, path: str, body: bytes, timeout: float = 30) -> tuple[int, d
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def nested(depth: int) -> str:
+    """{"a": {"a": ... {}}}: `depth` objects inside each other, as JSON text (deeper than json.dumps goes)."""
+    return '{"a": ' * (depth - 1) + "{}" + "}" * (depth - 1)
+
+
+def nested_schema(depth: int) -> str:
+    """A JSON schema whose objects nest `depth` levels (two JSON levels each), as JSON text."""
+    return '{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}' + "}}" * depth
+
+
+def _with(field: str, text: str) -> bytes:
+    """A chat body whose `field` is the JSON text given."""
+    return b'{"messages": [{"role": "user", "content": "x"}], "' + field.encode() + b'": ' + text.encode() + b"}"
 
 
 def _chat(**fields) -> bytes:
@@ -288,6 +398,33 @@ def _chat(**fields) -> bytes:
     (_chat(frobnicate=1), 400, "frobnicate", "unknown parameter"),
     (json.dumps({"messages": [{"role": "user", "content": "x" * 60000}]}).encode(), 400, "messages",
      "characters cannot fit"),
+    (_with("metadata", nested(5000)), 400, None, "nested 5001 levels deep"),
+    (b'{"prompt": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, None, "nested 30001 levels deep"),
+    (_with("tools", '[{"type": "function", "function": {"name": "f", "parameters": ' + nested_schema(900) + "}}]"),
+     400, None, "levels deep; at most 64"),
+    (_with("metadata", nested(MAX_DEPTH)), 400, None, f"nested {MAX_DEPTH + 1} levels deep"),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages", "messages[0].content holds a "
+     "lone surrogate"),
+    (_chat(tools=[{"type": "function", "function": {"name": "f", "description": "\ud800"}}]).replace(
+        b"\\\\ud800", b"\\ud800"), 400, "tools", "tools[0].function.description holds a lone surrogate"),
+    (_chat(stop=["\udfff"]).replace(b"\\\\udfff", b"\\udfff"), 400, "stop", "lone surrogate"),
+    (_chat(max_completion_tokens=5, max_tokens="garbage"), 400, "max_tokens", "'max_tokens' must be an integer"),
+    (_chat(max_completion_tokens=0, max_tokens=5), 400, "max_completion_tokens", "'max_completion_tokens' must be"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": False}}]}]}).encode(), 400, "messages",
+     "arguments must be a string holding a JSON object, got bool"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": []}}]}]}).encode(), 400, "messages",
+     "arguments must be a string holding a JSON object, got list"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}).encode(), 400, "messages",
+     "arguments must hold a JSON object"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[" * 70 + "]" * 70}}]}]}).encode(), 400,
+     "messages", "levels deep"),
+    (_chat(user=5), 400, "user", "'user' must be a string"),
+    (_chat(parallel_tool_calls="yes"), 400, "parallel_tool_calls", "must be true or false"),
+    (_chat(tools=[1], tool_choice="none"), 400, "tools", "tools[0] must be"),
 ])
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(model_server, body, status, param,
                                                                        message) -> None:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from minimax_m2.serving import bounded_json
 from minimax_m2.weights.files import read_json
 
 BEGIN = "]~!b["
@@ -65,7 +66,7 @@ def render_tool_calls(calls: list[dict]) -> str:
         function = _function(call)
         arguments = function.get("arguments") or {}
         if isinstance(arguments, str):
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            arguments = bounded_json.loads(arguments) if arguments.strip() else {}
         params = "".join(f'<parameter name="{k}">{_value(v)}</parameter>\n' for k, v in arguments.items())
         invokes.append(f'<invoke name="{function["name"]}">\n{params}</invoke>\n')
     return "<minimax:tool_call>\n" + "".join(invokes) + "</minimax:tool_call>"

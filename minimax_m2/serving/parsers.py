@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from minimax_m2.serving import bounded_json
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
 _INVOKE = re.compile(r'<invoke name="([^"]*)">(.*?)</invoke>', re.DOTALL)
@@ -93,7 +95,7 @@ def _typed(value: str, schema: dict) -> Any:
         if "boolean" in kinds:
             return text.lower() in ("true", "1")
         if "object" in kinds or "array" in kinds or kind is None:
-            return json.loads(text)
+            return bounded_json.loads(text)
     except ValueError:
         pass
     return value
