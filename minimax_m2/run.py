@@ -204,14 +204,17 @@ def parse_ids(rows: list[str]) -> list[list[int]]:
 BAD_INPUT = (ValueError, FileNotFoundError, ImportError, OSError)
 
 
+QUIET_SECONDS = 10.0  # how long a rank stopping quietly waits for torchrun to end it after the reporting rank
+
+
 def exit_with(main: Callable[[], int]) -> None:
     """sys.exit(main()), where bad input is one `error:` line and exit 2 and a rank lost in a collective is
     one `error:` line and exit 1: never a traceback (MINIMAX_M2_TRACEBACK=1 adds one for anything unexpected).
 
-    Under torchrun, whose launcher answers any non-zero exit with a traceback of its own, bad input ends
-    every rank with status 0 and one `error:` line: from rank 0 when every rank sees the problem (before
-    the ranks connect), else from the rank that saw it, which tells the others through the rendezvous
-    store so that they stop at once and quietly. A lost or stalled rank still ends the others with
+    Under torchrun bad input ends every rank with status 2 and one `error:` line in all, first on stderr:
+    from rank 0 when every rank sees the problem (before the ranks connect), else from the rank that saw
+    it, which tells the others through the rendezvous store so that they stop at once and quietly.
+    torchrun's own summary of the failed workers follows it. A lost or stalled rank ends the others with
     status 1, so that torchrun stops the stalled one and names it."""
     quiet = False
     try:
@@ -224,9 +227,10 @@ def exit_with(main: Callable[[], int]) -> None:
         code, message = 2, str(err)
         if distributed.active is not None:
             message = f"rank {distributed.rank()}: {message}"
+            print(f"error: {message}", file=sys.stderr, flush=True)  # before the others hear of it and stop
             distributed.active.abort(message)
-        else:
-            quiet = distributed.rank() != 0
+            sys.exit(code)
+        quiet = distributed.rank() != 0
     except KeyboardInterrupt:
         code, message = 130, "interrupted"
     except MemoryError:
@@ -236,8 +240,9 @@ def exit_with(main: Callable[[], int]) -> None:
             raise
         code, message = 1, (f"internal error: {type(err).__name__}: {err} "
                             "(rerun with MINIMAX_M2_TRACEBACK=1 for the traceback)")
-    if code and not quiet:
+    if quiet:  # bad input another rank reports: leave that rank the time to say it before torchrun ends us all
+        time.sleep(QUIET_SECONDS)
+        sys.exit(2)
+    if code:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    if code == 2 or quiet:
-        code = 0 if distributed.under_torchrun() else code
     sys.exit(code)

@@ -334,3 +334,28 @@ def test_a_failed_run_removes_its_temporary_files(float32_checkpoint, tmp_path) 
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "writing" in lines[-1] and "File too large" in lines[-1]
     assert not list(out.glob("*.tmp")) and not (out / MANIFEST).exists()
+
+
+def test_a_rerun_after_the_source_changed_rewrites_every_rank_file(tmp_path_factory, tmp_path) -> None:
+    """Same config, new tensor values: the finished rank file came from another source, so it is written
+    again, and the prepared weights give the new checkpoint's logits."""
+    source = tmp_path_factory.mktemp("changing")
+    save(build_model(tiny_config(), seed=1), source)
+    args = [str(source), "--out", str(tmp_path / "w"), "--dtype", "float32"]
+    assert prepare(*args).returncode == 0
+    save(build_model(tiny_config(), seed=2), source)
+    done = prepare(*args)
+    assert done.returncode == 0 and "(0 already complete)" in done.stdout, done.stdout + done.stderr
+    assert "(1 already complete)" in prepare(*args).stdout
+    want = MiniMaxM2Model.from_pretrained(source, max_seq_len=16).forward(PROMPT)
+    assert relative_error(MiniMaxM2Model.from_prepared(tmp_path / "w", max_seq_len=16).forward(PROMPT), want) < 1e-6
+
+
+def test_out_equal_to_the_source_is_refused_and_leaves_nothing(float32_checkpoint, tmp_path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(float32_checkpoint, source)
+    before = sorted(p.name for p in source.iterdir())
+    done = prepare(str(source), "--out", str(source))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: --out {source} is the source checkpoint's directory: give the prepared files one of their own"]
+    assert sorted(p.name for p in source.iterdir()) == before

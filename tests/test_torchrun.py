@@ -118,14 +118,32 @@ def test_random_mode_matches_single_process(tmp_path) -> None:
 def test_layout_that_does_not_fit_is_refused(float32_checkpoint) -> None:
     done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--checkpoint", str(float32_checkpoint),
                     "--prompt-ids", "1,2", "--ep", "2", "--tp", "2", "--moe-tp", "1", "--experts", "0,1,2,3,4")
-    assert_bad_input_ends_quietly(done, "5 loaded experts cannot be spread evenly over 2 rank groups")
+    assert_bad_input_ends_every_rank(done, "5 loaded experts cannot be spread evenly over 2 rank groups")
 
 
-def assert_bad_input_ends_quietly(done: subprocess.CompletedProcess, message: str) -> None:
-    """Bad input under torchrun: one `error:` line in all, and no launcher traceback (the ranks exit 0)."""
+def assert_bad_input_ends_every_rank(done: subprocess.CompletedProcess, message: str) -> None:
+    """Bad input under torchrun: one `error:` line in all, before anything torchrun says of the failed workers;
+    the failing rank exits 2 and the launcher non-zero."""
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-2000:]
+    summary = done.stderr.find("Traceback")
+    assert summary < 0 or done.stderr.index(errors[0]) < summary, done.stderr[-2000:]
+    assert done.stderr.count("Traceback") <= 1 and "ChildFailedError" in done.stderr, done.stderr[-2000:]
+
+
+RANDOM = ["--mode", "random", "--num-layers", "1", "--num-experts", "4", "--hidden-size", "128", "--vocab-size", "64"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ep", "2", "--tp", "3"], "tp 3 must divide the number of ranks 2"),
+    (["--ep", "4"], "--ep 4 but 2 ranks are running"),
+    (["--ep", "2", "--moe-tp", "3"], "moe_tp 3 must divide the number of ranks 2"),
+    (["--ep", "2", "--collective-timeout", "-1"], "--collective-timeout"),
+    (["--ep", "2", "--capacity-factor", "nan"], "--capacity-factor"),
+], ids=["tp3", "world", "moe-tp3", "timeout", "capacity-nan"])
+def test_bad_flags_exit_non_zero_on_every_rank(args, message) -> None:
+    assert_bad_input_ends_every_rank(torchrun(2, ROOT / "run_example.py", *RANDOM, *args), message)
 
 
 @pytest.mark.parametrize("scenario", ["die", "hang"])
@@ -205,9 +223,9 @@ def test_prepared_bfloat16_with_a_text_prompt(with_tokenizer, tmp_path) -> None:
     assert generated == want[:, prompt.shape[1]:].tolist(), "the same preparation with ranks as threads differs"
 
 
-def test_bad_input_seen_by_one_rank_ends_every_rank_quietly(fp8_checkpoint, tmp_path) -> None:
-    """Rank 1's file is damaged: rank 1 says so in one line, rank 0 (waiting in a collective) stops at once, and
-    torchrun adds no traceback."""
+def test_bad_input_seen_by_one_rank_ends_every_rank(fp8_checkpoint, tmp_path) -> None:
+    """Rank 1's file is damaged: rank 1 says so in one line and exits 2, rank 0 (waiting in a collective) stops
+    at once, quietly."""
     out = tmp_path / "prepared"
     done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(fp8_checkpoint), "--out", str(out),
                            "--ep", "2", "--moe-tp", "2"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
@@ -219,7 +237,7 @@ def test_bad_input_seen_by_one_rank_ends_every_rank_quietly(fp8_checkpoint, tmp_
     start = time.monotonic()
     done = torchrun(2, ROOT / "run_example.py", "--mode", "generate", "--weights", str(out), "--ep", "2",
                     "--prompt-ids", "1,2,3", "--max-seq-len", "32", "--collective-timeout", "60")
-    assert_bad_input_ends_quietly(done, "rank 1: ")
+    assert_bad_input_ends_every_rank(done, "rank 1: ")
     assert "differ from what was prepared" in done.stderr
     assert time.monotonic() - start < 45
 

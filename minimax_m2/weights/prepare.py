@@ -153,12 +153,13 @@ def prepare(
             stale.unlink()
         old = _read_manifest(out) if (out / MANIFEST).is_file() else None
         expected = {"format": FORMAT, "config": config.record(), "layout": _layout_record(layout),
-                    "experts": experts, "dtype": np.dtype(dtype).name}
+                    "experts": experts, "dtype": np.dtype(dtype).name, "source": source,
+                    "source_files": source_files(checkpoint.root)}
         if old and any(old.get(k) != v for k, v in expected.items()):
-            for name in old.get("files", {}):  # another preparation: start again
+            for name in old.get("files", {}):  # another preparation, or the source changed: start again
                 (out / name).unlink(missing_ok=True)
             old = None
-        manifest = {**expected, "source": source, "files": {}, "carried": _carry(checkpoint.root, out)}
+        manifest = {**expected, "files": {}, "carried": _carry(checkpoint.root, out)}
         ranks = [ParallelLayout(layout.world, layout.tp, r, moe_tp=layout.moe_tp) for r in range(layout.world)]
         todo = []
         for rank in ranks:
@@ -172,6 +173,13 @@ def prepare(
         _write_json(out / MANIFEST, manifest)
     manifest["skipped"] = len(ranks) - len(todo)
     return manifest
+
+
+def source_files(root: Path) -> dict[str, list[int]]:
+    """The identity of a checkpoint's tensor files: each one's [bytes, modification time in ns]. A finished
+    rank file is kept only when the source it came from still has this identity (new tensor values in a
+    file of the same size are a new modification time)."""
+    return {file.name: [file.stat().st_size, file.stat().st_mtime_ns] for file in sorted(root.glob("*.safetensors"))}
 
 
 def _carry(root: Path, out: Path) -> list[str]:

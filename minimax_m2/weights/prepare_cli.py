@@ -3,6 +3,7 @@
 import argparse
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         root = args.checkpoint
         source = {"path": str(root.resolve())}
+    if args.out.resolve() == Path(root).resolve():
+        raise ValueError(f"--out {args.out} is the source checkpoint's directory: give the prepared files one of "
+                         "their own")
     config = MiniMaxM2Config.from_pretrained(root)
     chosen = select_experts(config, parse_experts(args.experts, config.num_local_experts))
     layout.check(config, len(chosen))
