@@ -1,15 +1,29 @@
 """Generation settings as transformers resolves them: the checkpoint's generation_config.json, then flags."""
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 from minimax_m2 import checks
 from minimax_m2.weights.files import read_json
 
+MAX_LOGPROBS = 20  # alternatives a new token's log-probability comes with at most (the device returns 20)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
 
 @dataclass(frozen=True)
 class Sampling:
+    """How one request generates; every field is checked when it is made (a ValueError naming the field), so
+    that nothing invalid is ever admitted."""
+
     max_new_tokens: int = 16
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
@@ -17,6 +31,26 @@ class Sampling:
     seed: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; n: each new token's log-probability and the n most likely ones'
+
+    def __post_init__(self) -> None:
+        problems = {
+            "max_new_tokens": not (_integer(self.max_new_tokens) and self.max_new_tokens >= 1),
+            "temperature": not (_real(self.temperature) and self.temperature >= 0),
+            "top_k": self.top_k is not None and not (_integer(self.top_k) and self.top_k >= 1),
+            "top_p": self.top_p is not None and not (_real(self.top_p) and 0 < self.top_p <= 1),
+            "seed": self.seed is not None and not (_integer(self.seed) and 0 <= self.seed < 2**64),
+            "eos_token_ids": not (isinstance(self.eos_token_ids, tuple)
+                                  and all(_integer(t) and t >= 0 for t in self.eos_token_ids)),
+            "logprobs": self.logprobs is not None and not (_integer(self.logprobs)
+                                                           and 0 <= self.logprobs <= MAX_LOGPROBS),
+        }
+        wanted = {"max_new_tokens": "an integer >= 1", "temperature": "a finite number >= 0",
+                  "top_k": "None or an integer >= 1", "top_p": "None or a number in (0, 1]",
+                  "seed": "None or an integer in [0, 2**64)", "eos_token_ids": "a tuple of token ids",
+                  "logprobs": f"None or an integer in [0, {MAX_LOGPROBS}]"}
+        for name, bad in problems.items():
+            if bad:
+                raise ValueError(f"Sampling {name} must be {wanted[name]}, got {getattr(self, name)!r}")
 
 
 _DEFAULTS = {

@@ -87,6 +87,7 @@ class MiniMaxM2Model:
         self.slots = 0
         self._batch = 0
         self._caches: list[tuple[np.ndarray, np.ndarray]] = []
+        self.owner: Any = None  # the serving Engine whose requests hold this cache, if one does
         self.runner: Callable[[Unit], Any] = run_on_cpu
         self.expert_cost: ExpertCost | None = None
 

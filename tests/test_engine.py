@@ -193,7 +193,7 @@ def test_what_cannot_fit_is_refused_before_it_is_queued(model) -> None:
         engine.submit(prompts_of([90])[0], Sampling(max_new_tokens=10))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.submit([1, 999], Sampling())
-    with pytest.raises(ValueError, match="logprobs must be in 0..20"):
+    with pytest.raises(ValueError, match=r"Sampling logprobs must be None or an integer in \[0, 20\]"):
         engine.submit([1, 2], Sampling(logprobs=21))
     assert engine.metrics()["queue_depth"] == 0
 

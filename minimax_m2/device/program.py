@@ -35,13 +35,14 @@ from kernels.logprobs import logprobs_vocab_parallel
 from kernels.sampling import sample_vocab_parallel
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.expert_schedule import ExpertCost, choose_block_rows, rows_apart
+from minimax_m2.generation import MAX_LOGPROBS
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
 KV_BLOCK = 128
 CANDIDATES = 64  # the device samples among this many most likely tokens (top_k up to this)
-TOP_LOGPROBS = 20  # the most likely tokens whose log-probabilities the device returns, when asked
+TOP_LOGPROBS = MAX_LOGPROBS  # the most likely tokens whose log-probabilities the device returns, when asked
 
 
 def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:

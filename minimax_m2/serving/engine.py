@@ -11,14 +11,15 @@ of them first). The engine runs either on its own thread (`start`: the server) o
 """
 
 import itertools
+import numbers
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from minimax_m2.device.program import CANDIDATES, TOP_LOGPROBS, Sampled, Step, StepOutput, Unit, min_rows, padding_step
+from minimax_m2.device.program import CANDIDATES, Sampled, Step, StepOutput, Unit, min_rows, padding_step
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
@@ -93,7 +94,12 @@ class Engine:
         self.groups = model.layout.dp
         self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len),
                                      model.max_seq_len)
+        previous = model.owner
+        if previous is not None and (not previous.idle() or previous.running()):
+            raise RuntimeError("this model already serves an engine with requests in flight or a thread running: "
+                               "stop it first (one engine per model)")
         model.allocate(max_num_seqs)
+        model.owner = self
         self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY, prefix_reuse)
         self.scheduler = Scheduler(self.cache, self.shapes, self.groups)
         self.executor = executor or LocalExecutor(model)
@@ -155,22 +161,32 @@ class Engine:
             raise ValueError(f"the prompt's {prompt_len} tokens + {max_new_tokens} new tokens exceed the context of "
                              f"{self.model.max_seq_len} tokens")
 
-    def submit(self, prompt: list[int], sampling: Sampling, notify: Notify | None = None,
-               keep_logits: bool = False) -> Request:
-        """Queue a request (checked first: ids in the vocabulary, and it fits); `notify` hears its tokens
-        and its end from the engine's thread."""
-        self.check(len(prompt), sampling.max_new_tokens)
-        outside = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
+    def validate(self, prompt: Sequence[int], sampling: Sampling, keep_logits: bool = False) -> list[int]:
+        """The prompt as a list of ids, once everything about the request is checked (a ValueError naming what
+        is wrong): ids integers in the vocabulary, settings a `Sampling`, and it fits the context."""
+        if not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence | np.ndarray):
+            raise ValueError(f"a prompt must be a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"token ids must be integers, got {[t for t in ids if not isinstance(t, int)][:5]}")
+        self.check(len(ids), sampling.max_new_tokens)
+        outside = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
         if outside:
             raise ValueError(f"token ids {sorted(set(outside))[:10]} are outside the vocabulary "
                              f"0..{self.model.config.vocab_size - 1}")
         if keep_logits and not self.keep_logits:
             raise ValueError("this engine was built with keep_logits=False: no request keeps its logits")
-        if sampling.logprobs is not None and not 0 <= sampling.logprobs <= TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be in 0..{TOP_LOGPROBS}, got {sampling.logprobs}")
-        if self._stopping:
-            raise RuntimeError("the engine is shutting down")
-        request = Request(list(prompt), sampling, notify or (lambda kind, value: None), keep_logits)
+        return [int(t) for t in ids]
+
+    def submit(self, prompt: Sequence[int], sampling: Sampling, notify: Notify | None = None,
+               keep_logits: bool = False) -> Request:
+        """Queue a request (checked first, see `validate`); `notify` hears its tokens and its end from the
+        engine's thread."""
+        ids = self.validate(prompt, sampling, keep_logits)
+        self._check_usable()
+        request = Request(ids, sampling, notify or (lambda kind, value: None), keep_logits)
         with self._wake:
             self._inbox.append(request)
             self._wake.notify()
@@ -181,6 +197,13 @@ class Engine:
         with self._wake:
             self._cancelled.append(request)
             self._wake.notify()
+
+    def _check_usable(self) -> None:
+        if self._stopping:
+            raise RuntimeError(f"the engine has stopped{': ' + self.failure if self.failure else ''}")
+        if self.model.owner is not self:
+            raise RuntimeError("this engine's model now serves a newer Engine (one engine per model: build the "
+                               "new one after the old one's last request)")
 
     # --- running -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -235,6 +258,10 @@ class Engine:
     def idle(self) -> bool:
         with self._wake:
             return not self._has_work()
+
+    def running(self) -> bool:
+        """The engine runs steps on a thread of its own."""
+        return self._thread is not None and self._thread.is_alive()
 
     def step(self) -> None:
         """One engine step: take new requests and cancels, plan, copy, prefill, decode, deliver."""
@@ -361,8 +388,22 @@ class Engine:
     def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling],
                  on_token: Callable[[int, int], None] | None = None, keep_logits: bool = False) -> list[Result]:
         """Generate for every prompt (of any lengths) at once; on_token(prompt index, id) as each comes.
-        Runs the steps on the calling thread unless the engine runs on its own."""
-        settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        Every prompt and setting is checked before any is queued (a ValueError naming the first problem).
+        Runs the steps on the calling thread unless the engine runs on its own; if a step fails there, every
+        request in flight ends with an error, its slot freed, and the exception reaches the caller."""
+        prompts = list(prompts)
+        settings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(settings) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(settings)} sampling settings: give one Sampling, or "
+                             "one per prompt")
+        for index, (prompt, setting) in enumerate(zip(prompts, settings)):
+            try:
+                self.validate(prompt, setting, keep_logits)
+            except ValueError as err:
+                raise ValueError(f"prompt {index}: {err}") from None
+        self._check_usable()
+        if not prompts:
+            return []
         done = threading.Event()
         remaining = [len(prompts)]
 
@@ -379,7 +420,12 @@ class Engine:
         requests = [self.submit(p, s, notify_for(i), keep_logits) for i, (p, s) in enumerate(zip(prompts, settings))]
         if self._thread is None:
             while not done.is_set():
-                self.step()
+                try:
+                    self.step()
+                except Exception as err:
+                    self._fail_all(f"{type(err).__name__}: {err}")
+                    self._last_ids = None
+                    raise
         else:
             done.wait()
         return [Result(r.prompt, r.generated, r.finish_reason, r.reused,
