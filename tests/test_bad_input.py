@@ -239,3 +239,29 @@ def test_generation_config_values_are_checked(tmp_path, key, value, message) -> 
     (tmp_path / "generation_config.json").write_text(json.dumps({key: value}))
     with pytest.raises(ValueError, match=message):
         checkpoint_defaults(tmp_path)
+
+
+@pytest.mark.parametrize("file, text, message", [
+    ("config.json", '{"a": ' * 5000 + "{}" + "}" * 5000, "nested 5001 levels deep"),
+    ("config.json", '{"model_type": "minimax_m2\\ud800"}', "model_type holds a lone surrogate"),
+    ("generation_config.json", "[" * 100000 + "]" * 100000, "nested 100000 levels deep"),
+])
+def test_json_files_are_read_within_bounds(float32_checkpoint, tmp_path, file, text, message) -> None:
+    """A checkpoint's JSON nested too deep or holding a lone surrogate is one error naming the file, never a
+    RecursionError."""
+    path = tmp_path / "c"
+    shutil.copytree(float32_checkpoint, path)
+    (path / file).write_text(text)
+    from minimax_m2.generation import checkpoint_defaults
+
+    with pytest.raises(ValueError, match=f"{file}: .*{message}"):
+        checkpoint_defaults(path) if file == "generation_config.json" else MiniMaxM2Model.from_pretrained(path)
+
+
+def test_a_safetensors_header_nested_too_deep_is_refused(tmp_path) -> None:
+    from minimax_m2.weights.safetensors_file import SafetensorsFile
+
+    header = ('{"a": ' * 3000 + "{}" + "}" * 3000).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="malformed safetensors header: nested 3001 levels deep"):
+        SafetensorsFile(tmp_path / "x.safetensors")

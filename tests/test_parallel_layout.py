@@ -9,9 +9,9 @@ from hf_reference import relative_error
 from thread_ranks import ThreadCollectives
 
 import run_example
-from minimax_m2.cli import main
 from kernels import collectives
 from minimax_m2 import MiniMaxM2Config, MiniMaxM2Model
+from minimax_m2.cli import main
 from minimax_m2.parallel import ParallelLayout
 
 

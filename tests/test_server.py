@@ -22,9 +22,9 @@ from test_chat import WEATHER  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from minimax_m2 import MiniMaxM2Model  # noqa: E402
+from minimax_m2.bounded_json import MAX_DEPTH  # noqa: E402
 from minimax_m2.generation import Sampling  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
-from minimax_m2.serving.bounded_json import MAX_DEPTH  # noqa: E402
 from minimax_m2.serving.server import Limits, ServedModel, make_server  # noqa: E402
 
 SCRIPT = ("The user wants the weather.\n</think>\n\nLet me check.<minimax:tool_call>\n<invoke name=\"get_weather\">\n"

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from minimax_m2.serving import bounded_json
+from minimax_m2 import bounded_json
 from minimax_m2.weights.files import read_json
 
 BEGIN = "]~!b["

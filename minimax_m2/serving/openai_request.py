@@ -9,9 +9,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from minimax_m2 import bounded_json
 from minimax_m2.device.program import TOP_LOGPROBS
 from minimax_m2.generation import Sampling
-from minimax_m2.serving import bounded_json
 from minimax_m2.serving.chat import GENERATION_PROMPT, ROLES, format_chat
 from minimax_m2.serving.served import ServedModel
 

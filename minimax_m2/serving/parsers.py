@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from minimax_m2.serving import bounded_json
+from minimax_m2 import bounded_json
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"

@@ -1,8 +1,9 @@
 """Reading the small JSON files of a checkpoint or a prepared directory, with errors that name the file."""
 
-import json
 from pathlib import Path
 from typing import Any
+
+from minimax_m2 import bounded_json
 
 
 def read_json(file: Path, missing: str) -> Any:
@@ -10,6 +11,6 @@ def read_json(file: Path, missing: str) -> Any:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {missing}")
     try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err
+        return bounded_json.loads(file.read_bytes())
+    except bounded_json.JSONInputError as err:
+        raise ValueError(f"{file}: {err}") from None

@@ -3,12 +3,13 @@
 float8_e4m3fn and bfloat16 are decoded to float32 exactly with NumPy alone.
 """
 
-import json
 import os
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from minimax_m2 import bounded_json
 
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -63,9 +64,9 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: header length {header_len} exceeds the file "
                                  "(truncated or not safetensors)")
             try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{self.path}: malformed safetensors header: {err}") from err
+                header = bounded_json.loads(f.read(header_len))
+            except bounded_json.JSONInputError as err:
+                raise ValueError(f"{self.path}: malformed safetensors header: {err}") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: malformed safetensors header: not a JSON object")
         metadata = header.pop("__metadata__", None) or {}

@@ -1,4 +1,4 @@
-"""JSON from users and from the model, decoded within bounds: nesting depth checked before the decoder
+"""JSON from users, from files and from the model, decoded within bounds: nesting depth checked before the decoder
 recurses, and every string valid Unicode (no lone surrogates from `\\ud800`-style escapes).
 
 Python's decoder recurses once per nesting level, so a body nested thousands deep raises RecursionError
