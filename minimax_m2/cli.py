@@ -269,6 +269,10 @@ def main(args: argparse.Namespace) -> int:
                 raise ValueError("--prompt is empty")
             else:
                 text = args.prompt
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{given[0]} is not valid UTF-8 text (the shell passed bytes that are not)") from None
             rows = [tokenizer.encode(text, add_special_tokens=False).ids]
         lengths = [len(r) for r in rows]
     sampling, more = resolve_sampling(checkpoint_defaults(source), args.max_new_tokens, args.temperature, args.top_k,

@@ -76,6 +76,14 @@ def test_empty_prompt(with_tokenizer) -> None:
                           "--prompt is empty")
 
 
+@pytest.mark.parametrize("flag", ["--prompt", "--chat"])
+def test_a_prompt_that_is_not_utf8_is_named(with_tokenizer, flag) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "run_example.py"), "--mode", "generate", "--checkpoint",
+                           str(with_tokenizer), flag, b"caf\xff"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert_one_line_error(done, f"{flag} is not valid UTF-8 text")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.pop("hidden_size"), "config.json lacks 'hidden_size'"),
     (lambda c: c.update(hidden_size="128"), "config.json: 'hidden_size' is '128', expected an integer"),
