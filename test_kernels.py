@@ -119,7 +119,13 @@ def _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, 
 def test_attention() -> None:
     """Rows at different lengths in their own cache rows: one row's prefill, then steps that mix the other
     row's prefill with decodes, against per-head loops with the full-width QK norm; padding tokens write
-    only the scratch row."""
+    only the scratch row. The keys are attended all at once and in tiles of 8 and 4 positions (the online
+    softmax)."""
+    for kv_tile in (None, 8, 4):
+        _attention_steps(kv_tile)
+
+
+def _attention_steps(kv_tile: int | None) -> None:
     rng = _rng()
     hidden, heads, kv_heads, head_dim, rotary_dim, theta, eps, max_seq = 32, 4, 2, 16, 8, 1e4, 1e-6, 16
     wq = _randn(rng, hidden, heads * head_dim, scale=0.3)
@@ -140,7 +146,7 @@ def test_attention() -> None:
         x = _randn(rng, len(plan), seq, hidden)
         got = attention(x.reshape(-1, hidden), positions.reshape(-1), slots, valid.reshape(-1), wq, wk, wv, wo, qn, kn,
                         cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=max_seq,
-                        seq=seq).reshape(len(plan), seq, hidden)
+                        seq=seq, kv_tile=kv_tile).reshape(len(plan), seq, hidden)
         for r, (slot, n) in enumerate(plan):
             want, *past[slot] = _ref_attention(x[r : r + 1, :n], positions[r, :n], wq, wk, wv, wo, qn, kn, *past[slot],
                                                heads, kv_heads, head_dim, rotary_dim, theta, eps)

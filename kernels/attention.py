@@ -39,6 +39,7 @@ def attention(
     replica_groups: ReplicaGroups | None = None,
     reduce_output: bool = True,
     rows_apart: bool = False,
+    kv_tile: int | None = None,
 ) -> np.ndarray:
     """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own KV-cache row.
 
@@ -56,7 +57,8 @@ def attention(
     parallelism (heads split over `replica_groups`) the q and k sums of squares are all-reduced together
     over the group, and so are the output projection's partial sums (unless reduce_output is False: the
     caller then sums this rank's partial itself, as part of a wider exchange). rows_apart: the projections'
-    schedule (`kernels.matmul.matmul`).
+    schedule (`kernels.matmul.matmul`); kv_tile: cache positions attended per tile (`attend_cache`; default
+    all kv_len at once).
     """
     tokens = x.shape[0]
     rows = tokens // seq
@@ -81,22 +83,52 @@ def attention(
     written = cache_index(np.where(token_valid, np.repeat(slots, seq), scratch), positions, max_seq)
     k_cache[written] = k.reshape(tokens, kv_heads * head_dim)
     v_cache[written] = v
-    read = cache_index(slots[:, None], np.arange(kv_len, dtype=np.int32)[None, :], max_seq)  # [R, kv_len]
-    keys = np.transpose(k_cache[read].reshape(rows, kv_len, kv_heads, head_dim), (0, 2, 1, 3))  # [R, Hkv, kv, D]
-    values = np.transpose(v_cache[read].reshape(rows, kv_len, kv_heads, head_dim), (0, 2, 1, 3))
 
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
     q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
     q = q.reshape(rows, kv_heads, group * seq, head_dim)  # [R, Hkv, G * S, D]
-    scores = cast(matmul(q, np.swapaxes(keys, -1, -2)), np.float32)  # [R, Hkv, G * S, kv_len]
-
-    visible = np.arange(kv_len, dtype=np.int32)[None, None, :] <= positions.reshape(rows, seq)[:, :, None]
-    scores = np.where(np.expand_dims(np.tile(visible, (1, group, 1)), 1), scores, _MASKED)
-    # softmax(scores / sqrt(D)) @ V, normalised after the product (over D columns, not kv_len)
-    weights = np.exp((scores - np.max(scores, axis=-1, keepdims=True)) * np.float32(head_dim**-0.5))
-    total = np.sum(weights, axis=-1, keepdims=True)
-    out = cast(matmul(cast(weights, values.dtype), values), np.float32) / total
+    out = attend_cache(q, k_cache, v_cache, slots, positions.reshape(rows, seq), max_seq=max_seq, kv_len=kv_len,
+                       kv_tile=kv_tile or kv_len)
     out = cast(out, x.dtype).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
     partial = matmul(out, wo, rows_apart)
     return all_reduce(partial, replica_groups) if reduce_output else partial
+
+
+def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray, positions: np.ndarray, *,
+                 max_seq: int, kv_len: int, kv_tile: int) -> np.ndarray:
+    """softmax(q k^T / sqrt(D), causal) v over the first kv_len positions of each row's cache row, in tiles of
+    kv_tile positions with a running maximum and sum (the online softmax), so that the float32 scores held
+    at once are [R, Hkv, G * S, kv_tile], whatever kv_len is.
+
+    q: [R, Hkv, G * S, D] (row r's queries, group-major: query g * S + s is token s of head g); k/v_cache:
+    [cache rows * max_seq, Hkv * D]; slots: [R] int32 cache rows; positions: [R, S] int32, each query's
+    position (it sees cache positions <= it). kv_tile divides kv_len. Returns [R, Hkv, G * S, D] float32.
+
+    Each tile's weights are normalised after the PV product; with one tile this is plain softmax. Masked
+    scores are float32's lowest value, so a tile a query cannot see adds exp(lowest - max) = 0 to it.
+    """
+    rows, kv_heads, queries, head_dim = q.shape
+    group = queries // positions.shape[1]
+    scale = np.float32(head_dim**-0.5)
+    seen = np.tile(positions, (1, group))[:, None, :, None]  # [R, 1, G * S, 1]: each query's position
+    best = total = out = None
+    for start in range(0, kv_len, kv_tile):
+        span = np.arange(start, start + kv_tile, dtype=np.int32)
+        read = cache_index(slots[:, None], span[None, :], max_seq)  # [R, tile]
+        keys = np.transpose(k_cache[read].reshape(rows, kv_tile, kv_heads, head_dim), (0, 2, 1, 3))
+        values = np.transpose(v_cache[read].reshape(rows, kv_tile, kv_heads, head_dim), (0, 2, 1, 3))
+        scores = cast(matmul(q, np.swapaxes(keys, -1, -2)), np.float32)  # [R, Hkv, G * S, tile]
+        scores = np.where(span[None, None, None, :] <= seen, scores, _MASKED)
+        tile_best = np.max(scores, axis=-1, keepdims=True)
+        new_best = tile_best if best is None else np.maximum(best, tile_best)
+        weights = np.exp((scores - new_best) * scale)
+        part = cast(matmul(cast(weights, values.dtype), values), np.float32)
+        if best is None:
+            total, out = np.sum(weights, axis=-1, keepdims=True), part
+        else:
+            carried = np.exp((best - new_best) * scale)
+            total = total * carried + np.sum(weights, axis=-1, keepdims=True)
+            out = out * carried + part
+        best = new_best
+    return out / total

@@ -174,7 +174,8 @@ def test_a_tool_call_value_nested_beyond_bounds_stays_text() -> None:
     """The model may emit any text as a parameter: a value nested deeper than JSON input may be is kept as
     the text it is, never a RecursionError."""
     deep = "[" * 5000 + "]" * 5000
-    text = f'<minimax:tool_call>\n<invoke name="f">\n<parameter name="x">{deep}</parameter>\n</invoke>\n</minimax:tool_call>'
+    text = (f'<minimax:tool_call>\n<invoke name="f">\n<parameter name="x">{deep}</parameter>\n</invoke>\n'
+            "</minimax:tool_call>")
     call = parse_output(text, [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "array"}}}}}], reasoning_open=False).tool_calls[0]
     assert json.loads(call["function"]["arguments"]) == {"x": deep}

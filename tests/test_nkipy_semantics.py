@@ -121,6 +121,10 @@ def _kernel_cases():
     yield "attention decode", attention, dict(x=x(2, 64), positions=np.array([7, 3], np.int32),
                                               slots=np.array([0, 1], np.int32), token_valid=np.ones(2, bool),
                                               **attn, k_cache=cache(), v_cache=cache()), dict(attn_k, seq=1)
+    yield "attention prefill in tiles", attention, dict(x=x(10, 64), positions=np.tile(np.arange(5, dtype=np.int32), 2),
+                                                        slots=np.array([1, 0], np.int32), token_valid=ragged, **attn,
+                                                        k_cache=cache(), v_cache=cache()), \
+        dict(attn_k, seq=5, kv_tile=MAX_SEQ // 4)
     yield "moe_router", moe_router, dict(x=x(6, 64), gate=w.gate, bias=w.bias), dict(top_k=4)
     yield "moe_expert", moe_expert, dict(x=x(3, 64), w13=w.w13[0], w2=w.w2[0]), {}
     experts = dict(gate=w.gate, bias=w.bias, w13=w.w13, w2=w.w2)

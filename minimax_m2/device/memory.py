@@ -2,8 +2,8 @@
 up front when it cannot fit.
 
 Weights (this rank's share, from their shapes), KV caches (every layer, every cache row, the whole
-context), RoPE tables, and an estimate of the largest step's activations (attention scores, the MoE's
-pair buffers, logits) plus the logits a run keeps (`--dump-logits`).
+context), RoPE tables, and an estimate of the largest step's activations (one tile of attention scores,
+the MoE's pair buffers, logits) plus the logits a run keeps (`--dump-logits`).
 """
 
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
+from minimax_m2.device.program import kv_tile_for
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights.model_weights import rank_shapes
 
@@ -67,7 +68,7 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
     rope = 2 * max_seq_len * config.rotary_dim * itemsize
     tokens = step_rows * step_tokens
     q_heads = config.num_attention_heads // layout.tp
-    scores = 3 * step_rows * q_heads * step_tokens * max_seq_len * 4
+    scores = 3 * tokens * q_heads * kv_tile_for(tokens, q_heads, max_seq_len) * 4  # scores, weights, a cast copy
     gathered = tokens * layout.moe_tp  # the slice group's tokens, gathered
     union = min(gathered, (real_tokens or tokens * layout.dp) * min(layout.tp, layout.moe_tp))
     pairs = union * max(1, config.num_experts_per_tok // layout.tp)

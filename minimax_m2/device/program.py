@@ -41,6 +41,9 @@ from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
 KV_BLOCK = 128
+# float32 attention scores one layer unit holds at once (per rank): keys are attended in tiles of KV_BLOCK
+# times a power of two positions, the largest whose scores fit (`kv_tile_for`)
+SCORE_TILE_BYTES = 256 << 20
 CANDIDATES = 64  # the device samples among this many most likely tokens (top_k up to this)
 TOP_LOGPROBS = MAX_LOGPROBS  # the most likely tokens whose log-probabilities the device returns, when asked
 
@@ -84,6 +87,7 @@ def layer_unit(
     seq: int,
     max_seq: int,
     kv_len: int,
+    kv_tile: int,
     members: int,
     per_token: int,
     own_count: int,
@@ -106,13 +110,14 @@ def layer_unit(
     an expert), member_slots, own_members, own_position: see `kernels.moe_parallel.moe_block_parallel` (on
     one rank the union is this rank's tokens). real_pairs: how many (token, expert) pairs this rank's
     slice group can have at most (rows padding a bucket have none); block_rows: the expert schedule
-    (`minimax_m2.device.expert_schedule`); rows_apart: the attention projections' (`kernels.matmul.matmul`).
+    (`minimax_m2.device.expert_schedule`); rows_apart: the attention projections' (`kernels.matmul.matmul`);
+    kv_tile: cache positions attended at once (`kv_tile_for`).
     Weights as in `LayerWeights`.
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
     normed = rmsnorm(h, input_norm, eps)
     attend = dict(head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
-                  rows_apart=rows_apart)
+                  rows_apart=rows_apart, kv_tile=kv_tile)
     weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         h = h + attention(normed, positions, slots, token_valid, *weights, **attend)
@@ -220,6 +225,16 @@ class Unit:
 def run_on_cpu(unit: Unit) -> Any:
     """A unit run as plain NumPy in this process (the model's default runner)."""
     return unit.fn(**unit.inputs, **unit.constants)
+
+
+def kv_tile_for(tokens: int, q_heads: int, kv_len: int) -> int:
+    """Cache positions a layer unit of `tokens` query tokens (q_heads heads on this rank) attends at once: the
+    largest KV_BLOCK x 2^k dividing kv_len whose float32 scores [tokens, q_heads, tile] stay within
+    SCORE_TILE_BYTES (at least KV_BLOCK, or kv_len when shorter)."""
+    tile = kv_len
+    while tile > KV_BLOCK and tile % 2 == 0 and tokens * q_heads * tile * 4 > SCORE_TILE_BYTES:
+        tile //= 2
+    return tile
 
 
 def kv_len_for(length: int, max_seq_len: int) -> int:
@@ -348,6 +363,7 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
     rows = expert_rows(config, layout, union, local_experts)
     return dict(
         head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, seq=seq, max_seq=max_seq, kv_len=kv_len,
+        kv_tile=kv_tile_for(tokens, config.num_attention_heads // layout.tp, kv_len),
         real_pairs=union * top_k // layout.tp,
         members=layout.moe_tp, per_token=top_k // layout.tp, own_count=len(layout.own_members()),
         capacity=layout.capacity(union, top_k, local_experts), count_drops=layout.capacity_factor is not None,
