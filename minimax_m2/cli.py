@@ -19,6 +19,7 @@ from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary
 from minimax_m2.parallel import ParallelLayout
+from minimax_m2.plan_mode import run_plan
 from minimax_m2.run import (
     engine_generate,
     kernel_checks,
@@ -232,6 +233,11 @@ def main(args: argparse.Namespace) -> int:
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
     _check_flags(args)
+    if args.mode == "plan":
+        args.dtype = args.dtype or ("bfloat16" if args.device == "neuron" else "float32")
+        return run_plan(args)
+    if args.config:
+        raise ValueError("--config real is for --mode plan (the other modes need weights: --checkpoint or --weights)")
     runner = NeuronRunner(args.build_dir, rank()) if args.device == "neuron" else None
     args.dtype = args.dtype or ("bfloat16" if runner else "float32")
     if args.mode == "serve":

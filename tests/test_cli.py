@@ -279,3 +279,16 @@ def test_sigterm_ends_a_busy_server_within_seconds(with_tokenizer) -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+def test_plan_mode_says_whether_a_run_fits_without_loading_weights(float32_checkpoint) -> None:
+    done = run("--mode", "plan", "--checkpoint", str(float32_checkpoint), "--max-num-seqs", "4", "--max-seq-len", "64")
+    assert done.returncode == 0, done.stderr
+    assert "memory plan per rank: weights" in done.stdout and "compile set per rank:" in done.stdout
+    assert "KV cache: 4 slots of 64 positions" in done.stdout and "fits:" in done.stdout
+    real = run("--mode", "plan", "--config", "real", "--ep", "64", "--tp", "8", "--moe-tp", "64", "--device", "neuron",
+               "--max-num-seqs", "32", "--prefill-chunk", "2048", "--max-seq-len", "196608")
+    assert_one_line_error(real, "but one NeuronCore's HBM (trn2, LNC=2) is 24.00 GiB")
+    assert "62 layers, hidden 3072, 256 of 256 experts" in real.stdout and "programs (" in real.stdout
+    assert_one_line_error(run("--mode", "generate", "--config", "real", "--prompt-ids", "1"),
+                          "--config real is for --mode plan")
