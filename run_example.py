@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-logits", type=Path, help="write float32 logits [batch, positions, vocab] here (.npy)")
     engine = p.add_argument_group("engine (generate and serve mode)")
     engine.add_argument("--max-num-seqs", type=int,
-                        help="KV-cache slots per attention group: requests decoded together (default: the number of "
-                             "prompts in generate mode, 8 in serve mode)")
+                        help="requests decoded together per attention group (default: the number of prompts in "
+                             "generate mode, 8 in serve mode)")
+    engine.add_argument("--kv-blocks", type=int,
+                        help="the KV cache's blocks of 128 positions per attention group, shared by every request "
+                             "(default: on a NeuronCore all the memory the weights and the largest step leave; on a "
+                             "CPU --max-num-seqs whole contexts, or what the memory left holds)")
     engine.add_argument("--no-prefix-reuse", action="store_true",
                         help="prefill every prompt cold instead of reusing the cached keys and values of a prefix "
                              "(the previous turn of a conversation, a shared system prompt)")

@@ -28,6 +28,7 @@ from kernels import (
     worst_case_capacity,
 )
 from minimax_m2.sampling import draw, sampling_probs
+from kernels.attention import block_index
 from kernels.matmul import matmul
 from kernels.slots import exclusive_cumsum, place_rows
 
@@ -117,10 +118,10 @@ def _ref_attention(x, positions, wq, wk, wv, wo, qn, kn, past_k, past_v, heads, 
 
 
 def test_attention() -> None:
-    """Rows at different lengths in their own cache rows: one row's prefill, then steps that mix the other
-    row's prefill with decodes, against per-head loops with the full-width QK norm; padding tokens write
-    only the scratch row. The keys are attended all at once and in tiles of 8 and 4 positions (the online
-    softmax)."""
+    """Rows at different lengths, each in its own scattered cache blocks: one row's prefill, then steps that
+    mix the other row's prefill with decodes, against per-head loops with the full-width QK norm; padding
+    tokens write only the scratch block. The keys are attended all at once and in tiles of 8 and 4
+    positions (the online softmax)."""
     for kv_tile in (None, 8, 4):
         _attention_steps(kv_tile)
 
@@ -133,28 +134,33 @@ def _attention_steps(kv_tile: int | None) -> None:
     wo = _randn(rng, heads * head_dim, hidden, scale=0.3)
     qn, kn = 1 + _randn(rng, heads * head_dim, scale=0.3), 1 + _randn(rng, kv_heads * head_dim, scale=0.3)
     cos, sin = rope_tables(max_seq, rotary_dim, theta)
-    cache_rows = 3  # slots 0, 1 and the scratch row
-    k_cache = np.zeros((cache_rows * max_seq, kv_heads * head_dim), np.float32)
+    block = 4
+    tables = {0: np.array([5, 2, 7, 0], np.int32), 1: np.array([1, 6, 3, 4], np.int32)}  # block 8: scratch
+    k_cache = np.zeros((9 * block, kv_heads * head_dim), np.float32)
     v_cache = np.zeros_like(k_cache)
     past = {slot: (np.zeros((1, kv_heads, 0, head_dim)), np.zeros((1, kv_heads, 0, head_dim))) for slot in (0, 1)}
     lengths = {0: 0, 1: 0}
     # (rows as (slot, new tokens), tokens per row): row 1 starts late, and padding fills the short rows
     for plan, seq in (([(0, 5)], 5), ([(1, 3), (0, 1)], 3), ([(0, 1), (1, 1)], 1), ([(1, 2), (0, 1)], 2)):
-        slots = np.array([slot for slot, _ in plan], np.int32)
+        block_tables = np.stack([tables[slot] for slot, _ in plan] + [np.full(4, 8, np.int32)] * (2 - len(plan)))
         valid = np.array([[s < n for s in range(seq)] for _, n in plan])
         positions = np.array([[min(lengths[slot] + s, max_seq - 1) for s in range(seq)] for slot, _ in plan], np.int32)
         x = _randn(rng, len(plan), seq, hidden)
-        got = attention(x.reshape(-1, hidden), positions.reshape(-1), slots, valid.reshape(-1), wq, wk, wv, wo, qn, kn,
-                        cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=max_seq,
+        got = attention(x.reshape(-1, hidden), positions.reshape(-1), block_tables, valid.reshape(-1), wq, wk, wv, wo,
+                        qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, block=block, kv_len=max_seq,
                         seq=seq, kv_tile=kv_tile).reshape(len(plan), seq, hidden)
         for r, (slot, n) in enumerate(plan):
             want, *past[slot] = _ref_attention(x[r : r + 1, :n], positions[r, :n], wq, wk, wv, wo, qn, kn, *past[slot],
                                                heads, kv_heads, head_dim, rotary_dim, theta, eps)
             _close(got[r : r + 1, :n], want)
             lengths[slot] += n
+    written = []
     for slot in (0, 1):
-        rows = k_cache[slot * max_seq : slot * max_seq + lengths[slot]].reshape(-1, kv_heads, head_dim)
-        _close(rows.transpose(1, 0, 2)[None], past[slot][0])
+        at = block_index(tables[slot][None], np.arange(lengths[slot], dtype=np.int32)[None], block)[0]
+        _close(k_cache[at].reshape(-1, kv_heads, head_dim).transpose(1, 0, 2)[None], past[slot][0])
+        written += at.tolist()
+    untouched = np.setdiff1d(np.arange(8 * block), written)
+    assert untouched.size and not k_cache[untouched].any(), "padding wrote outside the scratch block"
 
 
 def test_attention_qk_norm_spans_all_heads() -> None:

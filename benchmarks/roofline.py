@@ -36,6 +36,7 @@ from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
 from minimax_m2.device.memory import NEURON_CORE_HBM, engine_plan  # noqa: E402
 from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
+from minimax_m2.device.program import blocks_for  # noqa: E402
 from minimax_m2.device.roofline import (  # noqa: E402
     DECODE_HOST_BYTES_PER_ROW,
     DECODE_HOST_COPIES,
@@ -245,7 +246,8 @@ def main(argv: list[str]) -> int:
     print("  compile time per program on the Neuron compiler: not measured (nothing here has run on hardware)")
     plan = engine_plan(config, ParallelLayout(WORLD, TP, 0, moe_tp=best["moe_tp"]), config.num_local_experts,
                        np.dtype(ml_dtypes.bfloat16), slots=SERVING["max_num_seqs"],
-                       prefill_chunk=SERVING["prefill_chunk"], max_seq_len=CONTEXT)
+                       prefill_chunk=SERVING["prefill_chunk"], max_seq_len=CONTEXT,
+                       kv_blocks=SERVING["max_num_seqs"] * blocks_for(CONTEXT))
     compiled["memory_plan"] = dataclasses.asdict(plan)
     print(f"  memory plan per NeuronCore (bf16): {plan.describe()} of {NEURON_CORE_HBM / 2**30:.0f} GiB HBM")
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.collectives import all_gather
 from minimax_m2 import checks
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.device.memory import available_memory, check_fits, engine_plan
+from minimax_m2.device.memory import available_memory, check_fits, engine_plan, pool_blocks
 from minimax_m2.device.neuron import NeuronRunner, run_on
+from minimax_m2.device.program import KV_BLOCK
 from minimax_m2.device.roofline import fastest_moe_tp
 from minimax_m2.distributed import CollectiveError, on_launcher_exit, rank, start, world_size
 from minimax_m2.experts import parse_experts, select_experts
@@ -68,6 +70,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         checks.integer("--max-num-seqs", args.max_num_seqs, 1, 4096)
     if args.capacity_factor is not None:
         checks.number("--capacity-factor", args.capacity_factor, 0, 1e6)
+    if args.kv_blocks is not None:
+        checks.integer("--kv-blocks", args.kv_blocks, 1, 1 << 26)
 
 
 def _chat_messages(turns: list[str]) -> list[dict]:
@@ -92,14 +96,24 @@ def _source(args: argparse.Namespace) -> Path:
 
 
 def _check_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, device: str,
-                  slots: int, prefill_chunk: int, kept_logits: int, max_seq_len: int, leader: bool) -> None:
-    """Print this rank's memory plan and refuse the run, before any allocation, when it cannot fit."""
-    plan = engine_plan(config, layout, num_experts, dtype, slots=slots, prefill_chunk=prefill_chunk,
-                       max_seq_len=max_seq_len, kept_logits=kept_logits)
+                  slots: int, prefill_chunk: int, kept_logits: int, max_seq_len: int, kv_blocks: int | None,
+                  leader: bool) -> int:
+    """Print this rank's memory plan and refuse the run, before any allocation, when it cannot fit; the KV
+    pool's blocks per attention group (`kv_blocks`, else `pool_blocks`)."""
     available, where = available_memory(device, min(layout.world, world_size()))
-    check_fits(plan, available, where)
+    sizes = dict(slots=slots, prefill_chunk=prefill_chunk, max_seq_len=max_seq_len, kept_logits=kept_logits)
+    kv_blocks = kv_blocks or pool_blocks(config, layout, num_experts, dtype, available=available, device=device,
+                                         **sizes)
+    plan = engine_plan(config, layout, num_experts, dtype, kv_blocks=kv_blocks, **sizes)
+    check_fits(plan, available, where, max_seq_len)
     if leader:
         print(f"memory plan per rank: {plan.describe()} of {available / 2**30:.1f} GiB ({where})")
+    return kv_blocks
+
+
+def _agreed(kv_blocks: int, layout: ParallelLayout) -> int:
+    """The smallest pool any rank planned (each plans from its own view of the memory left)."""
+    return int(np.min(all_gather(np.array([kv_blocks], np.int32), 0, layout.world_groups)))
 
 
 def _load_model(args: argparse.Namespace, layout: ParallelLayout, experts: list[int] | None,
@@ -126,16 +140,17 @@ def _config_and_experts(args: argparse.Namespace, source: Path) -> tuple[MiniMax
     return config, select_experts(config, parse_experts(args.experts, config.num_local_experts)), None
 
 
-def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, leader: bool,
+def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_blocks: int, leader: bool,
             runner: NeuronRunner | None, executor: Executor | None = None) -> Engine:
     """The engine over `model`, warmed up: schedules chosen and, on a device, every step shape compiled and
     run once (after which a shape outside the set is refused)."""
     engine = Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk, executor=executor,
                     prefix_reuse=not args.no_prefix_reuse,
-                    keep_logits=args.mode != "serve" and args.dump_logits is not None)
+                    keep_logits=args.mode != "serve" and args.dump_logits is not None, kv_blocks=kv_blocks)
     shapes = engine.shapes.shapes()
     if leader:
-        print(f"engine: {slots} KV-cache slots per attention group, prefill chunks of {engine.shapes.prefill_chunk} "
+        print(f"engine: {slots} requests and {kv_blocks:,} KV blocks of {KV_BLOCK} positions per attention group, "
+              f"prefill chunks of {engine.shapes.prefill_chunk} "
               f"tokens; {len(shapes)} step shapes (decode rows {list(engine.shapes.decode_rows)}, prefill rows "
               f"{list(engine.shapes.prefill_rows)} x tokens {list(engine.shapes.prefill_tokens)}, attended lengths "
               f"{list(engine.shapes.kv_lengths)})", flush=True)
@@ -167,9 +182,10 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     slots = args.max_num_seqs or 8
     planned = ParallelLayout(args.ep, tp, rank(), args.capacity_factor, moe_tp)
     planned.check(config, len(experts))
-    _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots, args.prefill_chunk, 0,
-                  args.max_seq_len, rank() == 0)
+    kv_blocks = _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots,
+                              args.prefill_chunk, 0, args.max_seq_len, args.kv_blocks, rank() == 0)
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
+    kv_blocks = _agreed(kv_blocks, layout)
     leader = layout.rank == 0
     for warning in warnings if leader else []:
         print(f"warning: {warning}", file=sys.stderr)
@@ -177,12 +193,12 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     model.schedule_cost()  # every rank, before any plan: its measurement is averaged over the ranks
     if not leader:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells this rank to stop
-        model.allocate(slots)
+        model.allocate(kv_blocks)
         follow(model, backend)
         backend.close()
         return 0
     sender = PlanSender(model, backend) if backend else None
-    engine = _engine(args, model, slots, leader, runner, sender)
+    engine = _engine(args, model, slots, kv_blocks, leader, runner, sender)
     if sender:
         sender.heartbeat()  # answered only once every rank has loaded (and warmed up with rank 0)
         print(f"all {layout.world} ranks loaded and ready", flush=True)
@@ -298,11 +314,12 @@ def main(args: argparse.Namespace) -> int:
     planned.check(config, len(experts))
     slots = args.max_num_seqs or planned.rows_per_group(len(lengths))
     kept = sum(n + sampling.max_new_tokens - 1 for n in lengths) if args.dump_logits else 0
-    _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots, args.prefill_chunk, kept,
-                  args.max_seq_len, rank() == 0)
+    kv_blocks = _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots,
+                              args.prefill_chunk, kept, args.max_seq_len, args.kv_blocks, rank() == 0)
     rng = np.random.default_rng(args.model_seed)
     prompts = rows or rng.integers(0, config.vocab_size, (len(lengths), lengths[0])).tolist()
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
+    kv_blocks = _agreed(kv_blocks, layout)
     leader = layout.rank == 0
     for warning in warnings if leader else []:
         print(f"warning: {warning}", file=sys.stderr)
@@ -314,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"random MiniMax-M2: {config}")
     else:
         model = _load_model(args, layout, experts, progress=leader, runner=runner)
-    engine = _engine(args, model, slots, leader, runner)
+    engine = _engine(args, model, slots, kv_blocks, leader, runner)
     detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader and len(prompts) == 1 else None
 
     def stream(row: int, token: int) -> None:

@@ -6,11 +6,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from kernels import rope_tables
-from kernels.attention import cache_index
 from kernels.collectives import all_reduce
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.expert_schedule import BLOCK_SIZES, ExpertCost, measure_block_times, measured_table
 from minimax_m2.device.program import (
+    KV_BLOCK,
     RankValues,
     Step,
     StepOutput,
@@ -27,6 +27,7 @@ from minimax_m2.device.program import (
     lm_head_call,
     run_on_cpu,
     selected_rows,
+    table_width,
     uniform_step,
 )
 from minimax_m2.experts import select_experts
@@ -53,9 +54,10 @@ class MiniMaxM2Model:
     masked out before the top-k), so logits equal the full model's whenever the tokens' chosen experts
     are all loaded. Over several ranks every rank holds the same full-batch logits after each step.
 
-    The KV cache holds `slots` rows per attention group (`allocate`); every step (`run`) gives each of
-    its rows its own positions and cache row, so rows of different lengths share a step. `forward` and
-    `generate` run a batch of equal-length prompts, row b in cache row b.
+    The KV cache holds `blocks` blocks of KV_BLOCK positions per attention group (`allocate`); every step
+    (`run`) gives each of its rows its own positions and block table, so rows of different lengths share a
+    step. `forward` and `generate` run a batch of equal-length prompts, row b owning the blocks of a whole
+    context.
 
     Every step runs the device program's units (`minimax_m2.device.program`): embedding, one layer unit per
     layer, lm_head, each through `runner` (`run_on_cpu`: NumPy here; `minimax_m2.device.neuron.NeuronRunner`:
@@ -84,7 +86,7 @@ class MiniMaxM2Model:
         self.rank_values = RankValues.of(config, layout)
         self.position = 0
         self.dropped_pairs = 0
-        self.slots = 0
+        self.blocks = 0
         self._batch = 0
         self._caches: list[tuple[np.ndarray, np.ndarray]] = []
         self.owner: Any = None  # the serving Engine whose requests hold this cache, if one does
@@ -137,12 +139,13 @@ class MiniMaxM2Model:
         weights = random_model_weights(config, chosen, seed, layout, model_dtype(dtype), progress)
         return cls(config, weights, chosen, max_seq_len, layout)
 
-    def allocate(self, slots: int) -> None:
-        """A KV cache of `slots` rows per attention group (plus a scratch row), in every layer, zeroed."""
-        shape = cache_shape(self.config, self.layout, slots, self.max_seq_len)
+    def allocate(self, blocks: int) -> None:
+        """A KV cache of `blocks` blocks of KV_BLOCK positions per attention group (plus the scratch block), in
+        every layer, zeroed."""
+        shape = cache_shape(self.config, self.layout, blocks)
         self._caches = [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
                         for _ in range(self.config.num_hidden_layers)]
-        self.slots = slots
+        self.blocks = blocks
 
     def reset(self) -> None:
         """Start `forward` again from position 0 (and zero the dropped-pair count)."""
@@ -173,8 +176,8 @@ class MiniMaxM2Model:
         check_vocabulary(step.input_ids, config.vocab_size)
         if np.any(step.positions < 0) or np.any(step.positions >= self.max_seq_len):
             raise ValueError(f"positions must lie in 0..{self.max_seq_len - 1} (max_seq_len {self.max_seq_len})")
-        if np.any(step.slots < 0) or np.any(step.slots > self.slots):
-            raise ValueError(f"cache rows must lie in 0..{self.slots} (the last is scratch)")
+        if np.any(step.block_tables < 0) or np.any(step.block_tables > self.blocks):
+            raise ValueError(f"cache blocks must lie in 0..{self.blocks} (the last is scratch)")
         embedding, layer, head = self._calls(step)
         h = self.runner(embedding)
         for index in range(config.num_hidden_layers):
@@ -205,36 +208,36 @@ class MiniMaxM2Model:
         seq = step.input_ids.shape[1]
         mine = step.input_ids[group_rows(step, layout)].reshape(-1)
         cost = self.schedule_cost()
-        constants = layer_constants(config, layout, real, seq, kv_len, self.max_seq_len,
+        constants = layer_constants(config, layout, real, seq, kv_len,
                                     self.weights.layers[0].w13.shape[0], cost, mine.size)
         phase = "decode" if seq == 1 else "prefill"
 
         def layer(h: Any, index: int) -> Unit:
             inputs = layer_inputs(h, step, layout, union, self.rank_values, self.rope, self._caches[index],
-                                  self.weights.layers[index])
+                                  self.weights.layers[index], kv_len)
             return layer_call(phase, inputs, constants)
 
         embedding = embedding_call(mine, self.weights)
         return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, cost)
 
-    def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
-        """Copy whole cache rows, (attention group, source slot, target slot) each, in every layer: a request
-        reusing a prefix that a busy slot holds. Every rank runs the same unit; a rank whose group copies
-        nothing copies its scratch row onto itself."""
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy cache blocks, (attention group, source block, target block) each, in every layer: a request
+        continuing a prefix whose last block another request holds (copy on write). Every rank runs the same
+        unit; a rank whose group copies nothing copies its scratch block onto itself."""
         for group, source, target in copies:
             if group != self.layout.group:
-                source = target = self.slots
+                source = target = self.blocks
             for caches in self._caches:
                 self.runner(self._copy_call(caches, source, target))
 
     def copy_program(self) -> Unit:
-        """The program `copy_slots` runs (the scratch row onto itself): what a device compiles for it."""
-        return self._copy_call(self._caches[0], self.slots, self.slots)
+        """The program `copy_blocks` runs (the scratch block onto itself): what a device compiles for it."""
+        return self._copy_call(self._caches[0], self.blocks, self.blocks)
 
-    def _copy_call(self, caches: tuple[np.ndarray, np.ndarray], source: int, target: int) -> Unit:
-        positions = np.arange(self.max_seq_len, dtype=np.int32)
-        return copy_call(caches, cache_index(np.int32(source), positions, self.max_seq_len),
-                         cache_index(np.int32(target), positions, self.max_seq_len))
+    @staticmethod
+    def _copy_call(caches: tuple[np.ndarray, np.ndarray], source: int, target: int) -> Unit:
+        within = np.arange(KV_BLOCK, dtype=np.int32)
+        return copy_call(caches, np.int32(source * KV_BLOCK) + within, np.int32(target * KV_BLOCK) + within)
 
     def _check_input(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -264,10 +267,10 @@ class MiniMaxM2Model:
         ids = self._check_input(input_ids)
         batch, seq = ids.shape
         rows = self.layout.rows_per_group(batch)
-        if self.slots < rows:
-            self.allocate(rows)
+        if self.blocks < rows * table_width(self.max_seq_len):
+            self.allocate(rows * table_width(self.max_seq_len))
         self._batch = batch
-        step = uniform_step(batch, seq, self.position, self.layout, ids, all_logits)
+        step = uniform_step(batch, seq, self.position, self.layout, self.max_seq_len, ids, all_logits)
         out = self.run(step)
         self.position += seq
         rows = batch_rows(batch, self.layout, seq)

@@ -1,5 +1,6 @@
-"""`run_example.py --mode plan`: will this run fit? The memory plan of one rank and the programs it compiles, for
-a config and layout, without loading a weight; exit 0 when it fits, one `error:` line and 2 when not."""
+"""`run_example.py --mode plan`: will this run fit? The memory plan of one rank and, when it fits, the programs it
+compiles, for a config and layout, without loading a weight; exit 0 when it fits, one `error:` line and 2 when
+not."""
 
 import argparse
 from collections import Counter
@@ -7,7 +8,15 @@ from collections import Counter
 import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.device.memory import NEURON_CORE_HBM, available_memory, check_fits, engine_plan
+from minimax_m2.device.memory import (
+    NEURON_CORE_HBM,
+    available_memory,
+    check_fits,
+    engine_plan,
+    kv_block_bytes,
+    pool_blocks,
+)
+from minimax_m2.device.program import KV_BLOCK
 from minimax_m2.device.roofline import TRN2, expert_cost, fastest_moe_tp
 from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.model import MiniMaxM2Model
@@ -40,14 +49,14 @@ def plan_config(args: argparse.Namespace) -> tuple[MiniMaxM2Config, list[int], d
 
 
 def compile_set(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, slots: int,
-                prefill_chunk: int, max_seq_len: int, device: str) -> tuple[int, Counter]:
+                prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int) -> tuple[int, Counter]:
     """(step shapes, programs per unit) rank 0 compiles before serving, from a model of zeros that is never
     touched (its pages are never written, so it takes no memory)."""
     weights = zero_model_weights(config, experts, layout, dtype)
     model = MiniMaxM2Model(config, weights, experts, max_seq_len, layout)
     if device == "neuron":
         model.expert_cost = expert_cost(TRN2, weights.layers[0])
-    engine = Engine(model, max_num_seqs=slots, prefill_chunk=prefill_chunk, keep_logits=False)
+    engine = Engine(model, max_num_seqs=slots, prefill_chunk=prefill_chunk, keep_logits=False, kv_blocks=kv_blocks)
     return len(engine.shapes.shapes()), Counter(unit.name for unit in engine.programs().values())
 
 
@@ -62,24 +71,27 @@ def run_plan(args: argparse.Namespace) -> int:
     layout.check(config, len(experts))
     dtype = model_dtype(args.dtype)
     chunk = min(args.prefill_chunk, args.max_seq_len)
-    plan = engine_plan(config, layout, len(experts), dtype, slots=slots, prefill_chunk=chunk,
-                       max_seq_len=args.max_seq_len)
     available, where = (NEURON_CORE_HBM, "one NeuronCore's HBM (trn2, LNC=2)") if args.device == "neuron" else \
         available_memory("cpu", layout.world)
-    kv_heads = config.num_key_value_heads // layout.tp
-    per_token = 2 * config.num_hidden_layers * kv_heads * config.head_dim * np.dtype(dtype).itemsize
+    sizes = dict(slots=slots, prefill_chunk=chunk, max_seq_len=args.max_seq_len)
+    kv_blocks = args.kv_blocks or pool_blocks(config, layout, len(experts), dtype, available=available,
+                                              device=args.device, **sizes)
+    plan = engine_plan(config, layout, len(experts), dtype, kv_blocks=kv_blocks, **sizes)
+    per_token = kv_block_bytes(config, layout, dtype) / KV_BLOCK
     print(f"config: {source}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{len(experts)} of {config.num_local_experts} experts (top-{config.num_experts_per_tok})")
     print(f"layout: {layout.world} ranks, attention tp {layout.tp} ({layout.dp} attention groups), experts sliced "
           f"over {layout.moe_tp} ranks (moe_tp) in {layout.moe_ep} groups; {np.dtype(dtype).name}; "
           f"--max-num-seqs {slots} --prefill-chunk {chunk} --max-seq-len {args.max_seq_len}")
     print(f"memory plan per rank: {plan.describe()}")
-    print(f"KV cache: {slots} slots of {args.max_seq_len} positions per attention group (and a scratch row): "
-          f"{slots * args.max_seq_len:,} tokens per group, {layout.dp * slots * args.max_seq_len:,} per instance, "
-          f"{per_token / 1024:.1f} KiB per token per rank")
-    shapes, programs = compile_set(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device)
+    tokens = kv_blocks * KV_BLOCK
+    print(f"KV pool: {kv_blocks:,} blocks of {KV_BLOCK} positions per attention group: {tokens:,} tokens per group, "
+          f"{layout.dp * tokens:,} per instance, {per_token / 1024:.1f} KiB per token per rank; a request holds up to "
+          f"{args.max_seq_len:,}")
+    check_fits(plan, available, where, args.max_seq_len)
+    print(f"fits: {plan.total / 2**30:.2f} of {available / 2**30:.2f} GiB ({where})")
+    shapes, programs = compile_set(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device,
+                                   kv_blocks)
     print(f"compile set per rank: {shapes} step shapes, {sum(programs.values())} programs ("
           + ", ".join(f"{n} {name}" for name, n in sorted(programs.items())) + ")")
-    check_fits(plan, available, where)
-    print(f"fits: {plan.total / 2**30:.2f} of {available / 2**30:.2f} GiB ({where})")
     return 0

@@ -198,7 +198,7 @@ def test_serve_needs_a_tokenizer(float32_checkpoint) -> None:
     (["--mode", "random", "--collective-timeout", "-5"], "--collective-timeout is -5.0, expected a finite number"),
     (["--mode", "random", "--prompt-ids", "99999999999999999999999"],
      "--prompt-ids 99999999999999999999999 is not a token id"),
-    (["--mode", "random", "--max-seq-len", "16000000"], "this run needs"),
+    (["--mode", "random", "--max-seq-len", "16000000"], "cannot hold one request of --max-seq-len 16000000"),
     (["--mode", "random", "--hidden-size", "3072", "--num-layers", "62", "--num-experts", "256",
       "--experts-per-token", "8", "--vocab-size", "200064"], "GiB per rank (weights"),
     (["--mode", "random", "--max-new-tokens", "2", "--dump-logits", "/dev/full"],
@@ -285,10 +285,15 @@ def test_plan_mode_says_whether_a_run_fits_without_loading_weights(float32_check
     done = run("--mode", "plan", "--checkpoint", str(float32_checkpoint), "--max-num-seqs", "4", "--max-seq-len", "64")
     assert done.returncode == 0, done.stderr
     assert "memory plan per rank: weights" in done.stdout and "compile set per rank:" in done.stdout
-    assert "KV cache: 4 slots of 64 positions" in done.stdout and "fits:" in done.stdout
-    real = run("--mode", "plan", "--config", "real", "--ep", "64", "--tp", "8", "--moe-tp", "64", "--device", "neuron",
-               "--max-num-seqs", "32", "--prefill-chunk", "2048", "--max-seq-len", "196608")
-    assert_one_line_error(real, "but one NeuronCore's HBM (trn2, LNC=2) is 24.00 GiB")
-    assert "62 layers, hidden 3072, 256 of 256 experts" in real.stdout and "programs (" in real.stdout
+    assert "KV pool: 4 blocks of 128 positions per attention group: 512 tokens" in done.stdout  # 4 contexts of 64
+    assert "fits:" in done.stdout
+    real = ["--mode", "plan", "--config", "real", "--ep", "64", "--tp", "8", "--moe-tp", "64", "--device", "neuron",
+            "--max-num-seqs", "32", "--prefill-chunk", "2048", "--max-seq-len", "196608"]
+    fits = run(*real)
+    assert fits.returncode == 0, fits.stderr
+    pool = int(fits.stdout.split("KV pool: ")[1].split(" blocks")[0].replace(",", ""))
+    assert pool * 128 >= 350_000 and "62 layers, hidden 3072, 256 of 256 experts" in fits.stdout
+    assert_one_line_error(run(*real, "--kv-blocks", "4000"), "but one NeuronCore's HBM (trn2, LNC=2) is 24.00 GiB")
+    assert_one_line_error(run(*real, "--kv-blocks", "1000"), "cannot hold one request of --max-seq-len 196608")
     assert_one_line_error(run("--mode", "generate", "--config", "real", "--prompt-ids", "1"),
                           "--config real is for --mode plan")

@@ -181,7 +181,7 @@ def test_fifo_admission_when_slots_are_full(model) -> None:
     first = engine.submit(prompts_of([5])[0], Sampling(max_new_tokens=3))
     second = engine.submit(prompts_of([5], seed=1)[0], Sampling(max_new_tokens=3))
     engine.step()
-    assert first.slot is not None and second.slot is None and engine.metrics()["queue_depth"] == 1
+    assert first.blocks and not second.blocks and engine.metrics()["queue_depth"] == 1
     while not engine.idle():
         engine.step()
     assert first.finish_reason == second.finish_reason == "length"

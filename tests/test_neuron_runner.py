@@ -231,7 +231,7 @@ def test_tokens_equal_the_numpy_engine_greedy_and_sampled(float32_checkpoint, ru
                                          max_num_seqs=4, prefill_chunk=16))
     got = run_with_shared_prefix(_engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner))
     assert got == want
-    assert FakeKernel.calls["copy_rows"] > 0, "the busy slot's prefix was copied on the device"
+    assert FakeKernel.calls["copy_block"] > 0, "the busy request's partial block was copied on the device"
 
 
 def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_checkpoint, runner) -> None:
@@ -243,10 +243,10 @@ def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_check
     compiled = runner.compiled
     assert compiled == len(engine.programs()), "the compile set the engine reports is what the device compiled"
     runner.frozen = True
-    shared = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 3  # a prefix held by a busy slot is copied (copy_rows)
+    shared = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 3  # a prefix block a busy request holds is copied (copy_block)
     engine.generate([p for p, _ in REQUESTS] + [shared, shared + [13]], [s for _, s in REQUESTS] + [Sampling()] * 2)
     engine.generate([[3, 4, 5]], Sampling(logprobs=2))  # greedy rows alone, with log-probabilities
-    assert engine.stats["reused_tokens"] > 0 and FakeKernel.compiled["copy_rows"] == 1
+    assert engine.stats["reused_tokens"] > 0 and FakeKernel.compiled["copy_block"] == 1
     assert runner.compiled == compiled, "a shape outside the warmed-up set was compiled while serving"
     with pytest.raises(RuntimeError, match="outside the compiled set"):
         model.forward(np.zeros((5, 3), np.int64))

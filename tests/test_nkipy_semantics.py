@@ -107,22 +107,23 @@ def _kernel_cases():
         return rng.standard_normal(shape).astype(np.float32)
 
     def cache():
-        return np.zeros((3 * MAX_SEQ, 64), np.float32)  # two cache rows and the scratch row, 4 KV heads x 16
+        return np.zeros((11 * 16, 64), np.float32)  # ten blocks of 16 positions and the scratch, 4 KV heads x 16
 
     attn = dict(wq=w.wq, wk=w.wk, wv=w.wv, wo=w.wo, q_norm=w.q_norm, k_norm=w.k_norm, cos_table=cos, sin_table=sin)
-    attn_k = dict(head_dim=16, eps=1e-6, max_seq=MAX_SEQ, kv_len=MAX_SEQ)
+    attn_k = dict(head_dim=16, eps=1e-6, block=16, kv_len=MAX_SEQ)
+    tables = np.array([[7, 2, 9, 0, 4], [1, 8, 3, 6, 5]], np.int32)  # each row's five blocks, scattered
     ids, valid = rng.integers(0, 8, 40).astype(np.int32), rng.random(40) < 0.7
     ragged = np.array([True] * 5 + [True, True, False, False, False])
     yield "rmsnorm", rmsnorm, dict(x=x(2, 3, 64), weight=w.input_norm), dict(eps=1e-6)
     yield "rope_partial", rope_partial, dict(x=x(6, 4, 16), cos=cos[:6], sin=sin[:6]), {}
     yield "attention prefill", attention, dict(x=x(10, 64), positions=np.tile(np.arange(5, dtype=np.int32), 2),
-                                               slots=np.array([1, 0], np.int32), token_valid=ragged, **attn,
+                                               block_tables=tables[::-1].copy(), token_valid=ragged, **attn,
                                                k_cache=cache(), v_cache=cache()), dict(attn_k, seq=5)
     yield "attention decode", attention, dict(x=x(2, 64), positions=np.array([7, 3], np.int32),
-                                              slots=np.array([0, 1], np.int32), token_valid=np.ones(2, bool),
+                                              block_tables=tables, token_valid=np.ones(2, bool),
                                               **attn, k_cache=cache(), v_cache=cache()), dict(attn_k, seq=1)
     yield "attention prefill in tiles", attention, dict(x=x(10, 64), positions=np.tile(np.arange(5, dtype=np.int32), 2),
-                                                        slots=np.array([1, 0], np.int32), token_valid=ragged, **attn,
+                                                        block_tables=tables[::-1].copy(), token_valid=ragged, **attn,
                                                         k_cache=cache(), v_cache=cache()), \
         dict(attn_k, seq=5, kv_tile=MAX_SEQ // 4)
     yield "moe_router", moe_router, dict(x=x(6, 64), gate=w.gate, bias=w.bias), dict(top_k=4)

@@ -1,9 +1,9 @@
 """What a run will hold, per rank, worked out from the config before anything is allocated; refused
 up front when it cannot fit.
 
-Weights (this rank's share, from their shapes), KV caches (every layer, every cache row, the whole
-context), RoPE tables, and an estimate of the largest step's activations (one tile of attention scores,
-the MoE's pair buffers, logits) plus the logits a run keeps (`--dump-logits`).
+Weights (this rank's share, from their shapes), the KV cache's pool of blocks (every layer), RoPE tables,
+and an estimate of the largest step's activations (one tile of attention scores, the MoE's pair buffers,
+logits) plus the logits a run keeps (`--dump-logits`). The pool is sized from what is left (`pool_blocks`).
 """
 
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.device.program import kv_tile_for
+from minimax_m2.device.program import KV_BLOCK, blocks_for, kv_tile_for
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights.model_weights import rank_shapes
 
@@ -31,13 +31,15 @@ class MemoryPlan:
     kv_cache: int
     activations: int  # estimate of the largest step's working set
     kept_logits: int  # logits kept for the whole run (--dump-logits)
+    kv_blocks: int = 0  # the KV pool's blocks of KV_BLOCK positions per attention group
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.activations + self.kept_logits
 
     def describe(self) -> str:
-        parts = [f"weights {_gib(self.weights)}", f"KV cache {_gib(self.kv_cache)}",
+        parts = [f"weights {_gib(self.weights)}",
+                 f"KV cache {_gib(self.kv_cache)} ({self.kv_blocks:,} blocks, {self.kv_blocks * KV_BLOCK:,} tokens)",
                  f"activations ~{_gib(self.activations)}"]
         if self.kept_logits:
             parts.append(f"kept logits {_gib(self.kept_logits)}")
@@ -48,14 +50,20 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB // 100 else f"{n / (1 << 20):.1f} MiB"
 
 
+def kv_block_bytes(config: MiniMaxM2Config, layout: ParallelLayout, dtype: np.dtype) -> int:
+    """Bytes of one KV block (KV_BLOCK positions, keys and values of every layer) on one rank."""
+    kv_heads = config.num_key_value_heads // layout.tp
+    return 2 * config.num_hidden_layers * KV_BLOCK * kv_heads * config.head_dim * np.dtype(dtype).itemsize
+
+
 def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *,
-                kv_rows: int, max_seq_len: int, step_rows: int, step_tokens: int, kept_logits: int = 0,
+                kv_blocks: int, max_seq_len: int, step_rows: int, step_tokens: int, kept_logits: int = 0,
                 real_tokens: int | None = None, logits_rows: int | None = None) -> MemoryPlan:
-    """One rank's bytes: `kv_rows` cache rows of `max_seq_len` positions in its attention group; the
-    largest step runs `step_rows` rows of `step_tokens` tokens each in its group, at most `real_tokens`
-    of them real in all groups (default: all), with the logits of `logits_rows` tokens of all groups
-    (default: one a row); `kept_logits`: logits rows (token positions) kept for the whole run, all ranks'
-    rows included."""
+    """One rank's bytes: a pool of `kv_blocks` cache blocks (and the scratch block) in its attention group, a
+    context of `max_seq_len` positions; the largest step runs `step_rows` rows of `step_tokens` tokens each
+    in its group, at most `real_tokens` of them real in all groups (default: all), with the logits of
+    `logits_rows` tokens of all groups (default: one a row); `kept_logits`: logits rows (token positions)
+    kept for the whole run, all ranks' rows included."""
     itemsize = np.dtype(dtype).itemsize
     model, layer = rank_shapes(config, num_experts, layout, np.dtype(dtype))
 
@@ -63,8 +71,7 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
         return sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(kind).itemsize for shape, kind in specs.values())
 
     weights = nbytes(model) + config.num_hidden_layers * nbytes(layer)
-    kv_heads = config.num_key_value_heads // layout.tp
-    kv = 2 * config.num_hidden_layers * kv_rows * kv_heads * max_seq_len * config.head_dim * itemsize
+    kv = (kv_blocks + 1) * kv_block_bytes(config, layout, dtype)
     rope = 2 * max_seq_len * config.rotary_dim * itemsize
     tokens = step_rows * step_tokens
     q_heads = config.num_attention_heads // layout.tp
@@ -76,20 +83,31 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
     moe = pairs * (4 * config.hidden_size * itemsize + 8 * local) + gathered * config.hidden_size * itemsize * 2
     logits = 2 * (logits_rows or step_rows * layout.dp) * config.vocab_size * 4  # a rank's slice, then all gathered
     activations = 8 * tokens * config.hidden_size * itemsize + scores + moe + logits
-    return MemoryPlan(int(weights), int(kv + rope), int(activations), int(kept_logits * config.vocab_size * 4))
+    return MemoryPlan(int(weights), int(kv + rope), int(activations), int(kept_logits * config.vocab_size * 4),
+                      kv_blocks)
 
 
 def engine_plan(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *, slots: int,
-                prefill_chunk: int, max_seq_len: int, kept_logits: int = 0) -> MemoryPlan:
-    """One rank's bytes under the engine: `slots` cache rows per attention group plus the scratch row, and
-    the largest step (a prefill of up to 2 x prefill_chunk tokens in a group, prefill_chunk of them real
-    in all, or a decode of every slot), with the logits of every row, or of every prompt position when
-    they are kept."""
+                prefill_chunk: int, max_seq_len: int, kv_blocks: int, kept_logits: int = 0) -> MemoryPlan:
+    """One rank's bytes under the engine: a pool of `kv_blocks` blocks per attention group, and the largest
+    step (a prefill of up to 2 x prefill_chunk tokens in a group, prefill_chunk of them real in all, or a
+    decode of `slots` rows), with the logits of every row, or of every prompt position when they are kept."""
     step_tokens = max(2 * prefill_chunk, slots)
-    return plan_memory(config, layout, num_experts, dtype, kv_rows=slots + 1, max_seq_len=max_seq_len, step_rows=1,
+    return plan_memory(config, layout, num_experts, dtype, kv_blocks=kv_blocks, max_seq_len=max_seq_len, step_rows=1,
                        step_tokens=step_tokens, kept_logits=kept_logits,
                        real_tokens=max(prefill_chunk, slots * layout.dp),
                        logits_rows=layout.dp * (step_tokens if kept_logits else slots))
+
+
+def pool_blocks(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *, slots: int,
+                prefill_chunk: int, max_seq_len: int, available: int, device: str, kept_logits: int = 0) -> int:
+    """The KV pool's blocks per attention group when not given: on a NeuronCore every block the memory left
+    after the weights, the largest step and 2% of spare holds; on a CPU, where an untouched block costs
+    nothing, enough for `slots` whole contexts when that fits, else what is left."""
+    rest = engine_plan(config, layout, num_experts, dtype, slots=slots, prefill_chunk=prefill_chunk,
+                       max_seq_len=max_seq_len, kv_blocks=0, kept_logits=kept_logits)
+    fits = int((available * 0.98 - rest.total) // kv_block_bytes(config, layout, dtype))
+    return max(fits, 0) if device == "neuron" else max(0, min(fits, slots * blocks_for(max_seq_len)))
 
 
 def available_memory(device: str, local_ranks: int) -> tuple[int, str]:
@@ -111,9 +129,14 @@ def available_memory(device: str, local_ranks: int) -> tuple[int, str]:
     return total // local_ranks, f"this host's available memory{share}"
 
 
-def check_fits(plan: MemoryPlan, available: int, where: str) -> None:
-    """Refuse, saying what the run needs and what there is, when the plan exceeds `available`."""
+def check_fits(plan: MemoryPlan, available: int, where: str, max_seq_len: int | None = None) -> None:
+    """Refuse, saying what the run needs and what there is, when the plan exceeds `available` or its KV pool
+    cannot hold one request of `max_seq_len` positions."""
     if plan.total > available:
         raise ValueError(f"this run needs {_gib(plan.total)} per rank ({plan.describe()}) but {where} is "
                          f"{_gib(available)}: use fewer rows or a shorter --max-seq-len, more ranks, "
                          "or an expert subset")
+    if max_seq_len is not None and plan.kv_blocks < blocks_for(max_seq_len):
+        raise ValueError(f"the KV pool of {plan.kv_blocks:,} blocks ({plan.kv_blocks * KV_BLOCK:,} tokens) per "
+                         f"attention group cannot hold one request of --max-seq-len {max_seq_len} ({plan.describe()}; "
+                         f"{where}: {_gib(available)}): use a shorter --max-seq-len, more ranks, or an expert subset")

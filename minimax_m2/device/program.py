@@ -19,8 +19,8 @@ could have one entry are padded to two. No 64-bit value enters a unit.
 Units: `embedding`; `prefill_layer` or `decode_layer` (one function, traced per phase and shape: the
 same program serves all layers, whose weights are its arguments); `lm_head` (final norm of the selected
 tokens, vocabulary split over all ranks, the next token of each chosen on the device: greedy, or sampled
-from the top candidates; the logits gathered only when asked for); `copy_rows` (a cache row copied, for
-prefix reuse).
+from the top candidates; the logits gathered only when asked for); `copy_block` (a cache block copied, for
+copy on write of a shared prefix's last block).
 """
 
 from dataclasses import dataclass, field
@@ -56,7 +56,7 @@ def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
 def layer_unit(
     h: np.ndarray,
     positions: np.ndarray,
-    slots: np.ndarray,
+    block_tables: np.ndarray,
     token_valid: np.ndarray,
     union_rows: np.ndarray,
     union_member: np.ndarray,
@@ -85,7 +85,7 @@ def layer_unit(
     eps: float,
     top_k: int,
     seq: int,
-    max_seq: int,
+    block: int,
     kv_len: int,
     kv_tile: int,
     members: int,
@@ -103,33 +103,34 @@ def layer_unit(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
-    h: [T, hidden], T = R * seq tokens; positions: [T] int32; slots: [R] int32 (each row's KV-cache row);
-    token_valid: [T] bool; k/v_cache: [cache rows * max_seq, Hkv*D], written at each real token's (slot,
-    position) (see `kernels.attention`). union_rows, union_member [U] int32, union_valid [U] bool (the
-    gathered tokens of this rank's MoE slice group that can be real, and which are: padding never reaches
-    an expert), member_slots, own_members, own_position: see `kernels.moe_parallel.moe_block_parallel` (on
-    one rank the union is this rank's tokens). real_pairs: how many (token, expert) pairs this rank's
-    slice group can have at most (rows padding a bucket have none); block_rows: the expert schedule
-    (`minimax_m2.device.expert_schedule`); rows_apart: the attention projections' (`kernels.matmul.matmul`);
-    kv_tile: cache positions attended at once (`kv_tile_for`).
+    h: [T, hidden], T = R * seq tokens; positions: [T] int32; block_tables: [>= 2, W] int32 (each row's
+    KV-cache blocks); token_valid: [T] bool; k/v_cache: [blocks * block, Hkv*D], written at each real
+    token's position through its row's blocks (see `kernels.attention`). union_rows, union_member [U] int32,
+    union_valid [U] bool (the gathered tokens of this rank's MoE slice group that can be real, and which
+    are: padding never reaches an expert), member_slots, own_members, own_position: see
+    `kernels.moe_parallel.moe_block_parallel` (on one rank the union is this rank's tokens). real_pairs: how
+    many (token, expert) pairs this rank's slice group can have at most (rows padding a bucket have none);
+    block_rows: the expert schedule (`minimax_m2.device.expert_schedule`); rows_apart: the attention
+    projections' (`kernels.matmul.matmul`); block: KV_BLOCK; kv_tile: cache positions attended at once
+    (`kv_tile_for`).
     Weights as in `LayerWeights`.
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
     normed = rmsnorm(h, input_norm, eps)
-    attend = dict(head_dim=head_dim, eps=eps, max_seq=max_seq, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
+    attend = dict(head_dim=head_dim, eps=eps, block=block, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
                   rows_apart=rows_apart, kv_tile=kv_tile)
     weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
-        h = h + attention(normed, positions, slots, token_valid, *weights, **attend)
+        h = h + attention(normed, positions, block_tables, token_valid, *weights, **attend)
         return h + moe_block(rmsnorm(h, post_norm, eps), token_valid, gate, bias, w13, w2, top_k=top_k,
                              real_pairs=real_pairs, block_rows=block_rows)
     tp = group_size(tp_groups)
     if tp > 1 and members >= tp:  # the slice group spans whole attention groups: one exchange for both
-        h, gathered = _attention_gathered(h, attention(normed, positions, slots, token_valid, *weights, **attend,
+        h, gathered = _attention_gathered(h, attention(normed, positions, block_tables, token_valid, *weights, **attend,
                                                        reduce_output=False), post_norm, own_position, eps=eps, tp=tp,
                                           members=members, slice_groups=slice_groups)
     else:
-        h = h + attention(normed, positions, slots, token_valid, *weights, **attend)
+        h = h + attention(normed, positions, block_tables, token_valid, *weights, **attend)
         gathered = all_gather(rmsnorm(h, post_norm, eps), 0, slice_groups)
     moe, dropped = moe_block_parallel(
         gathered, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
@@ -158,7 +159,7 @@ def _attention_gathered(h: np.ndarray, partial: np.ndarray, post_norm: np.ndarra
 
 def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """One layer's cache entries copied in place: k/v_cache[target] = k/v_cache[source]; source, target:
-    [n] int32 flat cache indices (a whole cache row, for prefix reuse from a busy slot). Returns target[:2]
+    [n] int32 flat cache indices (a whole block, copied on write). Returns target[:2]
     (a unit returns an array computed from its inputs)."""
     k_cache[target] = k_cache[source]
     v_cache[target] = v_cache[source]
@@ -280,13 +281,14 @@ class Sampled:
 class Step:
     """The host's description of one step, for every attention group's rows (arrays [dp * R, ...]).
 
-    Row r of the step belongs to attention group r // R and reads and writes cache row slots[r] of that
-    group's cache. At most `bucket` rows of the step are real (a bucket of one row still runs two: no
-    compiled shape has a dimension of 1)."""
+    Row r of the step belongs to attention group r // R and reads and writes its positions through its
+    block table, block_tables[r] (cache blocks of that group's cache: positions p .. p + KV_BLOCK - 1 in
+    block block_tables[r, p // KV_BLOCK]; padding rows name the scratch block). At most `bucket` rows of
+    the step are real (a bucket of one row still runs two: no compiled shape has a dimension of 1)."""
 
     input_ids: np.ndarray  # [dp * R, S] int32
     positions: np.ndarray  # [dp * R, S] int32 (padding tokens at any position inside the cache)
-    slots: np.ndarray  # [dp * R] int32
+    block_tables: np.ndarray  # [dp * R, W] int32, W * KV_BLOCK >= every position attended
     token_valid: np.ndarray  # [dp * R, S] bool
     selected: np.ndarray  # [dp * R, K] int32: positions within each row whose next token is wanted
     bucket: int  # at most this many rows are real
@@ -355,14 +357,14 @@ def expert_rows(config: MiniMaxM2Config, layout: ParallelLayout, union: int, loc
     return layout.moe_ep * layout.capacity(union, config.num_experts_per_tok, local_experts)
 
 
-def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, seq: int, kv_len: int, max_seq: int,
+def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, seq: int, kv_len: int,
                     local_experts: int, expert_cost: ExpertCost, tokens: int) -> dict[str, Any]:
     """Keyword constants of `layer_unit`; union: the tokens a slice group gathers that can be real; expert_cost:
     the target's cost of one expert over n rows, which chooses the schedules; tokens: the unit's T."""
     top_k = config.num_experts_per_tok
     rows = expert_rows(config, layout, union, local_experts)
     return dict(
-        head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, seq=seq, max_seq=max_seq, kv_len=kv_len,
+        head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, seq=seq, block=KV_BLOCK, kv_len=kv_len,
         kv_tile=kv_tile_for(tokens, config.num_attention_heads // layout.tp, kv_len),
         real_pairs=union * top_k // layout.tp,
         members=layout.moe_tp, per_token=top_k // layout.tp, own_count=len(layout.own_members()),
@@ -392,10 +394,15 @@ def group_rows(step: Step, layout: ParallelLayout) -> slice:
 
 def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.ndarray, np.ndarray, np.ndarray],
                  rank: RankValues, rope: tuple[np.ndarray, np.ndarray], caches: tuple[np.ndarray, np.ndarray],
-                 weights: LayerWeights) -> dict[str, Any]:
-    """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`)."""
+                 weights: LayerWeights, kv_len: int) -> dict[str, Any]:
+    """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`; kv_len: the
+    positions the step attends, which set its block tables' width)."""
     mine = group_rows(step, layout)
-    inputs = dict(h=h, positions=step.positions[mine].reshape(-1), slots=padded(step.slots[mine]),
+    tables = step.block_tables[mine][:, :table_width(kv_len)]
+    scratch = caches[0].shape[0] // KV_BLOCK - 1
+    tables = np.concatenate([tables, np.full((2 - len(tables), tables.shape[1]), scratch, np.int32)]) \
+        if len(tables) < 2 else tables
+    inputs = dict(h=h, positions=step.positions[mine].reshape(-1), block_tables=np.ascontiguousarray(tables),
                   token_valid=step.token_valid[mine].reshape(-1), union_rows=union[0], union_member=union[1],
                   union_valid=union[2], member_slots=rank.member_slots, own_members=rank.own_members,
                   own_position=rank.own_position, cos_table=rope[0], sin_table=rope[1], k_cache=caches[0],
@@ -405,7 +412,7 @@ def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.nda
 
 
 def copy_call(caches: tuple[np.ndarray, np.ndarray], source: np.ndarray, target: np.ndarray) -> Unit:
-    return Unit("copy_rows", copy_unit, dict(k_cache=caches[0], v_cache=caches[1], source=source, target=target))
+    return Unit("copy_block", copy_unit, dict(k_cache=caches[0], v_cache=caches[1], source=source, target=target))
 
 
 def embedding_call(input_ids: np.ndarray, weights: ModelWeights) -> Unit:
@@ -442,14 +449,31 @@ def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:
     return outputs.reshape(dp, -1, *outputs.shape[1:])[:, :selected].reshape(dp * selected, *outputs.shape[1:])
 
 
-def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, slots: int, max_seq_len: int) -> tuple[int, ...]:
-    """One layer's K (or V) cache on one rank: `slots` rows plus the scratch row, each of max_seq_len
-    positions, this rank's KV heads x head_dim."""
-    return ((slots + 1) * max_seq_len, config.num_key_value_heads // layout.tp * config.head_dim)
+def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, blocks: int) -> tuple[int, ...]:
+    """One layer's K (or V) cache on one rank: `blocks` blocks of KV_BLOCK positions plus the scratch block,
+    this rank's KV heads x head_dim."""
+    return ((blocks + 1) * KV_BLOCK, config.num_key_value_heads // layout.tp * config.head_dim)
 
 
-def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, max_tokens: int = 0,
-                 samples: bool = False, return_logits: bool = False, all_positions: bool = False,
+def blocks_for(positions: int) -> int:
+    """Cache blocks that hold `positions` positions."""
+    return -(-positions // KV_BLOCK)
+
+
+def table_width(positions: int) -> int:
+    """Block-table columns of a step attending `positions` positions (at least 2: no compiled input has a
+    dimension of 1)."""
+    return max(2, blocks_for(positions))
+
+
+def contiguous_tables(rows: np.ndarray, width: int) -> np.ndarray:
+    """Block tables [len(rows), width] giving cache row r the blocks r * width .. (r + 1) * width - 1: the layout
+    of `MiniMaxM2Model.forward`, where every row owns a whole context."""
+    return (np.asarray(rows, np.int32)[:, None] * np.int32(width) + np.arange(width, dtype=np.int32)).astype(np.int32)
+
+
+def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, width: int,
+                 max_tokens: int = 0, samples: bool = False, return_logits: bool = False, all_positions: bool = False,
                  logprobs: bool = False) -> Step:
     """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units,
     with the lm_head variant that samples on the device, returns log-probabilities and / or returns logits,
@@ -457,27 +481,32 @@ def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
     selected = np.tile(np.arange(seq if all_positions else 1, dtype=np.int32), (total, 1))
-    step = Step(zeros, zeros.copy(), np.full(total, scratch, np.int32), np.zeros((total, seq), bool), selected,
-                bucket, kv_len, max_tokens, return_logits=return_logits, logprobs=logprobs)
+    step = Step(zeros, zeros.copy(), np.full((total, width), scratch, np.int32),
+                np.zeros((total, seq), bool), selected, bucket, kv_len, max_tokens, return_logits=return_logits,
+                logprobs=logprobs)
     if samples:
         step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
                                np.zeros(total, np.float32))
     return step
 
 
-def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, ids: np.ndarray | None = None,
-                 all_positions: bool = True) -> Step:
-    """A step of `batch` rows of `seq` tokens all at `position` (row b in cache row b of its group, as
-    `MiniMaxM2Model.forward` lays out a batch); ids [batch, seq] (zeros when None)."""
+def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, max_seq_len: int,
+                 ids: np.ndarray | None = None, all_positions: bool = True) -> Step:
+    """A step of `batch` rows of `seq` tokens all at `position` (row b in cache row b of its group, owning the
+    blocks of a whole context, as `MiniMaxM2Model.forward` lays out a batch; padding rows in the scratch
+    block, which follows them); ids [batch, seq] (zeros when None)."""
     rows = max(min_rows(seq), layout.rows_per_group(batch))
     total = rows * layout.dp
     selected = np.arange(seq, dtype=np.int32) if all_positions else np.array([seq - 1], np.int32)
     positions = np.broadcast_to(np.arange(position, position + seq, dtype=np.int32), (total, seq)).copy()
-    step = Step(np.zeros((total, seq), np.int32), positions, (np.arange(total) % rows).astype(np.int32),
+    width = table_width(max_seq_len)
+    scratch = layout.rows_per_group(batch) * width
+    step = Step(np.zeros((total, seq), np.int32), positions, np.full((total, width), scratch, np.int32),
                 np.zeros((total, seq), bool), np.broadcast_to(selected, (total, len(selected))).copy(), batch,
                 return_logits=True)
     real = batch_rows(batch, layout, seq)
     step.token_valid[real] = True
+    step.block_tables[real] = contiguous_tables(real % rows, width)
     if ids is not None:
         step.input_ids[real] = ids
     return step
@@ -522,13 +551,12 @@ def program_units(
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
-    rows = max(min_rows(seq), layout.rows_per_group(batch))
     dtype = weights.embed.dtype
-    shape = cache_shape(config, layout, rows, max_seq_len)
+    shape = cache_shape(config, layout, layout.rows_per_group(batch) * table_width(max_seq_len))
     caches = (np.zeros(shape, dtype), np.zeros(shape, dtype))
     rank = RankValues.of(config, layout)
     ids = (np.arange(batch * seq, dtype=np.int32).reshape(batch, seq) * 7919) % config.vocab_size
-    step = uniform_step(batch, seq, position, layout, ids, all_positions=False)
+    step = uniform_step(batch, seq, position, layout, max_seq_len, ids, all_positions=False)
     total = step.input_ids.shape[0]
     if samples:
         step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32),
@@ -538,10 +566,10 @@ def program_units(
     h = weights.embed[step.input_ids[mine].reshape(-1)]
     layer = weights.layers[0]
     union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
-    constants = layer_constants(config, layout, real, seq, kv_len_for(step.kv_length, max_seq_len), max_seq_len,
-                                layer.w13.shape[0], expert_cost, h.shape[0])
+    kv_len = kv_len_for(step.kv_length, max_seq_len)
+    constants = layer_constants(config, layout, real, seq, kv_len, layer.w13.shape[0], expert_cost, h.shape[0])
     return [
         embedding_call(step.input_ids[mine].reshape(-1), weights),
-        layer_call(phase, layer_inputs(h, step, layout, union, rank, rope, caches, layer), constants),
+        layer_call(phase, layer_inputs(h, step, layout, union, rank, rope, caches, layer, kv_len), constants),
         lm_head_call(h, step, weights, rank, config, layout, expert_cost),
     ]

@@ -1,8 +1,10 @@
-"""The serving engine: continuous batching over KV-cache slots, behind the server, the CLI and the Python API.
+"""The serving engine: continuous batching over a paged KV cache, behind the server, the CLI and the Python API.
 
-Requests are admitted FIFO into free slots (reusing any cached prefix), prefilled in chunks and decoded
-together, each row at its own position with its own sampling settings, and their slots freed the step they
-end (EOS, `max_new_tokens`, the context's end, or a cancel). Each step's shapes come from the engine's
+Requests are admitted FIFO while their attention group has a free row and blocks (reusing any cached
+prefix), prefilled in chunks and decoded together, each row at its own position through its own block
+table with its own sampling settings, and their blocks released the step they end (EOS, `max_new_tokens`,
+the context's end, or a cancel); when decoding needs blocks the pool lacks, the most recently admitted
+request gives its own back and waits again. Each step's shapes come from the engine's
 `ShapeSet`; every step is run by the executor (the model here; over several ranks, a plan sent to all
 of them first). The engine runs either on its own thread (`start`: the server) or inline (`generate`).
 
@@ -19,16 +21,27 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from minimax_m2.device.program import CANDIDATES, Sampled, Step, StepOutput, Unit, min_rows, padding_step
+from minimax_m2.device.program import (
+    CANDIDATES,
+    KV_BLOCK,
+    Sampled,
+    Step,
+    StepOutput,
+    Unit,
+    blocks_for,
+    min_rows,
+    padding_step,
+    table_width,
+)
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
 from minimax_m2.sampling import draw as draw_token
-from minimax_m2.serving.cache import SlotCache
+from minimax_m2.serving.blocks import BlockManager
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
-MIN_COPY = 32  # prompt tokens a copied cache row must save to be worth copying
+MIN_COPY = 32  # prompt tokens a copied cache block must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
 
 
@@ -58,7 +71,7 @@ class LocalExecutor:
         return self.model.run(step)
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
-        self.model.copy_slots(copies)
+        self.model.copy_blocks(copies)
 
     def stats(self) -> dict[str, float]:
         return {}
@@ -82,8 +95,11 @@ class Result:
 
 class Engine:
     def __init__(self, model: MiniMaxM2Model, max_num_seqs: int = 8, prefill_chunk: int = 256,
-                 executor: Executor | None = None, prefix_reuse: bool = True, keep_logits: bool = True):
-        """max_num_seqs: KV-cache slots per attention group; prefill_chunk: prompt tokens per step;
+                 executor: Executor | None = None, prefix_reuse: bool = True, keep_logits: bool = True,
+                 kv_blocks: int | None = None):
+        """max_num_seqs: requests decoded together per attention group; prefill_chunk: prompt tokens per step;
+        kv_blocks: the KV pool's blocks of KV_BLOCK positions per attention group (default: max_num_seqs
+        whole contexts);
         prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold); keep_logits:
         requests may keep the logits of every position (off: the lm_head variants returning a prefill's
         [tokens, vocab] logits are neither compiled nor planned for)."""
@@ -98,10 +114,14 @@ class Engine:
         if previous is not None and (not previous.idle() or previous.running()):
             raise RuntimeError("this model already serves an engine with requests in flight or a thread running: "
                                "stop it first (one engine per model)")
-        model.allocate(max_num_seqs)
+        blocks = kv_blocks or max_num_seqs * blocks_for(model.max_seq_len)
+        if blocks < 1:
+            raise ValueError(f"kv_blocks must be positive, got {kv_blocks}")
+        model.allocate(blocks)
         model.owner = self
-        self.cache = SlotCache(self.groups, max_num_seqs, MIN_COPY, prefix_reuse)
-        self.scheduler = Scheduler(self.cache, self.shapes, self.groups)
+        self.max_num_seqs = max_num_seqs
+        self.cache = BlockManager(self.groups, blocks, MIN_COPY, prefix_reuse)
+        self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len))
         self.executor = executor or LocalExecutor(model)
         self._last_ids: np.ndarray | None = None  # the last decode step's next ids, as the device holds them
         self.failure: str | None = None  # why the engine's thread stopped, if it failed
@@ -127,7 +147,7 @@ class Engine:
         for step in steps:
             self.executor.execute(step)
         if self.cache.reuse:
-            self.executor.copy([(0, self.model.slots, self.model.slots)])
+            self.executor.copy([(0, self.model.blocks, self.model.blocks)])
         return len(steps)
 
     def programs(self) -> dict[tuple, Unit]:
@@ -142,14 +162,15 @@ class Engine:
         """A padding step of each shape of the set with each lm_head variant: sampling on the device or not,
         with logits or not, sampling with log-probabilities, and for a prefill, with the logits of every
         position (when requests may keep them)."""
-        scratch = self.model.slots
+        scratch, width = self.model.blocks, table_width(self.model.max_seq_len)
         chunk = {"decode": 0, "prefill": self.shapes.prefill_chunk}
         variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
                     + [(True, False, False, True)]}
         variants["prefill"] = list(variants["decode"])
         if self.keep_logits:
             variants["prefill"] += [(False, True, True, False), (True, True, True, False)]
-        return [padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv, chunk[phase], *variant)
+        return [padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv, width, chunk[phase],
+                             *variant)
                 for phase, rows, bucket, seq, kv in self.shapes.shapes() for variant in variants[phase]]
 
     # --- requests ------------------------------------------------------------------------------------------
@@ -160,6 +181,11 @@ class Engine:
         if prompt_len + max_new_tokens - 1 > self.model.max_seq_len:
             raise ValueError(f"the prompt's {prompt_len} tokens + {max_new_tokens} new tokens exceed the context of "
                              f"{self.model.max_seq_len} tokens")
+        needed = blocks_for(prompt_len + max_new_tokens - 1)
+        if needed > self.cache.blocks_per_group:
+            raise ValueError(f"the prompt's {prompt_len} tokens + {max_new_tokens} new tokens need {needed} KV blocks "
+                             f"of {KV_BLOCK} positions, but the pool has {self.cache.blocks_per_group} per attention "
+                             "group")
 
     def validate(self, prompt: Sequence[int], sampling: Sampling, keep_logits: bool = False) -> list[int]:
         """The prompt as a list of ids, once everything about the request is checked (a ValueError naming what
@@ -280,7 +306,7 @@ class Engine:
 
     def _run(self, plan: Plan) -> None:
         if plan.copies:
-            self.executor.copy([(p.slot.group, p.copy_from.index, p.slot.index) for p in plan.copies])
+            self.executor.copy([(p.group, *p.copy) for p in plan.copies])
         if plan.prefill:
             step, chunks = plan.prefill
             draws = self._sampling(step, [c.request if c and c.samples else None for c in chunks],
@@ -299,9 +325,11 @@ class Engine:
             self._last_ids = out.ids.astype(np.int32)
             for row, request in enumerate(rows):
                 if request is not None and request.finish_reason is None:
-                    request.slot.tokens.append(request.generated[-1])
+                    self.cache.written(request.group, request.blocks, request.length - 1, [request.generated[-1]])
+                    request.prefilled += 1
                     if request.keep_logits:
                         request.logits.append(out.logits[row, :1])
+                        request.kept += 1
                     self._sampled(request, out, row, 0, draws[row])
 
     def _execute(self, step: Step, phase: str) -> StepOutput:
@@ -345,11 +373,12 @@ class Engine:
             return
         count = len(chunk.tokens)
         request.prefilled += count
-        request.slot.tokens.extend(chunk.tokens)
+        self.cache.written(request.group, request.blocks, chunk.start, chunk.tokens)
         self.stats["prompt_tokens"] += count
         last = count - 1 if step.selected.shape[1] > 1 else 0  # all positions were kept, or just the last
-        if request.keep_logits:
-            request.logits.append(out.logits[row, :count])
+        if request.keep_logits:  # positions a preempted request kept before are not kept again
+            request.logits.append(out.logits[row, max(0, request.kept - chunk.start) : count])
+            request.kept = max(request.kept, chunk.start + count)
         if chunk.samples:
             self.stats["reused_tokens"] += request.reused
             self._sampled(request, out, row, last, draw)
@@ -433,16 +462,16 @@ class Engine:
                 for r in requests]
 
     def load(self) -> dict[str, float]:
-        """What the engine holds now (gauges): queue depth, running rows, slots and their occupancy."""
-        slots = sum(len(g) for g in self.cache.slots)
-        busy = slots - self.cache.free_count()
-        return {"queue_depth": len(self.scheduler.waiting) + len(self._inbox),
-                "running": len(self.scheduler.running), "slots": slots, "slots_busy": busy,
-                "slot_occupancy": busy / slots}
+        """What the engine holds now (gauges): queue depth, running requests, rows (slots) and their occupancy,
+        and the KV pool's blocks: used by requests, cached (contents kept for reuse), never written."""
+        slots = self.max_num_seqs * self.groups
+        busy = len(self.scheduler.running)
+        return {"queue_depth": len(self.scheduler.waiting) + len(self._inbox), "running": busy, "slots": slots,
+                "slots_busy": busy, "slot_occupancy": busy / slots, **self.cache.usage()}
 
     def counters(self) -> dict[str, float]:
         """What only grows: steps, tokens and seconds, and the executor's (plans and control bytes)."""
-        return {**self.stats, **self.executor.stats()}
+        return {**self.stats, "preemptions": self.scheduler.preemptions, **self.executor.stats()}
 
     def metrics(self) -> dict[str, float]:
         """`load` and `counters` together, for logs and tests."""

@@ -1,8 +1,8 @@
 """Serving over W ranks in lockstep: the engine runs on rank 0, and every step's plan goes to every rank.
 
 Rank 0 owns HTTP and the scheduler. Before each step it broadcasts the plan over the ranks' process group
-(one fixed-size header, then one int32 buffer with the step's token ids, positions, cache rows, validity,
-selected positions and each row's sampling settings and random draw, or the cache rows to copy), and then
+(one fixed-size header, then one int32 buffer with the step's token ids, positions, block tables, validity,
+selected positions and each row's sampling settings and random draw, or the cache blocks to copy), and then
 runs the step itself; every other rank receives the plan and runs the same units (the same lm_head
 variant too), so the collectives inside them meet. The next tokens come out identical on every rank, so
 nothing returns. While idle, rank 0 sends a heartbeat every
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from minimax_m2.device.program import Sampled, Step, StepOutput
+from minimax_m2.device.program import Sampled, Step, StepOutput, table_width
 from minimax_m2.model import MiniMaxM2Model
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
@@ -61,7 +61,7 @@ class PlanSender:
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
         self._send([COPY, len(copies)], np.array(copies, np.int32).reshape(-1))
-        self.model.copy_slots(copies)
+        self.model.copy_blocks(copies)
 
     def heartbeat(self) -> None:
         self._send([HEARTBEAT], np.zeros(0, np.int32))
@@ -73,7 +73,7 @@ class PlanSender:
 
 def _pack(step: Step) -> np.ndarray:
     """The step's arrays as one int32 buffer (float32 settings by their bits)."""
-    parts = [step.input_ids.reshape(-1), step.positions.reshape(-1), step.slots,
+    parts = [step.input_ids.reshape(-1), step.positions.reshape(-1), step.block_tables.reshape(-1),
              step.token_valid.reshape(-1).astype(np.int32), step.selected.reshape(-1)]
     if step.sampled is not None:
         s = step.sampled
@@ -82,10 +82,11 @@ def _pack(step: Step) -> np.ndarray:
     return np.concatenate([np.asarray(p, np.int32) for p in parts])
 
 
-def _unpack(header: np.ndarray, payload: np.ndarray) -> Step:
+def _unpack(header: np.ndarray, payload: np.ndarray, width: int) -> Step:
+    """A step from its plan; width: the block tables' columns (`table_width` of the context, on every rank)."""
     rows, seq, selected, flags = (int(header[i]) for i in (ROWS, SEQ, SELECTED, FLAGS))
-    parts = np.split(payload, np.cumsum([rows * seq, rows * seq, rows, rows * seq, rows * selected]))
-    step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), parts[2],
+    parts = np.split(payload, np.cumsum([rows * seq, rows * seq, rows * width, rows * seq, rows * selected]))
+    step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), parts[2].reshape(rows, width),
                 parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), int(header[BUCKET]),
                 int(header[KV_LEN]) or None, int(header[MAX_TOKENS]), return_logits=bool(flags & LOGITS),
                 logprobs=bool(flags & LOGPROBS))
@@ -103,9 +104,9 @@ def follow(model: MiniMaxM2Model, backend: Any) -> int:
         command, size = int(header[COMMAND]), int(header[SIZE])
         payload = backend.broadcast(np.zeros(size, np.int32)) if size else np.zeros(0, np.int32)
         if command == STEP:
-            model.run(_unpack(header, payload))
+            model.run(_unpack(header, payload, table_width(model.max_seq_len)))
             steps += 1
         elif command == COPY:
-            model.copy_slots([tuple(int(v) for v in row) for row in payload.reshape(-1, 3)])
+            model.copy_blocks([tuple(int(v) for v in row) for row in payload.reshape(-1, 3)])
         elif command == STOP:
             return steps

@@ -1,4 +1,4 @@
-"""One generation request as the engine tracks it: its prompt, sampling settings, slot and progress."""
+"""One generation request as the engine tracks it: its prompt, sampling settings, cache blocks and progress."""
 
 import itertools
 from dataclasses import dataclass, field
@@ -8,7 +8,7 @@ import numpy as np
 
 from minimax_m2.generation import Sampling
 from minimax_m2.sampling import TokenLogprobs
-from minimax_m2.serving.cache import Placement, Slot
+from minimax_m2.serving.blocks import Placement
 
 # ("logprobs", (logprob, [(id, logprob), ...])) just before its ("token", id), when asked for;
 # ("finish", reason); ("error", message)
@@ -23,9 +23,12 @@ class Request:
     notify: Notify = lambda kind, value: None
     keep_logits: bool = False  # keep the logits of every prompt position and of every new token
     id: int = field(default_factory=lambda: next(_ids))
-    slot: Slot | None = None
-    prefilled: int = 0  # prompt tokens whose keys and values are in the slot
-    reused: int = 0  # of them, found cached (prefix reuse)
+    group: int | None = None  # the attention group it runs in, once admitted
+    blocks: list[int] = field(default_factory=list)  # its block table: the cache blocks of positions 0, 1, ..
+    prefilled: int = 0  # context tokens whose keys and values are in its blocks
+    reused: int = 0  # of them, found cached at its admission (prefix reuse)
+    kept: int = 0  # positions whose logits it kept (keep_logits), so that a recomputed prefix keeps none twice
+    preempted: int = 0  # times its blocks were taken back for others (it then runs its context again)
     generated: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per new token, if asked
@@ -36,13 +39,29 @@ class Request:
         self.rng = np.random.default_rng(self.sampling.seed)
 
     def admit(self, placement: Placement) -> None:
-        self.slot = placement.slot
+        self.group, self.blocks = placement.group, placement.blocks
         self.prefilled = self.reused = placement.reused
+
+    def evict(self) -> None:
+        """Its blocks were taken back (preemption): it waits again, and runs its context again when admitted."""
+        self.group, self.blocks, self.prefilled = None, [], 0
+        self.preempted += 1
+
+    @property
+    def context(self) -> list[int]:
+        """The tokens whose keys and values must be cached before its next token is fed: the prompt, and once
+        it has generated, every generated token but the last (the one fed next)."""
+        return self.prompt + self.generated[:-1]
 
     @property
     def decoding(self) -> bool:
-        """The prompt is done and a new token waits to be fed."""
-        return self.finish_reason is None and self.prefilled == len(self.prompt) and bool(self.generated)
+        """The context is cached and a new token waits to be fed."""
+        return self.finish_reason is None and bool(self.generated) and self.prefilled == len(self.context)
+
+    @property
+    def final_length(self) -> int:
+        """Positions it holds at most: the prompt and every new token but the last (whose KV is never written)."""
+        return len(self.prompt) + self.sampling.max_new_tokens - 1
 
     @property
     def length(self) -> int:

@@ -1,10 +1,14 @@
 """Which requests run in the next step, and in what shape.
 
-FIFO admission into free KV-cache slots; every admitted request whose prompt is done decodes one token per
-step; prompts are prefilled in chunks, several requests' chunks sharing a step up to `prefill_chunk`
-tokens, so that a long prompt delays the running decodes by at most one chunk per step. Every step has a
-shape from a bounded set (`ShapeSet`): decode rows per attention group from the request buckets, prefill
-rows x tokens from the prefill buckets, and the attended cache length from the KV buckets.
+FIFO admission while an attention group has a free row and the blocks of the request's context (beyond
+one block held back for each running request that will need another); every admitted request whose context is
+cached decodes one token per step, taking a new block as its sequence crosses into one; when the pool has
+none, the most recently admitted request of that group is preempted (its blocks released, itself queued
+first again: it runs its context again when admitted, finding what is still cached). Prompts are
+prefilled in chunks, several requests' chunks sharing a step up to `prefill_chunk` tokens, so that a long
+prompt delays the running decodes by at most one chunk per step. Every step has a shape from a bounded set
+(`ShapeSet`): decode rows per attention group from the request buckets, prefill rows x tokens from the
+prefill buckets, and the attended cache length from the KV buckets.
 """
 
 from collections import deque
@@ -12,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimax_m2.device.program import KV_BLOCK, Step, min_rows
-from minimax_m2.serving.cache import Placement, SlotCache
+from minimax_m2.device.program import KV_BLOCK, Step, blocks_for, min_rows
+from minimax_m2.serving.blocks import BlockManager, Placement
 from minimax_m2.serving.request import Request
 
 
@@ -100,7 +104,7 @@ class Chunk:
 
 @dataclass
 class Plan:
-    """One engine step: prefix copies to make, a prefill step and a decode step (either may be absent)."""
+    """One engine step: block copies to make, a prefill step and a decode step (either may be absent)."""
 
     copies: list[Placement] = field(default_factory=list)
     prefill: tuple[Step, list[Chunk | None]] | None = None
@@ -108,54 +112,85 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotCache, shapes: ShapeSet, groups: int):
-        self.slots, self.shapes, self.groups = slots, shapes, groups
+    def __init__(self, blocks: BlockManager, shapes: ShapeSet, groups: int, max_num_seqs: int, width: int):
+        """width: block-table columns of every step (a request's most blocks, at least 2)."""
+        self.blocks, self.shapes, self.groups = blocks, shapes, groups
+        self.max_num_seqs, self.width = max_num_seqs, width
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order
+        self.preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def finish(self, request: Request) -> None:
-        """Free a request's slot at once (it ended: EOS, stop, length, cancel or disconnect)."""
+        """Free a request's blocks at once (it ended: EOS, stop, length, cancel or disconnect)."""
         if request in self.running:
             self.running.remove(request)
-            self.slots.release(request.slot)
+            self.blocks.release(request.group, request.blocks)
         elif request in self.waiting:
             self.waiting.remove(request)
 
     def plan(self) -> Plan:
         plan = Plan()
         while self.waiting:
-            placement = self.slots.place(self.waiting[0].prompt)
+            running = [sum(1 for r in self.running if r.group == g) for g in range(self.groups)]
+            reserve = [sum(1 for r in self.running if r.group == g and blocks_for(r.final_length) > len(r.blocks))
+                       for g in range(self.groups)]
+            request = self.waiting[0]
+            placement = self.blocks.place(request.context, bool(request.generated), reserve,
+                                          [n < self.max_num_seqs for n in running])
             if placement is None:
                 break
-            request = self.waiting.popleft()
+            self.waiting.popleft()
             request.admit(placement)
             self.running.append(request)
-            if placement.copy_from is not None:
+            if placement.copy is not None:
                 plan.copies.append(placement)
+        self._grow()
         plan.prefill = self._prefill_step()
         plan.decode = self._decode_step()
         return plan
+
+    def _grow(self) -> None:
+        """A block for every decoding request whose next position starts one, preempting the most recently
+        admitted request of its group while the pool has none."""
+        for request in list(self.running):
+            if request not in self.running or not request.decoding:
+                continue
+            while (request.length - 1) // KV_BLOCK >= len(request.blocks):
+                if self.blocks.grow(request.group, request.blocks):
+                    continue
+                victim = next(r for r in reversed(self.running) if r.group == request.group)
+                self.preempt(victim)
+                if victim is request:
+                    break
+
+    def preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.blocks.release(request.group, request.blocks)
+        request.evict()
+        self.waiting.appendleft(request)
+        self.preemptions += 1
 
     def _prefill_step(self) -> tuple[Step, list[Chunk | None]] | None:
         budget = self.shapes.prefill_chunk
         per_group: list[list[Chunk]] = [[] for _ in range(self.groups)]
         for request in self.running:
-            if request.prefilled >= len(request.prompt) or budget == 0:
+            context = request.context
+            if request.prefilled >= len(context) or budget == 0:
                 continue
-            rows = per_group[request.slot.group]
+            rows = per_group[request.group]
             if len(rows) == self.shapes.prefill_rows[-1]:
                 continue
-            count = min(len(request.prompt) - request.prefilled, budget, self.shapes.prefill_tokens[-1])
+            count = min(len(context) - request.prefilled, budget, self.shapes.prefill_tokens[-1])
             longest = max([count] + [len(c.tokens) for g in per_group for c in g])
             if not self.shapes.holds(max(len(rows) + 1, *map(len, per_group)), longest):
                 break  # another row would make a shape outside the set: it waits for the next step
             budget -= count
             start = request.prefilled
-            rows.append(Chunk(request, start, request.prompt[start : start + count],
-                              start + count == len(request.prompt)))
+            rows.append(Chunk(request, start, context[start : start + count],
+                              start + count == len(context) and not request.generated))
         if not any(per_group):
             return None
         real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.prefill_rows, "prefill rows")
@@ -164,7 +199,7 @@ class Scheduler:
         order: list[Chunk | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         keep_all = any(c is not None and c.request.keep_logits for c in order)
         step = self._step(rows, bucket, seq,
-                          [(c.request.slot.index, c.start, c.tokens) if c else None for c in order], keep_all)
+                          [(c.request.blocks, c.start, c.tokens) if c else None for c in order], keep_all)
         step.max_tokens = self.shapes.prefill_chunk  # the budget: the experts see at most this many tokens
         return step, order
 
@@ -172,37 +207,37 @@ class Scheduler:
         per_group: list[list[Request]] = [[] for _ in range(self.groups)]
         for request in self.running:
             if request.decoding:
-                per_group[request.slot.group].append(request)
+                per_group[request.group].append(request)
         if not any(per_group):
             return None
         real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.decode_rows, "decode rows")
         rows = max(min_rows(1), real)
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         step = self._step(rows, bucket, 1,
-                          [(r.slot.index, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
+                          [(r.blocks, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
         return step, order
 
-    def _step(self, rows: int, bucket: int, seq: int, entries: list[tuple[int, int, list[int]] | None],
+    def _step(self, rows: int, bucket: int, seq: int, entries: list[tuple[list[int], int, list[int]] | None],
               keep_all: bool) -> Step:
-        """Step arrays for `rows` rows per group, at most `bucket` real in all (entries in group order: (slot,
-        start, tokens) or None for padding), each real row's tokens at positions start.. in its slot; padding
-        in the scratch row."""
+        """Step arrays for `rows` rows per group, at most `bucket` real in all (entries in group order: (block
+        table, start, tokens) or None for padding), each real row's tokens at positions start.. through its
+        blocks; padding in the scratch block."""
         total = rows * self.groups
         ids = np.zeros((total, seq), np.int32)
         positions = np.zeros((total, seq), np.int32)
-        slots = np.full(total, len(self.slots.slots[0]), np.int32)  # the scratch row
+        tables = np.full((total, self.width), self.blocks.blocks_per_group, np.int32)  # the scratch block
         valid = np.zeros((total, seq), bool)
         last = np.zeros(total, np.int32)
         for r, entry in enumerate(entries):
             if entry is None:
                 continue
-            slot, start, tokens = entry
+            blocks, start, tokens = entry
             n = len(tokens)
             ids[r, :n] = tokens
             positions[r, :n] = np.arange(start, start + n)
             positions[r, n:] = start + n - 1
-            slots[r] = slot
+            tables[r, : len(blocks)] = blocks
             valid[r, :n] = True
             last[r] = n - 1
         selected = np.tile(np.arange(seq, dtype=np.int32), (total, 1)) if keep_all else last[:, None]
-        return Step(ids, positions, slots, valid, selected, bucket)
+        return Step(ids, positions, tables, valid, selected, bucket)
