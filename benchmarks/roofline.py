@@ -12,7 +12,9 @@ for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention t
    prefilled;
 4. the compile set of a serving engine (every program its warm-up compiles): program count per unit,
    expert blocks unrolled, and the largest program of each unit as recorded (ops, matmuls); and that
-   engine's memory plan per NeuronCore (what `run_example.py --device neuron` checks before loading).
+   engine's memory plan per NeuronCore (what `run_example.py --device neuron` checks before loading);
+5. long contexts: TTFT of 32k and 128k-token prompts through chunked prefill, TPOT at those contexts at
+   batch 1 and 32, with the KV bytes a decode step reads beside everything else it reads.
 
 Every assumption is printed with its source or marked ASSUMED.
 
@@ -36,7 +38,7 @@ from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
 from minimax_m2.device.memory import NEURON_CORE_HBM, engine_plan  # noqa: E402
 from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
-from minimax_m2.device.program import blocks_for  # noqa: E402
+from minimax_m2.device.program import blocks_for, kv_len_for  # noqa: E402
 from minimax_m2.device.roofline import (  # noqa: E402
     DECODE_HOST_BYTES_PER_ROW,
     DECODE_HOST_COPIES,
@@ -171,6 +173,35 @@ def compile_set(config: MiniMaxM2Config, moe_tp: int, hw) -> dict:
             "expert_blocks": sum(blocks(u) for u in layer_programs), "largest": largest}
 
 
+LONG_CONTEXTS = (32_768, 131_072)
+
+
+def long_context(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
+    """TTFT of prompts of LONG_CONTEXTS tokens prefilled in chunks of PROMPT (each chunk attends the bucket of
+    its last position: one program per bucket, counted once per chunk) and TPOT at those contexts, batch 1
+    and 32, with the KV bytes a decode step reads beside its other bytes."""
+    layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
+    layers = config.num_hidden_layers
+    per_position = 2 * (config.num_key_value_heads // TP) * config.head_dim * 2  # K and V, bf16, one layer
+    out = {}
+    for context in LONG_CONTEXTS:
+        chunks = Counter(kv_len_for((c + 1) * PROMPT, context) for c in range(context // PROMPT))
+        ttft = sum(n * served_seconds(record_units(config, layout, phase="prefill", batch=1, seq=PROMPT, context=kv,
+                                                   position=kv - PROMPT), layers, hw, "prefill", PROMPT)
+                   for kv, n in chunks.items())
+        row = {"ttft_s": ttft, "prefill_programs": len(chunks)}
+        for batch in (1, 32):
+            costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=context)
+            rows = max(2, layout.rows_per_group(batch))
+            kv = layers * rows * context * per_position
+            row[f"tpot_ms_b{batch}"] = served_seconds(costs, layers, hw, "decode", batch) * 1e3
+            row[f"kv_gb_b{batch}"] = kv / 1e9
+            row[f"other_gb_b{batch}"] = (costs[0].bytes_read + layers * costs[1].bytes_read + costs[2].bytes_read
+                                         - kv) / 1e9
+        out[context] = row
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -269,11 +300,24 @@ def main(argv: list[str]) -> int:
     print("no static, dropless program can do better than (best layout per batch): TPOT "
           + ", ".join(f"b={b} {v:.2f} ms" for b, v in static_tpot.items()) + "; expert bytes / floor "
           + ", ".join(f"b={b} {v:.2f}x" for b, v in static_ratio.items()))
+    base = min(r["tpot_ms"][1] for r in rows)
+    best_tp = min(rows, key=lambda r: r["tpot_ms"][1])["moe_tp"]
+    long = long_context(config, hw, best_tp)
+    print(f"\n5. Long contexts at ({best_tp}, {WORLD // best_tp}), prompts prefilled in chunks of {PROMPT}, decode "
+          "reads per rank per step (KV beside everything else)")
+    print("| context | TTFT | TPOT b=1 (vs 4k) | KV / other GB b=1 | TPOT b=32 | KV / other GB b=32 |")
+    print("|---|---|---|---|---|---|")
+    for context, r in long.items():
+        print(f"| {context:,} | {r['ttft_s']:.2f} s | {r['tpot_ms_b1']:.2f} ms ({r['tpot_ms_b1'] / base:.1f}x) | "
+              f"{r['kv_gb_b1']:.3f} / {r['other_gb_b1']:.3f} | {r['tpot_ms_b32']:.2f} ms | "
+              f"{r['kv_gb_b32']:.3f} / {r['other_gb_b32']:.3f} |")
+    print("  32 rows of mixed lengths (one at 131,072, 31 at 4,096) cost today what 32 rows at 131,072 do: a decode "
+          "step reads every row up to the longest row's bucket")
     if args.json:
         for r in rows:
             del r["decode"]
         args.json.write_text(json.dumps(dict(hardware=dataclasses.asdict(hw), layouts=rows, nxdi=NXDI_MEASURED,
-                                             sensitivity=sens, serving=served, compile_set=compiled,
+                                             sensitivity=sens, serving=served, compile_set=compiled, long_context=long,
                                              targets=TARGETS, verdicts=verdicts,
                                              static_floors=dict(tpot_ms=static_tpot, expert_ratio=static_ratio)),
                                         indent=1, default=str))
