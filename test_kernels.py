@@ -9,8 +9,8 @@ from kernels import (
     DENSE,
     attention,
     gather_vocab,
-    greedy_vocab_parallel,
     greedy_pick,
+    greedy_vocab_parallel,
     grouped_experts,
     lm_head,
     logprobs_vocab_parallel,
@@ -27,10 +27,10 @@ from kernels import (
     vocab_slice_logits,
     worst_case_capacity,
 )
-from minimax_m2.sampling import draw, sampling_probs
-from kernels.attention import block_index
+from kernels.attention import attend_cache, attend_tiles, block_index, table_index, tile_block_start
 from kernels.matmul import matmul
 from kernels.slots import exclusive_cumsum, place_rows
+from minimax_m2.sampling import draw, sampling_probs
 
 RNG_SEED = 1234
 
@@ -161,6 +161,27 @@ def _attention_steps(kv_tile: int | None) -> None:
         written += at.tolist()
     untouched = np.setdiff1d(np.arange(8 * block), written)
     assert untouched.size and not k_cache[untouched].any(), "padding wrote outside the scratch block"
+
+
+def test_attention_decode_over_tiles() -> None:
+    """One query per row over the blocks the step lists (in any order, padding tiles seeing nothing): the
+    softmax over each row's own positions, as over its block table; a padding row gives zeros; each row's
+    write position is found among its tiles."""
+    rng = _rng()
+    block, heads, group, head_dim = 4, 2, 3, 8
+    k_cache, v_cache = (_randn(rng, 13 * block, heads * head_dim) for _ in range(2))  # block 12: scratch
+    tables = np.array([[5, 2, 7, 0], [1, 6, 3, 4], [8, 9, 10, 11]], np.int32)
+    positions = np.array([13, 3, 9], np.int32)
+    q = _randn(rng, 3, heads, group, head_dim)
+    want = attend_cache(q, k_cache, v_cache, table_index(tables, block), positions[:, None], kv_len=16, kv_tile=16)
+    tiles = [(r, tables[r, j], j * block) for r in range(3) for j in range(positions[r] // block + 1)]
+    order = rng.permutation(len(tiles))
+    tiles = np.array([tiles[i] for i in order] + [(0, 12, 1 << 30)] * 3, np.int32)
+    _close(attend_tiles(q, k_cache, v_cache, tiles, positions, block=block), want)
+    padded = np.concatenate([q, q[:1]])
+    assert not attend_tiles(padded, k_cache, v_cache, tiles, np.r_[positions, 0].astype(np.int32), block=block)[3].any()
+    starts = tile_block_start(tiles, positions, block)
+    np.testing.assert_array_equal(starts, [tables[r, positions[r] // block] * block for r in range(3)])
 
 
 def test_attention_qk_norm_spans_all_heads() -> None:

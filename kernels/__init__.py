@@ -9,9 +9,9 @@ from kernels.embedding import token_embedding
 from kernels.lm_head import gather_vocab, greedy_pick, greedy_vocab_parallel, lm_head, vocab_slice_logits
 from kernels.logprobs import log_normaliser, logprobs_vocab_parallel
 from kernels.moe_block import moe_block
-from kernels.moe_parallel import moe_block_parallel, worst_case_capacity
 from kernels.moe_expert import moe_expert
 from kernels.moe_grouped import DENSE, expert_blocks, grouped_experts
+from kernels.moe_parallel import moe_block_parallel, worst_case_capacity
 from kernels.moe_router import moe_router
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rope_partial, rope_tables

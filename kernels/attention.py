@@ -35,7 +35,7 @@ def table_index(tables: np.ndarray, block: int) -> np.ndarray:
 def attention(
     x: np.ndarray,
     positions: np.ndarray,
-    block_tables: np.ndarray,
+    kv_blocks: np.ndarray,
     token_valid: np.ndarray,
     wq: np.ndarray,
     wk: np.ndarray,
@@ -57,14 +57,17 @@ def attention(
     reduce_output: bool = True,
     rows_apart: bool = False,
     kv_tile: int | None = None,
+    ragged: bool = False,
 ) -> np.ndarray:
     """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own sequence in a paged
     KV cache.
 
     x: [T, hidden] with T = R * seq (row r's tokens at r * seq ..); positions: [T] int32, each token's
-    position in its sequence; block_tables: [>= R, W] int32, the cache blocks of each row's positions
-    (`block_index`; the first R rows are used: padded to two when R is 1, as no compiled input has a
-    dimension of 1; W * block >= kv_len); token_valid: [T] bool, False for padding tokens, which write into
+    position in its sequence; kv_blocks: where each row's keys and values are: its block table [>= R, W]
+    int32, the cache blocks of its positions (`block_index`; the first R rows are used: padded to two when
+    R is 1, as no compiled input has a dimension of 1; W * block >= kv_len), or with `ragged` (one token per
+    row) the blocks the step attends [N, 3] (`attend_tiles`), so that its reads follow the rows' lengths;
+    token_valid: [T] bool, False for padding tokens, which write into
     the last cache block (scratch, never read) and never disturb a real row. wq: [hidden, Hq*D], wk/wv:
     [hidden, Hkv*D], wo: [Hq*D, hidden]; q_norm: [Hq*D], k_norm: [Hkv*D]; cos/sin_table: [max_seq, R'] from
     `rope_tables`, passed in like a weight; k_cache/v_cache: [blocks * block, Hkv*D] (block b holds
@@ -76,7 +79,7 @@ def attention(
     over the group, and so are the output projection's partial sums (unless reduce_output is False: the
     caller then sums this rank's partial itself, as part of a wider exchange). rows_apart: the projections'
     schedule (`kernels.matmul.matmul`); kv_tile: cache positions attended per tile (`attend_cache`; default
-    all kv_len at once).
+    all kv_len at once; not used when ragged).
     """
     tokens = x.shape[0]
     rows = tokens // seq
@@ -84,7 +87,6 @@ def attention(
     q_heads = wq.shape[1] // head_dim
     group = q_heads // kv_heads
     scratch = np.int32((k_cache.shape[0] // block - 1) * block)  # the scratch block's first position
-    tables = block_tables[:rows]
 
     q, k = matmul(x, wq, rows_apart), matmul(x, wk, rows_apart)
     ranks = group_size(replica_groups)
@@ -99,15 +101,23 @@ def attention(
     k = rope_partial(k, cos, sin)
 
     at = positions.reshape(rows, seq)
-    written = np.where(token_valid, block_index(tables, at, block).reshape(-1),
-                       scratch + block_offset(at, block)[1].reshape(-1))
+    offset = block_offset(positions, block)[1]
+    if ragged:
+        cached = tile_block_start(kv_blocks, positions, block) + offset
+    else:
+        cached = block_index(kv_blocks[:rows], at, block).reshape(-1)
+    written = np.where(token_valid, cached, scratch + offset)
     k_cache[written] = k.reshape(tokens, kv_heads * head_dim)
     v_cache[written] = v
 
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
     q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
     q = q.reshape(rows, kv_heads, group * seq, head_dim)  # [R, Hkv, G * S, D]
-    out = attend_cache(q, k_cache, v_cache, table_index(tables, block), at, kv_len=kv_len, kv_tile=kv_tile or kv_len)
+    if ragged:
+        out = attend_tiles(q, k_cache, v_cache, kv_blocks, positions, block=block)
+    else:
+        out = attend_cache(q, k_cache, v_cache, table_index(kv_blocks[:rows], block), at, kv_len=kv_len,
+                           kv_tile=kv_tile or kv_len)
     out = cast(out, x.dtype).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
     partial = matmul(out, wo, rows_apart)
@@ -152,3 +162,49 @@ def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached
             out = out * carried + part
         best = new_best
     return out / total
+
+
+def tile_block_start(tiles: np.ndarray, positions: np.ndarray, block: int) -> np.ndarray:
+    """The first cache position of the block holding each row's position, found among the step's tiles:
+    tiles [N, 3] int32 (`attend_tiles`), positions [R] int32 (one token per row) -> [R] int32 (0 for a row
+    with no tile: a padding row, which writes the scratch block anyway). A sum of products over the tiles
+    that match (row, the position's block start): exact in int32."""
+    starts = positions - block_offset(positions, block)[1]
+    match = (tiles[None, :, 0] == np.arange(positions.shape[0], dtype=np.int32)[:, None]) & \
+        (tiles[None, :, 2] == starts[:, None])  # [R, N]
+    return np.sum(match.astype(np.int32) * tiles[None, :, 1], axis=1) * np.int32(block)
+
+
+def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles: np.ndarray, positions: np.ndarray,
+                 *, block: int) -> np.ndarray:
+    """softmax(q k^T / sqrt(D), causal) v for one query token per row, over the cache blocks the step lists:
+    its keys and values read, and its FLOPs, follow the sum of the rows' lengths, not rows x the longest.
+
+    q: [R, Hkv, G, D]; tiles: [N, 3] int32, one per block attended: (its row, its cache block, the position
+    of its first entry); every row's blocks up to its position, in any order; padding tiles name the
+    scratch block at a first position past every row's, so they see nothing. positions: [R] int32 (a row
+    sees positions <= its own). Each tile's softmax is taken alone (its maximum, its sum, its weighted
+    values), then a row's tiles are combined, scaled to the row's largest maximum: the online softmax,
+    all tiles at once. A row with no tile (padding) gives zeros. Returns [R, Hkv, G, D] float32."""
+    rows, kv_heads, group, head_dim = q.shape
+    count = tiles.shape[0]
+    scale = np.float32(head_dim**-0.5)
+    row, first = tiles[:, 0], tiles[:, 2]
+    within = np.arange(block, dtype=np.int32)
+    read = tiles[:, 1:2] * np.int32(block) + within[None, :]  # [N, B]
+    keys = np.transpose(k_cache[read].reshape(count, block, kv_heads, head_dim), (0, 2, 1, 3))  # [N, Hkv, B, D]
+    values = np.transpose(v_cache[read].reshape(count, block, kv_heads, head_dim), (0, 2, 1, 3))
+    scores = cast(matmul(np.take(q, row, axis=0), np.swapaxes(keys, -1, -2)), np.float32)  # [N, Hkv, G, B]
+    visible = first[:, None] + within[None, :] <= np.take(positions, row)[:, None]  # [N, B]
+    scores = np.where(visible[:, None, None, :], scores, _MASKED)
+    best = np.max(scores, axis=-1, keepdims=True)  # [N, Hkv, G, 1]
+    weights = np.exp((scores - best) * scale)
+    total = np.sum(weights, axis=-1, keepdims=True)
+    part = cast(matmul(cast(weights, values.dtype), values), np.float32)  # [N, Hkv, G, D]
+    member = row[None, :] == np.arange(rows, dtype=np.int32)[:, None]  # [R, N]
+    row_best = np.max(np.where(member[:, :, None, None, None], best[None], _MASKED), axis=1)  # [R, Hkv, G, 1]
+    carried = np.exp((best - np.take(row_best, row, axis=0)) * scale)  # [N, Hkv, G, 1]
+    share = member.astype(np.float32)
+    out = matmul(share, (part * carried).reshape(count, -1)).reshape(rows, kv_heads, group, head_dim)
+    norm = matmul(share, (total * carried).reshape(count, -1)).reshape(rows, kv_heads, group, 1)
+    return out / np.maximum(norm, np.float32(np.finfo(np.float32).tiny))

@@ -176,7 +176,8 @@ class MiniMaxM2Model:
         check_vocabulary(step.input_ids, config.vocab_size)
         if np.any(step.positions < 0) or np.any(step.positions >= self.max_seq_len):
             raise ValueError(f"positions must lie in 0..{self.max_seq_len - 1} (max_seq_len {self.max_seq_len})")
-        if np.any(step.block_tables < 0) or np.any(step.block_tables > self.blocks):
+        blocks = step.kv_tiles[..., 1] if step.kv_tiles is not None else step.block_tables
+        if np.any(blocks < 0) or np.any(blocks > self.blocks):
             raise ValueError(f"cache blocks must lie in 0..{self.blocks} (the last is scratch)")
         embedding, layer, head = self._calls(step)
         h = self.runner(embedding)

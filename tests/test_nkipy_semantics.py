@@ -117,13 +117,18 @@ def _kernel_cases():
     yield "rmsnorm", rmsnorm, dict(x=x(2, 3, 64), weight=w.input_norm), dict(eps=1e-6)
     yield "rope_partial", rope_partial, dict(x=x(6, 4, 16), cos=cos[:6], sin=sin[:6]), {}
     yield "attention prefill", attention, dict(x=x(10, 64), positions=np.tile(np.arange(5, dtype=np.int32), 2),
-                                               block_tables=tables[::-1].copy(), token_valid=ragged, **attn,
+                                               kv_blocks=tables[::-1].copy(), token_valid=ragged, **attn,
                                                k_cache=cache(), v_cache=cache()), dict(attn_k, seq=5)
     yield "attention decode", attention, dict(x=x(2, 64), positions=np.array([7, 3], np.int32),
-                                              block_tables=tables, token_valid=np.ones(2, bool),
+                                              kv_blocks=tables, token_valid=np.ones(2, bool),
                                               **attn, k_cache=cache(), v_cache=cache()), dict(attn_k, seq=1)
+    tiles = np.array([[1, 8, 16], [0, 7, 0], [1, 1, 0], [0, 2, 16], [0, 10, 1 << 30], [0, 10, 1 << 30]], np.int32)
+    yield "attention decode over tiles", attention, dict(x=x(2, 64), positions=np.array([20, 17], np.int32),
+                                                         kv_blocks=tiles, token_valid=np.array([True, True]), **attn,
+                                                         k_cache=cache(), v_cache=cache()), dict(attn_k, seq=1,
+                                                                                                 ragged=True)
     yield "attention prefill in tiles", attention, dict(x=x(10, 64), positions=np.tile(np.arange(5, dtype=np.int32), 2),
-                                                        block_tables=tables[::-1].copy(), token_valid=ragged, **attn,
+                                                        kv_blocks=tables[::-1].copy(), token_valid=ragged, **attn,
                                                         k_cache=cache(), v_cache=cache()), \
         dict(attn_k, seq=5, kv_tile=MAX_SEQ // 4)
     yield "moe_router", moe_router, dict(x=x(6, 64), gate=w.gate, bias=w.bias), dict(top_k=4)

@@ -242,6 +242,24 @@ def test_a_body_as_deep_as_allowed_is_served(scripted_server) -> None:
     assert code == 200, reply
 
 
+def test_whitespace_a_tokenizer_drops_does_not_count_against_the_context() -> None:
+    """A word-level tokenizer (whitespace split, 4-character words): 900 words, 4,500 characters, fit a context
+    of 1000 tokens, though 4,500 characters exceed 1000 x the longest token's 4."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100, 200)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    served = ServedModel("words", ScriptedEngine(words.encode("w101 w102").ids), words, Sampling(max_new_tokens=2),
+                         1000)
+    server, thread, url, _ = _serve(served)
+    try:
+        out = client(url).completions.create(model="words", prompt=" ".join(["w150"] * 900), max_tokens=2)
+        assert out.usage.prompt_tokens == 900 and out.usage.completion_tokens == 2
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_a_lone_surrogate_in_a_text_prompt_is_refused(model_server) -> None:
     code, reply = _post(model_server, "/v1/completions", b'{"prompt": "hi \\udc00"}')
     assert code == 400 and reply["error"]["param"] == "prompt" and "lone surrogate" in reply["error"]["message"]
@@ -397,7 +415,7 @@ def _chat(**fields) -> bytes:
     (_chat(response_format={"type": "json_object"}), 400, "response_format", "'response_format' is not supported"),
     (_chat(frobnicate=1), 400, "frobnicate", "unknown parameter"),
     (json.dumps({"messages": [{"role": "user", "content": "x" * 60000}]}).encode(), 400, "messages",
-     "characters cannot fit"),
+     "characters besides whitespace cannot fit"),
     (_with("metadata", nested(5000)), 400, None, "nested 5001 levels deep"),
     (b'{"prompt": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, None, "nested 30001 levels deep"),
     (_with("tools", '[{"type": "function", "function": {"name": "f", "parameters": ' + nested_schema(900) + "}}]"),

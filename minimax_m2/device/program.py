@@ -56,7 +56,7 @@ def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
 def layer_unit(
     h: np.ndarray,
     positions: np.ndarray,
-    block_tables: np.ndarray,
+    kv_blocks: np.ndarray,
     token_valid: np.ndarray,
     union_rows: np.ndarray,
     union_member: np.ndarray,
@@ -88,6 +88,7 @@ def layer_unit(
     block: int,
     kv_len: int,
     kv_tile: int,
+    ragged: bool,
     members: int,
     per_token: int,
     own_count: int,
@@ -103,34 +104,35 @@ def layer_unit(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
-    h: [T, hidden], T = R * seq tokens; positions: [T] int32; block_tables: [>= 2, W] int32 (each row's
-    KV-cache blocks); token_valid: [T] bool; k/v_cache: [blocks * block, Hkv*D], written at each real
-    token's position through its row's blocks (see `kernels.attention`). union_rows, union_member [U] int32,
-    union_valid [U] bool (the gathered tokens of this rank's MoE slice group that can be real, and which
-    are: padding never reaches an expert), member_slots, own_members, own_position: see
+    h: [T, hidden], T = R * seq tokens; positions: [T] int32; kv_blocks: a prefill's block tables [>= 2, W]
+    int32 (each row's KV-cache blocks), or with `ragged` a decode's tiles [N, 3] int32 (every block its rows
+    attend: `kernels.attention.attend_tiles`); token_valid: [T] bool; k/v_cache: [blocks * block, Hkv*D],
+    written at each real token's position through its row's blocks (see `kernels.attention`). union_rows,
+    union_member [U] int32, union_valid [U] bool (the gathered tokens of this rank's MoE slice group that
+    can be real, and which are: padding never reaches an expert), member_slots, own_members, own_position: see
     `kernels.moe_parallel.moe_block_parallel` (on one rank the union is this rank's tokens). real_pairs: how
     many (token, expert) pairs this rank's slice group can have at most (rows padding a bucket have none);
     block_rows: the expert schedule (`minimax_m2.device.expert_schedule`); rows_apart: the attention
     projections' (`kernels.matmul.matmul`); block: KV_BLOCK; kv_tile: cache positions attended at once
-    (`kv_tile_for`).
+    (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks.
     Weights as in `LayerWeights`.
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
     normed = rmsnorm(h, input_norm, eps)
     attend = dict(head_dim=head_dim, eps=eps, block=block, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
-                  rows_apart=rows_apart, kv_tile=kv_tile)
+                  rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged)
     weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
-        h = h + attention(normed, positions, block_tables, token_valid, *weights, **attend)
+        h = h + attention(normed, positions, kv_blocks, token_valid, *weights, **attend)
         return h + moe_block(rmsnorm(h, post_norm, eps), token_valid, gate, bias, w13, w2, top_k=top_k,
                              real_pairs=real_pairs, block_rows=block_rows)
     tp = group_size(tp_groups)
     if tp > 1 and members >= tp:  # the slice group spans whole attention groups: one exchange for both
-        h, gathered = _attention_gathered(h, attention(normed, positions, block_tables, token_valid, *weights, **attend,
+        h, gathered = _attention_gathered(h, attention(normed, positions, kv_blocks, token_valid, *weights, **attend,
                                                        reduce_output=False), post_norm, own_position, eps=eps, tp=tp,
                                           members=members, slice_groups=slice_groups)
     else:
-        h = h + attention(normed, positions, block_tables, token_valid, *weights, **attend)
+        h = h + attention(normed, positions, kv_blocks, token_valid, *weights, **attend)
         gathered = all_gather(rmsnorm(h, post_norm, eps), 0, slice_groups)
     moe, dropped = moe_block_parallel(
         gathered, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
@@ -283,12 +285,14 @@ class Step:
 
     Row r of the step belongs to attention group r // R and reads and writes its positions through its
     block table, block_tables[r] (cache blocks of that group's cache: positions p .. p + KV_BLOCK - 1 in
-    block block_tables[r, p // KV_BLOCK]; padding rows name the scratch block). At most `bucket` rows of
+    block block_tables[r, p // KV_BLOCK]; padding rows name the scratch block). A decode step (one token a
+    row) carries instead each group's tiles, kv_tiles[g]: (row within the group, block, its first position)
+    for every block its rows attend, padded with scratch tiles that see nothing. At most `bucket` rows of
     the step are real (a bucket of one row still runs two: no compiled shape has a dimension of 1)."""
 
     input_ids: np.ndarray  # [dp * R, S] int32
     positions: np.ndarray  # [dp * R, S] int32 (padding tokens at any position inside the cache)
-    block_tables: np.ndarray  # [dp * R, W] int32, W * KV_BLOCK >= every position attended
+    block_tables: np.ndarray | None  # [dp * R, W] int32, W * KV_BLOCK >= every position attended (prefill)
     token_valid: np.ndarray  # [dp * R, S] bool
     selected: np.ndarray  # [dp * R, K] int32: positions within each row whose next token is wanted
     bucket: int  # at most this many rows are real
@@ -297,6 +301,7 @@ class Step:
     sampled: Sampled | None = None  # per row ([dp * R]); None: greedy
     return_logits: bool = False  # bring the logits of the selected tokens to the host
     logprobs: bool = False  # bring their next tokens' log-probabilities (and the TOP_LOGPROBS largest) to the host
+    kv_tiles: np.ndarray | None = None  # [dp, N, 3] int32: each group's decode tiles (decode)
 
     @property
     def kv_length(self) -> int:
@@ -365,7 +370,7 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
     rows = expert_rows(config, layout, union, local_experts)
     return dict(
         head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, seq=seq, block=KV_BLOCK, kv_len=kv_len,
-        kv_tile=kv_tile_for(tokens, config.num_attention_heads // layout.tp, kv_len),
+        kv_tile=kv_tile_for(tokens, config.num_attention_heads // layout.tp, kv_len), ragged=seq == 1,
         real_pairs=union * top_k // layout.tp,
         members=layout.moe_tp, per_token=top_k // layout.tp, own_count=len(layout.own_members()),
         capacity=layout.capacity(union, top_k, local_experts), count_drops=layout.capacity_factor is not None,
@@ -398,11 +403,15 @@ def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.nda
     """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`; kv_len: the
     positions the step attends, which set its block tables' width)."""
     mine = group_rows(step, layout)
-    tables = step.block_tables[mine][:, :table_width(kv_len)]
-    scratch = caches[0].shape[0] // KV_BLOCK - 1
-    tables = np.concatenate([tables, np.full((2 - len(tables), tables.shape[1]), scratch, np.int32)]) \
-        if len(tables) < 2 else tables
-    inputs = dict(h=h, positions=step.positions[mine].reshape(-1), block_tables=np.ascontiguousarray(tables),
+    if step.kv_tiles is not None:
+        kv_blocks = step.kv_tiles[layout.group]
+    else:
+        kv_blocks = step.block_tables[mine][:, :table_width(kv_len)]
+        scratch = caches[0].shape[0] // KV_BLOCK - 1
+        if len(kv_blocks) < 2:
+            padding = np.full((2 - len(kv_blocks), kv_blocks.shape[1]), scratch, np.int32)
+            kv_blocks = np.concatenate([kv_blocks, padding])
+    inputs = dict(h=h, positions=step.positions[mine].reshape(-1), kv_blocks=np.ascontiguousarray(kv_blocks),
                   token_valid=step.token_valid[mine].reshape(-1), union_rows=union[0], union_member=union[1],
                   union_valid=union[2], member_slots=rank.member_slots, own_members=rank.own_members,
                   own_position=rank.own_position, cos_table=rope[0], sin_table=rope[1], k_cache=caches[0],
@@ -466,6 +475,31 @@ def table_width(positions: int) -> int:
     return max(2, blocks_for(positions))
 
 
+FAR = 1 << 30  # the first position of a padding tile: past every row's, so it sees nothing
+
+
+def tile_bucket(tiles: int, rows: int) -> int:
+    """Tiles a decode step of `rows` rows per group runs: a power of two times the rows, holding `tiles`."""
+    count = max(2, rows)
+    while count < tiles:
+        count *= 2
+    return count
+
+
+def decode_tiles(groups: list[list[tuple[int, list[int], int]]], count: int, scratch: int) -> np.ndarray:
+    """[len(groups), count, 3] int32: each group's tiles (`Step.kv_tiles`) from its rows as (row within the
+    group, block table, position fed): the blocks of positions 0 .. position, then padding tiles."""
+    tiles = np.tile(np.array([0, scratch, FAR], np.int32), (len(groups), count, 1))
+    for g, rows in enumerate(groups):
+        mine = [(row, blocks[b], b * KV_BLOCK) for row, blocks, position in rows
+                for b in range(position // KV_BLOCK + 1)]
+        if len(mine) > count:
+            raise ValueError(f"{len(mine)} tiles exceed the step's {count}")
+        if mine:
+            tiles[g, : len(mine)] = mine
+    return tiles
+
+
 def contiguous_tables(rows: np.ndarray, width: int) -> np.ndarray:
     """Block tables [len(rows), width] giving cache row r the blocks r * width .. (r + 1) * width - 1: the layout
     of `MiniMaxM2Model.forward`, where every row owns a whole context."""
@@ -481,9 +515,11 @@ def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
     selected = np.tile(np.arange(seq if all_positions else 1, dtype=np.int32), (total, 1))
-    step = Step(zeros, zeros.copy(), np.full((total, width), scratch, np.int32),
-                np.zeros((total, seq), bool), selected, bucket, kv_len, max_tokens, return_logits=return_logits,
-                logprobs=logprobs)
+    tables = None if seq == 1 else np.full((total, width), scratch, np.int32)
+    step = Step(zeros, zeros.copy(), tables, np.zeros((total, seq), bool), selected, bucket, kv_len, max_tokens,
+                return_logits=return_logits, logprobs=logprobs)
+    if seq == 1:  # a decode step attends kv_len // KV_BLOCK tiles, all padding
+        step.kv_tiles = decode_tiles([[]] * dp, kv_len // KV_BLOCK, scratch)
     if samples:
         step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
                                np.zeros(total, np.float32))
@@ -507,6 +543,12 @@ def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, ma
     real = batch_rows(batch, layout, seq)
     step.token_valid[real] = True
     step.block_tables[real] = contiguous_tables(real % rows, width)
+    if seq == 1:
+        groups = [[(int(r % rows), step.block_tables[r].tolist(), position) for r in real if r // rows == g]
+                  for g in range(layout.dp)]
+        count = tile_bucket(max(map(len, groups)) * (position // KV_BLOCK + 1), rows)
+        step.kv_tiles, step.block_tables = decode_tiles(groups, count, scratch), None
+        step.kv_len = count * KV_BLOCK
     if ids is not None:
         step.input_ids[real] = ids
     return step
@@ -566,7 +608,7 @@ def program_units(
     h = weights.embed[step.input_ids[mine].reshape(-1)]
     layer = weights.layers[0]
     union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
-    kv_len = kv_len_for(step.kv_length, max_seq_len)
+    kv_len = step.kv_len or kv_len_for(step.kv_length, max_seq_len)
     constants = layer_constants(config, layout, real, seq, kv_len, layer.w13.shape[0], expert_cost, h.shape[0])
     return [
         embedding_call(step.input_ids[mine].reshape(-1), weights),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from minimax_m2.device.program import Sampled, Step, StepOutput, table_width
+from minimax_m2.device.program import KV_BLOCK, Sampled, Step, StepOutput, table_width
 from minimax_m2.model import MiniMaxM2Model
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
@@ -73,7 +73,8 @@ class PlanSender:
 
 def _pack(step: Step) -> np.ndarray:
     """The step's arrays as one int32 buffer (float32 settings by their bits)."""
-    parts = [step.input_ids.reshape(-1), step.positions.reshape(-1), step.block_tables.reshape(-1),
+    tables = step.kv_tiles if step.kv_tiles is not None else step.block_tables
+    parts = [step.input_ids.reshape(-1), step.positions.reshape(-1), tables.reshape(-1),
              step.token_valid.reshape(-1).astype(np.int32), step.selected.reshape(-1)]
     if step.sampled is not None:
         s = step.sampled
@@ -82,14 +83,20 @@ def _pack(step: Step) -> np.ndarray:
     return np.concatenate([np.asarray(p, np.int32) for p in parts])
 
 
-def _unpack(header: np.ndarray, payload: np.ndarray, width: int) -> Step:
-    """A step from its plan; width: the block tables' columns (`table_width` of the context, on every rank)."""
+def _unpack(header: np.ndarray, payload: np.ndarray, model: MiniMaxM2Model) -> Step:
+    """A step from its plan: a prefill's block tables (`table_width` of the context columns), or a decode's
+    tiles (kv_len / KV_BLOCK of them per attention group)."""
     rows, seq, selected, flags = (int(header[i]) for i in (ROWS, SEQ, SELECTED, FLAGS))
-    parts = np.split(payload, np.cumsum([rows * seq, rows * seq, rows * width, rows * seq, rows * selected]))
-    step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), parts[2].reshape(rows, width),
+    shape = (model.layout.dp, int(header[KV_LEN]) // KV_BLOCK, 3) if seq == 1 else \
+        (rows, table_width(model.max_seq_len))
+    parts = np.split(payload, np.cumsum([rows * seq, rows * seq, int(np.prod(shape)), rows * seq, rows * selected]))
+    tables = parts[2].reshape(shape)
+    step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), None if seq == 1 else tables,
                 parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), int(header[BUCKET]),
                 int(header[KV_LEN]) or None, int(header[MAX_TOKENS]), return_logits=bool(flags & LOGITS),
                 logprobs=bool(flags & LOGPROBS))
+    if seq == 1:
+        step.kv_tiles = tables
     if flags & SAMPLED:
         temperature, top_k, top_p, uniform = np.split(parts[5], 4)
         step.sampled = Sampled(temperature.view(np.float32), top_k, top_p.view(np.float32), uniform.view(np.float32))
@@ -104,7 +111,7 @@ def follow(model: MiniMaxM2Model, backend: Any) -> int:
         command, size = int(header[COMMAND]), int(header[SIZE])
         payload = backend.broadcast(np.zeros(size, np.int32)) if size else np.zeros(0, np.int32)
         if command == STEP:
-            model.run(_unpack(header, payload, table_width(model.max_seq_len)))
+            model.run(_unpack(header, payload, model))
             steps += 1
         elif command == COPY:
             model.copy_blocks([tuple(int(v) for v in row) for row in payload.reshape(-1, 3)])

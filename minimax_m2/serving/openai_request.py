@@ -6,6 +6,7 @@ by type and range in one place, both spellings of a parameter included; a prompt
 against the context from its characters before it is tokenized, and from its tokens before it is queued."""
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +34,7 @@ UNSUPPORTED = {"response_format": "response_format",
                "presence_penalty": "presence and frequency penalties", "frequency_penalty":
                "presence and frequency penalties", "logit_bias": "logit_bias", "echo": "echo", "best_of": "best_of",
                "suffix": "suffix", "functions": "functions (use tools)", "function_call": "function_call (use tools)"}
+_SPACES = re.compile(r"\s+")
 MAX_CHOICES = 16  # 'n' at most: each choice is a request of its own in the engine
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs at most (as OpenAI's)
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}, "echo": False,
@@ -211,9 +213,10 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
         if not isinstance(text, str) or not text:
             raise RequestError("'prompt' must be a non-empty string (token arrays and several prompts are not "
                                "supported)", "prompt")
-    if len(text) > served.max_seq_len * served.max_token_chars:
-        raise RequestError(f"the prompt's {len(text)} characters cannot fit the context of {served.max_seq_len} tokens",
-                           "messages" if chat else "prompt")
+    visible = len(text) - sum(len(run) for run in _SPACES.findall(text))  # a pre-tokenizer may drop whitespace
+    if visible > served.max_seq_len * served.max_token_chars:
+        raise RequestError(f"the prompt's {visible} characters besides whitespace cannot fit the context of "
+                           f"{served.max_seq_len} tokens", "messages" if chat else "prompt")
     prompt = served.tokenizer.encode(text, add_special_tokens=False).ids
     try:
         served.engine.check(len(prompt), max_tokens)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimax_m2.device.program import KV_BLOCK, Step, blocks_for, min_rows
+from minimax_m2.device.program import KV_BLOCK, Step, blocks_for, decode_tiles, min_rows
 from minimax_m2.serving.blocks import BlockManager, Placement
 from minimax_m2.serving.request import Request
 
@@ -39,7 +39,8 @@ class ShapeSet:
     prefill_rows: tuple[int, ...]
     prefill_tokens: tuple[int, ...]  # token buckets of one prefill row
     prefill_chunk: int  # prompt tokens per step, all rows together
-    kv_lengths: tuple[int, ...]
+    kv_lengths: tuple[int, ...]  # a prefill's attended lengths
+    max_blocks: int  # blocks of one request's longest sequence
 
     @classmethod
     def build(cls, groups: int, max_num_seqs: int, prefill_chunk: int, max_seq_len: int,
@@ -51,7 +52,14 @@ class ShapeSet:
             prefill_tokens=tuple(powers_of_two(min(16, prefill_chunk), prefill_chunk)),
             prefill_chunk=prefill_chunk,
             kv_lengths=tuple(powers_of_two(min(KV_BLOCK, max_seq_len), max_seq_len)),
+            max_blocks=blocks_for(max_seq_len),
         )
+
+    def tile_counts(self, rows: int) -> list[int]:
+        """Tile buckets of a decode step of `rows` rows per group: the rows times a power of two, up to every
+        row's longest sequence."""
+        low = max(min_rows(1), rows)
+        return powers_of_two(low, low * self.max_blocks)
 
     def _pairs(self, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
         """(rows per group, real rows in all): each group's rows bucket with every bucket of the whole step
@@ -66,14 +74,14 @@ class ShapeSet:
         return r * self.bucket(tokens, self.prefill_tokens, "tokens") <= 2 * self.prefill_chunk
 
     def shapes(self) -> list[tuple[str, int, int, int, int]]:
-        """(phase, rows per group, real rows in all, tokens per row, attended length) of every program step
+        """(phase, rows per group, real rows in all, tokens per row, attended positions) of every program step
         (a step runs max(min_rows(tokens per row), rows) rows per group). A prefill row of t tokens attends
-        at least t positions: no shorter length is in the set."""
-        steps = [("decode", r, b, 1) for r, b in self._pairs(self.decode_rows)]
-        steps += [("prefill", r, b, t) for r, b in self._pairs(self.prefill_rows) for t in self.prefill_tokens
-                  if self.holds(r, t)]
-        return [(phase, rows, bucket, seq, kv) for phase, rows, bucket, seq in steps for kv in self.kv_lengths
-                if kv >= seq]
+        at least t positions: no shorter length is in the set; a decode step attends KV_BLOCK x its tiles."""
+        decode = [("decode", r, b, 1, n * KV_BLOCK) for r, b in self._pairs(self.decode_rows)
+                  for n in self.tile_counts(r)]
+        prefill = [("prefill", r, b, t, kv) for r, b in self._pairs(self.prefill_rows) for t in self.prefill_tokens
+                   if self.holds(r, t) for kv in self.kv_lengths if kv >= t]
+        return decode + prefill
 
     def kv_length(self, needed: int) -> int:
         return next(kv for kv in self.kv_lengths if kv >= needed)
@@ -215,6 +223,11 @@ class Scheduler:
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         step = self._step(rows, bucket, 1,
                           [(r.blocks, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
+        groups = [[(i, r.blocks, r.length - 1) for i, r in enumerate(g)] for g in per_group]
+        needed = max(sum(position // KV_BLOCK + 1 for _, _, position in g) for g in groups)
+        count = ShapeSet.bucket(needed, tuple(self.shapes.tile_counts(real)), "decode tiles")
+        step.kv_tiles, step.block_tables = decode_tiles(groups, count, self.blocks.blocks_per_group), None
+        step.kv_len = count * KV_BLOCK
         return step, order
 
     def _step(self, rows: int, bucket: int, seq: int, entries: list[tuple[list[int], int, list[int]] | None],
