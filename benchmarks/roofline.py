@@ -311,8 +311,8 @@ def main(argv: list[str]) -> int:
         print(f"| {context:,} | {r['ttft_s']:.2f} s | {r['tpot_ms_b1']:.2f} ms ({r['tpot_ms_b1'] / base:.1f}x) | "
               f"{r['kv_gb_b1']:.3f} / {r['other_gb_b1']:.3f} | {r['tpot_ms_b32']:.2f} ms | "
               f"{r['kv_gb_b32']:.3f} / {r['other_gb_b32']:.3f} |")
-    print("  32 rows of mixed lengths (one at 131,072, 31 at 4,096) cost today what 32 rows at 131,072 do: a decode "
-          "step reads every row up to the longest row's bucket")
+    print("  a decode step reads the blocks its rows attend (tiles): 32 rows of mixed lengths read the sum of their "
+          "lengths, not 32 times the longest")
     if args.json:
         for r in rows:
             del r["decode"]
