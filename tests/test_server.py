@@ -10,6 +10,8 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -114,14 +116,24 @@ class ScriptedEngine:
         pass
 
 
+@contextmanager
+def scripted(tokenizer, text: str, max_seq_len: int = 4096) -> Iterator[str]:
+    """The URL of a server whose engine answers `text` token by token, stopped on exit."""
+    script = tokenizer.encode(text).ids
+    served = ServedModel("scripted", ScriptedEngine(script), tokenizer, Sampling(max_new_tokens=len(script)),
+                         max_seq_len)
+    server, thread, url, _ = _serve(served)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def scripted_server(tokenizer):
-    script = tokenizer.encode(SCRIPT).ids
-    served = ServedModel("scripted", ScriptedEngine(script), tokenizer, Sampling(max_new_tokens=len(script)), 4096)
-    server, thread, url, _ = _serve(served)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with scripted(tokenizer, SCRIPT) as url:
+        yield url
 
 
 UNICODE = "Café 你好, São Paulo — ok"
@@ -130,12 +142,8 @@ UNICODE = "Café 你好, São Paulo — ok"
 @pytest.fixture(scope="module")
 def unicode_server(tokenizer):
     """A scripted answer whose characters span several byte-level tokens each."""
-    script = tokenizer.encode(UNICODE).ids
-    served = ServedModel("scripted", ScriptedEngine(script), tokenizer, Sampling(max_new_tokens=len(script)), 4096)
-    server, thread, url, _ = _serve(served)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with scripted(tokenizer, UNICODE) as url:
+        yield url
 
 
 def client(url: str) -> "openai.OpenAI":
@@ -249,15 +257,9 @@ def test_whitespace_a_tokenizer_drops_does_not_count_against_the_context() -> No
 
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100, 200)} | {"[UNK]": 0}, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    served = ServedModel("words", ScriptedEngine(words.encode("w101 w102").ids), words, Sampling(max_new_tokens=2),
-                         1000)
-    server, thread, url, _ = _serve(served)
-    try:
-        out = client(url).completions.create(model="words", prompt=" ".join(["w150"] * 900), max_tokens=2)
-        assert out.usage.prompt_tokens == 900 and out.usage.completion_tokens == 2
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with scripted(words, "w101 w102", max_seq_len=1000) as url:
+        out = client(url).completions.create(model="scripted", prompt=" ".join(["w150"] * 900), max_tokens=2)
+    assert out.usage.prompt_tokens == 900 and out.usage.completion_tokens == 2
 
 
 def test_a_lone_surrogate_in_a_text_prompt_is_refused(model_server) -> None:
