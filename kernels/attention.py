@@ -161,6 +161,7 @@ def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached
             total = total * carried + np.sum(weights, axis=-1, keepdims=True)
             out = out * carried + part
         best = new_best
+        del keys, values, scores, weights, part  # this tile's arrays go before the next tile's are made
     return out / total
 
 

@@ -96,3 +96,42 @@ def test_twelve_thousand_tokens_against_transformers(hf_model, tmp_path) -> None
     assert result.generated == want_tokens[0, 12_100:].tolist()
     assert relative_error(result.logits[-3:], want[0, -3:]) < RTOL
     assert relative_error(result.logits, want[0]) < RTOL
+
+
+def test_many_requests_sharing_prefixes_in_a_small_pool(model) -> None:
+    """Twenty requests drawn from three conversations (random shared prefixes, lengths crossing blocks, some
+    growing by two or three blocks), some cancelled midway, arriving while others run over a pool of 6
+    blocks (preempting): every request that finishes gives its tokens alone, no block stays held, and what
+    is cached is consistent with what was written."""
+    rng = np.random.default_rng(3)
+    stems = [tokens(300, seed=40 + i) for i in range(3)]
+    prompts = [stems[rng.integers(3)][: rng.integers(100, 300)] + tokens(int(rng.integers(1, 60)), seed=50 + i)
+               for i in range(20)]
+    new = [260 if i % 3 == 0 else 12 for i in range(20)]  # some grow by two or three blocks while others arrive
+    want = {i: alone(model, p, new[i])[0] for i, p in enumerate(prompts)}
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=64, kv_blocks=6)
+    submitted, cancelled = {}, set()
+    for step in range(5000):
+        if len(submitted) < len(prompts) and step % 3 == 0:
+            i = len(submitted)
+            submitted[i] = engine.submit(prompts[i], Sampling(max_new_tokens=new[i]))
+        if step % 17 == 5 and submitted:
+            victim = max(submitted)
+            if submitted[victim].finish_reason is None and victim % 4 == 1:
+                engine.cancel(submitted[victim])
+                cancelled.add(victim)
+        if len(submitted) == len(prompts) and engine.idle():
+            break
+        engine.step()
+    assert engine.idle() and len(submitted) == len(prompts)
+    counters = engine.counters()
+    assert counters["preemptions"] > 0 and counters["reused_tokens"] > 0 and cancelled, counters
+    for i, request in submitted.items():
+        if i not in cancelled:
+            assert request.finish_reason == "length" and request.generated == want[i], f"request {i}"
+    assert engine.load()["blocks_used"] == 0
+    for pool in engine.cache.pools:
+        for block in pool.blocks:
+            assert block.refs == 0 and len(block.tokens) <= 128
+            if block.chain is not None and pool.full.get(block.chain) == block.id:
+                assert len(block.tokens) == 128
