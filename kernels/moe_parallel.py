@@ -88,10 +88,13 @@ def moe_block_parallel(
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
+    copies: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """gathered: [M * T, hidden], the normalised tokens of the `members` (M) members of this rank's slice
-    group, member by member (all_gather over slice_groups, or the caller's own exchange) -> (out [T,
-    hidden] for this rank's T tokens, dropped [2] int32: pairs of this rank's tokens over capacity, then 0).
+    """gathered: [M / copies * T, hidden], the normalised tokens of the `members` (M) members of this rank's
+    slice group, member by member (all_gather over slice_groups, or the caller's own exchange), each run of
+    `copies` consecutive members (the attention tp ranks of one group, holding the same tokens) once -> (out
+    [T, hidden] for this rank's T tokens, dropped [2] int32: pairs of this rank's tokens over capacity,
+    then 0).
 
     Rank-specific data (arrays, so every rank traces the same program):
       union_rows [U] int32: the gathered rows that can be real (U is static: the bucket's), union_member
@@ -118,8 +121,12 @@ def moe_block_parallel(
        group instead of every union row (tp x fewer rows at a full decode bucket).
     """
     hidden = gathered.shape[-1]
-    tokens = gathered.shape[0] // members
-    rows = np.take(gathered, union_rows, axis=0)  # [U, hidden]
+    tokens = gathered.shape[0] * copies // members
+    source = union_rows  # union rows index the [M * T] layout: the copy they name is kept once
+    if copies > 1:
+        group = np.floor(union_member.astype(np.float32) / np.float32(copies)).astype(np.int32)
+        source = group * np.int32(tokens) + (union_rows - union_member * np.int32(tokens))
+    rows = np.take(gathered, source, axis=0)  # [U, hidden]
     weights, experts = moe_router(rows, gate, bias, top_k)
     member_slots = member_slots[: members * per_token].reshape(members, per_token)
     slots = np.take(member_slots, union_member, axis=0)  # [U, per_token]

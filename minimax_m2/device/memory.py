@@ -80,7 +80,13 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
     union = min(gathered, (real_tokens or tokens * layout.dp) * min(layout.tp, layout.moe_tp))
     pairs = union * max(1, config.num_experts_per_tok // layout.tp)
     local = num_experts // layout.moe_ep
-    moe = pairs * (4 * config.hidden_size * itemsize + 8 * local) + gathered * config.hidden_size * itemsize * 2
+    copies = layout.tp if 1 < layout.tp <= layout.moe_tp else 1  # gathered rows an attention group keeps once
+    if copies > 1:  # the all_gather's output, then per group: a float32 sum, a float32 slice, groups and normed
+        moe_input = gathered * config.hidden_size * itemsize + \
+            gathered // copies * config.hidden_size * (8 + 2 * itemsize)
+    else:
+        moe_input = 2 * gathered * config.hidden_size * itemsize
+    moe = pairs * (4 * config.hidden_size * itemsize + 8 * local) + moe_input
     logits = 2 * (logits_rows or step_rows * layout.dp) * config.vocab_size * 4  # a rank's slice, then all gathered
     activations = 8 * tokens * config.hidden_size * itemsize + scores + moe + logits
     return MemoryPlan(int(weights), int(kv + rope), int(activations), int(kept_logits * config.vocab_size * 4),

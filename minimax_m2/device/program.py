@@ -127,7 +127,8 @@ def layer_unit(
         return h + moe_block(rmsnorm(h, post_norm, eps), token_valid, gate, bias, w13, w2, top_k=top_k,
                              real_pairs=real_pairs, block_rows=block_rows)
     tp = group_size(tp_groups)
-    if tp > 1 and members >= tp:  # the slice group spans whole attention groups: one exchange for both
+    copies = tp if tp > 1 and members >= tp else 1  # the slice group spans whole attention groups
+    if copies > 1:  # one exchange for both, and one gathered row per attention group's token
         h, gathered = _attention_gathered(h, attention(normed, positions, kv_blocks, token_valid, *weights, **attend,
                                                        reduce_output=False), post_norm, own_position, eps=eps, tp=tp,
                                           members=members, slice_groups=slice_groups)
@@ -138,7 +139,7 @@ def layer_unit(
         gathered, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
         top_k=top_k, members=members, per_token=per_token, own_count=own_count, real_pairs=real_pairs,
         capacity=capacity, block_rows=block_rows, slice_groups=slice_groups, ep_groups=ep_groups,
-        combine_groups=combine_groups,
+        combine_groups=combine_groups, copies=copies,
     )
     return (h + moe, dropped) if count_drops else h + moe
 
@@ -149,14 +150,20 @@ def _attention_gathered(h: np.ndarray, partial: np.ndarray, post_norm: np.ndarra
     """The attention residual and the MoE's gathered input in one all_gather over the slice group, which
     holds members / tp whole attention groups: each member sends h / tp + its partial output projection, and
     the tp members of a group sum to that group's h + attention (the o_proj all_reduce is not needed).
-    Returns (this rank's h + attention [T, hidden], every member's normalised tokens [members * T, hidden])."""
+    Returns (this rank's h + attention [T, hidden], each attention group's normalised tokens
+    [members / tp * T, hidden]: the tp members of a group hold the same tokens, so they are kept once). The
+    tp partials are summed one at a time in float32, in member order, so that no float32 copy of everything
+    gathered is made."""
     tokens, hidden = h.shape
     sent = (h.astype(np.float32) * np.float32(1 / tp) + partial.astype(np.float32)).astype(h.dtype)
     every = all_gather(sent, 0, slice_groups).reshape(members // tp, tp, tokens, hidden)
-    groups = np.sum(every.astype(np.float32), axis=1).astype(h.dtype)  # [members / tp, T, hidden]
-    normed = np.repeat(rmsnorm(groups, post_norm, eps), tp, axis=0).reshape(members * tokens, hidden)
-    mine = np.take(np.repeat(groups, tp, axis=0), own_position[:1], axis=0).reshape(tokens, hidden)
-    return mine, normed
+    total = every[:, 0].astype(np.float32)
+    for member in range(1, tp):
+        total = total + every[:, member].astype(np.float32)
+    groups = total.astype(h.dtype)  # [members / tp, T, hidden]
+    normed = rmsnorm(groups, post_norm, eps).reshape(members // tp * tokens, hidden)
+    own_group = np.floor(own_position[:1].astype(np.float32) / np.float32(tp)).astype(np.int32)
+    return np.take(groups, own_group, axis=0).reshape(tokens, hidden), normed
 
 
 def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
