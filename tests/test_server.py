@@ -562,5 +562,9 @@ def test_metrics_report_the_engine(model_server) -> None:
                  "prefill_seconds_total", "decode_seconds_total"):
         assert _metric(model_server, name) >= 0
     assert _metric(model_server, "slots") == 4
+    assert _metric(model_server, "blocks") == 8  # 4 rows x 256 positions in blocks of 128
+    used, cached, free = (_metric(model_server, f"blocks_{kind}") for kind in ("used", "cached", "free"))
+    assert used + cached + free == 8 and _metric(model_server, "preemptions_total") >= 0
     text = _metrics_text(model_server)
     assert "# TYPE minimax_m2_running gauge" in text and "# TYPE minimax_m2_steps_total counter" in text
+    assert "# TYPE minimax_m2_blocks_cached gauge" in text and "# TYPE minimax_m2_reused_tokens_total counter" in text
