@@ -38,7 +38,7 @@ from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
 from minimax_m2.device.memory import NEURON_CORE_HBM, engine_plan  # noqa: E402
 from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
-from minimax_m2.device.program import blocks_for, kv_len_for  # noqa: E402
+from minimax_m2.device.program import KV_BLOCK, blocks_for, kv_len_for, tile_bucket  # noqa: E402
 from minimax_m2.device.roofline import (  # noqa: E402
     DECODE_HOST_BYTES_PER_ROW,
     DECODE_HOST_COPIES,
@@ -192,8 +192,8 @@ def long_context(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
         row = {"ttft_s": ttft, "prefill_programs": len(chunks)}
         for batch in (1, 32):
             costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=context)
-            rows = max(2, layout.rows_per_group(batch))
-            kv = layers * rows * context * per_position
+            rows = layout.rows_per_group(batch)  # a decode step reads its tiles: each real row's blocks, padded
+            kv = layers * tile_bucket(rows * blocks_for(context), rows) * KV_BLOCK * per_position
             row[f"tpot_ms_b{batch}"] = served_seconds(costs, layers, hw, "decode", batch) * 1e3
             row[f"kv_gb_b{batch}"] = kv / 1e9
             row[f"other_gb_b{batch}"] = (costs[0].bytes_read + layers * costs[1].bytes_read + costs[2].bytes_read
