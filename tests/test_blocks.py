@@ -3,7 +3,7 @@ over or copied on write, unreferenced blocks are evicted least recently used fir
 attention groups a request goes where its prefix is when that saves enough tokens."""
 
 from minimax_m2.device.program import KV_BLOCK
-from minimax_m2.serving.blocks import BlockManager, Placement
+from minimax_m2.serving.blocks import BlockManager, Placement, prefix_chains
 
 HISTORY = list(range(1000, 1000 + 2 * KV_BLOCK + 44))  # a conversation so far: two full blocks and 44 tokens
 
@@ -70,8 +70,8 @@ def test_unreferenced_blocks_are_evicted_least_recently_used_first() -> None:
     assert manager.usage() == {"blocks": 4, "blocks_used": 0, "blocks_cached": 4, "blocks_free": 0}
     admit(manager, [5] * (KV_BLOCK + 1))  # needs two: the old conversation's go first
     pool = manager.pools[0]
-    assert pool.match(old, len(old)) == ([], 0, None), "the evicted prefix is still found"
-    found, _, partial = pool.match(new, len(new))
+    assert pool.match(old, len(old), prefix_chains(old, len(old))) == ([], 0, None), "the evicted prefix is found"
+    found, _, partial = pool.match(new, len(new), prefix_chains(new, len(new)))
     assert len(found) == 1 and pool.blocks[partial].tokens == [4], "the newer prefix was evicted"
 
 

@@ -59,6 +59,15 @@ def chain_hash(parent: int, tokens: list[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
+def prefix_chains(context: list[int], limit: int) -> list[int]:
+    """The chain hash of each full block of context[:limit], computed once for every group's pool."""
+    chains, chain = [], ROOT
+    for start in range(0, limit - KV_BLOCK + 1, KV_BLOCK):
+        chain = chain_hash(chain, context[start : start + KV_BLOCK])
+        chains.append(chain)
+    return chains
+
+
 class GroupPool:
     """One attention group's blocks."""
 
@@ -120,15 +129,15 @@ class GroupPool:
             self.children.get(b.parent, set()).discard(block)
             b.parent = ROOT
 
-    def match(self, context: list[int], limit: int) -> tuple[list[int], int, int | None]:
-        """The cached prefix of `context` usable up to `limit` tokens: (the full blocks that hold it, their chain
-        hash, the block after them sharing the most of the rest, or None when none shares a token)."""
+    def match(self, context: list[int], limit: int, chains: list[int]) -> tuple[list[int], int, int | None]:
+        """The cached prefix of `context` usable up to `limit` tokens (`chains`: the chain hashes of its full
+        blocks, `prefix_chains`): (the full blocks that hold it, their chain hash, the block after them sharing
+        the most of the rest, or None when none shares a token)."""
         found, chain = [], ROOT
         while (len(found) + 1) * KV_BLOCK <= limit:
             start = len(found) * KV_BLOCK
-            tokens = context[start : start + KV_BLOCK]
-            block = self.full.get(chain_hash(chain, tokens))
-            if block is None or self.blocks[block].tokens != tokens:
+            block = self.full.get(chains[len(found)])
+            if block is None or self.blocks[block].tokens != context[start : start + KV_BLOCK]:
                 break
             found.append(block)
             chain = self.blocks[block].chain
@@ -154,11 +163,12 @@ class BlockManager:
         less than `min_copy` tokens over the group with the most room; None when no group with an open row
         (`open_rows`) has enough blocks beyond `reserve` (held back for the running requests' next blocks)."""
         limit = (len(context) if resumed else len(context) - 1) if self.reuse else 0
+        chains = prefix_chains(context, limit)
         plans = {}
         for g, pool in enumerate(self.pools):
             if not open_rows[g]:
                 continue
-            plan = self._plan(pool, context, limit)
+            plan = self._plan(pool, context, limit, chains)
             if plan is not None and pool.available() - plan[3] - reserve[g] >= 0:
                 plans[g] = plan
         if not plans:
@@ -168,9 +178,9 @@ class BlockManager:
         group = reusing if plans[reusing][1] >= plans[room][1] + self.min_copy else room
         return self._take(group, context, *plans[group][:3])
 
-    def _plan(self, pool: GroupPool, context: list[int], limit: int) -> tuple | None:
+    def _plan(self, pool: GroupPool, context: list[int], limit: int, chains: list[int]) -> tuple | None:
         """(full blocks found, tokens reused, the partial block to continue or None, blocks the pool must give)."""
-        found, _, best = pool.match(context, limit)
+        found, _, best = pool.match(context, limit, chains)
         reused = len(found) * KV_BLOCK
         partial = None
         if best is not None:

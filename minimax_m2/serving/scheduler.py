@@ -83,9 +83,6 @@ class ShapeSet:
                    if self.holds(r, t) for kv in self.kv_lengths if kv >= t]
         return decode + prefill
 
-    def kv_length(self, needed: int) -> int:
-        return next(kv for kv in self.kv_lengths if kv >= needed)
-
     @staticmethod
     def bucket(needed: int, buckets: tuple[int, ...], what: str) -> int:
         for b in buckets:
