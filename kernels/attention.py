@@ -103,7 +103,7 @@ def attention(
     at = positions.reshape(rows, seq)
     offset = block_offset(positions, block)[1]
     if ragged:
-        cached = tile_block_start(kv_blocks, positions, block) + offset
+        cached = tile_block_start(kv_blocks, positions - offset, block) + offset
     else:
         cached = block_index(kv_blocks[:rows], at, block).reshape(-1)
     written = np.where(token_valid, cached, scratch + offset)
@@ -145,9 +145,7 @@ def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached
     best = total = out = None
     for start in range(0, kv_len, kv_tile):
         span = np.arange(start, start + kv_tile, dtype=np.int32)
-        read = cached[:, start : start + kv_tile]  # [R, tile]
-        keys = np.transpose(k_cache[read].reshape(rows, kv_tile, kv_heads, head_dim), (0, 2, 1, 3))
-        values = np.transpose(v_cache[read].reshape(rows, kv_tile, kv_heads, head_dim), (0, 2, 1, 3))
+        keys, values = read_kv(k_cache, v_cache, cached[:, start : start + kv_tile], kv_heads)
         scores = cast(matmul(q, np.swapaxes(keys, -1, -2)), np.float32)  # [R, Hkv, G * S, tile]
         scores = np.where(span[None, None, None, :] <= seen, scores, _MASKED)
         tile_best = np.max(scores, axis=-1, keepdims=True)
@@ -165,13 +163,20 @@ def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached
     return out / total
 
 
-def tile_block_start(tiles: np.ndarray, positions: np.ndarray, block: int) -> np.ndarray:
+def read_kv(k_cache: np.ndarray, v_cache: np.ndarray, read: np.ndarray, kv_heads: int) -> tuple[np.ndarray, ...]:
+    """Keys and values at flat cache positions read [n, m] -> each [n, Hkv, m, D]."""
+    n, m = read.shape
+    head_dim = k_cache.shape[1] // kv_heads
+    return tuple(np.transpose(cache[read].reshape(n, m, kv_heads, head_dim), (0, 2, 1, 3))
+                 for cache in (k_cache, v_cache))
+
+
+def tile_block_start(tiles: np.ndarray, starts: np.ndarray, block: int) -> np.ndarray:
     """The first cache position of the block holding each row's position, found among the step's tiles:
-    tiles [N, 3] int32 (`attend_tiles`), positions [R] int32 (one token per row) -> [R] int32 (0 for a row
-    with no tile: a padding row, which writes the scratch block anyway). A sum of products over the tiles
-    that match (row, the position's block start): exact in int32."""
-    starts = positions - block_offset(positions, block)[1]
-    match = (tiles[None, :, 0] == np.arange(positions.shape[0], dtype=np.int32)[:, None]) & \
+    tiles [N, 3] int32 (`attend_tiles`), starts [R] int32 (the first position of the block holding each row's
+    one token) -> [R] int32 (0 for a row with no tile: a padding row, which writes the scratch block anyway).
+    A sum of products over the tiles that match (row, block start): exact in int32."""
+    match = (tiles[None, :, 0] == np.arange(starts.shape[0], dtype=np.int32)[:, None]) & \
         (tiles[None, :, 2] == starts[:, None])  # [R, N]
     return np.sum(match.astype(np.int32) * tiles[None, :, 1], axis=1) * np.int32(block)
 
@@ -192,9 +197,7 @@ def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles:
     scale = np.float32(head_dim**-0.5)
     row, first = tiles[:, 0], tiles[:, 2]
     within = np.arange(block, dtype=np.int32)
-    read = tiles[:, 1:2] * np.int32(block) + within[None, :]  # [N, B]
-    keys = np.transpose(k_cache[read].reshape(count, block, kv_heads, head_dim), (0, 2, 1, 3))  # [N, Hkv, B, D]
-    values = np.transpose(v_cache[read].reshape(count, block, kv_heads, head_dim), (0, 2, 1, 3))
+    keys, values = read_kv(k_cache, v_cache, tiles[:, 1:2] * np.int32(block) + within[None, :], kv_heads)
     scores = cast(matmul(np.take(q, row, axis=0), np.swapaxes(keys, -1, -2)), np.float32)  # [N, Hkv, G, B]
     visible = first[:, None] + within[None, :] <= np.take(positions, row)[:, None]  # [N, B]
     scores = np.where(visible[:, None, None, :], scores, _MASKED)

@@ -70,9 +70,9 @@ def test_unreferenced_blocks_are_evicted_least_recently_used_first() -> None:
     assert manager.usage() == {"blocks": 4, "blocks_used": 0, "blocks_cached": 4, "blocks_free": 0}
     admit(manager, [5] * (KV_BLOCK + 1))  # needs two: the old conversation's go first
     pool = manager.pools[0]
-    assert pool.match(old, len(old), prefix_chains(old, len(old))) == ([], 0, None), "the evicted prefix is found"
-    found, _, partial = pool.match(new, len(new), prefix_chains(new, len(new)))
-    assert len(found) == 1 and pool.blocks[partial].tokens == [4], "the newer prefix was evicted"
+    assert pool.match(old, len(old), prefix_chains(old, len(old))) == ([], None, 0), "the evicted prefix is found"
+    found, partial, shared = pool.match(new, len(new), prefix_chains(new, len(new)))
+    assert len(found) == 1 and pool.blocks[partial].tokens == [4] and shared == 1, "the newer prefix was evicted"
 
 
 def test_no_room_is_no_placement() -> None:

@@ -9,10 +9,10 @@ CPU, so every accuracy test tests what would be compiled; `program_units` hands 
 phase with example inputs, so the whole program can be traced.
 
 A step runs R rows of S tokens in each attention group, passed flat as T = R * S tokens. Every row has
-its own positions and its own KV-cache row (its slot), so one step serves sequences at different lengths:
+its own positions and its own KV-cache blocks (a paged cache), so one step serves sequences at different lengths:
 a decode step (S = 1) over every running request, or a prefill step over chunks of prompts (S = the
 chunk). Tokens that only pad a row or the step never reach an expert and write only the cache's scratch
-row. No compiled input or output has a dimension of 1 (the Neuron compiler squeezes them): rows come in
+block. No compiled input or output has a dimension of 1 (the Neuron compiler squeezes them): rows come in
 buckets of at least 2, tokens are flat, heads and head_dim share one cache axis, and rank values that
 could have one entry are padded to two. No 64-bit value enters a unit.
 

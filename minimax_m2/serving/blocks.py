@@ -89,6 +89,12 @@ class GroupPool:
         self._forget(self.blocks[block])
         return block
 
+    def claim(self) -> int:
+        """A block taken (`take`) and referenced (`hold`): one more block of a request's table."""
+        block = self.take()
+        self.hold(block)
+        return block
+
     def hold(self, block: int) -> None:
         """Reference a block (a cached prefix found, or a block taken)."""
         self.cached.pop(block, None)
@@ -129,10 +135,10 @@ class GroupPool:
             self.children.get(b.parent, set()).discard(block)
             b.parent = ROOT
 
-    def match(self, context: list[int], limit: int, chains: list[int]) -> tuple[list[int], int, int | None]:
+    def match(self, context: list[int], limit: int, chains: list[int]) -> tuple[list[int], int | None, int]:
         """The cached prefix of `context` usable up to `limit` tokens (`chains`: the chain hashes of its full
-        blocks, `prefix_chains`): (the full blocks that hold it, their chain hash, the block after them sharing
-        the most of the rest, or None when none shares a token)."""
+        blocks, `prefix_chains`): (the full blocks that hold it, the block after them sharing the most of the
+        rest or None when none shares a token, how many tokens it shares)."""
         found, chain = [], ROOT
         while (len(found) + 1) * KV_BLOCK <= limit:
             start = len(found) * KV_BLOCK
@@ -142,9 +148,9 @@ class GroupPool:
             found.append(block)
             chain = self.blocks[block].chain
         rest = context[len(found) * KV_BLOCK : limit]
-        best = max(self.children.get(chain, ()), key=lambda b: (common_prefix(self.blocks[b].tokens, rest), -b),
-                   default=None)
-        return found, chain, best if best is not None and common_prefix(self.blocks[best].tokens, rest) else None
+        shared, best = max(((common_prefix(self.blocks[b].tokens, rest), -b) for b in self.children.get(chain, ())),
+                           default=(0, 0))
+        return found, -best if shared else None, shared
 
 
 class BlockManager:
@@ -169,7 +175,7 @@ class BlockManager:
             if not open_rows[g]:
                 continue
             plan = self._plan(pool, context, limit, chains)
-            if plan is not None and pool.available() - plan[3] - reserve[g] >= 0:
+            if pool.available() - plan[3] - reserve[g] >= 0:
                 plans[g] = plan
         if not plans:
             return None
@@ -178,20 +184,19 @@ class BlockManager:
         group = reusing if plans[reusing][1] >= plans[room][1] + self.min_copy else room
         return self._take(group, context, *plans[group][:3])
 
-    def _plan(self, pool: GroupPool, context: list[int], limit: int, chains: list[int]) -> tuple | None:
-        """(full blocks found, tokens reused, the partial block to continue or None, blocks the pool must give)."""
-        found, _, best = pool.match(context, limit, chains)
+    def _plan(self, pool: GroupPool, context: list[int], limit: int, chains: list[int]) -> tuple:
+        """(full blocks found, tokens reused, the partial block to continue (block, tokens shared, taken over)
+        or None, blocks the pool gives up: each block of the context but the full ones found, and the found
+        ones nobody held, which leave its cached blocks)."""
+        found, best, share = pool.match(context, limit, chains)
         reused = len(found) * KV_BLOCK
         partial = None
         if best is not None:
-            share = min(common_prefix(pool.blocks[best].tokens, context[reused:limit]), limit - reused)
             owned = pool.blocks[best].refs == 0 and pool.blocks[best].chain is None
-            if share and (owned or share >= self.min_copy):
+            if owned or share >= self.min_copy:
                 partial, reused = (best, share, owned), reused + share
-        needed = -(-len(context) // KV_BLOCK) - len(found)
-        held_free = sum(1 for b in found if pool.blocks[b].refs == 0)  # cached blocks it holds leave the pool
-        held_free += 1 if partial and partial[2] else 0
-        return found, reused, partial, needed + held_free - (1 if partial and partial[2] else 0)
+        given = -(-len(context) // KV_BLOCK) - len(found) + sum(1 for b in found if pool.blocks[b].refs == 0)
+        return found, reused, partial, given
 
     def _take(self, group: int, context: list[int], found: list[int], reused: int,
               partial: tuple[int, int, bool] | None) -> Placement:
@@ -207,15 +212,12 @@ class BlockManager:
                 blocks.append(source)
             else:  # copy on write: the copy runs before this step writes anything, so `take` may reuse the source
                 parent, tokens = pool.blocks[source].parent, pool.blocks[source].tokens[:share]
-                target = pool.take()
-                pool.hold(target)
+                target = pool.claim()
                 pool.write(target, parent, tokens)
                 blocks.append(target)
                 copy = (source, target)
         while len(blocks) * KV_BLOCK < len(context):
-            block = pool.take()
-            pool.hold(block)
-            blocks.append(block)
+            blocks.append(pool.claim())
         return Placement(group, blocks, reused, copy)
 
     def grow(self, group: int, blocks: list[int]) -> bool:
@@ -224,9 +226,7 @@ class BlockManager:
         pool = self.pools[group]
         if not pool.available():
             return False
-        block = pool.take()
-        pool.hold(block)
-        blocks.append(block)
+        blocks.append(pool.claim())
         return True
 
     def written(self, group: int, blocks: list[int], start: int, tokens: list[int]) -> None:

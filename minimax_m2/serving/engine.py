@@ -195,8 +195,9 @@ class Engine:
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence | np.ndarray):
             raise ValueError(f"a prompt must be a list of token ids, got {type(prompt).__name__}")
         ids = list(prompt)
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"token ids must be integers, got {[t for t in ids if not isinstance(t, int)][:5]}")
+        not_ids = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if not_ids:
+            raise ValueError(f"token ids must be integers, got {not_ids[:5]}")
         self.check(len(ids), sampling.max_new_tokens)
         outside = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
         if outside:

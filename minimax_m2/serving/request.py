@@ -28,7 +28,6 @@ class Request:
     prefilled: int = 0  # context tokens whose keys and values are in its blocks
     reused: int = 0  # of them, found cached at its admission (prefix reuse)
     kept: int = 0  # positions whose logits it kept (keep_logits), so that a recomputed prefix keeps none twice
-    preempted: int = 0  # times its blocks were taken back for others (it then runs its context again)
     generated: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per new token, if asked
@@ -45,7 +44,6 @@ class Request:
     def evict(self) -> None:
         """Its blocks were taken back (preemption): it waits again, and runs its context again when admitted."""
         self.group, self.blocks, self.prefilled = None, [], 0
-        self.preempted += 1
 
     @property
     def context(self) -> list[int]:

@@ -223,7 +223,7 @@ class Scheduler:
         groups = [[(i, r.blocks, r.length - 1) for i, r in enumerate(g)] for g in per_group]
         needed = max(sum(position // KV_BLOCK + 1 for _, _, position in g) for g in groups)
         count = ShapeSet.bucket(needed, tuple(self.shapes.tile_counts(real)), "decode tiles")
-        step.kv_tiles, step.block_tables = decode_tiles(groups, count, self.blocks.blocks_per_group), None
+        step.kv_tiles = decode_tiles(groups, count, self.blocks.blocks_per_group)
         step.kv_len = count * KV_BLOCK
         return step, order
 
@@ -235,7 +235,8 @@ class Scheduler:
         total = rows * self.groups
         ids = np.zeros((total, seq), np.int32)
         positions = np.zeros((total, seq), np.int32)
-        tables = np.full((total, self.width), self.blocks.blocks_per_group, np.int32)  # the scratch block
+        # a prefill's block tables (padding rows: the scratch block); a decode step carries tiles instead
+        tables = np.full((total, self.width), self.blocks.blocks_per_group, np.int32) if seq > 1 else None
         valid = np.zeros((total, seq), bool)
         last = np.zeros(total, np.int32)
         for r, entry in enumerate(entries):
@@ -246,7 +247,8 @@ class Scheduler:
             ids[r, :n] = tokens
             positions[r, :n] = np.arange(start, start + n)
             positions[r, n:] = start + n - 1
-            tables[r, : len(blocks)] = blocks
+            if tables is not None:
+                tables[r, : len(blocks)] = blocks
             valid[r, :n] = True
             last[r] = n - 1
         selected = np.tile(np.arange(seq, dtype=np.int32), (total, 1)) if keep_all else last[:, None]
