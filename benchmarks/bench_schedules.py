@@ -64,7 +64,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     layers = [((rng.standard_normal((experts, 2 * inter, hidden)) * 0.02).astype(np.float32),
                (rng.standard_normal((experts, hidden, inter)) * 0.02).astype(np.float32)) for _ in range(num_layers)]
-    cost = measured_table(measure_block_times(layers))  # before torch runs: its idle threads spin for a while
+    # before torch runs: its idle threads spin for a while
+    cost = measured_table(measure_block_times([(w13, w2, None) for w13, w2 in layers], np.dtype(np.float32)))
     references = []
     for w13, w2 in layers:
         reference = MiniMaxM2Experts(HFConfig(**MEDIUM)).eval()

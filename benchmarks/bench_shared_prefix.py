@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_serving import Server, medium_checkpoint, run_clients, stream, summarise, words  # noqa: E402
-from minimax_m2.device.program import KV_BLOCK  # noqa: E402
+from minimax_m2.device.step import KV_BLOCK  # noqa: E402
 
 
 def served(checkpoint: Path, flags: list[str], system: str, jobs: list[list[tuple[str, int]]]) -> dict:

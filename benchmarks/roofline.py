@@ -38,7 +38,6 @@ from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
 from minimax_m2.device.memory import NEURON_CORE_HBM, engine_plan  # noqa: E402
 from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit  # noqa: E402
-from minimax_m2.device.program import KV_BLOCK, blocks_for, kv_len_for, tile_bucket  # noqa: E402
 from minimax_m2.device.roofline import (  # noqa: E402
     DECODE_HOST_BYTES_PER_ROW,
     DECODE_HOST_COPIES,
@@ -53,17 +52,33 @@ from minimax_m2.device.roofline import (  # noqa: E402
     served_seconds,
     static_expert_floor,
 )
+from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_len_for, tile_bucket  # noqa: E402
 from minimax_m2.model import MiniMaxM2Model  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
+from minimax_m2.serving.scheduler import PREFILL_KV_FLOOR  # noqa: E402
 from minimax_m2.weights.model_weights import zero_model_weights  # noqa: E402
 
-WORLD, TP, CONTEXT, PROMPT = 64, 8, 4096, 2048
+WORLD, TP, CONTEXT, PROMPT, LONGEST = 64, 8, 4096, 2048, 196_608
 LAYOUTS = [(1, 64), (64, 1), (8, 8)]
 BATCHES = [1, 8, 32, 256]
 OUTPUT_TOKENS = 256  # per request, for the serving throughput with prefill (ASSUMED mix: 2048-token prompts)
 # per attention group: 256 concurrent requests over 8 groups; the server keeps no request's logits
 SERVING = dict(max_num_seqs=32, prefill_chunk=2048, keep_logits=False)
+DECODE_ROWS = (2, SERVING["max_num_seqs"])  # rows per attention group of the engine's decode steps at moe_tp 64
+
+
+def decode_rows(layout: ParallelLayout, batch: int) -> int | None:
+    """Rows per attention group of the engine's decode step for `batch` requests spread over the groups
+    (None: the batch's own, where rows size the experts' buffers; see `ShapeSet`)."""
+    if layout.moe_tp < layout.world:
+        return None
+    return next(rows for rows in DECODE_ROWS if layout.rows_per_group(batch) <= rows)
+
+
+def prefill_kv(end: int, context: int) -> int:
+    """Positions the engine's prefill step attends when its rows end at `end` (`ShapeSet.kv_lengths`)."""
+    return kv_len_for(max(end, min(PREFILL_KV_FLOOR, context)), context)
 TARGETS = {"tpot_b1_ms": 5.0, "tpot_b32_ms": 12.0, "tpot_b256_ms": 25.0, "expert_floor_ratio": 1.3}
 NXDI_TOK_S_AT_256 = 128.9
 
@@ -89,12 +104,14 @@ def project(config: MiniMaxM2Config, hw) -> list[dict]:
     expert = 3 * config.hidden_size * config.intermediate_size * 2  # one whole expert, bf16
     for moe_tp, moe_ep in LAYOUTS:
         layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
-        prefill = record_units(config, layout, phase="prefill", batch=1, seq=PROMPT, context=CONTEXT)
+        prefill = record_units(config, layout, phase="prefill", batch=1, seq=PROMPT, context=CONTEXT,
+                               kv_len=prefill_kv(PROMPT, CONTEXT))
         ttft = served_seconds(prefill, layers, hw, "prefill", PROMPT)
         row = {"moe_tp": moe_tp, "moe_ep": moe_ep, "ttft_ms": ttft * 1e3, "tpot_ms": {}, "terms": {}, "bytes": {},
                "static_tpot_floor_ms": {}, "decode": {}}
         for batch in BATCHES:
-            decode = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT)
+            decode = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT,
+                                  rows=decode_rows(layout, batch))
             row["decode"][batch] = decode
             row["tpot_ms"][batch] = served_seconds(decode, layers, hw, "decode", batch) * 1e3
             row["terms"][batch] = terms(decode, layers, hw, batch)
@@ -138,16 +155,22 @@ def serving(rows: list[dict]) -> list[dict]:
     return out
 
 
-def compile_set(config: MiniMaxM2Config, moe_tp: int, hw) -> dict:
-    """Every program a serving engine's warm-up compiles on rank 0 at these settings: counts per unit, the
-    expert blocks its layer programs unroll, and the largest program of each unit as recorded."""
+def compile_set(config: MiniMaxM2Config, moe_tp: int, hw, context: int = CONTEXT, trace: bool = True) -> dict:
+    """Every program a serving engine's warm-up compiles on rank 0 at these settings and `context` positions:
+    counts per unit, and when `trace`, the expert blocks its layer programs unroll and the largest program of
+    each unit as recorded."""
     layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
     experts = list(range(config.num_local_experts))
     weights = zero_model_weights(config, experts, layout, np.dtype(ml_dtypes.bfloat16))
-    model = MiniMaxM2Model(config, weights, experts, CONTEXT, layout)
+    model = MiniMaxM2Model(config, weights, experts, context, layout)
     model.expert_cost = expert_cost(hw, weights.layers[0])
-    engine = Engine(model, **SERVING)
+    engine = Engine(model, **SERVING, kv_blocks=SERVING["max_num_seqs"] * blocks_for(context))
     programs = list(engine.programs().values())
+    out = {"settings": dict(SERVING, max_seq_len=context, world=WORLD, tp=TP, moe_tp=moe_tp),
+           "step_shapes": len(engine.shapes.shapes()), "programs": len(programs),
+           "per_unit": dict(Counter(u.name for u in programs))}
+    if not trace:
+        return out
     local = weights.layers[0].w13.shape[0]
 
     def blocks(unit) -> int:
@@ -167,10 +190,34 @@ def compile_set(config: MiniMaxM2Config, moe_tp: int, hw) -> dict:
                              "constant_kb": program.constant_bytes / 1e3}
     finally:
         collectives.set_backend(previous)
-    return {"settings": dict(SERVING, max_seq_len=CONTEXT, world=WORLD, tp=TP, moe_tp=moe_tp),
-            "step_shapes": len(engine.shapes.shapes()), "programs": len(programs),
-            "per_unit": dict(Counter(u.name for u in programs)),
-            "expert_blocks": sum(blocks(u) for u in layer_programs), "largest": largest}
+    return dict(out, expert_blocks=sum(blocks(u) for u in layer_programs), largest=largest)
+
+
+def compile_trades(config: MiniMaxM2Config, hw, moe_tp: int) -> list[tuple[str, float, float]]:
+    """What each cut of the compile set costs in the projection (context CONTEXT): (the cut and what it is
+    measured on, milliseconds without it, with it)."""
+    layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
+    layers = config.num_hidden_layers
+
+    def decode(batch: int, rows: int | None = None) -> float:
+        costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT, rows=rows)
+        return served_seconds(costs, layers, hw, "decode", batch) * 1e3
+
+    def prefill(batch: int, seq: int, kv: int) -> float:
+        costs = record_units(config, layout, phase="prefill", batch=batch, seq=seq, context=CONTEXT, kv_len=kv)
+        return served_seconds(costs, layers, hw, "prefill", seq) * 1e3
+
+    groups = WORLD // TP
+    return [
+        (f"decode steps run {DECODE_ROWS[0]} or {DECODE_ROWS[1]} rows per group, not the batch's bucket: TPOT b=32",
+         decode(32), decode(32, decode_rows(layout, 32))),
+        ("  the same, TPOT b=64", decode(64), decode(64, decode_rows(layout, 64))),
+        (f"a prefill attends at least {PREFILL_KV_FLOOR} positions: TTFT of {PROMPT} tokens",
+         prefill(1, PROMPT, PROMPT), prefill(1, PROMPT, PREFILL_KV_FLOOR)),
+        ("  the same, TTFT of 256 tokens", prefill(1, 256, 256), prefill(1, 256, PREFILL_KV_FLOOR)),
+        ("a prefill's experts are sized for every row of the step: TTFT of 256 tokens",
+         prefill(1, 256, PREFILL_KV_FLOOR), prefill(groups, 256, PREFILL_KV_FLOOR)),
+    ]
 
 
 LONG_CONTEXTS = (32_768, 131_072)
@@ -185,15 +232,16 @@ def long_context(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
     per_position = 2 * (config.num_key_value_heads // TP) * config.head_dim * 2  # K and V, bf16, one layer
     out = {}
     for context in LONG_CONTEXTS:
-        chunks = Counter(kv_len_for((c + 1) * PROMPT, context) for c in range(context // PROMPT))
+        chunks = Counter(prefill_kv((c + 1) * PROMPT, context) for c in range(context // PROMPT))
         ttft = sum(n * served_seconds(record_units(config, layout, phase="prefill", batch=1, seq=PROMPT, context=kv,
                                                    position=kv - PROMPT), layers, hw, "prefill", PROMPT)
                    for kv, n in chunks.items())
         row = {"ttft_s": ttft, "prefill_programs": len(chunks)}
         for batch in (1, 32):
-            costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=context)
+            costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=context,
+                                 rows=decode_rows(layout, batch))
             rows = layout.rows_per_group(batch)  # a decode step reads its tiles: each real row's blocks, padded
-            kv = layers * tile_bucket(rows * blocks_for(context), rows) * KV_BLOCK * per_position
+            kv = layers * tile_bucket(rows * blocks_for(context)) * KV_BLOCK * per_position
             row[f"tpot_ms_b{batch}"] = served_seconds(costs, layers, hw, "decode", batch) * 1e3
             row[f"kv_gb_b{batch}"] = kv / 1e9
             row[f"other_gb_b{batch}"] = (costs[0].bytes_read + layers * costs[1].bytes_read + costs[2].bytes_read
@@ -269,12 +317,21 @@ def main(argv: list[str]) -> int:
           f"--prefill-chunk {s['prefill_chunk']}, --max-seq-len {s['max_seq_len']}): {compiled['step_shapes']} step "
           f"shapes, {compiled['programs']} programs (NEFFs) per rank: "
           + ", ".join(f"{n} {name}" for name, n in sorted(compiled["per_unit"].items())))
+    longest = compile_set(config, best["moe_tp"], hw, LONGEST, trace=False)
+    compiled["longest"] = longest
+    print(f"  at --max-seq-len {LONGEST}: {longest['step_shapes']} step shapes, {longest['programs']} programs per "
+          "rank: " + ", ".join(f"{n} {name}" for name, n in sorted(longest["per_unit"].items())))
     print(f"  expert blocks unrolled over all layer programs: {compiled['expert_blocks']}; largest program of each "
           f"unit "
           "(recorded ops / matmuls / trace-time constants): "
           + ", ".join(f"{name} {x['ops']} / {x['matmuls']} / {x['constant_kb']:.0f} KB"
                       for name, x in compiled["largest"].items()))
     print("  compile time per program on the Neuron compiler: not measured (nothing here has run on hardware)")
+    trades = compile_trades(config, hw, best["moe_tp"])
+    compiled["trades"] = trades
+    print("  what each cut of the compile set costs (context 4096): without it / with it")
+    for what, before, after in trades:
+        print(f"  - {what}: {before:.2f} / {after:.2f} ms ({after / before:.2f}x)")
     plan = engine_plan(config, ParallelLayout(WORLD, TP, 0, moe_tp=best["moe_tp"]), config.num_local_experts,
                        np.dtype(ml_dtypes.bfloat16), slots=SERVING["max_num_seqs"],
                        prefill_chunk=SERVING["prefill_chunk"], max_seq_len=CONTEXT,

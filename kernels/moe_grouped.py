@@ -10,10 +10,14 @@ The schedule is a trace-time constant, `block_rows`, chosen by the caller for th
   per row, consecutive rows of one expert in turn (a CPU reads the repeats from its cache).
 - `block_rows = 0` (dense): each of the E experts runs on all rows and each row keeps its own expert's
   output: every expert is read exactly once, whatever the routing.
+
+With FP8 weights (`scales` given) w13 and w2 hold float8_e4m3fn codes, and each expert's weights are
+dequantised (`kernels.fp8.dequantize`) where the expert is read: one expert at a time, never all at once.
 """
 
 import numpy as np
 
+from kernels.fp8 import dequantize
 from kernels.moe_expert import moe_expert
 from kernels.slots import exclusive_cumsum, place_rows, rank_within
 
@@ -26,12 +30,23 @@ def expert_blocks(rows: int, num_experts: int, block_rows: int) -> int:
     return -(-(rows + num_experts * (block_rows - 1)) // block_rows)
 
 
+def expert_weights(w13: np.ndarray, w2: np.ndarray, e, scales: tuple[np.ndarray, np.ndarray] | None,
+                   dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Expert e's (w13, w2) (e an int or a traced int32 scalar), dequantised to `dtype` when they are FP8
+    codes with block `scales` (each [E, rows / r, cols / c])."""
+    if scales is None:
+        return w13[e], w2[e]
+    return dequantize(w13[e], scales[0][e], dtype), dequantize(w2[e], scales[1][e], dtype)
+
+
 def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w13: np.ndarray, w2: np.ndarray, *,
-                    block_rows: int, real_rows: int | None = None) -> np.ndarray:
+                    block_rows: int, real_rows: int | None = None,
+                    scales: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Row r through expert expert_ids[r]: x [P, hidden], expert_ids [P] int in 0..E-1, valid [P] bool,
     w13 [E, 2I, hidden], w2 [E, hidden, I] -> [P, hidden] (zero rows where not valid); block_rows: the
     schedule (see the module docstring); real_rows: at most this many rows are valid (rows padding a
-    bucket never are), which bounds the blocks (default: P)."""
+    bucket never are), which bounds the blocks (default: P); scales: w13's and w2's FP8 block scales when
+    they hold float8_e4m3fn codes."""
     rows = x.shape[0] if real_rows is None else min(real_rows, x.shape[0])
     num_experts = w13.shape[0]
     zero = np.zeros_like(x[:1])
@@ -39,7 +54,7 @@ def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w1
         out = zero
         for e in range(num_experts):
             mine = (expert_ids == e) & valid
-            out = out + np.where(mine[:, None], moe_expert(x, w13[e], w2[e]), zero)
+            out = out + np.where(mine[:, None], moe_expert(x, *expert_weights(w13, w2, e, scales, x.dtype)), zero)
         return out
     b = block_rows
     num_blocks = expert_blocks(rows, num_experts, b)
@@ -56,6 +71,7 @@ def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w1
     ended = (run_end[None, :] <= block_first_slot[:, None]).astype(np.int32)  # [blocks, E]
     block_expert = np.minimum(np.sum(ended, axis=1), num_experts - 1)
     y = np.concatenate([
-        moe_expert(slotted[i * b : (i + 1) * b], w13[block_expert[i]], w2[block_expert[i]]) for i in range(num_blocks)
+        moe_expert(slotted[i * b : (i + 1) * b], *expert_weights(w13, w2, block_expert[i], scales, x.dtype))
+        for i in range(num_blocks)
     ])
     return np.where(valid[:, None], np.take(y, np.where(valid, slot, 0), axis=0), zero)

@@ -28,7 +28,7 @@ def _exact_integers(dtype: np.dtype) -> int:
 
 def dispatch_experts(
     x: np.ndarray, chosen: np.ndarray, valid: np.ndarray, w13: np.ndarray, w2: np.ndarray, *,
-    capacity: int, block_rows: int, ep_groups: ReplicaGroups,
+    capacity: int, block_rows: int, ep_groups: ReplicaGroups, scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair r through expert chosen[r], held by the rank of `ep_groups` at position chosen[r] // L.
 
@@ -38,8 +38,8 @@ def dispatch_experts(
 
     Each valid pair goes through a send buffer [W, capacity, hidden + 1] (the extra column carries local
     expert id + 1, 0 marking an empty slot), one all_to_all; received rows run through the local
-    experts (schedule `block_rows`), a second all_to_all returns them. With capacity =
-    worst_case_capacity nothing is dropped.
+    experts (schedule `block_rows`; FP8 `scales` as in `grouped_experts`), a second all_to_all returns them.
+    With capacity = worst_case_capacity nothing is dropped.
     """
     pairs, hidden = x.shape
     world = group_size(ep_groups)
@@ -60,7 +60,7 @@ def dispatch_experts(
                           ep_groups).reshape(world * capacity, hidden + 1)
     local_tag = np.rint(received[:, hidden].astype(np.float32)).astype(np.int32)
     y = grouped_experts(received[:, :hidden], np.maximum(local_tag - 1, 0), local_tag > 0, w13, w2,
-                        block_rows=block_rows)
+                        block_rows=block_rows, scales=scales)
     returned = all_to_all(y.reshape(world, capacity, hidden), 0, 0, ep_groups).reshape(world * capacity, hidden)
     return np.where(kept[:, None], np.take(returned, np.where(kept, slot, 0), axis=0), np.zeros_like(x[:1])), kept
 
@@ -89,6 +89,7 @@ def moe_block_parallel(
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
     copies: int = 1,
+    scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """gathered: [M / copies * T, hidden], the normalised tokens of the `members` (M) members of this rank's
     slice group, member by member (all_gather over slice_groups, or the caller's own exchange), each run of
@@ -106,7 +107,8 @@ def moe_block_parallel(
     Arrays that could have a single entry are padded to two (no compiled input has a dimension of 1);
     only their first entries are read.
     gate: [hidden, E], bias: [E] for every loaded expert; w13: [L, 2I/M, hidden], w2: [L, hidden, I/M]
-    this rank's slices of the experts of its slice group.
+    this rank's slices of the experts of its slice group (float8_e4m3fn codes with FP8 `scales`, as in
+    `kernels.moe_grouped.grouped_experts`).
 
     1. Of the slice group's gathered tokens, the U that can be real are kept (padding never reaches an
        expert) and routed.
@@ -135,10 +137,11 @@ def moe_block_parallel(
     valid = np.repeat(union_valid, per_token)
     pairs = np.repeat(rows, per_token, axis=0)
     if group_size(ep_groups) == 1:
-        y, kept = grouped_experts(pairs, chosen, valid, w13, w2, block_rows=block_rows, real_rows=real_pairs), valid
+        y, kept = grouped_experts(pairs, chosen, valid, w13, w2, block_rows=block_rows, real_rows=real_pairs,
+                                  scales=scales), valid
     else:
         y, kept = dispatch_experts(pairs, chosen, valid, w13, w2, capacity=capacity, block_rows=block_rows,
-                                   ep_groups=ep_groups)
+                                   ep_groups=ep_groups, scales=scales)
     per_row = np.sum(y.reshape(-1, per_token, hidden) * pair_weights.astype(gathered.dtype)[..., None], axis=1)
     if members // own_count * tokens < per_row.shape[0]:  # fewer rows to exchange once the copies are summed
         every = place_rows(per_row, union_rows, union_valid, members * tokens)

@@ -14,8 +14,8 @@ from minimax_m2 import checks
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.memory import available_memory, check_fits, engine_plan, pool_blocks
 from minimax_m2.device.neuron import NeuronRunner, run_on
-from minimax_m2.device.program import KV_BLOCK
 from minimax_m2.device.roofline import fastest_moe_tp
+from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.distributed import CollectiveError, on_launcher_exit, rank, start, world_size
 from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
@@ -151,7 +151,8 @@ def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_bloc
     if leader:
         print(f"engine: {slots} requests and {kv_blocks:,} KV blocks of {KV_BLOCK} positions per attention group, "
               f"prefill chunks of {engine.shapes.prefill_chunk} "
-              f"tokens; {len(shapes)} step shapes (decode rows {list(engine.shapes.decode_rows)}, prefill rows "
+              f"tokens; {len(shapes)} step shapes (decode: {list(engine.shapes.decode_rows)} rows per group, "
+              f"{len(engine.shapes.decode_buckets)} buckets of real rows x tile counts; prefill rows "
               f"{list(engine.shapes.prefill_rows)} x tokens {list(engine.shapes.prefill_tokens)}, attended lengths "
               f"{list(engine.shapes.kv_lengths)})", flush=True)
     if runner is not None and leader:

@@ -10,22 +10,24 @@ from kernels.collectives import all_reduce
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.expert_schedule import BLOCK_SIZES, ExpertCost, measure_block_times, measured_table
 from minimax_m2.device.program import (
-    KV_BLOCK,
     RankValues,
-    Step,
-    StepOutput,
     Unit,
-    batch_rows,
-    cache_shape,
     copy_call,
     embedding_call,
-    group_rows,
-    kv_len_for,
     layer_call,
     layer_constants,
     layer_inputs,
     lm_head_call,
     run_on_cpu,
+)
+from minimax_m2.device.step import (
+    KV_BLOCK,
+    Step,
+    StepOutput,
+    batch_rows,
+    cache_shape,
+    group_rows,
+    kv_len_for,
     selected_rows,
     table_width,
     uniform_step,
@@ -102,15 +104,17 @@ class MiniMaxM2Model:
         layout: ParallelLayout = ParallelLayout(),
         dtype: str = "float32",
         progress: bool = False,
+        keep_fp8: bool = False,
     ) -> "MiniMaxM2Model":
         """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer;
         with a layout, only this rank's experts and attention heads. dtype: 'float32' or 'bfloat16';
-        progress: a bar over the layers."""
+        progress: a bar over the layers; keep_fp8: an FP8 checkpoint's float8 projections and experts stay
+        8-bit codes with their block scales, dequantised inside the units (else at load)."""
         config = MiniMaxM2Config.from_pretrained(path)
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))
         checkpoint = Checkpoint(path, config, layout.local_experts(chosen))
-        weights = load_model_weights(checkpoint, chosen, layout, model_dtype(dtype), progress)
+        weights = load_model_weights(checkpoint, chosen, layout, model_dtype(dtype), progress, keep_fp8)
         return cls(config, weights, chosen, max_seq_len, layout)
 
     @classmethod
@@ -161,7 +165,9 @@ class MiniMaxM2Model:
             layer = self.weights.layers[0]
             key = (layer.w13.shape, layer.w2.shape, str(layer.w13.dtype), self.layout.world, self.layout.rank)
             if key not in _MEASURED:
-                timed = measure_block_times([(w.w13, w.w2) for w in self.weights.layers])
+                fp8 = [None if w.w13_scale is None else (w.w13_scale, w.w2_scale) for w in self.weights.layers]
+                timed = measure_block_times([(w.w13, w.w2, scales) for w, scales in zip(self.weights.layers, fp8)],
+                                            self.dtype)
                 times = all_reduce(np.array([timed[b] for b in BLOCK_SIZES]), self.layout.world_groups)
                 _MEASURED[key] = measured_table({b: tuple(t) for b, t in zip(BLOCK_SIZES, times / self.layout.world)})
             self.expert_cost = _MEASURED[key]

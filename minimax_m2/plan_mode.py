@@ -16,8 +16,8 @@ from minimax_m2.device.memory import (
     kv_block_bytes,
     pool_blocks,
 )
-from minimax_m2.device.program import KV_BLOCK
 from minimax_m2.device.roofline import TRN2, expert_cost, fastest_moe_tp
+from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.parallel import ParallelLayout

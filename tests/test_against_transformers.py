@@ -99,12 +99,12 @@ def test_bfloat16_model_stays_close_to_float32(request, checkpoint) -> None:
 def test_long_prompt_attended_in_tiles(hf_model, float32_checkpoint, monkeypatch) -> None:
     """A 450-token prompt prefilled in chunks of 128 and decoded, its keys attended in tiles of 128 positions
     (the online softmax, forced by a tiny score budget): every position's logits are transformers'."""
-    from minimax_m2.device import program
+    from minimax_m2.device import step
     from minimax_m2.generation import Sampling
     from minimax_m2.serving.engine import Engine
 
-    monkeypatch.setattr(program, "SCORE_TILE_BYTES", 1)
-    assert program.kv_tile_for(128, 4, 512) == 128
+    monkeypatch.setattr(step, "SCORE_TILE_BYTES", 1)
+    assert step.kv_tile_for(128, 4, 512) == 128
     prompt = np.random.default_rng(5).integers(0, 256, (1, 450))
     want_tokens, want = greedy_logits(hf_model, prompt, DECODE_STEPS)
     engine = Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=512), max_num_seqs=2,

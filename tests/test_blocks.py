@@ -2,7 +2,7 @@
 over or copied on write, unreferenced blocks are evicted least recently used first, and over several
 attention groups a request goes where its prefix is when that saves enough tokens."""
 
-from minimax_m2.device.program import KV_BLOCK
+from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.serving.blocks import BlockManager, Placement, prefix_chains
 
 HISTORY = list(range(1000, 1000 + 2 * KV_BLOCK + 44))  # a conversation so far: two full blocks and 44 tokens

@@ -8,9 +8,10 @@ from conftest import PROMPT
 from hf_reference import greedy_logits, relative_error
 
 from minimax_m2 import MiniMaxM2Model
-from minimax_m2.device.program import kv_len_for, min_rows
+from minimax_m2.device.step import KV_BLOCK, kv_len_for, min_rows
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
+from minimax_m2.serving.scheduler import PREFILL_KV_FLOOR, ShapeSet
 
 RTOL = 1e-5
 
@@ -215,6 +216,49 @@ def test_every_step_has_a_shape_of_the_set(model) -> None:
                for phase, rows, bucket, seq, kv in engine.shapes.shapes()}
     assert seen and seen <= allowed, seen - allowed
     assert min(rows * seq for _, rows, _, seq, _ in seen) >= 2, "no compiled shape has a token axis of 1"
+
+
+def test_the_shape_set_at_the_longest_context_stays_small() -> None:
+    """The README's serving flags (8 attention groups, 32 requests each, chunks of 2048) at 196,608 positions:
+    decode steps of 2 or 32 rows per group, each bucket one its rows can hold and no smaller fewer rows could,
+    tiles from its fullest group's fewest rows; a prefill attends at least the floor, several rows only at it."""
+    shapes = ShapeSet.build(8, 32, 2048, 196_608)
+    assert shapes.decode_rows == (2, 32)
+    for phase, rows, bucket, seq, kv in shapes.shapes():
+        if phase == "decode":
+            assert bucket <= rows * 8 and (rows == 2 or bucket > 2)
+            assert kv >= (4 if rows == 32 else 2) * KV_BLOCK
+        else:
+            assert kv >= max(seq, PREFILL_KV_FLOOR) and (rows == 1 or kv == PREFILL_KV_FLOOR)
+            assert bucket == rows * 8
+    assert len(shapes.shapes()) <= 230
+    # where a slice group spans fewer than all attention groups, rows per group size the experts' buffers
+    assert ShapeSet.build(8, 32, 2048, 196_608, rows_size_experts=True).decode_rows == (2, 4, 8, 16, 32)
+
+
+def test_past_the_floor_a_prefill_row_runs_alone_in_its_group(float32_checkpoint) -> None:
+    """Short prompts share prefill steps while every row attends at most PREFILL_KV_FLOOR positions; a long
+    prompt's chunks past it run one row per group, the others waiting; every step has a shape of the set,
+    and every request gives what it gives alone."""
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=2 * PREFILL_KV_FLOOR)
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=1024)
+    seen = []
+    run = engine.executor.execute
+
+    def record(step):
+        seen.append((step.input_ids.shape, step.bucket, step.kv_len, int(step.token_valid.any(axis=1).sum())))
+        return run(step)
+
+    engine.executor.execute = record
+    prompts = prompts_of([PREFILL_KV_FLOOR + 900, 30, 40, 25], seed=3)
+    results = engine.generate(prompts, Sampling(max_new_tokens=3))
+    allowed = {(max(min_rows(seq), rows), bucket, seq, kv) for _, rows, bucket, seq, kv in engine.shapes.shapes()}
+    assert {(shape[0], bucket, shape[1], kv) for shape, bucket, kv, _ in seen} <= allowed
+    long_steps = [(shape, busy) for shape, _, kv, busy in seen if shape[1] > 1 and kv > PREFILL_KV_FLOOR]
+    assert long_steps and all(shape[0] == 1 and busy == 1 for shape, busy in long_steps)
+    assert any(shape[1] > 1 and busy > 1 for shape, _, _, busy in seen), "short prompts shared a step"
+    for prompt, result in zip(prompts, results):
+        assert result.generated == alone(model, prompt, 3)[0]
 
 
 def test_an_engine_keeping_no_logits_compiles_no_all_position_logits(model) -> None:

@@ -81,9 +81,9 @@ def test_a_neuron_core_decode_reads_each_chosen_expert_slice_once() -> None:
 
 def test_block_times_are_measured_from_memory_and_repeated() -> None:
     rng = np.random.default_rng(0)
-    layers = [(rng.standard_normal((4, 64, 32)).astype(np.float32), rng.standard_normal((4, 32, 32)).astype(np.float32))
-              for _ in range(3)]
-    timed = measure_block_times(layers, repeats=1)
+    layers = [(rng.standard_normal((4, 64, 32)).astype(np.float32), rng.standard_normal((4, 32, 32)).astype(np.float32),
+               None) for _ in range(3)]
+    timed = measure_block_times(layers, np.dtype(np.float32), repeats=1)
     assert sorted(timed) == list(BLOCK_SIZES)
     assert all(len(t) == 2 and min(t) > 0 for t in timed.values())
 

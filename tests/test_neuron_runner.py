@@ -239,7 +239,10 @@ def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_check
     engine = _engine(model, runner)
     steps = engine.warm_up(every_shape=True)
     prefills = sum(phase == "prefill" for phase, *_ in engine.shapes.shapes())
-    assert steps == 5 * len(engine.shapes.shapes()) + 2 * prefills, "each shape with each lm_head variant"
+    decodes = len(engine.shapes.shapes()) - prefills
+    # decode: greedy or sampling x logits or not, and log-probabilities; a prefill always may sample: plain,
+    # with logits, with log-probabilities, with every position's logits
+    assert steps == 5 * decodes + 4 * prefills, "each shape with each lm_head variant"
     compiled = runner.compiled
     assert compiled == len(engine.programs()), "the compile set the engine reports is what the device compiled"
     runner.frozen = True

@@ -216,7 +216,7 @@ def run_ranks(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int
     return [[(name, program, out, want) for (name, program, out), want in zip(t, p)] for t, p in zip(traced, plain)]
 
 
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (2, 1, 2), (4, 2, 4), (4, 1, 2), (4, 2, 2)]
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (2, 1, 2), (4, 2, 4), (4, 1, 2), (4, 2, 2), (4, 4, 4)]
 SHAPES = [("prefill", 2, 6, False), ("prefill", 2, 64, False), ("decode", 3, 1, False), ("prefill", 2, 6, True),
           ("decode", 1, 1, True)]
 
@@ -235,6 +235,30 @@ def test_device_units_trace_to_the_numpy_program(allowed, world, tp, moe_tp, pha
     for (name, program, _, _), (_, other, _, _) in zip(first, last):
         assert program.ops == other.ops, f"{name}: rank 0 and rank {world - 1} trace different programs"
         assert program.constants == other.constants, f"{name}: rank 0 and rank {world - 1} bake in different constants"
+
+
+@pytest.mark.parametrize("phase, batch, seq", [("prefill", 2, 8), ("decode", 16, 1), ("decode", 8, 1)])
+def test_both_exchanges_into_the_moe_give_the_same_bits(phase, batch, seq) -> None:
+    """Attention tp 4 in a slice group of 4: the attention output reaches the MoE by one all_gather of every
+    member's rows, or (`scatter`, the schedule of a step of 16 tokens or more that tp divides) by an all_to_all
+    over the tp group and an all_gather of a quarter of the rows: the same sums in the same order, in
+    bfloat16."""
+    def body(rank: int, scatter: bool):
+        unit = _rank_units(4, 4, 4, rank, phase, batch, seq, False, dtype="bfloat16")[1]
+        assert unit.constants["scatter"] == (batch * seq >= 16), "a step of 16 tokens or more scatters"
+        return unit.fn(**_copy(unit.inputs), **dict(unit.constants, scatter=scatter))
+
+    results = []
+    for scatter in (True, False):
+        backend = ThreadCollectives(4)
+        collectives.set_backend(backend)
+        try:
+            results.append(backend.run(lambda rank: body(rank, scatter)))
+        finally:
+            collectives.set_backend(None)
+    for rank, (scattered, gathered) in enumerate(zip(*results)):
+        assert np.array_equal(scattered.astype(np.float32), gathered.astype(np.float32)), f"rank {rank}"
+        assert np.any(scattered.astype(np.float32) != 0)
 
 
 @pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)])

@@ -7,7 +7,7 @@ import pytest
 from hf_reference import greedy_logits, relative_error
 
 from minimax_m2 import MiniMaxM2Model
-from minimax_m2.device.program import KV_BLOCK
+from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
 

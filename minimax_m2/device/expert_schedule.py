@@ -25,12 +25,12 @@ tested under nkipy's emulated semantics (tests/test_nkipy_semantics.py).
 """
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from kernels.moe_expert import moe_expert
-from kernels.moe_grouped import DENSE, expert_blocks
+from kernels.moe_grouped import DENSE, expert_blocks, expert_weights
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 REPEATED_CALLS = 4  # a repeated expert's time is the mean of this many calls in a row, as consecutive blocks run
@@ -77,10 +77,11 @@ def roofline_cost(weight_bytes: int, flops_per_row: int, memory_bytes_per_s: flo
     return cost
 
 
-def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray]], repeats: int = 5
-                        ) -> dict[int, tuple[float, float]]:
+def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]],
+                        dtype: np.dtype, repeats: int = 5) -> dict[int, tuple[float, float]]:
     """Seconds for one expert applied to each block size of BLOCK_SIZES on this CPU, for the experts of these
-    layers ((w13 [E, 2I', hidden], w2 [E, hidden, I']) each) -> {B: (from memory, repeated at once)}:
+    layers ((w13 [E, 2I', hidden], w2 [E, hidden, I'], their FP8 scales or None) each; rows in `dtype`,
+    FP8 experts dequantised as the units do) -> {B: (from memory, repeated at once)}:
     medians of `repeats` rounds, each round timing every size in turn (so that the machine's slow moments
     fall on all sizes alike), after WARM_UP_ROUNDS rounds left out. Every weight is read once first: the
     first read of freshly written or mapped memory runs slower than a steady step's (measured here: it
@@ -88,23 +89,23 @@ def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray]], repeats
     half the time). Each first product takes an expert not used before in the measurement, from the next
     layer in turn, so that it reads its weights from memory as a step does (a step streams every layer's
     experts; one layer's experts timed again and again would sit in the cache)."""
-    for weights in (w for layer in layers for w in layer):  # as a steady step finds them: mapped and read before
+    for weights in (w for layer in layers for w in layer[:2]):  # as a steady step finds them: mapped and read before
         np.max(weights.view(f"u{weights.dtype.itemsize}"))
     hidden = layers[0][0].shape[2]
     rng = np.random.default_rng(0)
-    rows = {b: rng.standard_normal((b, hidden)).astype(layers[0][0].dtype) for b in BLOCK_SIZES}
+    rows = {b: rng.standard_normal((b, hidden)).astype(dtype) for b in BLOCK_SIZES}
     samples: dict[int, list[list[float]]] = {b: [] for b in BLOCK_SIZES}
     drawn = 0
     for _ in range(repeats + WARM_UP_ROUNDS):
         for b in BLOCK_SIZES:
-            w13, w2 = layers[drawn % len(layers)]
+            w13, w2, scales = layers[drawn % len(layers)]
             e = (drawn // len(layers) * 7) % w13.shape[0]
             drawn += 1
             pair = []
             for calls in (1, REPEATED_CALLS):
                 start = time.perf_counter()
                 for _ in range(calls):
-                    moe_expert(rows[b], w13[e], w2[e])
+                    moe_expert(rows[b], *expert_weights(w13, w2, e, scales, dtype))
                 pair.append((time.perf_counter() - start) / calls)
             samples[b].append(pair)
     return {b: tuple(float(t) for t in np.median(samples[b][WARM_UP_ROUNDS:], axis=0)) for b in BLOCK_SIZES}

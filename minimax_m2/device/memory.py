@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.device.program import KV_BLOCK, blocks_for, kv_tile_for
+from minimax_m2.device.program import SCATTER_TOKENS
+from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_tile_for
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights.model_weights import rank_shapes
 
@@ -81,7 +82,12 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
     pairs = union * max(1, config.num_experts_per_tok // layout.tp)
     local = num_experts // layout.moe_ep
     copies = layout.tp if 1 < layout.tp <= layout.moe_tp else 1  # gathered rows an attention group keeps once
-    if copies > 1:  # the all_gather's output, then per group: a float32 sum, a float32 slice, groups and normed
+    if copies > 1 and tokens % layout.tp == 0 and tokens >= SCATTER_TOKENS:
+        # the all_to_all's output, its float32 sum of T / tp rows, then the all_gather's output (one row per
+        # group's token), normalised through float32
+        moe_input = tokens * config.hidden_size * itemsize + tokens // layout.tp * config.hidden_size * 8 + \
+            gathered // copies * config.hidden_size * (4 + 2 * itemsize)
+    elif copies > 1:  # the all_gather's output, then per group: a float32 sum, a float32 slice, groups and normed
         moe_input = gathered * config.hidden_size * itemsize + \
             gathered // copies * config.hidden_size * (8 + 2 * itemsize)
     else:

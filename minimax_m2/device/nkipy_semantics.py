@@ -24,8 +24,9 @@ each matmul reads, and collective payloads.
 import dataclasses
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -20,31 +20,46 @@ Units: `embedding`; `prefill_layer` or `decode_layer` (one function, traced per 
 same program serves all layers, whose weights are its arguments); `lm_head` (final norm of the selected
 tokens, vocabulary split over all ranks, the next token of each chosen on the device: greedy, or sampled
 from the top candidates; the logits gathered only when asked for); `copy_block` (a cache block copied, for
-copy on write of a shared prefix's last block).
+copy on write of a shared prefix's last block). What a step carries, and the KV cache's blocks, tables and
+tiles, are in `minimax_m2.device.step`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from kernels import attention, moe_block, moe_block_parallel, rmsnorm, token_embedding
-from kernels.collectives import ReplicaGroups, all_gather, group_size
+from kernels.collectives import ReplicaGroups, all_gather, all_to_all, group_size
+from kernels.fp8 import dequantize
 from kernels.lm_head import gather_vocab, greedy_vocab_parallel, vocab_slice_logits
 from kernels.logprobs import logprobs_vocab_parallel
 from kernels.sampling import sample_vocab_parallel
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.expert_schedule import ExpertCost, choose_block_rows, rows_apart
+from minimax_m2.device.step import (
+    KV_BLOCK,
+    Sampled,
+    Step,
+    cache_shape,
+    group_rows,
+    kv_len_for,
+    kv_tile_for,
+    padded,
+    table_width,
+    uniform_step,
+)
 from minimax_m2.generation import MAX_LOGPROBS
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES, LayerWeights, ModelWeights
 
-KV_BLOCK = 128
-# float32 attention scores one layer unit holds at once (per rank): keys are attended in tiles of KV_BLOCK
-# times a power of two positions, the largest whose scores fit (`kv_tile_for`)
-SCORE_TILE_BYTES = 256 << 20
+# a step of at least this many tokens per attention group sends its attention output to the MoE through the
+# tp group first (`_attention_gathered`): below it the exchange's latency outweighs the bytes it saves
+SCATTER_TOKENS = 16
+
 CANDIDATES = 64  # the device samples among this many most likely tokens (top_k up to this)
+
 TOP_LOGPROBS = MAX_LOGPROBS  # the most likely tokens whose log-probabilities the device returns, when asked
 
 
@@ -80,6 +95,12 @@ def layer_unit(
     bias: np.ndarray,
     w13: np.ndarray,
     w2: np.ndarray,
+    wq_scale: np.ndarray | None = None,
+    wk_scale: np.ndarray | None = None,
+    wv_scale: np.ndarray | None = None,
+    wo_scale: np.ndarray | None = None,
+    w13_scale: np.ndarray | None = None,
+    w2_scale: np.ndarray | None = None,
     *,
     head_dim: int,
     eps: float,
@@ -97,6 +118,7 @@ def layer_unit(
     count_drops: bool,
     block_rows: int,
     rows_apart: bool,
+    scatter: bool,
     tp_groups: ReplicaGroups,
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
@@ -114,10 +136,17 @@ def layer_unit(
     many (token, expert) pairs this rank's slice group can have at most (rows padding a bucket have none);
     block_rows: the expert schedule (`minimax_m2.device.expert_schedule`); rows_apart: the attention
     projections' (`kernels.matmul.matmul`); block: KV_BLOCK; kv_tile: cache positions attended at once
-    (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks.
-    Weights as in `LayerWeights`.
+    (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks; scatter: how the attention
+    output reaches the MoE when a slice group spans whole attention groups (`_attention_gathered`).
+    Weights as in `LayerWeights`: with FP8 weights, the projections and experts that have a `*_scale` hold
+    float8_e4m3fn codes, dequantised here (`kernels.fp8`): each attention projection whole (every step
+    reads all of it), each expert where it is read.
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
+    if wq_scale is not None:
+        wq, wk, wv, wo = (dequantize(w, s, h.dtype) for w, s in ((wq, wq_scale), (wk, wk_scale), (wv, wv_scale),
+                                                                  (wo, wo_scale)))
+    scales = None if w13_scale is None else (w13_scale, w2_scale)
     normed = rmsnorm(h, input_norm, eps)
     attend = dict(head_dim=head_dim, eps=eps, block=block, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
                   rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged)
@@ -125,13 +154,14 @@ def layer_unit(
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         h = h + attention(normed, positions, kv_blocks, token_valid, *weights, **attend)
         return h + moe_block(rmsnorm(h, post_norm, eps), token_valid, gate, bias, w13, w2, top_k=top_k,
-                             real_pairs=real_pairs, block_rows=block_rows)
+                             real_pairs=real_pairs, block_rows=block_rows, scales=scales)
     tp = group_size(tp_groups)
     copies = tp if tp > 1 and members >= tp else 1  # the slice group spans whole attention groups
     if copies > 1:  # one exchange for both, and one gathered row per attention group's token
         h, gathered = _attention_gathered(h, attention(normed, positions, kv_blocks, token_valid, *weights, **attend,
                                                        reduce_output=False), post_norm, own_position, eps=eps, tp=tp,
-                                          members=members, slice_groups=slice_groups)
+                                          members=members, scatter=scatter, tp_groups=tp_groups,
+                                          slice_groups=slice_groups)
     else:
         h = h + attention(normed, positions, kv_blocks, token_valid, *weights, **attend)
         gathered = all_gather(rmsnorm(h, post_norm, eps), 0, slice_groups)
@@ -139,31 +169,46 @@ def layer_unit(
         gathered, union_rows, union_member, union_valid, member_slots, own_members, own_position, gate, bias, w13, w2,
         top_k=top_k, members=members, per_token=per_token, own_count=own_count, real_pairs=real_pairs,
         capacity=capacity, block_rows=block_rows, slice_groups=slice_groups, ep_groups=ep_groups,
-        combine_groups=combine_groups, copies=copies,
+        combine_groups=combine_groups, copies=copies, scales=scales,
     )
     return (h + moe, dropped) if count_drops else h + moe
 
 
 def _attention_gathered(h: np.ndarray, partial: np.ndarray, post_norm: np.ndarray, own_position: np.ndarray, *,
-                        eps: float, tp: int, members: int,
+                        eps: float, tp: int, members: int, scatter: bool, tp_groups: ReplicaGroups,
                         slice_groups: ReplicaGroups) -> tuple[np.ndarray, np.ndarray]:
-    """The attention residual and the MoE's gathered input in one all_gather over the slice group, which
-    holds members / tp whole attention groups: each member sends h / tp + its partial output projection, and
-    the tp members of a group sum to that group's h + attention (the o_proj all_reduce is not needed).
+    """The attention residual and the MoE's gathered input, from the slice group, which holds members / tp
+    whole attention groups: each member's h / tp + its partial output projection, summed over the tp members
+    of its group, is that group's h + attention (the o_proj all_reduce is not needed).
+
+    Either every member's whole sum is gathered over the slice group and each group's tp sums are added
+    here (one exchange of members x T rows: the fewest collectives, what a small step's latency wants), or
+    with `scatter` (T at least SCATTER_TOKENS and divisible by tp) an all_to_all over the tp group first
+    gives each member the tp sums of its T / tp rows, added here, and these are gathered (members x T / tp
+    rows: a tp-th of the bytes and of the buffer, one more collective). Both add the same values in the
+    same order: the same bits.
     Returns (this rank's h + attention [T, hidden], each attention group's normalised tokens
-    [members / tp * T, hidden]: the tp members of a group hold the same tokens, so they are kept once). The
-    tp partials are summed one at a time in float32, in member order, so that no float32 copy of everything
-    gathered is made."""
+    [members / tp * T, hidden]: the tp members of a group hold the same tokens, so they are kept once)."""
     tokens, hidden = h.shape
     sent = (h.astype(np.float32) * np.float32(1 / tp) + partial.astype(np.float32)).astype(h.dtype)
-    every = all_gather(sent, 0, slice_groups).reshape(members // tp, tp, tokens, hidden)
-    total = every[:, 0].astype(np.float32)
-    for member in range(1, tp):
-        total = total + every[:, member].astype(np.float32)
-    groups = total.astype(h.dtype)  # [members / tp, T, hidden]
+    if scatter:
+        mine = _sum_members(all_to_all(sent, 0, 0, tp_groups).reshape(tp, tokens // tp, hidden)).astype(h.dtype)
+        groups = all_gather(mine, 0, slice_groups).reshape(members // tp, tokens, hidden)
+    else:
+        every = all_gather(sent, 0, slice_groups).reshape(members // tp, tp, tokens, hidden)
+        groups = _sum_members(np.swapaxes(every, 0, 1)).astype(h.dtype)
     normed = rmsnorm(groups, post_norm, eps).reshape(members // tp * tokens, hidden)
     own_group = np.floor(own_position[:1].astype(np.float32) / np.float32(tp)).astype(np.int32)
     return np.take(groups, own_group, axis=0).reshape(tokens, hidden), normed
+
+
+def _sum_members(parts: np.ndarray) -> np.ndarray:
+    """parts [tp, ...] summed over the first axis in float32, one member at a time, in member order (no float32
+    copy of all of them is made)."""
+    total = parts[0].astype(np.float32)
+    for member in range(1, parts.shape[0]):
+        total = total + parts[member].astype(np.float32)
+    return total
 
 
 def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -237,109 +282,6 @@ def run_on_cpu(unit: Unit) -> Any:
     return unit.fn(**unit.inputs, **unit.constants)
 
 
-def kv_tile_for(tokens: int, q_heads: int, kv_len: int) -> int:
-    """Cache positions a layer unit of `tokens` query tokens (q_heads heads on this rank) attends at once: the
-    largest KV_BLOCK x 2^k dividing kv_len whose float32 scores [tokens, q_heads, tile] stay within
-    SCORE_TILE_BYTES (at least KV_BLOCK, or kv_len when shorter)."""
-    tile = kv_len
-    while tile > KV_BLOCK and tile % 2 == 0 and tokens * q_heads * tile * 4 > SCORE_TILE_BYTES:
-        tile //= 2
-    return tile
-
-
-def kv_len_for(length: int, max_seq_len: int) -> int:
-    """Cache positions attended when the longest row has `length` tokens: KV_BLOCK times a power of two
-    (one compiled program per length, few lengths in all), at most max_seq_len."""
-    kv = KV_BLOCK
-    while kv < length:
-        kv *= 2
-    return min(max_seq_len, kv)
-
-
-@dataclass
-class Sampled:
-    """How each selected token's successor is chosen, per row of the lm_head's output ([N] each)."""
-
-    temperature: np.ndarray  # float32, 0: greedy
-    top_k: np.ndarray  # int32, 0: none (the device then leaves the row to the host)
-    top_p: np.ndarray  # float32, 1: none
-    uniform: np.ndarray  # float32 in [0, 1): the row's random draw
-
-    @classmethod
-    def greedy(cls, n: int) -> "Sampled":
-        return cls(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32), np.zeros(n, np.float32))
-
-    def samples_on_device(self) -> bool:
-        """Whether any row is drawn on the device (temperature above 0 and a top_k)."""
-        return bool(np.any((self.temperature > 0) & (self.top_k > 0)))
-
-    def repeat(self, k: int) -> "Sampled":
-        return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p, self.uniform)))
-
-    def padded(self, groups: int) -> "Sampled":
-        """Each group's rows padded to at least 2 (as the selected tokens are), the padding greedy."""
-        def pad(values: np.ndarray, fill: float) -> np.ndarray:
-            per_group = values.reshape(groups, -1)
-            extra = max(0, 2 - per_group.shape[1])
-            return np.pad(per_group, ((0, 0), (0, extra)), constant_values=fill).reshape(-1)
-
-        return Sampled(pad(self.temperature, 0), pad(self.top_k, 0), pad(self.top_p, 1), pad(self.uniform, 0))
-
-
-@dataclass
-class Step:
-    """The host's description of one step, for every attention group's rows (arrays [dp * R, ...]).
-
-    Row r of the step belongs to attention group r // R and reads and writes its positions through its
-    block table, block_tables[r] (cache blocks of that group's cache: positions p .. p + KV_BLOCK - 1 in
-    block block_tables[r, p // KV_BLOCK]; padding rows name the scratch block). A decode step (one token a
-    row) carries instead each group's tiles, kv_tiles[g]: (row within the group, block, its first position)
-    for every block its rows attend, padded with scratch tiles that see nothing. At most `bucket` rows of
-    the step are real (a bucket of one row still runs two: no compiled shape has a dimension of 1)."""
-
-    input_ids: np.ndarray  # [dp * R, S] int32
-    positions: np.ndarray  # [dp * R, S] int32 (padding tokens at any position inside the cache)
-    block_tables: np.ndarray | None  # [dp * R, W] int32, W * KV_BLOCK >= every position attended (prefill)
-    token_valid: np.ndarray  # [dp * R, S] bool
-    selected: np.ndarray  # [dp * R, K] int32: positions within each row whose next token is wanted
-    bucket: int  # at most this many rows are real
-    kv_len: int | None = None  # positions attended (default: the bucket of the longest real row)
-    max_tokens: int = 0  # at most this many tokens are real in all (0: bucket x S), e.g. a prefill's chunk
-    sampled: Sampled | None = None  # per row ([dp * R]); None: greedy
-    return_logits: bool = False  # bring the logits of the selected tokens to the host
-    logprobs: bool = False  # bring their next tokens' log-probabilities (and the TOP_LOGPROBS largest) to the host
-    kv_tiles: np.ndarray | None = None  # [dp, N, 3] int32: each group's decode tiles (decode)
-
-    @property
-    def kv_length(self) -> int:
-        """Positions the longest real row reaches (its last position + 1)."""
-        return int(np.max(np.where(self.token_valid, self.positions + 1, 1)))
-
-
-@dataclass
-class StepOutput:
-    """What a step brings to the host, for each row's selected tokens."""
-
-    ids: np.ndarray  # [rows, K] int32: each selected token's next token
-    logits: np.ndarray | None = None  # [rows, K, vocab] float32, when the step asked for them
-    logprobs: tuple[np.ndarray, ...] | None = None  # the next tokens' [rows, K], the largest [rows, K, TOP_LOGPROBS]
-    # and their ids [rows, K, TOP_LOGPROBS], when the step asked for them
-
-    def scored(self, row: int, k: int, top: int) -> TokenLogprobs | None:
-        """Row `row`'s k-th next token's log-probability and the `top` largest with their ids (None when the
-        step did not ask for them)."""
-        if self.logprobs is None:
-            return None
-        chosen, values, ids = (a[row, k] for a in self.logprobs)
-        return float(chosen), [(int(i), float(v)) for i, v in zip(ids[:top], values[:top])]
-
-
-def padded(values: np.ndarray) -> np.ndarray:
-    """A 1-D int32 array of at least 2 entries (no compiled input has a dimension of 1); extra entries 0."""
-    flat = np.asarray(values, np.int32).reshape(-1)
-    return np.pad(flat, (0, max(0, 2 - flat.size)))
-
-
 @dataclass
 class RankValues:
     """Rank-specific arrays, passed to the units as data so every rank compiles the same program (each
@@ -382,7 +324,7 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
         members=layout.moe_tp, per_token=top_k // layout.tp, own_count=len(layout.own_members()),
         capacity=layout.capacity(union, top_k, local_experts), count_drops=layout.capacity_factor is not None,
         block_rows=choose_block_rows(rows, local_experts, expert_cost), rows_apart=rows_apart(tokens, expert_cost),
-        tp_groups=layout.tp_groups,
+        scatter=tokens % layout.tp == 0 and tokens >= SCATTER_TOKENS, tp_groups=layout.tp_groups,
         slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
     )
 
@@ -396,12 +338,6 @@ def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout, return_lo
                 candidates=min(CANDIDATES, config.vocab_size) if samples else 0,
                 logprobs=min(TOP_LOGPROBS, config.vocab_size) if logprobs else 0, return_logits=return_logits,
                 rows_apart=apart, world_groups=layout.world_groups)
-
-
-def group_rows(step: Step, layout: ParallelLayout) -> slice:
-    """This rank's attention group's rows of a step."""
-    rows = step.input_ids.shape[0] // layout.dp
-    return slice(layout.group * rows, (layout.group + 1) * rows)
 
 
 def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -423,7 +359,7 @@ def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.nda
                   union_valid=union[2], member_slots=rank.member_slots, own_members=rank.own_members,
                   own_position=rank.own_position, cos_table=rope[0], sin_table=rope[1], k_cache=caches[0],
                   v_cache=caches[1])
-    inputs.update({name: getattr(weights, name) for name in LAYER_WEIGHT_NAMES})
+    inputs.update({name: getattr(weights, name) for name in LAYER_WEIGHT_NAMES if getattr(weights, name) is not None})
     return inputs
 
 
@@ -455,125 +391,10 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
                      vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
                      top_p=sampled.top_p, uniform=sampled.uniform),
                 lm_head_constants(config, layout, step.return_logits,
-                                  sampled.samples_on_device() or step.logprobs,  # one variant: greedy rows stay so
+                                  # one variant: greedy rows stay so; a prefill always may sample (it costs little
+                                  # beside the chunk, and halves its lm_head programs)
+                                  seq > 1 or sampled.samples_on_device() or step.logprobs,
                                   step.logprobs, rows_apart(layout.dp * selected.size, expert_cost)))
-
-
-def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:
-    """The lm_head's outputs [dp * n, ...] (n = selected tokens per group, padded to at least 2) -> the
-    selected ones [dp * selected, ...]."""
-    return outputs.reshape(dp, -1, *outputs.shape[1:])[:, :selected].reshape(dp * selected, *outputs.shape[1:])
-
-
-def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, blocks: int) -> tuple[int, ...]:
-    """One layer's K (or V) cache on one rank: `blocks` blocks of KV_BLOCK positions plus the scratch block,
-    this rank's KV heads x head_dim."""
-    return ((blocks + 1) * KV_BLOCK, config.num_key_value_heads // layout.tp * config.head_dim)
-
-
-def blocks_for(positions: int) -> int:
-    """Cache blocks that hold `positions` positions."""
-    return -(-positions // KV_BLOCK)
-
-
-def table_width(positions: int) -> int:
-    """Block-table columns of a step attending `positions` positions (at least 2: no compiled input has a
-    dimension of 1)."""
-    return max(2, blocks_for(positions))
-
-
-FAR = 1 << 30  # the first position of a padding tile: past every row's, so it sees nothing
-
-
-def tile_bucket(tiles: int, rows: int) -> int:
-    """Tiles a decode step of `rows` rows per group runs: a power of two times the rows, holding `tiles`."""
-    count = max(2, rows)
-    while count < tiles:
-        count *= 2
-    return count
-
-
-def decode_tiles(groups: list[list[tuple[int, list[int], int]]], count: int, scratch: int) -> np.ndarray:
-    """[len(groups), count, 3] int32: each group's tiles (`Step.kv_tiles`) from its rows as (row within the
-    group, block table, position fed): the blocks of positions 0 .. position, then padding tiles."""
-    tiles = np.tile(np.array([0, scratch, FAR], np.int32), (len(groups), count, 1))
-    for g, rows in enumerate(groups):
-        mine = [(row, blocks[b], b * KV_BLOCK) for row, blocks, position in rows
-                for b in range(position // KV_BLOCK + 1)]
-        if len(mine) > count:
-            raise ValueError(f"{len(mine)} tiles exceed the step's {count}")
-        if mine:
-            tiles[g, : len(mine)] = mine
-    return tiles
-
-
-def contiguous_tables(rows: np.ndarray, width: int) -> np.ndarray:
-    """Block tables [len(rows), width] giving cache row r the blocks r * width .. (r + 1) * width - 1: the layout
-    of `MiniMaxM2Model.forward`, where every row owns a whole context."""
-    return (np.asarray(rows, np.int32)[:, None] * np.int32(width) + np.arange(width, dtype=np.int32)).astype(np.int32)
-
-
-def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, width: int,
-                 max_tokens: int = 0, samples: bool = False, return_logits: bool = False, all_positions: bool = False,
-                 logprobs: bool = False) -> Step:
-    """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units,
-    with the lm_head variant that samples on the device, returns log-probabilities and / or returns logits,
-    of the last position of each row or of all of them."""
-    total = rows * dp
-    zeros = np.zeros((total, seq), np.int32)
-    selected = np.tile(np.arange(seq if all_positions else 1, dtype=np.int32), (total, 1))
-    tables = None if seq == 1 else np.full((total, width), scratch, np.int32)
-    step = Step(zeros, zeros.copy(), tables, np.zeros((total, seq), bool), selected, bucket, kv_len, max_tokens,
-                return_logits=return_logits, logprobs=logprobs)
-    if seq == 1:  # a decode step attends kv_len // KV_BLOCK tiles, all padding
-        step.kv_tiles = decode_tiles([[]] * dp, kv_len // KV_BLOCK, scratch)
-    if samples:
-        step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
-                               np.zeros(total, np.float32))
-    return step
-
-
-def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, max_seq_len: int,
-                 ids: np.ndarray | None = None, all_positions: bool = True) -> Step:
-    """A step of `batch` rows of `seq` tokens all at `position` (row b in cache row b of its group, owning the
-    blocks of a whole context, as `MiniMaxM2Model.forward` lays out a batch; padding rows in the scratch
-    block, which follows them); ids [batch, seq] (zeros when None)."""
-    rows = max(min_rows(seq), layout.rows_per_group(batch))
-    total = rows * layout.dp
-    selected = np.arange(seq, dtype=np.int32) if all_positions else np.array([seq - 1], np.int32)
-    positions = np.broadcast_to(np.arange(position, position + seq, dtype=np.int32), (total, seq)).copy()
-    width = table_width(max_seq_len)
-    scratch = layout.rows_per_group(batch) * width
-    step = Step(np.zeros((total, seq), np.int32), positions, np.full((total, width), scratch, np.int32),
-                np.zeros((total, seq), bool), np.broadcast_to(selected, (total, len(selected))).copy(), batch,
-                return_logits=True)
-    real = batch_rows(batch, layout, seq)
-    step.token_valid[real] = True
-    step.block_tables[real] = contiguous_tables(real % rows, width)
-    if seq == 1:
-        groups = [[(int(r % rows), step.block_tables[r].tolist(), position) for r in real if r // rows == g]
-                  for g in range(layout.dp)]
-        count = tile_bucket(max(map(len, groups)) * (position // KV_BLOCK + 1), rows)
-        step.kv_tiles, step.block_tables = decode_tiles(groups, count, scratch), None
-        step.kv_len = count * KV_BLOCK
-    if ids is not None:
-        step.input_ids[real] = ids
-    return step
-
-
-def min_rows(seq: int) -> int:
-    """Rows a step of `seq` tokens per row runs at least: 2 for one token per row (its T = rows tokens must
-    not be 1: the Neuron compiler squeezes dimensions of size 1), else 1."""
-    return 2 if seq == 1 else 1
-
-
-def batch_rows(batch: int, layout: ParallelLayout, seq: int) -> np.ndarray:
-    """The step rows of a batch laid out as `uniform_step` lays it out: batch row b in attention group
-    b // n, cache row b % n, with n = rows_per_group(batch), each group running at least min_rows(seq)."""
-    per_group = layout.rows_per_group(batch)
-    rows = max(min_rows(seq), per_group)
-    b = np.arange(batch)
-    return (b // per_group) * rows + b % per_group
 
 
 def program_units(
@@ -591,12 +412,15 @@ def program_units(
     samples: bool = True,
     return_logits: bool = False,
     logprobs: bool = False,
+    rows: int | None = None,
+    kv_len: int | None = None,
 ) -> list[Unit]:
     """The units one rank runs for one phase ('prefill': `seq` prompt tokens from `position`;
     'decode': one token at `position`), with example inputs of the right shapes, dtypes and values
     (layer 0's weights; every layer runs the same program; every row its own cache row; rows in a bucket
     of at least 2; the next tokens sampled from the top candidates unless not `samples`, their
-    log-probabilities returned with `logprobs`, the logits with `return_logits`)."""
+    log-probabilities returned with `logprobs`, the logits with `return_logits`; `rows` rows per attention
+    group, default the batch's; a prefill attending `kv_len` positions, default the bucket of its last)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
@@ -605,7 +429,7 @@ def program_units(
     caches = (np.zeros(shape, dtype), np.zeros(shape, dtype))
     rank = RankValues.of(config, layout)
     ids = (np.arange(batch * seq, dtype=np.int32).reshape(batch, seq) * 7919) % config.vocab_size
-    step = uniform_step(batch, seq, position, layout, max_seq_len, ids, all_positions=False)
+    step = uniform_step(batch, seq, position, layout, max_seq_len, ids, all_positions=False, rows=rows)
     total = step.input_ids.shape[0]
     if samples:
         step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32),
@@ -615,7 +439,7 @@ def program_units(
     h = weights.embed[step.input_ids[mine].reshape(-1)]
     layer = weights.layers[0]
     union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
-    kv_len = step.kv_len or kv_len_for(step.kv_length, max_seq_len)
+    kv_len = step.kv_len or kv_len or kv_len_for(step.kv_length, max_seq_len)
     constants = layer_constants(config, layout, real, seq, kv_len, layer.w13.shape[0], expert_cost, h.shape[0])
     return [
         embedding_call(step.input_ids[mine].reshape(-1), weights),

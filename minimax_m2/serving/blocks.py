@@ -21,7 +21,7 @@ reused for a new request (the last one's logits give the first new token).
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from minimax_m2.device.program import KV_BLOCK
+from minimax_m2.device.step import KV_BLOCK
 
 ROOT = 0  # the chain hash of the empty prefix
 

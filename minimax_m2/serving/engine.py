@@ -21,18 +21,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from minimax_m2.device.program import (
-    CANDIDATES,
-    KV_BLOCK,
-    Sampled,
-    Step,
-    StepOutput,
-    Unit,
-    blocks_for,
-    min_rows,
-    padding_step,
-    table_width,
-)
+from minimax_m2.device.program import CANDIDATES, Unit
+from minimax_m2.device.step import KV_BLOCK, Sampled, Step, StepOutput, blocks_for, min_rows, padding_step, table_width
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
@@ -109,7 +99,7 @@ class Engine:
         self.keep_logits = keep_logits
         self.groups = model.layout.dp
         self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len),
-                                     model.max_seq_len)
+                                     model.max_seq_len, rows_size_experts=model.layout.moe_tp < model.layout.world)
         previous = model.owner
         if previous is not None and (not previous.idle() or previous.running()):
             raise RuntimeError("this model already serves an engine with requests in flight or a thread running: "
@@ -166,9 +156,9 @@ class Engine:
         chunk = {"decode": 0, "prefill": self.shapes.prefill_chunk}
         variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
                     + [(True, False, False, True)]}
-        variants["prefill"] = list(variants["decode"])
+        variants["prefill"] = [variant for variant in variants["decode"] if variant[0]]  # a prefill may always sample
         if self.keep_logits:
-            variants["prefill"] += [(False, True, True, False), (True, True, True, False)]
+            variants["prefill"].append((True, True, True, False))
         return [padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv, width, chunk[phase],
                              *variant)
                 for phase, rows, bucket, seq, kv in self.shapes.shapes() for variant in variants[phase]]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from minimax_m2.device.program import KV_BLOCK, Sampled, Step, StepOutput, table_width
+from minimax_m2.device.step import KV_BLOCK, Sampled, Step, StepOutput, table_width
 from minimax_m2.model import MiniMaxM2Model
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4

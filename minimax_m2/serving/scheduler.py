@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimax_m2.device.program import KV_BLOCK, Step, blocks_for, decode_tiles, min_rows
+from minimax_m2.device.step import KV_BLOCK, Step, blocks_for, decode_tiles, min_rows
 from minimax_m2.serving.blocks import BlockManager, Placement
 from minimax_m2.serving.request import Request
 
@@ -29,13 +29,29 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return values + [high]
 
 
+# A prefill step attends at least this many positions, and only a step attending at most this many runs
+# several rows per attention group: below it a chunk's attention costs less than a third of its projections
+# and experts, so its length is not worth a program; above it, one row per group.
+PREFILL_KV_FLOOR = 4096
+
+
 @dataclass(frozen=True)
 class ShapeSet:
-    """Every step shape the engine runs, fixed at start-up: a step has rows per attention group (at least
-    `min_rows`) and a bucket (at most that many rows are real in all groups together)."""
+    """Every step shape the engine runs, fixed at start-up: a step has rows per attention group and a bucket
+    (at most that many rows are real in all groups together, which sizes the experts' work).
+
+    A decode step runs 2 rows per group or `max_num_seqs` (a padding row costs a row of the projections and
+    of the exchanges, no expert and no cache read: a batch of one or two per group runs as few rows as a
+    step can, a larger one runs them all rather than compiling every bucket between), unless its rows per
+    group size its experts' buffers (`rows_size_experts`: a slice group spans fewer than all attention
+    groups, so the bucket of real rows in all does not bound them), when every power of two is a bucket;
+    its bucket a power of two and its tiles (`tile_counts`) the programs' other axes. A prefill step runs 1
+    to `prefill_rows[-1]` rows of a token bucket each, every row's chunk counted against one budget
+    (`prefill_chunk`, which also bounds the experts' work), attending a length of `kv_lengths`."""
 
     groups: int
-    decode_rows: tuple[int, ...]  # request buckets: rows per group, and real rows in all
+    decode_rows: tuple[int, ...]  # rows per group of a decode step
+    decode_buckets: tuple[int, ...]  # real rows of a decode step in all groups
     prefill_rows: tuple[int, ...]
     prefill_tokens: tuple[int, ...]  # token buckets of one prefill row
     prefill_chunk: int  # prompt tokens per step, all rows together
@@ -44,43 +60,53 @@ class ShapeSet:
 
     @classmethod
     def build(cls, groups: int, max_num_seqs: int, prefill_chunk: int, max_seq_len: int,
-              max_prefill_rows: int = 4) -> "ShapeSet":
+              max_prefill_rows: int = 4, rows_size_experts: bool = False) -> "ShapeSet":
+        most = max(min_rows(1), max_num_seqs)
         return cls(
             groups=groups,
-            decode_rows=tuple(powers_of_two(1, max_num_seqs)),
+            decode_rows=tuple(powers_of_two(min_rows(1), most) if rows_size_experts else sorted({min_rows(1), most})),
+            decode_buckets=tuple(powers_of_two(1, max_num_seqs * groups)),
             prefill_rows=tuple(powers_of_two(1, min(max_prefill_rows, max_num_seqs))),
             prefill_tokens=tuple(powers_of_two(min(16, prefill_chunk), prefill_chunk)),
             prefill_chunk=prefill_chunk,
-            kv_lengths=tuple(powers_of_two(min(KV_BLOCK, max_seq_len), max_seq_len)),
+            kv_lengths=tuple(powers_of_two(min(PREFILL_KV_FLOOR, max_seq_len), max_seq_len)),
             max_blocks=blocks_for(max_seq_len),
         )
 
-    def tile_counts(self, rows: int) -> list[int]:
-        """Tile buckets of a decode step of `rows` rows per group: the rows times a power of two, up to every
-        row's longest sequence."""
-        low = max(min_rows(1), rows)
-        return powers_of_two(low, low * self.max_blocks)
+    def tile_counts(self, rows: int, bucket: int) -> list[int]:
+        """Tile buckets of a decode step of `rows` rows per group, `bucket` real in all: powers of two from
+        the tiles of its fullest group's fewest rows (one tile each; at least 2) up to the longest sequences of
+        the real rows one group can hold."""
+        least, low = 1 + max([r for r in self.decode_rows if r < rows], default=0), 2
+        while low < least:
+            low *= 2
+        return powers_of_two(low, max(low, min(bucket, rows) * self.max_blocks))
 
-    def _pairs(self, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
-        """(rows per group, real rows in all): each group's rows bucket with every bucket of the whole step
-        it can hold, from one group's worth to all groups' worth."""
-        return [(r, b) for r in buckets for b in powers_of_two(r, r * self.groups)]
+    def decode_pairs(self) -> list[tuple[int, int]]:
+        """(rows per group, bucket) of every decode step: a step runs the fewest rows holding its fullest
+        group, so its bucket exceeds the rows of the bucket before."""
+        pairs, fewer = [], 0
+        for rows in self.decode_rows:
+            pairs += [(rows, b) for b in self.decode_buckets if fewer < b <= rows * self.groups]
+            fewer = rows
+        return pairs
 
-    def holds(self, rows: int, tokens: int) -> bool:
-        """Whether a prefill step of `rows` rows per group, the longest of `tokens` tokens, has a shape of the set."""
+    def holds(self, rows: int, tokens: int, kv_len: int) -> bool:
+        """Whether a prefill step of `rows` rows per group, the longest of `tokens` tokens, attending kv_len
+        positions, has a shape of the set."""
         r = self.bucket(rows, self.prefill_rows, "prefill rows")
         if r == self.prefill_rows[0]:
             return True
-        return r * self.bucket(tokens, self.prefill_tokens, "tokens") <= 2 * self.prefill_chunk
+        return r * self.bucket(tokens, self.prefill_tokens, "tokens") <= 2 * self.prefill_chunk and \
+            kv_len <= self.kv_lengths[0]
 
     def shapes(self) -> list[tuple[str, int, int, int, int]]:
-        """(phase, rows per group, real rows in all, tokens per row, attended positions) of every program step
-        (a step runs max(min_rows(tokens per row), rows) rows per group). A prefill row of t tokens attends
-        at least t positions: no shorter length is in the set; a decode step attends KV_BLOCK x its tiles."""
-        decode = [("decode", r, b, 1, n * KV_BLOCK) for r, b in self._pairs(self.decode_rows)
-                  for n in self.tile_counts(r)]
-        prefill = [("prefill", r, b, t, kv) for r, b in self._pairs(self.prefill_rows) for t in self.prefill_tokens
-                   if self.holds(r, t) for kv in self.kv_lengths if kv >= t]
+        """(phase, rows per group, real rows in all, tokens per row, attended positions) of every program step.
+        A prefill step's bucket is all its rows (the chunk budget bounds its real tokens); a prefill row of t
+        tokens attends at least t positions; a decode step attends KV_BLOCK x its tiles."""
+        decode = [("decode", r, b, 1, n * KV_BLOCK) for r, b in self.decode_pairs() for n in self.tile_counts(r, b)]
+        prefill = [("prefill", r, r * self.groups, t, kv) for r in self.prefill_rows for t in self.prefill_tokens
+                   for kv in self.kv_lengths if kv >= t and self.holds(r, t, kv)]
         return decode + prefill
 
     @staticmethod
@@ -89,14 +115,6 @@ class ShapeSet:
             if needed <= b:
                 return b
         raise ValueError(f"{needed} {what} exceed the largest compiled shape ({buckets[-1]})")
-
-    def step_shape(self, per_group: list[int], buckets: tuple[int, ...], what: str) -> tuple[int, int]:
-        """(rows per group, bucket) of a step whose groups have these real rows."""
-        rows = self.bucket(max(per_group), buckets, what)
-        total = 1
-        while total < sum(per_group):
-            total *= 2
-        return rows, max(min(total, rows * self.groups), rows)
 
 
 @dataclass
@@ -189,24 +207,33 @@ class Scheduler:
             if len(rows) == self.shapes.prefill_rows[-1]:
                 continue
             count = min(len(context) - request.prefilled, budget, self.shapes.prefill_tokens[-1])
-            longest = max([count] + [len(c.tokens) for g in per_group for c in g])
-            if not self.shapes.holds(max(len(rows) + 1, *map(len, per_group)), longest):
+            chunks = [c for g in per_group for c in g]
+            longest = max([count] + [len(c.tokens) for c in chunks])
+            end = max([request.prefilled + count] + [c.start + len(c.tokens) for c in chunks])
+            if not self.shapes.holds(max(len(rows) + 1, *map(len, per_group)), longest, self._kv_len(longest, end)):
                 break  # another row would make a shape outside the set: it waits for the next step
             budget -= count
             start = request.prefilled
             rows.append(Chunk(request, start, context[start : start + count],
                               start + count == len(context) and not request.generated))
-        if not any(per_group):
+        chunks = [c for g in per_group for c in g]
+        if not chunks:
             return None
-        real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.prefill_rows, "prefill rows")
-        seq = ShapeSet.bucket(max(len(c.tokens) for g in per_group for c in g), self.shapes.prefill_tokens, "tokens")
-        rows = max(min_rows(seq), real)
+        rows = self.shapes.bucket(max(map(len, per_group)), self.shapes.prefill_rows, "prefill rows")
+        seq = ShapeSet.bucket(max(len(c.tokens) for c in chunks), self.shapes.prefill_tokens, "tokens")
         order: list[Chunk | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         keep_all = any(c is not None and c.request.keep_logits for c in order)
-        step = self._step(rows, bucket, seq,
+        step = self._step(rows, rows * self.groups, seq,
                           [(c.request.blocks, c.start, c.tokens) if c else None for c in order], keep_all)
         step.max_tokens = self.shapes.prefill_chunk  # the budget: the experts see at most this many tokens
+        step.kv_len = self._kv_len(seq, max(c.start + len(c.tokens) for c in chunks))
         return step, order
+
+    def _kv_len(self, tokens: int, end: int) -> int:
+        """The attended length of a prefill step whose longest row has `tokens` tokens and whose rows end at
+        most at position `end`."""
+        return ShapeSet.bucket(max(end, ShapeSet.bucket(tokens, self.shapes.prefill_tokens, "tokens")),
+                               self.shapes.kv_lengths, "attended positions")
 
     def _decode_step(self) -> tuple[Step, list[Request | None]] | None:
         per_group: list[list[Request]] = [[] for _ in range(self.groups)]
@@ -215,14 +242,14 @@ class Scheduler:
                 per_group[request.group].append(request)
         if not any(per_group):
             return None
-        real, bucket = self.shapes.step_shape(list(map(len, per_group)), self.shapes.decode_rows, "decode rows")
-        rows = max(min_rows(1), real)
+        rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.decode_rows, "decode rows")
+        bucket = ShapeSet.bucket(sum(map(len, per_group)), self.shapes.decode_buckets, "decode rows")
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
         step = self._step(rows, bucket, 1,
                           [(r.blocks, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
         groups = [[(i, r.blocks, r.length - 1) for i, r in enumerate(g)] for g in per_group]
         needed = max(sum(position // KV_BLOCK + 1 for _, _, position in g) for g in groups)
-        count = ShapeSet.bucket(needed, tuple(self.shapes.tile_counts(real)), "decode tiles")
+        count = ShapeSet.bucket(needed, tuple(self.shapes.tile_counts(rows, bucket)), "decode tiles")
         step.kv_tiles = decode_tiles(groups, count, self.blocks.blocks_per_group)
         step.kv_len = count * KV_BLOCK
         return step, order

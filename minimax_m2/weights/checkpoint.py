@@ -218,6 +218,22 @@ class Checkpoint:
             return [f"tensor {scale!r} has shape {list(self._file_of[scale].shape(scale))}, expected {list(grid)}"]
         return []
 
+    def read_fp8(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Tensor `key` as stored when it is float8: its float8_e4m3fn codes (uint8, [out, in]) and its
+        weight_scale_inv grid (float32, one per block); None when it is not float8. Codes that are NaN, and
+        scales that are not finite and positive, are a CheckpointError naming the tensor."""
+        shard = self._file_of[key]
+        if shard.dtype(key) != "F8_E4M3":
+            return None
+        codes = np.array(shard.map(key))
+        scale = self._file_of[key + "_scale_inv"].read(key + "_scale_inv")
+        nan = int(np.count_nonzero((codes & 127) == 127))
+        if nan:
+            raise CheckpointError(f"tensor {key!r} in {shard.path.name} holds {nan} NaN values")
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise CheckpointError(f"tensor {key!r}_scale_inv holds scales that are not finite and positive")
+        return codes, scale
+
     def read(self, key: str) -> np.ndarray:
         """Tensor `key` as float32; float8 weights dequantised as fp8 * weight_scale_inv of their block.
         A tensor holding NaN or inf is a CheckpointError naming it."""

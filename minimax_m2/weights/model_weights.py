@@ -30,10 +30,20 @@ class LayerWeights:
     bias: np.ndarray  # [E] e_score_correction_bias of the experts loaded
     w13: np.ndarray  # [L, 2I', hidden] gate (w1) rows then up (w3) rows, as the checkpoint stores them
     w2: np.ndarray  # [L, hidden, I']
+    # With FP8 weights kept as stored, the projections and experts hold float8_e4m3fn codes (uint8) and
+    # each its block scales (`block_scales`, float32, [..., rows / r, cols / c]); None otherwise.
+    wq_scale: np.ndarray | None = None
+    wk_scale: np.ndarray | None = None
+    wv_scale: np.ndarray | None = None
+    wo_scale: np.ndarray | None = None
+    w13_scale: np.ndarray | None = None
+    w2_scale: np.ndarray | None = None
 
 
 LAYER_WEIGHT_NAMES = tuple(f.name for f in fields(LayerWeights))
-FLOAT32_WEIGHTS = ("gate", "bias")  # the router stays float32 whatever the model dtype
+FP8_WEIGHTS = ("wq", "wk", "wv", "wo", "w13", "w2")  # the weights an FP8 checkpoint stores as float8_e4m3fn
+SCALES = tuple(f"{name}_scale" for name in FP8_WEIGHTS)
+FLOAT32_WEIGHTS = ("gate", "bias") + SCALES  # the router and FP8 scales stay float32 whatever the model dtype
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -44,8 +54,11 @@ def model_dtype(name: str) -> np.dtype:
     return DTYPES[name]
 
 
-def cast_weight(name: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A layer weight in `dtype`, except the router's, which stays float32."""
+def cast_weight(name: str, value: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """A layer weight in `dtype`, except the router's and FP8 scales, which stay float32, and FP8 codes,
+    which stay as stored."""
+    if value is None or value.dtype == np.uint8:
+        return value
     return value.astype(np.float32 if name in FLOAT32_WEIGHTS else dtype, copy=False)
 
 
@@ -62,7 +75,8 @@ class ModelWeights:
 
     def nbytes(self) -> int:
         """Resident bytes of every weight held (a tied lm_head counted once)."""
-        arrays = [self.embed, self.final_norm] + [a for layer in self.layers for a in vars(layer).values()]
+        arrays = [self.embed, self.final_norm] + [a for layer in self.layers for a in vars(layer).values()
+                                                  if a is not None]
         tied = np.shares_memory(self.lm_head, self.embed)
         return sum(a.nbytes for a in arrays) + (0 if tied else self.lm_head.nbytes)
 
@@ -90,23 +104,88 @@ def dense_part(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np
     so the full projections are freed; router columns of the loaded experts)."""
     q = layout.head_slice(config.num_attention_heads, config.head_dim)
     kv = layout.head_slice(config.num_key_value_heads, config.head_dim)
-    return dict(
+    dense = dict(
         input_norm=hf["input_layernorm"],
         post_norm=hf["post_attention_layernorm"],
-        wq=_linear(hf["q_proj"][q]),
-        wk=_linear(hf["k_proj"][kv]),
-        wv=_linear(hf["v_proj"][kv]),
-        wo=_linear(hf["o_proj"][:, q]),
         q_norm=hf["q_norm"][q].copy(),
         k_norm=hf["k_norm"][kv].copy(),
         gate=_linear(hf["gate"]),
         bias=hf["bias"],
     )
+    if "q_proj" in hf:  # else the projections are kept as FP8 codes (`fp8_projections`)
+        dense.update(wq=_linear(hf["q_proj"][q]), wk=_linear(hf["k_proj"][kv]), wv=_linear(hf["v_proj"][kv]),
+                     wo=_linear(hf["o_proj"][:, q]))
+    return dense
 
 
 def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray,
            w2: np.ndarray) -> LayerWeights:
     return LayerWeights(**dense_part(config, layout, hf), w13=w13, w2=w2)
+
+
+def block_scales(grid: np.ndarray, block: tuple[int, int], shape: tuple[int, int], rows: slice,
+                 cols: slice) -> np.ndarray:
+    """The scales of the [rows, cols] part of an FP8 weight of `shape` [R, C] whose `block` scales (the
+    checkpoint's weight_scale_inv) are `grid`: along each axis one per block where the part holds whole
+    blocks, else one per index (a slice cutting through blocks, such as the 24 intermediate rows each of 64
+    ranks holds of a 128-row block, keeps each row's own block's scale) -> [part rows / r, part cols / c]
+    for `kernels.fp8.dequantize`."""
+    def axis(size: int, part: slice, b: int) -> np.ndarray:
+        start, stop, _ = part.indices(size)
+        if start % b == 0 and (stop - start) % b == 0:
+            return np.arange(start // b, stop // b)
+        return np.arange(start, stop) // b
+
+    return np.ascontiguousarray(grid[np.ix_(axis(shape[0], rows, block[0]), axis(shape[1], cols, block[1]))])
+
+
+_ALL = slice(None)
+
+
+def _fp8_part(ckpt: Checkpoint, key: str, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray] | None:
+    """The [rows, cols] part of tensor `key` ([out, in]) as FP8 codes and their scales (`block_scales`),
+    or None when it is not stored as float8."""
+    stored = ckpt.read_fp8(key)
+    if stored is None:
+        return None
+    codes, grid = stored
+    return (np.ascontiguousarray(codes[rows, cols]),
+            block_scales(grid, ckpt.config.fp8_block_size, codes.shape, rows, cols))
+
+
+def fp8_projections(ckpt: Checkpoint, layer: int, layout: ParallelLayout) -> dict[str, np.ndarray]:
+    """This rank's attention projections as FP8 codes in the kernels' [in, out] layout with their scales
+    (wq, wq_scale, ...), or {} when the checkpoint does not store them all as float8."""
+    config = ckpt.config
+    q = layout.head_slice(config.num_attention_heads, config.head_dim)
+    kv = layout.head_slice(config.num_key_value_heads, config.head_dim)
+    parts = {"wq": ("q_proj", q, _ALL), "wk": ("k_proj", kv, _ALL), "wv": ("v_proj", kv, _ALL),
+             "wo": ("o_proj", _ALL, q)}
+    out = {}
+    for name, (key, rows, cols) in parts.items():
+        part = _fp8_part(ckpt, f"{layer_prefix(layer)}self_attn.{key}.weight", rows, cols)
+        if part is None:
+            return {}
+        out[name], out[f"{name}_scale"] = (np.ascontiguousarray(a.T) for a in part)
+    return out
+
+
+def fp8_experts(ckpt: Checkpoint, layer: int, layout: ParallelLayout) -> dict[str, np.ndarray]:
+    """This rank's experts (`ckpt.experts`, its intermediate slice) as FP8 codes with their scales (w13,
+    w13_scale, w2, w2_scale, as `expert_part` lays them out), or {} when they are not all float8."""
+    part = layout.intermediate_slice(ckpt.config.intermediate_size)
+    w13, s13, w2, s2 = [], [], [], []
+    for e in ckpt.experts:
+        w1 = _fp8_part(ckpt, expert_key(layer, e, "w1"), part, _ALL)
+        w3 = _fp8_part(ckpt, expert_key(layer, e, "w3"), part, _ALL)
+        down = _fp8_part(ckpt, expert_key(layer, e, "w2"), _ALL, part)
+        if w1 is None or w3 is None or down is None:
+            return {}
+        w13.append(np.concatenate([w1[0], w3[0]]))
+        s13.append(np.concatenate([w1[1], w3[1]]))
+        w2.append(down[0])
+        s2.append(down[1])
+    return dict(w13=np.stack(w13), w13_scale=np.stack(s13), w2=np.stack(w2), w2_scale=np.stack(s2))
 
 
 _DENSE_KEYS = {
@@ -123,25 +202,34 @@ _DENSE_KEYS = {
 }
 
 
-def read_dense(ckpt: Checkpoint, layer: int, experts: list[int]) -> dict[str, np.ndarray]:
-    """A layer's non-expert tensors as stored (HF layout, float32), router rows of the loaded `experts`."""
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def read_dense(ckpt: Checkpoint, layer: int, experts: list[int], projections: bool = True) -> dict[str, np.ndarray]:
+    """A layer's non-expert tensors as stored (HF layout, float32; the attention projections only when
+    `projections`), router rows of the loaded `experts`."""
     p = layer_prefix(layer)
-    hf = {name: ckpt.read(p + key) for name, key in _DENSE_KEYS.items()}
+    hf = {name: ckpt.read(p + key) for name, key in _DENSE_KEYS.items() if projections or name not in _PROJECTIONS}
     hf["gate"], hf["bias"] = hf["gate"][experts], hf["bias"][experts]
     return hf
 
 
-def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: ParallelLayout) -> LayerWeights:
+def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: ParallelLayout,
+               keep_fp8: bool = False) -> LayerWeights:
     """Read one decoder layer: router rows of all loaded `experts`, weights of this rank's experts
-    (`ckpt.experts`), attention heads of this rank."""
-    hf = read_dense(ckpt, layer, experts)
+    (`ckpt.experts`), attention heads of this rank; with `keep_fp8`, the projections and experts an FP8
+    checkpoint stores as float8 stay FP8 codes with their scales (else they are dequantised)."""
+    kept = {**fp8_projections(ckpt, layer, layout), **fp8_experts(ckpt, layer, layout)} if keep_fp8 else {}
+    hf = read_dense(ckpt, layer, experts, projections="wq" not in kept)
+    if "w13" in kept:
+        return LayerWeights(**dense_part(ckpt.config, layout, hf), **kept)
 
     def expert_weights(name: str) -> list[np.ndarray]:
         return [ckpt.read(expert_key(layer, e, name)) for e in ckpt.experts]
 
     part = layout.intermediate_slice(ckpt.config.intermediate_size)
     w13, w2 = _fuse_experts(expert_weights("w1"), expert_weights("w3"), expert_weights("w2"), part)
-    return _layer(ckpt.config, layout, hf, w13, w2)
+    return LayerWeights(**dense_part(ckpt.config, layout, hf), **kept, w13=w13, w2=w2)
 
 
 def vocab_columns(lm_head: np.ndarray, layout: ParallelLayout) -> np.ndarray:
@@ -169,11 +257,12 @@ def _layers(count: int, progress: bool, what: str) -> Iterable[int]:
 
 def load_model_weights(
     ckpt: Checkpoint, experts: list[int], layout: ParallelLayout, dtype: np.dtype = np.dtype(np.float32),
-    progress: bool = False,
+    progress: bool = False, keep_fp8: bool = False,
 ) -> ModelWeights:
-    """Read the whole model, one layer at a time, each layer cast to `dtype` as soon as it is read."""
+    """Read the whole model, one layer at a time, each layer cast to `dtype` as soon as it is read (FP8
+    weights kept as codes and scales with `keep_fp8`: `load_layer`)."""
     tied = ckpt.config.tie_word_embeddings
-    layers = [_cast_layer(load_layer(ckpt, i, experts, layout), dtype)
+    layers = [_cast_layer(load_layer(ckpt, i, experts, layout, keep_fp8), dtype)
               for i in _layers(ckpt.config.num_hidden_layers, progress, "loading")]
     return _model(ckpt.read("model.embed_tokens.weight"), ckpt.read("model.norm.weight"),
                   None if tied else ckpt.read("lm_head.weight"), layers, layout, dtype)

@@ -74,7 +74,8 @@ def _shapes(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout,
     for i in range(config.num_hidden_layers):
         for name in LAYER_WEIGHT_NAMES:
             a = getattr(template.layers[0], name)
-            entries[f"layers.{i}.{name}"] = (a.dtype, a.shape)
+            if a is not None:
+                entries[f"layers.{i}.{name}"] = (a.dtype, a.shape)
     return entries
 
 
@@ -331,7 +332,8 @@ def load_prepared(path: str | Path, layout: ParallelLayout,
             raise ValueError(f"{file}: tensor {key!r} is missing or not {want.name} of shape {list(shape)}")
     if verify:
         _verify(file, tensors, entry["tensors"])
-    layers = [LayerWeights(**{n: tensors.map(f"layers.{i}.{n}") for n in LAYER_WEIGHT_NAMES})
+    layers = [LayerWeights(**{n: tensors.map(f"layers.{i}.{n}") for n in LAYER_WEIGHT_NAMES
+                              if f"layers.{i}.{n}" in tensors.keys()})
               for i in range(config.num_hidden_layers)]
     return config, experts, ModelWeights(tensors.map("embed"), tensors.map("final_norm"), tensors.map("lm_head"),
                                          layers)
