@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="weights, activations and KV cache; router and logits stay float32 (default: float32 on cpu, "
                         "bfloat16 on neuron)")
+    p.add_argument("--fp8", choices=["keep", "dequantize"],
+                   help="an FP8 checkpoint's float8 experts: kept as 8-bit codes and block scales, decoded exactly "
+                        "inside the units (half their bytes: a larger KV pool, but decoding work that the roofline "
+                        "projects slower than reading bf16), or dequantised when loaded, as its attention "
+                        "projections always are (default: dequantize)")
     p.add_argument("--device", choices=["cpu", "neuron"], default="cpu",
                    help="cpu: the units run as NumPy here; neuron: compiled by nkipy for this rank's NeuronCore "
                         "(Trainium hosts; not yet run on hardware)" + d)

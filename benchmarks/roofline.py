@@ -14,7 +14,9 @@ for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention t
    expert blocks unrolled, and the largest program of each unit as recorded (ops, matmuls); and that
    engine's memory plan per NeuronCore (what `run_example.py --device neuron` checks before loading);
 5. long contexts: TTFT of 32k and 128k-token prompts through chunked prefill, TPOT at those contexts at
-   batch 1 and 32, with the KV bytes a decode step reads beside everything else it reads.
+   batch 1 and 32, with the KV bytes a decode step reads beside everything else it reads;
+6. FP8 experts kept as 8-bit codes (`--fp8 keep`): TPOT at batch 1, 8, 32 and 256 beside bf16, with the
+   bytes a layer reads and the element-wise work of decoding the codes.
 
 Every assumption is printed with its source or marked ASSUMED.
 
@@ -250,6 +252,22 @@ def long_context(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
     return out
 
 
+def fp8_experts(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
+    """Per batch: (bf16, FP8 experts) TPOT in ms, a layer's bytes read in MB and its decoding operations."""
+    layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
+    fp8_config = dataclasses.replace(config, fp8_block_size=(128, 128))
+    out = {}
+    for batch in BATCHES:
+        row = {}
+        for name, fp8 in (("bf16", False), ("fp8", True)):
+            costs = record_units(fp8_config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT,
+                                 rows=decode_rows(layout, batch), fp8=fp8)
+            row[name] = {"tpot_ms": served_seconds(costs, config.num_hidden_layers, hw, "decode", batch) * 1e3,
+                         "layer_mb": costs[1].bytes_read / 1e6, "decode_ops": costs[1].decode_ops}
+        out[batch] = row
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -370,11 +388,21 @@ def main(argv: list[str]) -> int:
               f"{r['kv_gb_b32']:.3f} / {r['other_gb_b32']:.3f} |")
     print("  a decode step reads the blocks its rows attend (tiles): 32 rows of mixed lengths read the sum of their "
           "lengths, not 32 times the longest")
+    fp8 = fp8_experts(config, hw, best_tp)
+    print(f"\n6. FP8 experts kept as codes at ({best_tp}, {WORLD // best_tp}), decoded in the units (ASSUMED "
+          f"{hw.vector_ops_per_s / 1e9:.0f} G element-wise operations/s beside memory and matmuls)")
+    print("| batch | TPOT bf16 | TPOT FP8 experts | MB read per layer bf16 / FP8 | decoding operations per layer |")
+    print("|---|---|---|---|---|")
+    for batch, r in fp8.items():
+        bf16, kept = r["bf16"], r["fp8"]
+        print(f"| {batch} | {bf16['tpot_ms']:.2f} ms | {kept['tpot_ms']:.2f} ms | {bf16['layer_mb']:.1f} / "
+              f"{kept['layer_mb']:.1f} | {kept['decode_ops'] / 1e6:.0f} M |")
     if args.json:
         for r in rows:
             del r["decode"]
         args.json.write_text(json.dumps(dict(hardware=dataclasses.asdict(hw), layouts=rows, nxdi=NXDI_MEASURED,
                                              sensitivity=sens, serving=served, compile_set=compiled, long_context=long,
+                                             fp8_experts=fp8,
                                              targets=TARGETS, verdicts=verdicts,
                                              static_floors=dict(tpot_ms=static_tpot, expert_ratio=static_ratio)),
                                         indent=1, default=str))

@@ -23,9 +23,9 @@ def e4m3fn_values(codes: np.ndarray) -> np.ndarray:
     bits = codes.astype(np.int32) & np.int32(255)
     normal = (bits & np.int32(120)) > 0
     significand = (bits & np.int32(7)).astype(_F32) + np.where(normal, _F32(8), _F32(0))
-    power = (np.where((bits & np.int32(8)) > 0, _F32(2), _F32(1)) * np.where((bits & np.int32(16)) > 0, _F32(4), _F32(1))
-             * np.where((bits & np.int32(32)) > 0, _F32(16), _F32(1))
-             * np.where((bits & np.int32(64)) > 0, _F32(256), _F32(1)))  # 2^eeee, bit by bit
+    power = _F32(1)  # 2^eeee, one exponent bit at a time: bit 3 + k of the code is worth 2^(2^k)
+    for k in range(4):
+        power = power * np.where((bits & np.int32(8 << k)) > 0, _F32(2 ** (1 << k)), _F32(1))
     magnitude = significand * np.where(normal, power, _F32(2)) * _F32(2.0**-10)
     value = np.where((bits & np.int32(128)) > 0, -magnitude, magnitude)
     return np.where((bits & np.int32(127)) == 127, _F32(np.nan), value)

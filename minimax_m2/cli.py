@@ -21,7 +21,7 @@ from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.plan_mode import run_plan
+from minimax_m2.plan_mode import keeps_fp8, run_plan
 from minimax_m2.run import (
     engine_generate,
     kernel_checks,
@@ -97,11 +97,11 @@ def _source(args: argparse.Namespace) -> Path:
 
 def _check_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, device: str,
                   slots: int, prefill_chunk: int, kept_logits: int, max_seq_len: int, kv_blocks: int | None,
-                  leader: bool) -> int:
+                  leader: bool, fp8: bool) -> int:
     """Print this rank's memory plan and refuse the run, before any allocation, when it cannot fit; the KV
     pool's blocks per attention group (`kv_blocks`, else `pool_blocks`)."""
     available, where = available_memory(device, min(layout.world, world_size()))
-    sizes = dict(slots=slots, prefill_chunk=prefill_chunk, max_seq_len=max_seq_len, kept_logits=kept_logits)
+    sizes = dict(slots=slots, prefill_chunk=prefill_chunk, max_seq_len=max_seq_len, kept_logits=kept_logits, fp8=fp8)
     kv_blocks = kv_blocks or pool_blocks(config, layout, num_experts, dtype, available=available, device=device,
                                          **sizes)
     plan = engine_plan(config, layout, num_experts, dtype, kv_blocks=kv_blocks, **sizes)
@@ -125,7 +125,8 @@ def _load_model(args: argparse.Namespace, layout: ParallelLayout, experts: list[
                                              verify=not args.no_verify)
     else:
         model = MiniMaxM2Model.from_pretrained(args.checkpoint, experts=experts, max_seq_len=args.max_seq_len,
-                                               layout=layout, dtype=args.dtype, progress=progress)
+                                               layout=layout, dtype=args.dtype, progress=progress,
+                                               keep_fp8=args.fp8 == "keep")
     return run_on(model, runner)
 
 
@@ -184,7 +185,8 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     planned = ParallelLayout(args.ep, tp, rank(), args.capacity_factor, moe_tp)
     planned.check(config, len(experts))
     kv_blocks = _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots,
-                              args.prefill_chunk, 0, args.max_seq_len, args.kv_blocks, rank() == 0)
+                              args.prefill_chunk, 0, args.max_seq_len, args.kv_blocks, rank() == 0,
+                              keeps_fp8(args, config))
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
     kv_blocks = _agreed(kv_blocks, layout)
     leader = layout.rank == 0
@@ -250,6 +252,10 @@ def main(args: argparse.Namespace) -> int:
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
     _check_flags(args)
+    if args.fp8 == "keep" and args.weights:
+        raise ValueError("--fp8 keep is for --checkpoint: prepared weights are held in the dtype they were prepared "
+                         "in (prepared FP8 files are not supported yet)")
+    args.fp8 = args.fp8 or "dequantize"
     if args.mode == "plan":
         args.dtype = args.dtype or ("bfloat16" if args.device == "neuron" else "float32")
         return run_plan(args)
@@ -316,7 +322,8 @@ def main(args: argparse.Namespace) -> int:
     slots = args.max_num_seqs or planned.rows_per_group(len(lengths))
     kept = sum(n + sampling.max_new_tokens - 1 for n in lengths) if args.dump_logits else 0
     kv_blocks = _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots,
-                              args.prefill_chunk, kept, args.max_seq_len, args.kv_blocks, rank() == 0)
+                              args.prefill_chunk, kept, args.max_seq_len, args.kv_blocks, rank() == 0,
+                              keeps_fp8(args, config))
     rng = np.random.default_rng(args.model_seed)
     prompts = rows or rng.integers(0, config.vocab_size, (len(lengths), lengths[0])).tolist()
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)

@@ -224,7 +224,7 @@ class MiniMaxM2Model:
                                   self.weights.layers[index], kv_len)
             return layer_call(phase, inputs, constants)
 
-        embedding = embedding_call(mine, self.weights)
+        embedding = embedding_call(mine, self.weights, self.rank_values, layout)
         return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, cost)
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:

@@ -149,6 +149,11 @@ class ParallelLayout:
         """lm_head columns each rank holds: the vocabulary split evenly, the last rank zero-padded."""
         return -(-vocab // self.world)
 
+    def embed_rows(self, vocab: int) -> int:
+        """Embedding rows each rank holds: the vocabulary split evenly over its attention group (which looks up
+        the same tokens), the last tp rank zero-padded."""
+        return -(-vocab // self.tp)
+
     def rows_per_group(self, batch: int) -> int:
         """Batch rows each attention group runs (the batch is padded to a multiple of dp)."""
         return -(-batch // self.dp)

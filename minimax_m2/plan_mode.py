@@ -29,10 +29,15 @@ from minimax_m2.weights.prepare import prepared_layout
 SERVE_SLOTS = 8  # --max-num-seqs of serve mode when it is not given
 
 
+def keeps_fp8(args: argparse.Namespace, config: MiniMaxM2Config) -> bool:
+    """Whether the run holds FP8 experts as codes: --fp8 keep and a checkpoint stored in FP8."""
+    return args.fp8 == "keep" and not args.weights and config.fp8_block_size is not None
+
+
 def plan_config(args: argparse.Namespace) -> tuple[MiniMaxM2Config, list[int], dict | None, str]:
     """(config, experts loaded, prepared layout or None, where the config comes from)."""
     if args.config == "real":
-        config = MiniMaxM2Config()
+        config = MiniMaxM2Config(fp8_block_size=(128, 128))  # released as FP8, 128 x 128 blocks
         return config, select_experts(config, parse_experts(args.experts, config.num_local_experts)), None, \
             "MiniMax-M2 as released"
     if args.weights:
@@ -49,10 +54,11 @@ def plan_config(args: argparse.Namespace) -> tuple[MiniMaxM2Config, list[int], d
 
 
 def compile_set(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, slots: int,
-                prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int) -> tuple[int, Counter]:
+                prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int,
+                fp8: bool) -> tuple[int, Counter]:
     """(step shapes, programs per unit) rank 0 compiles before serving, from a model of zeros that is never
     touched (its pages are never written, so it takes no memory)."""
-    weights = zero_model_weights(config, experts, layout, dtype)
+    weights = zero_model_weights(config, experts, layout, dtype, fp8=fp8)
     model = MiniMaxM2Model(config, weights, experts, max_seq_len, layout)
     if device == "neuron":
         model.expert_cost = expert_cost(TRN2, weights.layers[0])
@@ -74,14 +80,16 @@ def run_plan(args: argparse.Namespace) -> int:
     available, where = (NEURON_CORE_HBM, "one NeuronCore's HBM (trn2, LNC=2)") if args.device == "neuron" else \
         available_memory("cpu", layout.world)
     sizes = dict(slots=slots, prefill_chunk=chunk, max_seq_len=args.max_seq_len)
+    fp8 = keeps_fp8(args, config)
     kv_blocks = args.kv_blocks or pool_blocks(config, layout, len(experts), dtype, available=available,
-                                              device=args.device, **sizes)
-    plan = engine_plan(config, layout, len(experts), dtype, kv_blocks=kv_blocks, **sizes)
+                                              device=args.device, fp8=fp8, **sizes)
+    plan = engine_plan(config, layout, len(experts), dtype, kv_blocks=kv_blocks, fp8=fp8, **sizes)
     per_token = kv_block_bytes(config, layout, dtype) / KV_BLOCK
     print(f"config: {source}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{len(experts)} of {config.num_local_experts} experts (top-{config.num_experts_per_tok})")
     print(f"layout: {layout.world} ranks, attention tp {layout.tp} ({layout.dp} attention groups), experts sliced "
-          f"over {layout.moe_tp} ranks (moe_tp) in {layout.moe_ep} groups; {np.dtype(dtype).name}; "
+          f"over {layout.moe_tp} ranks (moe_tp) in {layout.moe_ep} groups; {np.dtype(dtype).name}"
+          f"{', FP8 experts kept as codes' if fp8 else ''}; "
           f"--max-num-seqs {slots} --prefill-chunk {chunk} --max-seq-len {args.max_seq_len}")
     print(f"memory plan per rank: {plan.describe()}")
     tokens = kv_blocks * KV_BLOCK
@@ -91,7 +99,7 @@ def run_plan(args: argparse.Namespace) -> int:
     check_fits(plan, available, where, args.max_seq_len)
     print(f"fits: {plan.total / 2**30:.2f} of {available / 2**30:.2f} GiB ({where})")
     shapes, programs = compile_set(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device,
-                                   kv_blocks)
+                                   kv_blocks, fp8)
     print(f"compile set per rank: {shapes} step shapes, {sum(programs.values())} programs ("
           + ", ".join(f"{n} {name}" for name, n in sorted(programs.items())) + ")")
     return 0

@@ -294,6 +294,10 @@ def test_plan_mode_says_whether_a_run_fits_without_loading_weights(float32_check
     pool = int(fits.stdout.split("KV pool: ")[1].split(" blocks")[0].replace(",", ""))
     assert pool * 128 >= 350_000 and "62 layers, hidden 3072, 256 of 256 experts" in fits.stdout
     assert_one_line_error(run(*real, "--kv-blocks", "4000"), "but one NeuronCore's HBM (trn2, LNC=2) is 24.00 GiB")
+    kept = run(*real, "--fp8", "keep")  # the released checkpoint's experts as 8-bit codes: a larger pool
+    assert kept.returncode == 0 and "FP8 experts kept as codes" in kept.stdout
+    assert int(kept.stdout.split("KV pool: ")[1].split(" blocks")[0].replace(",", "")) > pool
+    assert_one_line_error(run(*real, "--fp8", "keep", "--kv-blocks", "5000"), "is 24.00 GiB")
     assert_one_line_error(run(*real, "--kv-blocks", "1000"), "cannot hold one request of --max-seq-len 196608")
     assert_one_line_error(run("--mode", "generate", "--config", "real", "--prompt-ids", "1"),
                           "--config real is for --mode plan")

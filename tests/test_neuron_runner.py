@@ -282,3 +282,19 @@ def test_missing_runtime_is_named() -> None:
             NeuronRunner()
     else:
         pytest.skip("nkipy is installed")
+
+
+def test_fp8_weights_reach_the_device_as_int8_bytes(fp8_checkpoint, runner) -> None:
+    """An FP8 checkpoint kept as codes: the device holds its experts as int8 tensors of the stored bytes
+    (half the bf16 bytes), and the engine gives the tokens of the NumPy engine."""
+    def load() -> MiniMaxM2Model:
+        return MiniMaxM2Model.from_pretrained(fp8_checkpoint, max_seq_len=64, keep_fp8=True)
+
+    want = [r.generated for r in Engine(load(), max_num_seqs=4, prefill_chunk=16).generate(
+        [p for p, _ in REQUESTS], [s for _, s in REQUESTS])]
+    model = load()
+    got = [r.generated for r in _engine(model, runner).generate([p for p, _ in REQUESTS], [s for _, s in REQUESTS])]
+    assert got == want
+    held = [t for t in runner._resident.values() if t.name in ("w13", "w2")]
+    assert len(held) == 2 * len(model.weights.layers) and all(t.array.dtype == np.int8 for t in held)
+    assert any(t.array.tobytes() == model.weights.layers[0].w13.tobytes() for t in held)

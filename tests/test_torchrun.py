@@ -68,10 +68,18 @@ def test_matches_single_process(float32_checkpoint, tmp_path, world, tp, moe_tp)
     assert f"ranks {world} (tp {tp}, moe_tp {moe_tp}" in stdout
 
 
-@pytest.mark.parametrize("moe_tp", [1, 2], ids=["experts-spread", "experts-sliced"])
-def test_fp8(fp8_checkpoint, tmp_path, moe_tp) -> None:
-    """Slices of 24 of 48 intermediate rows cut through the 16-row scale blocks: dequantised first."""
-    ids, logits, _ = run_ranks(2, 2, tmp_path, "--mode", "generate", "--checkpoint", str(fp8_checkpoint), moe_tp=moe_tp)
+FP8_LAYOUTS = [(2, 2, 1, "dequantize"), (2, 2, 2, "dequantize"), (2, 2, 1, "keep"), (2, 1, 2, "keep"),
+               (4, 2, 2, "keep"), (4, 1, 4, "keep")]
+
+
+@pytest.mark.parametrize("world, tp, moe_tp, fp8", FP8_LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}-{f}" for w, t, m, f in
+                                                                     FP8_LAYOUTS])
+def test_fp8(fp8_checkpoint, tmp_path, world, tp, moe_tp, fp8) -> None:
+    """Slices of the intermediate rows cut through the 16-row scale blocks: dequantised when loaded, or the
+    experts kept as 8-bit codes and decoded inside the units; both give the single process's dequantised
+    logits."""
+    ids, logits, _ = run_ranks(world, tp, tmp_path, "--mode", "generate", "--checkpoint", str(fp8_checkpoint), "--fp8",
+                               fp8, moe_tp=moe_tp)
     assert_same(ids, logits, *single(fp8_checkpoint))
 
 

@@ -59,14 +59,15 @@ def kv_block_bytes(config: MiniMaxM2Config, layout: ParallelLayout, dtype: np.dt
 
 def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *,
                 kv_blocks: int, max_seq_len: int, step_rows: int, step_tokens: int, kept_logits: int = 0,
-                real_tokens: int | None = None, logits_rows: int | None = None) -> MemoryPlan:
+                real_tokens: int | None = None, logits_rows: int | None = None, fp8: bool = False) -> MemoryPlan:
     """One rank's bytes: a pool of `kv_blocks` cache blocks (and the scratch block) in its attention group, a
     context of `max_seq_len` positions; the largest step runs `step_rows` rows of `step_tokens` tokens each
     in its group, at most `real_tokens` of them real in all groups (default: all), with the logits of
     `logits_rows` tokens of all groups (default: one a row); `kept_logits`: logits rows (token positions)
-    kept for the whole run, all ranks' rows included."""
+    kept for the whole run, all ranks' rows included; `fp8`: the experts held as 8-bit codes with their
+    scales (each decoded where it is read)."""
     itemsize = np.dtype(dtype).itemsize
-    model, layer = rank_shapes(config, num_experts, layout, np.dtype(dtype))
+    model, layer = rank_shapes(config, num_experts, layout, np.dtype(dtype), fp8)
 
     def nbytes(specs: dict) -> int:
         return sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(kind).itemsize for shape, kind in specs.values())
@@ -95,29 +96,35 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
     moe = pairs * (4 * config.hidden_size * itemsize + 8 * local) + moe_input
     logits = 2 * (logits_rows or step_rows * layout.dp) * config.vocab_size * 4  # a rank's slice, then all gathered
     activations = 8 * tokens * config.hidden_size * itemsize + scores + moe + logits
+    if fp8:  # an expert at a time decoded through float32 (int32 bits, float32 values) into the model dtype
+        decoded = int(np.prod(layer["w13"][0][1:])) + int(np.prod(layer["w2"][0][1:]))
+        activations += decoded * (8 + itemsize)
     return MemoryPlan(int(weights), int(kv + rope), int(activations), int(kept_logits * config.vocab_size * 4),
                       kv_blocks)
 
 
 def engine_plan(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *, slots: int,
-                prefill_chunk: int, max_seq_len: int, kv_blocks: int, kept_logits: int = 0) -> MemoryPlan:
+                prefill_chunk: int, max_seq_len: int, kv_blocks: int, kept_logits: int = 0,
+                fp8: bool = False) -> MemoryPlan:
     """One rank's bytes under the engine: a pool of `kv_blocks` blocks per attention group, and the largest
     step (a prefill of up to 2 x prefill_chunk tokens in a group, prefill_chunk of them real in all, or a
-    decode of `slots` rows), with the logits of every row, or of every prompt position when they are kept."""
+    decode of `slots` rows), with the logits of every row, or of every prompt position when they are kept;
+    `fp8`: FP8 weights kept as codes (`plan_memory`)."""
     step_tokens = max(2 * prefill_chunk, slots)
     return plan_memory(config, layout, num_experts, dtype, kv_blocks=kv_blocks, max_seq_len=max_seq_len, step_rows=1,
                        step_tokens=step_tokens, kept_logits=kept_logits,
                        real_tokens=max(prefill_chunk, slots * layout.dp),
-                       logits_rows=layout.dp * (step_tokens if kept_logits else slots))
+                       logits_rows=layout.dp * (step_tokens if kept_logits else slots), fp8=fp8)
 
 
 def pool_blocks(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *, slots: int,
-                prefill_chunk: int, max_seq_len: int, available: int, device: str, kept_logits: int = 0) -> int:
+                prefill_chunk: int, max_seq_len: int, available: int, device: str, kept_logits: int = 0,
+                fp8: bool = False) -> int:
     """The KV pool's blocks per attention group when not given: on a NeuronCore every block the memory left
     after the weights, the largest step and 2% of spare holds; on a CPU, where an untouched block costs
     nothing, enough for `slots` whole contexts when that fits, else what is left."""
     rest = engine_plan(config, layout, num_experts, dtype, slots=slots, prefill_chunk=prefill_chunk,
-                       max_seq_len=max_seq_len, kv_blocks=0, kept_logits=kept_logits)
+                       max_seq_len=max_seq_len, kv_blocks=0, kept_logits=kept_logits, fp8=fp8)
     fits = int((available * 0.98 - rest.total) // kv_block_bytes(config, layout, dtype))
     return max(fits, 0) if device == "neuron" else max(0, min(fits, slots * blocks_for(max_seq_len)))
 

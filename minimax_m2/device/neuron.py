@@ -15,6 +15,10 @@ between host and device:
   contents changed. An array whose contents a read-back output already holds on the device (the ids a
   decode step feeds back) is bound to that output: no copy at all.
 
+FP8 weights travel as their bytes, declared int8 (nkipy's `DeviceTensor` has no float8_e4m3fn, and a
+NeuronCore's FP8 E4M3 reads some e4m3fn bytes as infinities): the units decode them exactly
+(`kernels.fp8`).
+
 A steady decode step thus copies each row's new token id to the host, and its position and random draw to
 the device: 12 bytes per row (tests/test_neuron_runner.py counts them).
 
@@ -60,6 +64,11 @@ def nkipy_runtime() -> tuple[Any, Any, collectives.Backend]:
         raise ImportError("running on NeuronCores (--device neuron) needs nkipy and the Neuron runtime (spike), "
                           "installed on Trainium hosts with the Neuron SDK") from err
     return DeviceKernel, DeviceTensor, collectives.NkipyCollectives()
+
+
+def _device_view(array: np.ndarray) -> np.ndarray:
+    """The array as the device holds it: FP8 codes (uint8 on the host) as int8, the same bytes."""
+    return array.view(np.int8) if array.dtype == np.uint8 else array
 
 
 def _numpy_dtype(name: Any) -> np.dtype:
@@ -141,7 +150,7 @@ class NeuronRunner:
             shapes = ", ".join(f"{name} {list(shape)}" for name, shape, _ in key[1][:4])
             raise RuntimeError(f"{unit.name} was called with a shape outside the compiled set ({shapes}, ...): "
                                "refused rather than compiled while serving")
-        example = {name: np.asarray(value) for name, value in unit.inputs.items()}
+        example = {name: _device_view(np.asarray(value)) for name, value in unit.inputs.items()}
         previous = collectives.set_backend(self._traced_collectives)
         try:
             kernel = self._kernel_type.compile_and_load(
@@ -167,7 +176,7 @@ class NeuronRunner:
 
     def _upload(self, array: np.ndarray, name: str) -> Any:
         self.uploaded += array.nbytes
-        return self._tensor_type.from_numpy(np.ascontiguousarray(array), name)
+        return self._tensor_type.from_numpy(_device_view(np.ascontiguousarray(array)), name)
 
     def _bind(self, name: str, value: Any) -> Any:
         """The device tensor to pass for argument `name`."""

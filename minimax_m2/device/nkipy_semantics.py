@@ -18,7 +18,8 @@ not computed from the inputs, and any array reaching the unit other than as a to
 
 The `Program` also holds what sizes the compiled unit: the op sequence with its constants' digests
 (equal on every rank when the program is), trace-time constant bytes, matmul FLOPs, the weight bytes
-each matmul reads, and collective payloads.
+each matmul reads (a weight stored as 8-bit codes counted at one byte an element, however it is decoded
+on the way), the element-wise work of decoding such weights, and collective payloads.
 """
 
 import dataclasses
@@ -65,6 +66,7 @@ class Program:
     constants: dict[str, int] = field(default_factory=dict)  # digest -> bytes
     matmuls: list[Matmul] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
+    decode_ops: int = 0  # element-wise operations on values computed from 8-bit weights (decoding them)
     dry: bool = False  # matmuls return zeros of their shape: sizes the program without computing it
 
     @property
@@ -117,9 +119,10 @@ def _is_int(value: Any) -> bool:
 class Traced(np.lib.mixins.NDArrayOperatorsMixin):
     """A value inside a traced unit; every result computed from it is Traced too."""
 
-    def __init__(self, value: Any, weight: str | None = None):
+    def __init__(self, value: Any, weight: str | None = None, coded: bool = False):
         self.value = _device_dtype(np.asarray(value))
         self.weight = weight
+        self.coded = coded  # computed from a weight stored as 8-bit codes: it reads one byte an element
 
     # --- the ops ---------------------------------------------------------------------------------
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -138,6 +141,7 @@ class Traced(np.lib.mixins.NDArrayOperatorsMixin):
             _record_matmul(inputs, values, result)
         else:
             result = getattr(ufunc, method)(*values, **_unwrap(kwargs))
+            return _decoding(inputs, _wrap(result))
         return _wrap(result)
 
     def __array_function__(self, func, types, args, kwargs):
@@ -162,7 +166,9 @@ class Traced(np.lib.mixins.NDArrayOperatorsMixin):
         result = _wrap(func(*values, **kw))
         first = args[0] if args else None
         if name in _PROPAGATES_WEIGHT and isinstance(first, Traced) and isinstance(result, Traced):
-            result.weight = first.weight
+            result.weight, result.coded = first.weight, first.coded
+        elif name == "where":
+            result = _decoding(args, result)
         return result
 
     def __getattr__(self, name: str):
@@ -182,7 +188,9 @@ class Traced(np.lib.mixins.NDArrayOperatorsMixin):
                 return _wrap(self.value.any(*_unwrap(args), **_unwrap(kwargs)))
             result = _wrap(attr(*_unwrap(args), **_unwrap(kwargs)))
             if name in _PROPAGATES_WEIGHT and isinstance(result, Traced):
-                result.weight = self.weight
+                result.weight, result.coded = self.weight, self.coded
+                if name == "astype" and self.coded:
+                    program.decode_ops += result.value.size
             return result
 
         return method
@@ -215,7 +223,7 @@ class Traced(np.lib.mixins.NDArrayOperatorsMixin):
         return tuple(out) if isinstance(index, tuple) else out[0]
 
     def __getitem__(self, index):
-        return Traced(self.value[self._index(index, writing=False)], self.weight)
+        return Traced(self.value[self._index(index, writing=False)], self.weight, self.coded)
 
     def __setitem__(self, index, new):
         self.value[self._index(index, writing=True)] = _unwrap(new)
@@ -268,6 +276,16 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
+def _decoding(inputs: Any, result: Any) -> Any:
+    """An element-wise result computed from an 8-bit weight's values: still that weight (a matmul taking it
+    reads the weight's codes), its elements counted as decoding work."""
+    coded = next((t for t in inputs if isinstance(t, Traced) and t.coded), None)
+    if coded is not None and isinstance(result, Traced):
+        result.weight, result.coded = coded.weight, True
+        current().decode_ops += result.value.size
+    return result
+
+
 def _wrap(result: Any) -> Any:
     if isinstance(result, (np.ndarray, np.generic)):
         return Traced(result)
@@ -313,7 +331,8 @@ def _matmul_shaped_zeros(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _record_matmul(inputs: tuple, values: list, result: np.ndarray) -> None:
     a, b = values
-    weights = [(t.weight, t.value.nbytes) for t in inputs if isinstance(t, Traced) and t.weight]
+    weights = [(t.weight, t.value.size if t.coded else t.value.nbytes) for t in inputs
+               if isinstance(t, Traced) and t.weight]
     current().matmuls.append(Matmul(
         a.shape, b.shape, str(np.result_type(a, b)), 2 * int(result.size) * int(a.shape[-1]),
         weights[0][0] if weights else None, sum(n for _, n in weights),
@@ -409,7 +428,7 @@ def trace_unit(
                 args[name] = value
                 continue
             _check_interface(program, f"input {name!r}", value)
-            args[name] = Traced(value, name if name in weights else None)
+            args[name] = Traced(value, name if name in weights else None, name in weights and value.dtype.itemsize == 1)
         for name, value in constants.items():
             if _holds_array(value):
                 program.violate(f"constant {name!r} holds an array: it would be baked into the program")

@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from kernels import attention, moe_block, moe_block_parallel, rmsnorm, token_embedding
-from kernels.collectives import ReplicaGroups, all_gather, all_to_all, group_size
-from kernels.fp8 import dequantize
+from kernels.collectives import ReplicaGroups, all_gather, all_reduce, all_to_all, group_size
 from kernels.lm_head import gather_vocab, greedy_vocab_parallel, vocab_slice_logits
 from kernels.logprobs import logprobs_vocab_parallel
 from kernels.sampling import sample_vocab_parallel
@@ -63,9 +62,16 @@ CANDIDATES = 64  # the device samples among this many most likely tokens (top_k 
 TOP_LOGPROBS = MAX_LOGPROBS  # the most likely tokens whose log-probabilities the device returns, when asked
 
 
-def embedding_unit(input_ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
-    """input_ids: [T] int32, embed: [vocab, hidden] -> h [T, hidden]."""
-    return token_embedding(input_ids, embed)
+def embedding_unit(input_ids: np.ndarray, embed: np.ndarray, embed_offset: np.ndarray, *,
+                   tp_groups: ReplicaGroups) -> np.ndarray:
+    """input_ids: [T] int32 (this attention group's tokens), embed: [V / tp, hidden] this rank's rows of the
+    table (the vocabulary split over the attention group's tp ranks: from embed_offset[0]) -> h [T, hidden]
+    on every rank of the group: each rank looks up the ids in its rows, zero for the others', and the
+    group's rows are summed (exactly: one of them is not zero)."""
+    local = input_ids - embed_offset[:1]
+    mine = (local >= 0) & (local < np.int32(embed.shape[0]))
+    rows = token_embedding(np.where(mine, local, 0), embed)
+    return all_reduce(np.where(mine[:, None], rows, np.zeros_like(rows[:1])), tp_groups)
 
 
 def layer_unit(
@@ -95,10 +101,6 @@ def layer_unit(
     bias: np.ndarray,
     w13: np.ndarray,
     w2: np.ndarray,
-    wq_scale: np.ndarray | None = None,
-    wk_scale: np.ndarray | None = None,
-    wv_scale: np.ndarray | None = None,
-    wo_scale: np.ndarray | None = None,
     w13_scale: np.ndarray | None = None,
     w2_scale: np.ndarray | None = None,
     *,
@@ -138,14 +140,10 @@ def layer_unit(
     projections' (`kernels.matmul.matmul`); block: KV_BLOCK; kv_tile: cache positions attended at once
     (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks; scatter: how the attention
     output reaches the MoE when a slice group spans whole attention groups (`_attention_gathered`).
-    Weights as in `LayerWeights`: with FP8 weights, the projections and experts that have a `*_scale` hold
-    float8_e4m3fn codes, dequantised here (`kernels.fp8`): each attention projection whole (every step
-    reads all of it), each expert where it is read.
+    Weights as in `LayerWeights`: with FP8 experts (w13_scale and w2_scale given), w13 and w2 hold
+    float8_e4m3fn codes, each expert dequantised where it is read (`kernels.moe_grouped`).
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
-    if wq_scale is not None:
-        wq, wk, wv, wo = (dequantize(w, s, h.dtype) for w, s in ((wq, wq_scale), (wk, wk_scale), (wv, wv_scale),
-                                                                  (wo, wo_scale)))
     scales = None if w13_scale is None else (w13_scale, w2_scale)
     normed = rmsnorm(h, input_norm, eps)
     attend = dict(head_dim=head_dim, eps=eps, block=block, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
@@ -291,6 +289,7 @@ class RankValues:
     own_members: np.ndarray  # [A] int32, slice-group positions of the members holding this rank's tokens
     own_position: np.ndarray  # [2] int32, this rank's position in its slice group (first entry)
     vocab_offset: np.ndarray  # [2] int32, its first vocabulary column (first entry)
+    embed_offset: np.ndarray  # [2] int32, its first embedding row (first entry)
 
     @classmethod
     def of(cls, config: MiniMaxM2Config, layout: ParallelLayout) -> "RankValues":
@@ -300,6 +299,7 @@ class RankValues:
             own_members=padded(layout.own_members()),
             own_position=padded([layout.slice_rank]),
             vocab_offset=padded([layout.rank * layout.vocab_columns(config.vocab_size)]),
+            embed_offset=padded([layout.tp_rank * layout.embed_rows(config.vocab_size)]),
         )
 
 
@@ -367,8 +367,10 @@ def copy_call(caches: tuple[np.ndarray, np.ndarray], source: np.ndarray, target:
     return Unit("copy_block", copy_unit, dict(k_cache=caches[0], v_cache=caches[1], source=source, target=target))
 
 
-def embedding_call(input_ids: np.ndarray, weights: ModelWeights) -> Unit:
-    return Unit("embedding", embedding_unit, dict(input_ids=input_ids, embed=weights.embed))
+def embedding_call(input_ids: np.ndarray, weights: ModelWeights, rank: RankValues, layout: ParallelLayout) -> Unit:
+    return Unit("embedding", embedding_unit, dict(input_ids=input_ids, embed=weights.embed,
+                                                  embed_offset=rank.embed_offset),
+                dict(tp_groups=layout.tp_groups))
 
 
 def layer_call(phase: str, inputs: dict[str, Any], constants: dict[str, Any]) -> Unit:
@@ -436,13 +438,13 @@ def program_units(
                                np.full(total, 0.9, np.float32), np.linspace(0.05, 0.95, total, dtype=np.float32))
     step.return_logits, step.logprobs = return_logits, logprobs
     mine = group_rows(step, layout)
-    h = weights.embed[step.input_ids[mine].reshape(-1)]
+    h = np.take(weights.embed, step.input_ids[mine].reshape(-1) % weights.embed.shape[0], axis=0)
     layer = weights.layers[0]
     union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
     kv_len = step.kv_len or kv_len or kv_len_for(step.kv_length, max_seq_len)
     constants = layer_constants(config, layout, real, seq, kv_len, layer.w13.shape[0], expert_cost, h.shape[0])
     return [
-        embedding_call(step.input_ids[mine].reshape(-1), weights),
+        embedding_call(step.input_ids[mine].reshape(-1), weights, rank, layout),
         layer_call(phase, layer_inputs(h, step, layout, union, rank, rope, caches, layer, kv_len), constants),
         lm_head_call(h, step, weights, rank, config, layout, expert_cost),
     ]

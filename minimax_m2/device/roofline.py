@@ -49,6 +49,7 @@ class Hardware:
     launch_s: float = 0.0  # per unit launched (a runtime call from the host)
     host_transfer_s: float = 0.0  # per copy between host and device (setup and latency)
     host_bytes_per_s: float = float("inf")  # host <-> device link
+    vector_ops_per_s: float = float("inf")  # element-wise operations (decoding 8-bit weights), beside the matmuls
 
 
 TRN2 = Hardware(
@@ -63,6 +64,7 @@ TRN2 = Hardware(
     launch_s=10e-6,
     host_transfer_s=20e-6,
     host_bytes_per_s=16e9,
+    vector_ops_per_s=2 * 128 * 1.4e9,
     sources={
         "HBM 2.9 TB/s and 667 dense BF16 TFLOPS per Trainium2 chip, 3.5 TB/s DMA, NeuronLink-v3 1.28 TB/s per chip":
             "AWS Neuron docs, Trainium2 architecture (awsdocs-neuron.readthedocs-hosted.com, "
@@ -76,6 +78,9 @@ TRN2 = Hardware(
         "10 us per unit launched, 20 us and 16 GB/s per host-device copy":
             "ASSUMED: no public figure for nkipy's runtime calls was found; TPOT is also printed with launches at 5 "
             "and 30 us",
+        "element-wise work 358 G operations/s (decoding FP8 codes), overlapping memory and matmuls":
+            "ASSUMED: two physical cores' vector engines of 128 lanes at 1.4 GHz, one operation a lane a cycle; "
+            "no public figure was found",
     },
 )
 
@@ -116,10 +121,12 @@ class UnitCost:
     flops: int
     ops: int
     collectives: list[Collective]
+    decode_ops: int = 0  # element-wise operations decoding 8-bit weights
 
     def seconds(self, hw: Hardware) -> float:
         memory, matmul = self.bytes_read / hw.memory_bytes_per_s, self.flops / hw.matmul_flops_per_s
-        compute = max(memory, matmul) if hw.overlaps_memory_and_compute else memory + matmul
+        decode = self.decode_ops / hw.vector_ops_per_s
+        compute = max(memory, matmul, decode) if hw.overlaps_memory_and_compute else memory + matmul + decode
         return compute + self.ops * hw.op_overhead_s + self.collective_seconds(hw)
 
     def collective_seconds(self, hw: Hardware) -> float:
@@ -149,7 +156,7 @@ def collective_seconds(c: Collective, hw: Hardware) -> float:
 
 def unit_cost(name: str, program: Program) -> UnitCost:
     return UnitCost(name, program.weight_bytes(), program.weight_bytes(("w13", "w2")), program.flops, len(program.ops),
-                    [c for c in program.collectives if len(c.replica_groups[0]) > 1])
+                    [c for c in program.collectives if len(c.replica_groups[0]) > 1], program.decode_ops)
 
 
 def expert_cost(hw: Hardware, layer: LayerWeights) -> ExpertCost:
@@ -163,15 +170,16 @@ def expert_cost(hw: Hardware, layer: LayerWeights) -> ExpertCost:
 def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int,
                     context: int, dtype: np.dtype = np.dtype(ml_dtypes.bfloat16), hw: Hardware | None = None,
                     schedule_cost: ExpertCost | None = None, position: int | None = None,
-                    rows: int | None = None, kv_len: int | None = None) -> tuple[list[Unit], list[Program]]:
+                    rows: int | None = None, kv_len: int | None = None,
+                    fp8: bool = False) -> tuple[list[Unit], list[Program]]:
     """Rank 0's units for one phase and their recorded programs, at the config's shapes with zero weights
     (matmuls sized, not computed), with the expert schedule `hw` (TRN2 by default) would choose, or the
     one `schedule_cost` chooses; the step's tokens start at `position` (default: a prefill's at 0, a
     decode's at the context's last position), `rows` rows per attention group (default: the batch's), a
-    prefill attending `kv_len` positions (default: the bucket of its last); a unit recording a violation is an
-    error."""
+    prefill attending `kv_len` positions (default: the bucket of its last), FP8 projections and experts held as
+    codes with `fp8` (the config's block size); a unit recording a violation is an error."""
     experts = list(range(config.num_local_experts))
-    weights = zero_model_weights(config, experts, layout, dtype)
+    weights = zero_model_weights(config, experts, layout, dtype, fp8=fp8)
     rope = tuple(t.astype(dtype) for t in rope_tables(context, config.rotary_dim, config.rope_theta))
     position = position if position is not None else 0 if phase == "prefill" else context - 1
     cost = schedule_cost or expert_cost(hw or TRN2, weights.layers[0])
@@ -193,10 +201,11 @@ def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: s
 def record_units(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int, context: int,
                  dtype: np.dtype = np.dtype(ml_dtypes.bfloat16), hw: Hardware | None = None,
                  schedule_cost: ExpertCost | None = None, position: int | None = None,
-                 rows: int | None = None, kv_len: int | None = None) -> list[UnitCost]:
+                 rows: int | None = None, kv_len: int | None = None, fp8: bool = False) -> list[UnitCost]:
     """The costs of rank 0's units for one phase (see record_programs)."""
     units, programs = record_programs(config, layout, phase=phase, batch=batch, seq=seq, context=context, dtype=dtype,
-                                      hw=hw, schedule_cost=schedule_cost, position=position, rows=rows, kv_len=kv_len)
+                                      hw=hw, schedule_cost=schedule_cost, position=position, rows=rows, kv_len=kv_len,
+                                      fp8=fp8)
     return [unit_cost(unit.name, program) for unit, program in zip(units, programs)]
 
 

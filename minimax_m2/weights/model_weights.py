@@ -30,18 +30,17 @@ class LayerWeights:
     bias: np.ndarray  # [E] e_score_correction_bias of the experts loaded
     w13: np.ndarray  # [L, 2I', hidden] gate (w1) rows then up (w3) rows, as the checkpoint stores them
     w2: np.ndarray  # [L, hidden, I']
-    # With FP8 weights kept as stored, the projections and experts hold float8_e4m3fn codes (uint8) and
-    # each its block scales (`block_scales`, float32, [..., rows / r, cols / c]); None otherwise.
-    wq_scale: np.ndarray | None = None
-    wk_scale: np.ndarray | None = None
-    wv_scale: np.ndarray | None = None
-    wo_scale: np.ndarray | None = None
+    # With FP8 experts kept as stored, w13 and w2 hold float8_e4m3fn codes (uint8) and these their block
+    # scales (`block_scales`, float32, [L, rows / r, cols / c]); None otherwise.
     w13_scale: np.ndarray | None = None
     w2_scale: np.ndarray | None = None
 
 
 LAYER_WEIGHT_NAMES = tuple(f.name for f in fields(LayerWeights))
-FP8_WEIGHTS = ("wq", "wk", "wv", "wo", "w13", "w2")  # the weights an FP8 checkpoint stores as float8_e4m3fn
+# An FP8 checkpoint's weights that stay 8-bit codes on the device: the experts. Its attention projections
+# are dequantised when loaded: a layer reads every projection whole each step, so decoding them in the unit
+# costs more element-wise work than their halved bytes save (benchmarks/roofline.py, section 6).
+FP8_WEIGHTS = ("w13", "w2")
 SCALES = tuple(f"{name}_scale" for name in FP8_WEIGHTS)
 FLOAT32_WEIGHTS = ("gate", "bias") + SCALES  # the router and FP8 scales stay float32 whatever the model dtype
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -68,7 +67,7 @@ def _cast_layer(layer: LayerWeights, dtype: np.dtype) -> LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: np.ndarray  # [vocab, hidden]
+    embed: np.ndarray  # [V / tp, hidden] this rank's rows of the vocabulary, zero-padded past vocab
     final_norm: np.ndarray  # [hidden]
     lm_head: np.ndarray  # [hidden, V / W] this rank's vocabulary columns, zero-padded past vocab
     layers: list[LayerWeights]
@@ -104,18 +103,18 @@ def dense_part(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np
     so the full projections are freed; router columns of the loaded experts)."""
     q = layout.head_slice(config.num_attention_heads, config.head_dim)
     kv = layout.head_slice(config.num_key_value_heads, config.head_dim)
-    dense = dict(
+    return dict(
         input_norm=hf["input_layernorm"],
         post_norm=hf["post_attention_layernorm"],
+        wq=_linear(hf["q_proj"][q]),
+        wk=_linear(hf["k_proj"][kv]),
+        wv=_linear(hf["v_proj"][kv]),
+        wo=_linear(hf["o_proj"][:, q]),
         q_norm=hf["q_norm"][q].copy(),
         k_norm=hf["k_norm"][kv].copy(),
         gate=_linear(hf["gate"]),
         bias=hf["bias"],
     )
-    if "q_proj" in hf:  # else the projections are kept as FP8 codes (`fp8_projections`)
-        dense.update(wq=_linear(hf["q_proj"][q]), wk=_linear(hf["k_proj"][kv]), wv=_linear(hf["v_proj"][kv]),
-                     wo=_linear(hf["o_proj"][:, q]))
-    return dense
 
 
 def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.ndarray], w13: np.ndarray,
@@ -126,13 +125,13 @@ def _layer(config: MiniMaxM2Config, layout: ParallelLayout, hf: dict[str, np.nda
 def block_scales(grid: np.ndarray, block: tuple[int, int], shape: tuple[int, int], rows: slice,
                  cols: slice) -> np.ndarray:
     """The scales of the [rows, cols] part of an FP8 weight of `shape` [R, C] whose `block` scales (the
-    checkpoint's weight_scale_inv) are `grid`: along each axis one per block where the part holds whole
-    blocks, else one per index (a slice cutting through blocks, such as the 24 intermediate rows each of 64
-    ranks holds of a 128-row block, keeps each row's own block's scale) -> [part rows / r, part cols / c]
-    for `kernels.fp8.dequantize`."""
+    checkpoint's weight_scale_inv) are `grid`: along each axis one per block where the part holds two or more
+    whole blocks, else one per index (a slice cutting through blocks, such as the 24 intermediate rows each of
+    64 ranks holds of a 128-row block, keeps each row's own block's scale; a single block is spread too, as no
+    compiled input has a dimension of 1) -> [part rows / r, part cols / c] for `kernels.fp8.dequantize`."""
     def axis(size: int, part: slice, b: int) -> np.ndarray:
         start, stop, _ = part.indices(size)
-        if start % b == 0 and (stop - start) % b == 0:
+        if start % b == 0 and (stop - start) % b == 0 and stop - start > b:
             return np.arange(start // b, stop // b)
         return np.arange(start, stop) // b
 
@@ -151,23 +150,6 @@ def _fp8_part(ckpt: Checkpoint, key: str, rows: slice, cols: slice) -> tuple[np.
     codes, grid = stored
     return (np.ascontiguousarray(codes[rows, cols]),
             block_scales(grid, ckpt.config.fp8_block_size, codes.shape, rows, cols))
-
-
-def fp8_projections(ckpt: Checkpoint, layer: int, layout: ParallelLayout) -> dict[str, np.ndarray]:
-    """This rank's attention projections as FP8 codes in the kernels' [in, out] layout with their scales
-    (wq, wq_scale, ...), or {} when the checkpoint does not store them all as float8."""
-    config = ckpt.config
-    q = layout.head_slice(config.num_attention_heads, config.head_dim)
-    kv = layout.head_slice(config.num_key_value_heads, config.head_dim)
-    parts = {"wq": ("q_proj", q, _ALL), "wk": ("k_proj", kv, _ALL), "wv": ("v_proj", kv, _ALL),
-             "wo": ("o_proj", _ALL, q)}
-    out = {}
-    for name, (key, rows, cols) in parts.items():
-        part = _fp8_part(ckpt, f"{layer_prefix(layer)}self_attn.{key}.weight", rows, cols)
-        if part is None:
-            return {}
-        out[name], out[f"{name}_scale"] = (np.ascontiguousarray(a.T) for a in part)
-    return out
 
 
 def fp8_experts(ckpt: Checkpoint, layer: int, layout: ParallelLayout) -> dict[str, np.ndarray]:
@@ -202,14 +184,10 @@ _DENSE_KEYS = {
 }
 
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def read_dense(ckpt: Checkpoint, layer: int, experts: list[int], projections: bool = True) -> dict[str, np.ndarray]:
-    """A layer's non-expert tensors as stored (HF layout, float32; the attention projections only when
-    `projections`), router rows of the loaded `experts`."""
+def read_dense(ckpt: Checkpoint, layer: int, experts: list[int]) -> dict[str, np.ndarray]:
+    """A layer's non-expert tensors as stored (HF layout, float32), router rows of the loaded `experts`."""
     p = layer_prefix(layer)
-    hf = {name: ckpt.read(p + key) for name, key in _DENSE_KEYS.items() if projections or name not in _PROJECTIONS}
+    hf = {name: ckpt.read(p + key) for name, key in _DENSE_KEYS.items()}
     hf["gate"], hf["bias"] = hf["gate"][experts], hf["bias"][experts]
     return hf
 
@@ -217,11 +195,11 @@ def read_dense(ckpt: Checkpoint, layer: int, experts: list[int], projections: bo
 def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: ParallelLayout,
                keep_fp8: bool = False) -> LayerWeights:
     """Read one decoder layer: router rows of all loaded `experts`, weights of this rank's experts
-    (`ckpt.experts`), attention heads of this rank; with `keep_fp8`, the projections and experts an FP8
-    checkpoint stores as float8 stay FP8 codes with their scales (else they are dequantised)."""
-    kept = {**fp8_projections(ckpt, layer, layout), **fp8_experts(ckpt, layer, layout)} if keep_fp8 else {}
-    hf = read_dense(ckpt, layer, experts, projections="wq" not in kept)
-    if "w13" in kept:
+    (`ckpt.experts`), attention heads of this rank; with `keep_fp8`, experts an FP8 checkpoint stores as
+    float8 stay FP8 codes with their scales (else they are dequantised, as everything else is)."""
+    hf = read_dense(ckpt, layer, experts)
+    kept = fp8_experts(ckpt, layer, layout) if keep_fp8 else {}
+    if kept:
         return LayerWeights(**dense_part(ckpt.config, layout, hf), **kept)
 
     def expert_weights(name: str) -> list[np.ndarray]:
@@ -229,26 +207,39 @@ def load_layer(ckpt: Checkpoint, layer: int, experts: list[int], layout: Paralle
 
     part = layout.intermediate_slice(ckpt.config.intermediate_size)
     w13, w2 = _fuse_experts(expert_weights("w1"), expert_weights("w3"), expert_weights("w2"), part)
-    return LayerWeights(**dense_part(ckpt.config, layout, hf), **kept, w13=w13, w2=w2)
+    return LayerWeights(**dense_part(ckpt.config, layout, hf), w13=w13, w2=w2)
+
+
+def vocab_rows(table: np.ndarray, parts: int, part: int) -> np.ndarray:
+    """HF [vocab, hidden] embedding or lm_head -> rows of `part` of `parts` even parts [ceil(V / parts),
+    hidden], zero-padded past the vocabulary (the table itself when there is one part)."""
+    vocab = table.shape[0]
+    width = -(-vocab // parts)
+    start = min(part * width, vocab)
+    rows = table[start : start + width]
+    return rows if parts == 1 else np.pad(rows, ((0, width - rows.shape[0]), (0, 0)))
+
+
+def embed_rows(embed: np.ndarray, layout: ParallelLayout) -> np.ndarray:
+    """HF [vocab, hidden] embedding -> this rank's [V / tp, hidden] rows (its attention group looks up the
+    same tokens, each rank in its part of the vocabulary)."""
+    return vocab_rows(embed, layout.tp, layout.tp_rank)
 
 
 def vocab_columns(lm_head: np.ndarray, layout: ParallelLayout) -> np.ndarray:
     """HF [vocab, hidden] lm_head (or tied embedding) -> this rank's [hidden, V / W] columns, zero-padded
     past the vocabulary (a view of the transpose on one rank)."""
-    vocab = lm_head.shape[0]
-    width = layout.vocab_columns(vocab)
-    start = min(layout.rank * width, vocab)
-    rows = lm_head[start : start + width]
-    if layout.world == 1:
-        return rows.T
-    return np.pad(rows, ((0, width - rows.shape[0]), (0, 0))).T.copy()
+    rows = vocab_rows(lm_head, layout.world, layout.rank)
+    return rows.T if layout.world == 1 else rows.T.copy()
 
 
 def _model(embed: np.ndarray, final_norm: np.ndarray, lm_head_rows: np.ndarray, layers: list[LayerWeights],
            layout: ParallelLayout, dtype: np.dtype) -> ModelWeights:
+    """The model-level weights of this rank: its rows of the embedding, its columns of the lm_head (of the
+    embedding when tied)."""
     embed = embed.astype(dtype, copy=False)
-    lm_head_rows = embed if lm_head_rows is None else lm_head_rows.astype(dtype, copy=False)
-    return ModelWeights(embed, final_norm.astype(dtype, copy=False), vocab_columns(lm_head_rows, layout), layers)
+    head = vocab_columns(embed if lm_head_rows is None else lm_head_rows.astype(dtype, copy=False), layout)
+    return ModelWeights(embed_rows(embed, layout), final_norm.astype(dtype, copy=False), head, layers)
 
 
 def _layers(count: int, progress: bool, what: str) -> Iterable[int]:
@@ -314,10 +305,26 @@ def random_model_weights(
     return _model(embed, final_norm, lm_head, layers, layout, dtype)
 
 
+def fp8_scale_shapes(config: MiniMaxM2Config, num_experts: int, layout: ParallelLayout) -> dict[str, tuple]:
+    """name -> shape of the FP8 experts' scales on one rank (`fp8_experts`), from the config's block size."""
+    block = config.fp8_block_size
+    hidden, inter = config.hidden_size, config.intermediate_size
+    part = layout.intermediate_slice(inter)
+
+    def scales(shape: tuple[int, int], rows: slice, cols: slice) -> tuple[int, ...]:
+        grid = np.zeros((-(-shape[0] // block[0]), -(-shape[1] // block[1])), np.float32)
+        return block_scales(grid, block, shape, rows, cols).shape
+
+    local = num_experts // layout.moe_ep
+    w1 = scales((inter, hidden), part, _ALL)
+    return {"w13_scale": (local, 2 * w1[0], w1[1]), "w2_scale": (local, *scales((hidden, inter), _ALL, part))}
+
+
 def rank_shapes(config: MiniMaxM2Config, num_experts: int, layout: ParallelLayout,
-                dtype: np.dtype) -> tuple[dict[str, tuple], dict[str, tuple]]:
+                dtype: np.dtype, fp8: bool = False) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """(model-level, per-layer) name -> (shape, dtype) of one rank's weights with `num_experts` loaded,
-    worked out from the config alone (nothing allocated)."""
+    worked out from the config alone (nothing allocated); with `fp8` (an FP8 checkpoint's experts kept as
+    stored), the experts as 8-bit codes with their float32 scales."""
     hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_width = config.num_attention_heads // layout.tp * head_dim
     kv_width = config.num_key_value_heads // layout.tp * head_dim
@@ -328,19 +335,28 @@ def rank_shapes(config: MiniMaxM2Config, num_experts: int, layout: ParallelLayou
         "gate": (hidden, num_experts), "bias": (num_experts,), "w13": (local, 2 * inter // layout.moe_tp, hidden),
         "w2": (local, hidden, inter // layout.moe_tp),
     }
-    model = {"embed": (config.vocab_size, hidden), "final_norm": (hidden,),
+    model = {"embed": (layout.embed_rows(config.vocab_size), hidden), "final_norm": (hidden,),
              "lm_head": (hidden, layout.vocab_columns(config.vocab_size))}
+    if fp8:
+        layer.update(fp8_scale_shapes(config, num_experts, layout))
+
+    def kind(name: str) -> np.dtype:
+        if name in FLOAT32_WEIGHTS:
+            return np.dtype(np.float32)
+        return np.dtype(np.uint8) if fp8 and name in FP8_WEIGHTS else dtype
+
     return ({name: (shape, dtype) for name, shape in model.items()},
-            {name: (shape, np.dtype(np.float32) if name in FLOAT32_WEIGHTS else dtype)
-             for name, shape in layer.items()})
+            {name: (shape, kind(name)) for name, shape in layer.items()})
 
 
 def zero_model_weights(
-    config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, num_layers: int = 1
+    config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, num_layers: int = 1,
+    fp8: bool = False,
 ) -> ModelWeights:
-    """Zero weights of this rank's shapes, for sizing the device program at the real model's shapes:
-    np.zeros maps untouched pages lazily, so only the weights a unit actually reads cost memory."""
-    model, layer = rank_shapes(config, len(experts), layout, dtype)
+    """Zero weights of this rank's shapes (FP8 codes and scales with `fp8`), for sizing the device program
+    at the real model's shapes: np.zeros maps untouched pages lazily, so only the weights a unit actually
+    reads cost memory."""
+    model, layer = rank_shapes(config, len(experts), layout, dtype, fp8)
     return ModelWeights(
         **{name: np.zeros(*spec) for name, spec in model.items()},
         layers=[LayerWeights(**{name: np.zeros(*spec) for name, spec in layer.items()}) for _ in range(num_layers)],

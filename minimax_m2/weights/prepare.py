@@ -42,6 +42,7 @@ from minimax_m2.weights.model_weights import (
     ModelWeights,
     cast_weight,
     dense_part,
+    embed_rows,
     expert_part,
     model_dtype,
     read_dense,
@@ -235,10 +236,10 @@ def _fill(checkpoint: Checkpoint, experts: list[int], ranks: list[ParallelLayout
 
         embed = checkpoint.read("model.embed_tokens.weight")
         head = embed if config.tie_word_embeddings else checkpoint.read("lm_head.weight")
-        embed_cast = _finite("embed", embed.astype(dtype))  # the same for every rank
+        embed_cast = _finite("embed", embed.astype(dtype))  # each rank keeps its rows
         final_norm = _finite("final_norm", checkpoint.read("model.norm.weight").astype(dtype))
         for rank in ranks:
-            put(rank, "embed", embed_cast)
+            put(rank, "embed", np.ascontiguousarray(embed_rows(embed_cast, rank)))
             put(rank, "final_norm", final_norm)
             put(rank, "lm_head", _finite("lm_head", np.ascontiguousarray(vocab_columns(head, rank)).astype(dtype)))
         del embed, embed_cast, head
