@@ -28,6 +28,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--experts", help="expert ids to keep, e.g. 0-7 or 0,3,5 (default: all)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="bfloat16 as NeuronCores take it, float32 the exact CPU reference (default: %(default)s)")
+    p.add_argument("--fp8", choices=["keep", "dequantize"], default="dequantize",
+                   help="an FP8 checkpoint's experts: written as their 8-bit codes and block scales (run_example.py "
+                        "--fp8 keep), or dequantised to --dtype (default: %(default)s)")
     return p.parse_args(argv)
 
 

@@ -252,9 +252,9 @@ def main(args: argparse.Namespace) -> int:
 
         return 0 if run_kernel_checks(kernel_checks(test_kernels)) else 1
     _check_flags(args)
-    if args.fp8 == "keep" and args.weights:
-        raise ValueError("--fp8 keep is for --checkpoint: prepared weights are held in the dtype they were prepared "
-                         "in (prepared FP8 files are not supported yet)")
+    if args.fp8 and args.weights:
+        raise ValueError("--fp8 has no effect with --weights: the experts' format was chosen when preparing "
+                         "(prepare_weights.py --fp8)")
     args.fp8 = args.fp8 or "dequantize"
     if args.mode == "plan":
         args.dtype = args.dtype or ("bfloat16" if args.device == "neuron" else "float32")

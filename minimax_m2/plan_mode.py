@@ -24,14 +24,17 @@ from minimax_m2.parallel import ParallelLayout
 from minimax_m2.run import random_config
 from minimax_m2.serving.engine import Engine
 from minimax_m2.weights.model_weights import model_dtype, zero_model_weights
-from minimax_m2.weights.prepare import prepared_layout
+from minimax_m2.weights.prepare import prepared_fp8, prepared_layout
 
 SERVE_SLOTS = 8  # --max-num-seqs of serve mode when it is not given
 
 
 def keeps_fp8(args: argparse.Namespace, config: MiniMaxM2Config) -> bool:
-    """Whether the run holds FP8 experts as codes: --fp8 keep and a checkpoint stored in FP8."""
-    return args.fp8 == "keep" and not args.weights and config.fp8_block_size is not None
+    """Whether the run holds FP8 experts as codes: prepared so (--weights), or --fp8 keep and a checkpoint
+    stored in FP8."""
+    if args.weights:
+        return prepared_fp8(args.weights)
+    return args.fp8 == "keep" and config.fp8_block_size is not None
 
 
 def plan_config(args: argparse.Namespace) -> tuple[MiniMaxM2Config, list[int], dict | None, str]:

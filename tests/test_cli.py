@@ -301,3 +301,20 @@ def test_plan_mode_says_whether_a_run_fits_without_loading_weights(float32_check
     assert_one_line_error(run(*real, "--kv-blocks", "1000"), "cannot hold one request of --max-seq-len 196608")
     assert_one_line_error(run("--mode", "generate", "--config", "real", "--prompt-ids", "1"),
                           "--config real is for --mode plan")
+
+
+def test_prepared_fp8_experts_run_as_the_checkpoint_kept_in_fp8(fp8_checkpoint, tmp_path) -> None:
+    """Experts prepared as FP8 codes (prepare_weights.py --fp8 keep) generate what --checkpoint --fp8 keep
+    does; the memory plan counts their bytes; --fp8 beside --weights is refused (chosen when preparing)."""
+    out = tmp_path / "w"
+    done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(fp8_checkpoint), "--out", str(out),
+                           "--dtype", "float32", "--fp8", "keep"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    common = ("--mode", "generate", "--prompt-ids", "5,17,200,3", "--max-new-tokens", "6", "--max-seq-len", "32")
+    prepared = run(*common, "--weights", str(out), "--output-json", str(tmp_path / "a.json"))
+    kept = run(*common, "--checkpoint", str(fp8_checkpoint), "--fp8", "keep", "--output-json", str(tmp_path / "b.json"))
+    assert prepared.returncode == 0 and kept.returncode == 0, prepared.stderr + kept.stderr
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+    plan = run("--mode", "plan", "--weights", str(out), "--max-seq-len", "32")
+    assert "FP8 experts kept as codes" in plan.stdout, plan.stdout + plan.stderr
+    assert_one_line_error(run(*common, "--weights", str(out), "--fp8", "keep"), "--fp8 has no effect with --weights")

@@ -359,3 +359,39 @@ def test_out_equal_to_the_source_is_refused_and_leaves_nothing(float32_checkpoin
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"error: --out {source} is the source checkpoint's directory: give the prepared files one of their own"]
     assert sorted(p.name for p in source.iterdir()) == before
+
+
+@pytest.mark.parametrize("world, tp, moe_tp", [(1, 1, 1), (4, 2, 4)])
+def test_fp8_experts_prepared_as_codes(fp8_checkpoint, tmp_path, world, tp, moe_tp) -> None:
+    """--fp8 keep writes each rank's expert bytes and their scales (FP8 in the file, half the bytes of the
+    bf16 experts), checked on load like every tensor; ranks as threads give the logits of the checkpoint
+    loaded with keep_fp8."""
+    out, bf16 = tmp_path / "fp8", tmp_path / "bf16"
+    flags = ("--dtype", "float32", "--ep", str(world), "--tp", str(tp), "--moe-tp", str(moe_tp))
+    done = prepare(str(fp8_checkpoint), "--out", str(out), "--fp8", "keep", *flags)
+    assert done.returncode == 0, done.stderr
+    assert prepare(str(fp8_checkpoint), "--out", str(bf16), *flags).returncode == 0
+    assert json.loads((out / MANIFEST).read_text())["fp8"] is True
+    want_ids, want = MiniMaxM2Model.from_pretrained(fp8_checkpoint, max_seq_len=32, keep_fp8=True).generate(
+        PROMPT, 4, return_logits=True)
+    backend = ThreadCollectives(world)
+    collectives.set_backend(backend)
+    try:
+        models = backend.run(lambda r: MiniMaxM2Model.from_prepared(
+            out, max_seq_len=32, layout=ParallelLayout(world, tp, r, moe_tp=moe_tp)))
+        results = backend.run(lambda r: models[r].generate(PROMPT, 4, return_logits=True))
+    finally:
+        collectives.set_backend(None)
+    layer = models[0].weights.layers[0]
+    assert layer.w13.dtype == np.uint8 and layer.w13_scale.dtype == np.float32
+    reference = MiniMaxM2Model.from_prepared(bf16, max_seq_len=32, layout=ParallelLayout(world, tp, 0, moe_tp=moe_tp))
+    assert layer.w13.nbytes == reference.weights.layers[0].w13.nbytes // 4  # float32 there, one byte here
+    for ids, logits in results:
+        np.testing.assert_array_equal(ids, want_ids)
+        assert relative_error(logits, want) < 1e-6
+
+
+def test_fp8_keep_needs_an_fp8_checkpoint(float32_checkpoint, tmp_path) -> None:
+    done = prepare(str(float32_checkpoint), "--out", str(tmp_path / "w"), "--fp8", "keep")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --fp8 keep needs an FP8 checkpoint: this one has no quantization_config"]

@@ -152,22 +152,26 @@ def _fp8_part(ckpt: Checkpoint, key: str, rows: slice, cols: slice) -> tuple[np.
             block_scales(grid, ckpt.config.fp8_block_size, codes.shape, rows, cols))
 
 
+def fp8_expert_part(ckpt: Checkpoint, layer: int, expert: int, part: slice) -> dict[str, np.ndarray] | None:
+    """One expert's `part` of the intermediate dimension as FP8 codes with their scales (w13, w13_scale, w2,
+    w2_scale, as `expert_part` lays the weights out), or None when it is not stored as float8."""
+    w1 = _fp8_part(ckpt, expert_key(layer, expert, "w1"), part, _ALL)
+    w3 = _fp8_part(ckpt, expert_key(layer, expert, "w3"), part, _ALL)
+    down = _fp8_part(ckpt, expert_key(layer, expert, "w2"), _ALL, part)
+    if w1 is None or w3 is None or down is None:
+        return None
+    return dict(w13=np.concatenate([w1[0], w3[0]]), w13_scale=np.concatenate([w1[1], w3[1]]), w2=down[0],
+                w2_scale=down[1])
+
+
 def fp8_experts(ckpt: Checkpoint, layer: int, layout: ParallelLayout) -> dict[str, np.ndarray]:
-    """This rank's experts (`ckpt.experts`, its intermediate slice) as FP8 codes with their scales (w13,
-    w13_scale, w2, w2_scale, as `expert_part` lays them out), or {} when they are not all float8."""
+    """This rank's experts (`ckpt.experts`, its intermediate slice) as FP8 codes with their scales, stacked,
+    or {} when they are not all float8."""
     part = layout.intermediate_slice(ckpt.config.intermediate_size)
-    w13, s13, w2, s2 = [], [], [], []
-    for e in ckpt.experts:
-        w1 = _fp8_part(ckpt, expert_key(layer, e, "w1"), part, _ALL)
-        w3 = _fp8_part(ckpt, expert_key(layer, e, "w3"), part, _ALL)
-        down = _fp8_part(ckpt, expert_key(layer, e, "w2"), _ALL, part)
-        if w1 is None or w3 is None or down is None:
-            return {}
-        w13.append(np.concatenate([w1[0], w3[0]]))
-        s13.append(np.concatenate([w1[1], w3[1]]))
-        w2.append(down[0])
-        s2.append(down[1])
-    return dict(w13=np.stack(w13), w13_scale=np.stack(s13), w2=np.stack(w2), w2_scale=np.stack(s2))
+    parts = [fp8_expert_part(ckpt, layer, e, part) for e in ckpt.experts]
+    if any(p is None for p in parts):
+        return {}
+    return {name: np.stack([p[name] for p in parts]) for name in ("w13", "w13_scale", "w2", "w2_scale")}
 
 
 _DENSE_KEYS = {

@@ -36,7 +36,6 @@ from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights.checkpoint import Checkpoint, expert_key
 from minimax_m2.weights.files import read_json
 from minimax_m2.weights.model_weights import (
-    FLOAT32_WEIGHTS,
     LAYER_WEIGHT_NAMES,
     LayerWeights,
     ModelWeights,
@@ -44,6 +43,7 @@ from minimax_m2.weights.model_weights import (
     dense_part,
     embed_rows,
     expert_part,
+    fp8_expert_part,
     model_dtype,
     read_dense,
     vocab_columns,
@@ -67,9 +67,10 @@ def _layout_record(layout: ParallelLayout) -> dict[str, int]:
     return {"world": layout.world, "tp": layout.tp, "moe_tp": layout.moe_tp}
 
 
-def _shapes(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype) -> dict:
-    """key -> (dtype, shape) of one rank's file."""
-    template = zero_model_weights(config, experts, layout, dtype)
+def _shapes(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype,
+            fp8: bool) -> dict:
+    """key -> (dtype, shape) of one rank's file (FP8 experts as codes and scales with `fp8`)."""
+    template = zero_model_weights(config, experts, layout, dtype, fp8=fp8)
     shapes = {"embed": template.embed, "final_norm": template.final_norm, "lm_head": template.lm_head}
     entries = {key: (a.dtype, a.shape) for key, a in shapes.items()}
     for i in range(config.num_hidden_layers):
@@ -142,9 +143,11 @@ def prepare(
     out: Path,
     dtype: np.dtype,
     source: dict[str, Any],
+    keep_fp8: bool = False,
 ) -> dict[str, Any]:
     """Write every rank's file of `layout` (its `rank` is ignored) and the carried files into `out`;
-    returns the manifest (with 'skipped': files already complete).
+    returns the manifest (with 'skipped': files already complete). keep_fp8: an FP8 checkpoint's experts
+    are written as their codes and block scales (`fp8_expert_part`), not dequantised.
 
     `checkpoint` must be opened for all `experts` (every rank's are read). Peak memory: one layer's
     dense tensors plus one expert, whatever the number of ranks.
@@ -155,7 +158,7 @@ def prepare(
             stale.unlink()
         old = _read_manifest(out) if (out / MANIFEST).is_file() else None
         expected = {"format": FORMAT, "config": config.record(), "layout": _layout_record(layout),
-                    "experts": experts, "dtype": np.dtype(dtype).name, "source": source,
+                    "experts": experts, "dtype": np.dtype(dtype).name, "fp8": keep_fp8, "source": source,
                     "source_files": source_files(checkpoint.root)}
         if old and any(old.get(k) != v for k, v in expected.items()):
             for name in old.get("files", {}):  # another preparation, or the source changed: start again
@@ -202,9 +205,9 @@ def _write_ranks(checkpoint: Checkpoint, experts: list[int], ranks: list[Paralle
     try:
         for rank in ranks:
             tmp = out / (rank_file(rank.rank, rank.world) + ".tmp")
-            writers[rank.rank] = SafetensorsWriter(tmp, _shapes(config, experts, rank, dtype),
+            writers[rank.rank] = SafetensorsWriter(tmp, _shapes(config, experts, rank, dtype, manifest["fp8"]),
                                                    _file_metadata(rank, config))
-        _fill(checkpoint, experts, ranks, writers, dtype)
+        _fill(checkpoint, experts, ranks, writers, dtype, manifest["fp8"])
         for rank in ranks:
             writers[rank.rank].close()
     except BaseException:
@@ -226,7 +229,7 @@ def _finite(key: str, value: np.ndarray) -> np.ndarray:
 
 
 def _fill(checkpoint: Checkpoint, experts: list[int], ranks: list[ParallelLayout],
-          writers: dict[int, SafetensorsWriter], dtype: np.dtype) -> None:
+          writers: dict[int, SafetensorsWriter], dtype: np.dtype, keep_fp8: bool) -> None:
     config = checkpoint.config
     total = sum(w.data_bytes for w in writers.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="written", position=1) as written:
@@ -255,6 +258,15 @@ def _fill(checkpoint: Checkpoint, experts: list[int], ranks: list[ParallelLayout
             for e in experts:
                 if not holders[e]:
                     continue
+                if keep_fp8:
+                    for rank, index in holders[e]:
+                        part = fp8_expert_part(checkpoint, layer, e, rank.intermediate_slice(config.intermediate_size))
+                        if part is None:
+                            raise ValueError(f"layer {layer} expert {e} is not stored as float8: --fp8 keep needs "
+                                             "every expert in FP8")
+                        for name, value in part.items():
+                            put(rank, f"layers.{layer}.{name}", value, index)
+                    continue
                 w1, w3, w2 = (checkpoint.read(expert_key(layer, e, n)) for n in ("w1", "w3", "w2"))
                 for rank, index in holders[e]:
                     w13_part, w2_part = expert_part(w1, w3, w2, rank.intermediate_slice(config.intermediate_size))
@@ -278,6 +290,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise ValueError(f"{where}: 'experts' is {manifest.get('experts')!r}, expected a list of expert ids")
     checks.integers(f"{where}: 'experts'", manifest["experts"])
     model_dtype(checks.text(f"{where}: 'dtype'", manifest.get("dtype")))
+    if not isinstance(manifest.setdefault("fp8", False), bool):  # written before FP8 experts could be kept: False
+        raise ValueError(f"{where}: 'fp8' is {manifest['fp8']!r}, expected true or false")
     for name, entry in manifest["files"].items():
         entry = checks.mapping(f"{where}: files[{name!r}]", entry)
         checks.integer(f"{where}: files[{name!r}].bytes", entry.get("bytes"), 1, 1 << 50)
@@ -291,6 +305,11 @@ def prepared_layout(path: str | Path) -> tuple[MiniMaxM2Config, dict[str, int], 
     manifest = _read_manifest(root)
     return (MiniMaxM2Config.from_record(manifest["config"], f"{root / MANIFEST}: 'config'"), manifest["layout"],
             manifest["experts"])
+
+
+def prepared_fp8(path: str | Path) -> bool:
+    """Whether a directory's experts were prepared as FP8 codes (prepare_weights.py --fp8 keep)."""
+    return _read_manifest(Path(path))["fp8"]
 
 
 def load_prepared(path: str | Path, layout: ParallelLayout,
@@ -326,9 +345,7 @@ def load_prepared(path: str | Path, layout: ParallelLayout,
         changed = _changed_fields(json.loads(prepared_from or "{}"), config.record())
         raise ValueError(f"{root / MANIFEST}: its config differs from the one {name} was prepared with ({changed})")
     dtype = model_dtype(manifest["dtype"])
-    for key, (kind, shape) in _shapes(config, experts, layout, dtype).items():
-        name_part = key.rsplit(".", 1)[-1]
-        want = np.dtype(np.float32) if name_part in FLOAT32_WEIGHTS else dtype
+    for key, (want, shape) in _shapes(config, experts, layout, dtype, manifest["fp8"]).items():
         if key not in tensors.keys() or tensors.shape(key) != tuple(shape) or tensors.map(key).dtype != want:
             raise ValueError(f"{file}: tensor {key!r} is missing or not {want.name} of shape {list(shape)}")
     if verify:

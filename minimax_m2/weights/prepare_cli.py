@@ -39,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
     chosen = select_experts(config, parse_experts(args.experts, config.num_local_experts))
     layout.check(config, len(chosen))
     begin = time.perf_counter()
-    manifest = prepare(Checkpoint(root, config, chosen), chosen, layout, args.out, model_dtype(args.dtype), source)
+    if args.fp8 == "keep" and config.fp8_block_size is None:
+        raise ValueError("--fp8 keep needs an FP8 checkpoint: this one has no quantization_config")
+    manifest = prepare(Checkpoint(root, config, chosen), chosen, layout, args.out, model_dtype(args.dtype), source,
+                       keep_fp8=args.fp8 == "keep")
     sizes = [f["bytes"] for f in manifest["files"].values()]
     carried = ", ".join(manifest["carried"]) or "none found"
     print(f"prepared {len(sizes)} rank files in {args.out} ({manifest['skipped']} already complete) in "

@@ -10,7 +10,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
+# uint8 arrays are FP8 codes (float8_e4m3fn bit patterns): stored as what they are, read back as uint8
+_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.uint8): "F8_E4M3"}
 
 
 class SafetensorsWriter:
