@@ -35,7 +35,8 @@ from minimax_m2.run import (
 )
 from minimax_m2.serving.chat import format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
-from minimax_m2.serving.engine import Engine, Executor
+from minimax_m2.serving.engine import Engine
+from minimax_m2.serving.executor import Executor
 from minimax_m2.serving.parsers import parse_output
 from minimax_m2.weights.model_weights import model_dtype
 from minimax_m2.weights.prepare import prepared_layout

@@ -17,7 +17,7 @@ import numbers
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -28,49 +28,12 @@ from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
 from minimax_m2.sampling import draw as draw_token
 from minimax_m2.serving.blocks import BlockManager
+from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
 MIN_COPY = 32  # prompt tokens a copied cache block must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
-
-
-class Executor(Protocol):
-    """What runs the engine's steps: on this process (`LocalExecutor`), or on every rank
-    (`minimax_m2.serving.lockstep.PlanSender`)."""
-
-    def execute(self, step: Step) -> StepOutput: ...
-
-    def copy(self, copies: list[tuple[int, int, int]]) -> None: ...
-
-    def heartbeat(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def stats(self) -> dict[str, float]: ...
-
-
-class LocalExecutor:
-    """Runs each step on this process's model (one rank, or every rank deciding alike, as `--mode generate`
-    does under torchrun). `minimax_m2.serving.lockstep.PlanSender` is the multi-rank one."""
-
-    def __init__(self, model: MiniMaxM2Model):
-        self.model = model
-
-    def execute(self, step: Step) -> StepOutput:
-        return self.model.run(step)
-
-    def copy(self, copies: list[tuple[int, int, int]]) -> None:
-        self.model.copy_blocks(copies)
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def heartbeat(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
 
 @dataclass
