@@ -142,13 +142,34 @@ def _config_and_experts(args: argparse.Namespace, source: Path) -> tuple[MiniMax
     return config, select_experts(config, parse_experts(args.experts, config.num_local_experts)), None
 
 
+def _new_engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_blocks: int,
+                executor: Executor | None = None) -> Engine:
+    return Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk, executor=executor,
+                  prefix_reuse=not args.no_prefix_reuse,
+                  keep_logits=args.mode != "serve" and args.dump_logits is not None, kv_blocks=kv_blocks)
+
+
+def _compile_share(engine: Engine, runner: NeuronRunner | None, leader: bool) -> None:
+    """On a device: this rank compiles its share of the engine's programs into the build directory the
+    host's ranks share (torchrun's LOCAL_RANK of LOCAL_WORLD_SIZE), then waits for every rank, after which
+    each finds all of them compiled and only loads them."""
+    if runner is None:
+        return
+    units = list(engine.programs().values())
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    start = time.perf_counter()
+    share = runner.prepare(units, int(os.environ.get("LOCAL_RANK", "0")), ranks)
+    all_gather(np.zeros(2, np.int32), 0, engine.model.layout.world_groups)  # every rank's share is compiled
+    if leader:
+        print(f"compiled {len(units)} programs over the {ranks} ranks of this host ({share} here) in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+
+
 def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_blocks: int, leader: bool,
             runner: NeuronRunner | None, executor: Executor | None = None) -> Engine:
-    """The engine over `model`, warmed up: schedules chosen and, on a device, every step shape compiled and
-    run once (after which a shape outside the set is refused)."""
-    engine = Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk, executor=executor,
-                    prefix_reuse=not args.no_prefix_reuse,
-                    keep_logits=args.mode != "serve" and args.dump_logits is not None, kv_blocks=kv_blocks)
+    """The engine over `model`, warmed up: schedules chosen and, on a device, every program compiled (each
+    rank its share) and every step shape run once (after which a shape outside the set is refused)."""
+    engine = _new_engine(args, model, slots, kv_blocks, executor)
     shapes = engine.shapes.shapes()
     if leader:
         print(f"engine: {slots} requests and {kv_blocks:,} KV blocks of {KV_BLOCK} positions per attention group, "
@@ -157,14 +178,13 @@ def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_bloc
               f"{len(engine.shapes.decode_buckets)} buckets of real rows x tile counts; prefill rows "
               f"{list(engine.shapes.prefill_rows)} x tokens {list(engine.shapes.prefill_tokens)}, attended lengths "
               f"{list(engine.shapes.kv_lengths)})", flush=True)
-    if runner is not None and leader:
-        print(f"compiling {len(engine.programs())} programs on every rank", flush=True)
+    _compile_share(engine, runner, leader)
     start = time.perf_counter()
     steps = engine.warm_up(every_shape=runner is not None)
     if runner is not None:
         runner.frozen = True
         if leader:
-            print(f"warm-up: {len(engine.shapes.shapes())} step shapes compiled and run with each lm_head variant "
+            print(f"warm-up: {len(engine.shapes.shapes())} step shapes loaded and run with each lm_head variant "
                   f"({steps} steps, {runner.compiled} programs) in {time.perf_counter() - start:.1f} s", flush=True)
     return engine
 
@@ -197,7 +217,7 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     model.schedule_cost()  # every rank, before any plan: its measurement is averaged over the ranks
     if not leader:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells this rank to stop
-        model.allocate(kv_blocks)
+        _compile_share(_new_engine(args, model, slots, kv_blocks), runner, leader)  # rank 0's engine, never started
         follow(model, backend)
         backend.close()
         return 0

@@ -18,6 +18,7 @@ from minimax_m2.device.memory import (
 )
 from minimax_m2.device.roofline import TRN2, expert_cost, fastest_moe_tp
 from minimax_m2.device.step import KV_BLOCK
+from minimax_m2.device.warm_up import warm_up_seconds
 from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.parallel import ParallelLayout
@@ -27,6 +28,10 @@ from minimax_m2.weights.model_weights import model_dtype, zero_model_weights
 from minimax_m2.weights.prepare import prepared_fp8, prepared_layout
 
 SERVE_SLOTS = 8  # --max-num-seqs of serve mode when it is not given
+
+
+HOST_RANKS = 64  # a trn2.48xlarge's NeuronCores at LNC=2, one host: ranks that share a build directory
+ASSUMED_COMPILE_SECONDS = (("30 s", 30), ("2 min", 120), ("5 min", 300))
 
 
 def keeps_fp8(args: argparse.Namespace, config: MiniMaxM2Config) -> bool:
@@ -103,6 +108,18 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"fits: {plan.total / 2**30:.2f} of {available / 2**30:.2f} GiB ({where})")
     shapes, programs = compile_set(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device,
                                    kv_blocks, fp8)
-    print(f"compile set per rank: {shapes} step shapes, {sum(programs.values())} programs ("
+    count = sum(programs.values())
+    print(f"compile set per rank: {shapes} step shapes, {count} programs ("
           + ", ".join(f"{n} {name}" for name, n in sorted(programs.items())) + ")")
+    if args.device == "neuron":
+        ranks = min(layout.world, HOST_RANKS)
+        times = [(label, *warm_up_seconds(count, ranks, seconds)) for label, seconds in ASSUMED_COMPILE_SECONDS]
+        print(f"warm-up compiles at an ASSUMED {' / '.join(label for label, *_ in times)} a program (the Neuron "
+              f"compiler's time is not measured here): one rank after another "
+              + " / ".join(_duration(serial) for _, serial, _ in times)
+              + f"; spread over the {ranks} ranks of a host " + " / ".join(_duration(spread) for *_, spread in times))
     return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"

@@ -2,6 +2,8 @@
 nkipy's runtime: the report compares the device's tokens and logits with NumPy, counts programs, launches
 and host bytes, and fails when the device disagrees."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_neuron_runner import STAND_INS, FakeKernel, FakeTensor
@@ -14,10 +16,10 @@ from minimax_m2.run import random_config
 CONFIG = random_config(128, 2, 8, 2, 256)
 
 
-def _models(dtype: str = "float32") -> tuple[MiniMaxM2Model, MiniMaxM2Model, NeuronRunner]:
+def _models(build_dir: Path, dtype: str = "float32") -> tuple[MiniMaxM2Model, MiniMaxM2Model, NeuronRunner]:
     FakeTensor.reset()
     FakeKernel.compiled.clear()
-    runner = NeuronRunner(runtime=STAND_INS)
+    runner = NeuronRunner(build_dir, runtime=STAND_INS)
     cpu = MiniMaxM2Model.random(CONFIG, seed=3, max_seq_len=64, dtype=dtype)
     device = run_on(MiniMaxM2Model.random(CONFIG, seed=3, max_seq_len=64, dtype=dtype), runner)
     return cpu, device, runner
@@ -34,8 +36,8 @@ def neuron_environment(monkeypatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_a_faithful_device_passes_every_check() -> None:
-    report = _check(*_models())
+def test_a_faithful_device_passes_every_check(tmp_path) -> None:
+    report = _check(*_models(tmp_path))
     rows = {r["name"]: r for r in report["rows"]}
     assert report["ok"], format_report(report)
     assert rows["programs compiled"]["measured"] == rows["programs compiled"]["expected"] > 0
@@ -47,14 +49,14 @@ def test_a_faithful_device_passes_every_check() -> None:
     assert "| programs compiled |" in format_report(report)
 
 
-def test_bfloat16_is_held_to_its_tolerance() -> None:
-    cpu, device, runner = _models("bfloat16")
+def test_bfloat16_is_held_to_its_tolerance(tmp_path) -> None:
+    cpu, device, runner = _models(tmp_path, "bfloat16")
     assert _check(cpu, device, runner, tolerance=2e-2)["ok"]
 
 
-def test_a_device_that_computes_something_else_fails() -> None:
+def test_a_device_that_computes_something_else_fails(tmp_path) -> None:
     """The device's lm_head weights differ from the NumPy model's: tokens and logits disagree."""
-    cpu, device, runner = _models()
+    cpu, device, runner = _models(tmp_path)
     device.weights.lm_head = device.weights.lm_head * np.float32(1.5)
     report = _check(cpu, device, runner)
     rows = {r["name"]: r for r in report["rows"]}

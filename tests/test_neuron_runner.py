@@ -2,9 +2,14 @@
 its NEFF naming (nkipy is absent here): same tokens and logits as NumPy, each unit compiled once per
 shape, weights and KV caches copied to the device once, cache writes kept on the device."""
 
+import hashlib
 import os
+import threading
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +21,7 @@ from minimax_m2.device.neuron import WRITTEN, NeuronRunner
 from minimax_m2.device.nkipy_semantics import LoopbackCollectives
 from minimax_m2.device.program import TOP_LOGPROBS
 from minimax_m2.device.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
+from minimax_m2.device.warm_up import deal
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
 
@@ -72,12 +78,17 @@ class Watched(np.ndarray):
 
 
 class FakeKernel:
-    """DeviceKernel stand-in with nkipy's NEFF names: an argument the unit assigns into is the input
-    '<name>.must_alias_input' and the output '<name>'; returned arrays are 'output<i>'. Runs the unit
-    as NumPy on copies of the device tensors and writes its results into the output tensors."""
+    """Stand-in for nkipy's kernels (`NkipyKernels`) with its NEFF names: an argument the unit assigns into
+    is the input '<name>.must_alias_input' and the output '<name>'; returned arrays are 'output<i>'. `compile`
+    names a NEFF by a digest of the program (name, argument shapes and dtypes, constants) under the build
+    directory and writes it there unless it exists, taking `compile_seconds`, counted per thread; `load`
+    runs the unit as NumPy on copies of the device tensors and writes its results into the output tensors."""
 
-    compiled: Counter = Counter()
+    compiled: Counter = Counter()  # compiles by unit name
+    by_thread: Counter = Counter()  # compiles by the thread (rank) that made them
     calls: Counter = Counter()
+    compile_seconds = 0.0
+    programs: dict[str, tuple] = {}  # NEFF path -> (fn, arrays, constants)
 
     def __init__(self, fn, arrays: dict[str, np.ndarray], constants: dict[str, Any]):
         probe = {k: v.copy().view(Watched) for k, v in arrays.items()}
@@ -94,10 +105,25 @@ class FakeKernel:
         return tuple(np.asarray(r).view(np.ndarray) for r in (result if isinstance(result, tuple) else (result,)))
 
     @classmethod
-    def compile_and_load(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs):
-        cls.compiled[name] += 1
+    def compile(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs) -> str:
         arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
-        kernel = cls(fn, arrays, {k: v for k, v in kwargs.items() if k not in arrays})
+        constants = {k: v for k, v in kwargs.items() if k not in arrays}
+        program = repr((name, sorted((k, v.shape, v.dtype.str) for k, v in arrays.items()), sorted(constants.items()),
+                        additional_compiler_args))
+        path = Path(build_dir) / f"{name}_{hashlib.sha1(program.encode()).hexdigest()[:16]}" / f"{name}.neff"
+        if not path.exists():
+            time.sleep(cls.compile_seconds)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(program)
+            cls.compiled[name] += 1
+            cls.by_thread[threading.current_thread().name] += 1
+        cls.programs[str(path)] = (fn, {k: v.copy() for k, v in arrays.items()}, constants)  # not the model's arrays
+        return str(path)
+
+    @classmethod
+    def load(cls, neff_path: str, *, name: str) -> "FakeKernel":
+        fn, arrays, constants = cls.programs[neff_path]
+        kernel = cls(fn, arrays, constants)
         kernel.name = name
         return kernel
 
@@ -123,11 +149,12 @@ def neuron_environment(monkeypatch) -> None:
 
 
 @pytest.fixture()
-def runner() -> NeuronRunner:
+def runner(tmp_path) -> NeuronRunner:
     FakeTensor.reset()
     FakeKernel.compiled.clear()
+    FakeKernel.by_thread.clear()
     FakeKernel.calls.clear()
-    return NeuronRunner(runtime=STAND_INS)
+    return NeuronRunner(tmp_path / "build", runtime=STAND_INS)
 
 
 def test_each_rank_takes_its_own_neuron_core(monkeypatch) -> None:
@@ -298,3 +325,50 @@ def test_fp8_weights_reach_the_device_as_int8_bytes(fp8_checkpoint, runner) -> N
     held = [t for t in runner._resident.values() if t.name in ("w13", "w2")]
     assert len(held) == 2 * len(model.weights.layers) and all(t.array.dtype == np.int8 for t in held)
     assert any(t.array.tobytes() == model.weights.layers[0].w13.tobytes() for t in held)
+
+
+def test_the_compile_set_is_spread_over_the_hosts_ranks(float32_checkpoint, tmp_path) -> None:
+    """64 ranks as threads share a build directory: each compiles its share of the engine's programs (no
+    rank more than ceil(programs / 64) + 1, 1 s a compile), every distinct program is compiled once, the
+    warm-up takes about programs / 64 compiles; every rank then loads every program without compiling, and
+    a restart on the same directory compiles nothing."""
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    units = list(Engine(model, max_num_seqs=4, prefill_chunk=16).programs().values())
+    ranks, build = 64, tmp_path / "build"
+    FakeKernel.compiled.clear()
+    FakeKernel.by_thread.clear()
+
+    def start(seconds: float) -> tuple[list[int], float]:
+        FakeKernel.compile_seconds = seconds
+        runners = [NeuronRunner(build, runtime=STAND_INS) for _ in range(ranks)]
+        began = time.perf_counter()
+        with ThreadPoolExecutor(ranks) as pool:
+            shares = list(pool.map(lambda r: runners[r].prepare(units, r, ranks), range(ranks)))
+        return shares, time.perf_counter() - began
+
+    try:
+        shares, seconds = start(1.0)
+    finally:
+        FakeKernel.compile_seconds = 0.0
+    assert sum(shares) == len(units) == sum(FakeKernel.compiled.values())
+    assert max(FakeKernel.by_thread.values()) <= -(-len(units) // ranks) + 1
+    assert seconds <= len(units) / ranks + 5
+    loader = NeuronRunner(build, runtime=STAND_INS)
+    for unit in units:
+        loader._compile(unit.key(), unit)
+    assert loader.compiled == len(units) and sum(FakeKernel.compiled.values()) == len(units), "loading compiled"
+    start(0.0)
+    assert sum(FakeKernel.compiled.values()) == len(units), "a restart on the same build directory compiled"
+
+
+def test_programs_are_dealt_largest_first_and_evenly() -> None:
+    """298 programs of mixed sizes over 64 ranks: each dealt once, no rank more than ceil(298 / 64) + 1,
+    the largest programs on different ranks, and the heaviest rank within one largest program of the
+    lightest."""
+    weights = [1000] * 40 + [300] * 100 + [1] * 158
+    shares = deal(weights, 64)
+    assert sorted(i for share in shares for i in share) == list(range(len(weights)))
+    assert max(map(len, shares)) <= -(-len(weights) // 64) + 1
+    assert all(sum(weights[i] == 1000 for i in share) <= 1 for share in shares)
+    loads = [sum(weights[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= 1000

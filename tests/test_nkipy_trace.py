@@ -115,15 +115,25 @@ def _assert_traced_units_compute_the_numpy_result(world: int, tp: int, moe_tp: i
 
 
 class XlaKernel:
-    """DeviceKernel stand-in that compiles with nkipy's real tracer: its NEFF names are the traced HLO's
-    parameter and result names; it runs the HLO on XLA's CPU backend."""
+    """Stand-in for nkipy's kernels that traces with nkipy's real tracer: `compile` keeps the traced HLO
+    under a name of its content, `load` gives a kernel whose NEFF names are the HLO's parameter and result
+    names and which runs the HLO on XLA's CPU backend."""
+
+    traced: dict = {}
 
     @classmethod
-    def compile_and_load(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs):
+    def compile(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs) -> str:
+        code = nkipy_trace.NKIPyKernel(fn, "hlo").specialize(**_copy(kwargs))
+        path = f"{build_dir}/{name}_{hash(code.to_proto().SerializeToString())}/{name}.neff"
+        cls.traced[path] = code
+        return path
+
+    @classmethod
+    def load(cls, neff_path: str, *, name: str) -> "XlaKernel":
         from test_neuron_runner import Info
 
         kernel = cls()
-        kernel.code = nkipy_trace.NKIPyKernel(fn, "hlo").specialize(**_copy(kwargs))
+        kernel.code = cls.traced[neff_path]
         kernel.input_tensors_info = {p.name: Info(p.shape, str(p.dtype)) for p in kernel.code.parameters}
         kernel.output_tensors_info = {r.name: Info(r.shape, str(r.dtype)) for r in kernel.code.results}
         return kernel

@@ -1,7 +1,11 @@
 """Running the declared units on a NeuronCore with nkipy's runtime (Trainium hosts only).
 
-Each unit is compiled once per shape and constants by `nkipy.runtime.DeviceKernel.compile_and_load`
-(rank 0 traces and compiles, every rank loads the NEFF), with nkipy's in-kernel collectives. What crosses
+Each unit is traced, hashed and compiled once per shape and constants by nkipy (`NkipyKernels`: the two
+halves of `DeviceKernel.compile_and_load`), into a build directory the host's ranks share, where a NEFF is
+named by the hash of its program and compiler arguments: before the warm-up each rank compiles its share of
+the compile set (`prepare`, dealt by `minimax_m2.device.warm_up`), and after a barrier every rank finds all
+of them compiled and loads them; a restart on the same directory compiles nothing. nkipy's in-kernel
+collectives run inside the programs. What crosses
 between host and device:
 
 - arrays that live as long as the model (weights, RoPE tables, rank values, KV caches): copied once; a KV
@@ -40,6 +44,7 @@ import numpy as np
 from kernels import collectives
 from minimax_m2.device.program import Unit
 from minimax_m2.device.roofline import TRN2, expert_cost
+from minimax_m2.device.warm_up import deal, program_weight
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES
 
@@ -56,14 +61,42 @@ def run_on(model: MiniMaxM2Model, runner: "NeuronRunner | None") -> MiniMaxM2Mod
     return model
 
 
+class NkipyKernels:
+    """nkipy's `DeviceKernel.compile_and_load` in its two halves (nkipy b91c980, runtime/device_kernel.py),
+    so that one rank of a host compiles a program and every rank loads it."""
+
+    @staticmethod
+    def compile(fn: Any, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs: Any) -> str:
+        """Trace fn with these example arguments, hash the program with the compiler arguments, and compile
+        it to `{build_dir}/{name}_{hash}/{name}.neff` unless that file is there -> its path."""
+        from nkipy.core.compile import CompilationTarget
+        from nkipy.runtime import DeviceKernel
+
+        neff_path, _ = DeviceKernel._trace_and_compile(
+            fn, name, (), kwargs, additional_compiler_args=additional_compiler_args, use_cached_if_exists=True,
+            build_dir=build_dir, target=CompilationTarget.DEFAULT)
+        return neff_path
+
+    @staticmethod
+    def load(neff_path: str, *, name: str) -> Any:
+        """The NEFF loaded on this rank's NeuronCore, its collectives over every torch.distributed rank."""
+        import torch.distributed as dist
+        from nkipy.runtime import DeviceKernel
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return DeviceKernel.load_from_neff(neff_path, name=name, cc_enabled=True, rank_id=dist.get_rank(),
+                                               world_size=dist.get_world_size())
+        return DeviceKernel.load_from_neff(neff_path, name=name)
+
+
 def nkipy_runtime() -> tuple[Any, Any, collectives.Backend]:
-    """nkipy's (DeviceKernel, DeviceTensor, in-kernel collectives)."""
+    """nkipy's (kernels: compile and load, DeviceTensor, in-kernel collectives)."""
     try:
-        from nkipy.runtime import DeviceKernel, DeviceTensor
+        from nkipy.runtime import DeviceTensor
     except ImportError as err:
         raise ImportError("running on NeuronCores (--device neuron) needs nkipy and the Neuron runtime (spike), "
                           "installed on Trainium hosts with the Neuron SDK") from err
-    return DeviceKernel, DeviceTensor, collectives.NkipyCollectives()
+    return NkipyKernels, DeviceTensor, collectives.NkipyCollectives()
 
 
 def _device_view(array: np.ndarray) -> np.ndarray:
@@ -99,8 +132,9 @@ class NeuronRunner:
     def __init__(self, build_dir: str | Path = "build/neuron", rank: int = 0, compiler_args: str | None = None,
                  runtime: tuple[Any, Any, collectives.Backend] | None = None):
         """rank: this process's rank, which gets NeuronCore `rank` (as nkipy's examples do, unless
-        NEURON_RT_VISIBLE_CORES is set); runtime: (DeviceKernel, DeviceTensor, the collectives backend
-        units are traced with), nkipy's by default. Create it before the Neuron runtime starts."""
+        NEURON_RT_VISIBLE_CORES is set); runtime: (kernels with `compile` and `load` as `NkipyKernels`,
+        DeviceTensor, the collectives backend units are traced with), nkipy's by default. Create it before
+        the Neuron runtime starts."""
         os.environ.setdefault("NEURON_RT_VISIBLE_CORES", str(rank))
         os.environ.setdefault("NEURON_RT_ROOT_COMM_ID", "localhost:61239")
         self._kernel_type, self._tensor_type, self._traced_collectives = runtime or nkipy_runtime()
@@ -145,20 +179,32 @@ class NeuronRunner:
         self._on_device[_content(values)] = array.tensor
         return values
 
+    def prepare(self, units: list[Unit], rank: int, ranks: int) -> int:
+        """Compile this rank's share of `units` (rank `rank` of the `ranks` sharing the build directory, as
+        `minimax_m2.device.warm_up.deal` gives it) -> how many were dealt to it. Once every rank of the host has
+        prepared, each finds every unit compiled when it first runs it."""
+        share = deal([program_weight(u) for u in units], ranks)[rank]
+        for index in share:
+            self._build(units[index])
+        return len(share)
+
+    def _build(self, unit: Unit) -> str:
+        """The unit traced with its example inputs and compiled (unless its NEFF is in the build directory)
+        -> the NEFF's path."""
+        example = {name: _device_view(np.asarray(value)) for name, value in unit.inputs.items()}
+        previous = collectives.set_backend(self._traced_collectives)
+        try:
+            return self._kernel_type.compile(unit.fn, name=unit.name, build_dir=self.build_dir,
+                                             additional_compiler_args=self.compiler_args, **example, **unit.constants)
+        finally:
+            collectives.set_backend(previous)
+
     def _compile(self, key: tuple, unit: Unit) -> Any:
         if self.frozen:
             shapes = ", ".join(f"{name} {list(shape)}" for name, shape, _ in key[1][:4])
             raise RuntimeError(f"{unit.name} was called with a shape outside the compiled set ({shapes}, ...): "
                                "refused rather than compiled while serving")
-        example = {name: _device_view(np.asarray(value)) for name, value in unit.inputs.items()}
-        previous = collectives.set_backend(self._traced_collectives)
-        try:
-            kernel = self._kernel_type.compile_and_load(
-                unit.fn, name=unit.name, build_dir=self.build_dir, additional_compiler_args=self.compiler_args,
-                **example, **unit.constants,
-            )
-        finally:
-            collectives.set_backend(previous)
+        kernel = self._kernel_type.load(self._build(unit), name=unit.name)
         written = {name.removesuffix(WRITTEN) for name in kernel.input_tensors_info if name.endswith(WRITTEN)}
         self._outputs[key] = [
             {name: self._tensor_type.from_numpy(np.zeros(tuple(info.shape), _numpy_dtype(info.dtype)),
