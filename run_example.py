@@ -6,6 +6,7 @@
   python run_example.py --mode generate --checkpoint DIR --chat "system: Be brief." --chat "Hello!"
   python run_example.py --mode serve --checkpoint DIR --port 8000        # OpenAI-compatible /v1 endpoints
   python run_example.py --mode plan --config real --ep 64 --tp 8 --device neuron --max-seq-len 196608  # will it fit?
+  python run_example.py --mode compile --config real --ep 64 --tp 8 --build-dir build/neuron  # compile ahead of time
   torchrun --nproc-per-node 4 run_example.py --mode generate --checkpoint DIR --prompt-ids 1,2,3 --ep 4 --tp 2
   torchrun --nproc-per-node 64 run_example.py --mode generate --weights PREPARED --prompt "Hi" --ep 64 --device neuron
 """
@@ -21,10 +22,12 @@ from minimax_m2.run import exit_with
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
-    p.add_argument("--mode", choices=["test", "random", "generate", "serve", "plan"], default="random",
+    p.add_argument("--mode", choices=["test", "random", "generate", "serve", "plan", "compile"], default="random",
                    help="test: kernel self-checks; random: a random-weight model; generate: a checkpoint; "
                         "serve: an OpenAI-compatible server for a checkpoint; plan: the memory plan and compile set "
-                        "of a run, loading no weights (exit 2 when it does not fit)" + d)
+                        "of a run, loading no weights (exit 2 when it does not fit); compile: every program of "
+                        "that run compiled into --build-dir ahead of time (a host with the Neuron compiler, no "
+                        "NeuronCore needed), so that a NeuronCore host only loads them" + d)
     p.add_argument("--config", choices=["real"],
                    help="plan mode: the released MiniMax-M2's shapes (instead of --checkpoint, --weights or the "
                         "random-mode flags)")

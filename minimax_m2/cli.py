@@ -13,7 +13,7 @@ from kernels.collectives import all_gather
 from minimax_m2 import checks
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.memory import available_memory, check_fits, engine_plan, pool_blocks
-from minimax_m2.device.neuron import NeuronRunner, run_on
+from minimax_m2.device.neuron import NeuronRunner, compile_share, run_on
 from minimax_m2.device.roofline import fastest_moe_tp
 from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.distributed import CollectiveError, on_launcher_exit, rank, start, world_size
@@ -21,7 +21,7 @@ from minimax_m2.experts import parse_experts, select_experts
 from minimax_m2.generation import checkpoint_defaults, resolve_sampling
 from minimax_m2.model import MiniMaxM2Model, check_vocabulary
 from minimax_m2.parallel import ParallelLayout
-from minimax_m2.plan_mode import keeps_fp8, run_plan
+from minimax_m2.plan_mode import keeps_fp8, run_compile, run_plan
 from minimax_m2.run import (
     engine_generate,
     kernel_checks,
@@ -150,18 +150,14 @@ def _new_engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_
 
 
 def _compile_share(engine: Engine, runner: NeuronRunner | None, leader: bool) -> None:
-    """On a device: this rank compiles its share of the engine's programs into the build directory the
-    host's ranks share (torchrun's LOCAL_RANK of LOCAL_WORLD_SIZE), then waits for every rank, after which
-    each finds all of them compiled and only loads them."""
+    """On a device: this rank compiles its share of the engine's programs (`compile_share`)."""
     if runner is None:
         return
     units = list(engine.programs().values())
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     start = time.perf_counter()
-    share = runner.prepare(units, int(os.environ.get("LOCAL_RANK", "0")), ranks)
-    all_gather(np.zeros(2, np.int32), 0, engine.model.layout.world_groups)  # every rank's share is compiled
+    timed, ranks = compile_share(runner, units, engine.model.layout.world_groups)
     if leader:
-        print(f"compiled {len(units)} programs over the {ranks} ranks of this host ({share} here) in "
+        print(f"compiled {len(units)} programs over the {ranks} ranks of this host ({len(timed)} here) in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -277,11 +273,14 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--fp8 has no effect with --weights: the experts' format was chosen when preparing "
                          "(prepare_weights.py --fp8)")
     args.fp8 = args.fp8 or "dequantize"
-    if args.mode == "plan":
+    if args.mode == "compile":
+        args.device = "neuron"
+    if args.mode in ("plan", "compile"):
         args.dtype = args.dtype or ("bfloat16" if args.device == "neuron" else "float32")
-        return run_plan(args)
+        return run_plan(args) if args.mode == "plan" else run_compile(args)
     if args.config:
-        raise ValueError("--config real is for --mode plan (the other modes need weights: --checkpoint or --weights)")
+        raise ValueError("--config real is for --mode plan and --mode compile (the other modes need weights: "
+                         "--checkpoint or --weights)")
     runner = NeuronRunner(args.build_dir, rank()) if args.device == "neuron" else None
     args.dtype = args.dtype or ("bfloat16" if runner else "float32")
     if args.mode == "serve":

@@ -3,6 +3,7 @@ compiles, for a config and layout, without loading a weight; exit 0 when it fits
 not."""
 
 import argparse
+import time
 from collections import Counter
 
 import numpy as np
@@ -16,6 +17,7 @@ from minimax_m2.device.memory import (
     kv_block_bytes,
     pool_blocks,
 )
+from minimax_m2.device.neuron import NeuronRunner
 from minimax_m2.device.roofline import TRN2, expert_cost, fastest_moe_tp
 from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.device.warm_up import warm_up_seconds
@@ -61,21 +63,42 @@ def plan_config(args: argparse.Namespace) -> tuple[MiniMaxM2Config, list[int], d
         "a random MiniMax-M2 of the random-mode flags"
 
 
-def compile_set(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, slots: int,
-                prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int,
-                fp8: bool) -> tuple[int, Counter]:
-    """(step shapes, programs per unit) rank 0 compiles before serving, from a model of zeros that is never
-    touched (its pages are never written, so it takes no memory)."""
+def serving_engine(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, slots: int,
+                   prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int, fp8: bool) -> Engine:
+    """The serving engine of these settings over a model of zeros that is never touched (its pages are never
+    written, so it takes no memory): its shape set and programs are those of the run."""
     weights = zero_model_weights(config, experts, layout, dtype, fp8=fp8)
     model = MiniMaxM2Model(config, weights, experts, max_seq_len, layout)
     if device == "neuron":
         model.expert_cost = expert_cost(TRN2, weights.layers[0])
-    engine = Engine(model, max_num_seqs=slots, prefill_chunk=prefill_chunk, keep_logits=False, kv_blocks=kv_blocks)
-    return len(engine.shapes.shapes()), Counter(unit.name for unit in engine.programs().values())
+    return Engine(model, max_num_seqs=slots, prefill_chunk=prefill_chunk, keep_logits=False, kv_blocks=kv_blocks)
 
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; raise ValueError (one line, exit 2) when it does not fit."""
+    _plan(args)
+    return 0
+
+
+def run_compile(args: argparse.Namespace, runtime: tuple | None = None) -> int:
+    """--mode compile: print the plan (refused when it does not fit), then trace and compile every program of
+    the run into --build-dir with nkipy's compiler (`runtime`: nkipy's by default), with a bar; print the
+    count, the seconds in all and the slowest programs. A NeuronCore host starting on that directory then
+    compiles nothing. Every rank's programs are rank 0's (rank values are inputs), so one process compiles
+    them all."""
+    engine = _plan(args)
+    units = list(engine.programs().values())
+    start = time.perf_counter()
+    timed = NeuronRunner(args.build_dir, runtime=runtime).prepare(units, 0, 1, progress=True)
+    slowest = sorted(timed, key=lambda t: -t[1])[:5]
+    print(f"compiled {len(units)} programs into {args.build_dir} in {time.perf_counter() - start:.1f} s; slowest: "
+          + ", ".join(f"{unit.name} {seconds:.1f} s" for unit, seconds in slowest))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> Engine:
+    """Print the plan and the compile set; raise ValueError when it does not fit -> the run's engine (over
+    weights of zeros, never run)."""
     config, experts, prepared, source = plan_config(args)
     slots = args.max_num_seqs or SERVE_SLOTS
     tp = prepared["tp"] if prepared else args.tp
@@ -106,8 +129,8 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{args.max_seq_len:,}")
     check_fits(plan, available, where, args.max_seq_len)
     print(f"fits: {plan.total / 2**30:.2f} of {available / 2**30:.2f} GiB ({where})")
-    shapes, programs = compile_set(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device,
-                                   kv_blocks, fp8)
+    engine = serving_engine(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device, kv_blocks, fp8)
+    shapes, programs = len(engine.shapes.shapes()), Counter(unit.name for unit in engine.programs().values())
     count = sum(programs.values())
     print(f"compile set per rank: {shapes} step shapes, {count} programs ("
           + ", ".join(f"{n} {name}" for name, n in sorted(programs.items())) + ")")
@@ -118,7 +141,7 @@ def run_plan(args: argparse.Namespace) -> int:
               f"compiler's time is not measured here): one rank after another "
               + " / ".join(_duration(serial) for _, serial, _ in times)
               + f"; spread over the {ranks} ranks of a host " + " / ".join(_duration(spread) for *_, spread in times))
-    return 0
+    return engine
 
 
 def _duration(seconds: float) -> str:

@@ -301,7 +301,7 @@ def test_plan_mode_says_whether_a_run_fits_without_loading_weights(float32_check
     assert_one_line_error(run(*real, "--fp8", "keep", "--kv-blocks", "5000"), "is 24.00 GiB")
     assert_one_line_error(run(*real, "--kv-blocks", "1000"), "cannot hold one request of --max-seq-len 196608")
     assert_one_line_error(run("--mode", "generate", "--config", "real", "--prompt-ids", "1"),
-                          "--config real is for --mode plan")
+                          "--config real is for --mode plan and --mode compile")
 
 
 def test_prepared_fp8_experts_run_as_the_checkpoint_kept_in_fp8(fp8_checkpoint, tmp_path) -> None:
@@ -319,3 +319,16 @@ def test_prepared_fp8_experts_run_as_the_checkpoint_kept_in_fp8(fp8_checkpoint, 
     plan = run("--mode", "plan", "--weights", str(out), "--max-seq-len", "32")
     assert "FP8 experts kept as codes" in plan.stdout, plan.stdout + plan.stderr
     assert_one_line_error(run(*common, "--weights", str(out), "--fp8", "keep"), "--fp8 has no effect with --weights")
+
+
+def test_compile_mode_without_the_neuron_sdk_says_what_it_needs() -> None:
+    """--mode compile plans first (its plan is printed), then needs nkipy's compiler: one error line."""
+    try:
+        import nkipy.runtime  # noqa: F401
+    except ImportError:
+        done = run("--mode", "compile", "--config", "real", "--ep", "64", "--tp", "8", "--moe-tp", "64",
+                   "--max-seq-len", "4096")
+        assert "compile set per rank:" in done.stdout
+        assert_one_line_error(done, "needs nkipy and the Neuron SDK")
+    else:
+        pytest.skip("nkipy is installed: this host can compile")

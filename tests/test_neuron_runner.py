@@ -17,7 +17,7 @@ import pytest
 from conftest import PROMPT
 
 from minimax_m2 import MiniMaxM2Model
-from minimax_m2.device.neuron import WRITTEN, NeuronRunner
+from minimax_m2.device.neuron import WRITTEN, NeuronRunner, run_on
 from minimax_m2.device.nkipy_semantics import LoopbackCollectives
 from minimax_m2.device.program import TOP_LOGPROBS
 from minimax_m2.device.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
@@ -343,7 +343,7 @@ def test_the_compile_set_is_spread_over_the_hosts_ranks(float32_checkpoint, tmp_
         runners = [NeuronRunner(build, runtime=STAND_INS) for _ in range(ranks)]
         began = time.perf_counter()
         with ThreadPoolExecutor(ranks) as pool:
-            shares = list(pool.map(lambda r: runners[r].prepare(units, r, ranks), range(ranks)))
+            shares = list(pool.map(lambda r: len(runners[r].prepare(units, r, ranks)), range(ranks)))
         return shares, time.perf_counter() - began
 
     try:
@@ -372,3 +372,26 @@ def test_programs_are_dealt_largest_first_and_evenly() -> None:
     assert all(sum(weights[i] == 1000 for i in share) <= 1 for share in shares)
     loads = [sum(weights[i] for i in share) for share in shares]
     assert max(loads) - min(loads) <= 1000
+
+
+def test_ahead_of_time_compile_leaves_a_start_nothing_to_compile(float32_checkpoint, tmp_path) -> None:
+    """--mode compile traces and compiles the run's programs into a build directory (no NeuronCore); a
+    start on it with the same flags, its engine warmed up on every shape, compiles nothing more."""
+    import run_example
+
+    from minimax_m2.plan_mode import run_compile
+
+    build = tmp_path / "build"
+    flags = ["--checkpoint", str(float32_checkpoint), "--max-seq-len", "64", "--max-num-seqs", "4", "--prefill-chunk",
+             "16", "--kv-blocks", "8", "--build-dir", str(build)]
+    args = run_example.parse_args(["--mode", "compile", *flags])
+    args.device, args.dtype, args.fp8 = "neuron", "bfloat16", "dequantize"  # as main() resolves them
+    FakeKernel.compiled.clear()
+    assert run_compile(args, runtime=STAND_INS) == 0
+    ahead = sum(FakeKernel.compiled.values())
+    model = run_on(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64, dtype="bfloat16"),
+                   NeuronRunner(build, runtime=STAND_INS))
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, kv_blocks=8, keep_logits=False)
+    assert ahead == len(engine.programs()) > 0
+    assert engine.warm_up(every_shape=True) > 0 and model.runner.compiled == ahead
+    assert sum(FakeKernel.compiled.values()) == ahead, "the start compiled what was compiled ahead of time"

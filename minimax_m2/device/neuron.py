@@ -34,12 +34,14 @@ overlap the next step until its asynchronous execution lands.
 """
 
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
 from kernels import collectives
 from minimax_m2.device.program import Unit
@@ -94,8 +96,9 @@ def nkipy_runtime() -> tuple[Any, Any, collectives.Backend]:
     try:
         from nkipy.runtime import DeviceTensor
     except ImportError as err:
-        raise ImportError("running on NeuronCores (--device neuron) needs nkipy and the Neuron runtime (spike), "
-                          "installed on Trainium hosts with the Neuron SDK") from err
+        raise ImportError("running on NeuronCores (--device neuron) or compiling for them (--mode compile) needs "
+                          "nkipy and the Neuron SDK (its compiler; its runtime, spike, to run), installed on "
+                          "Trainium hosts") from err
     return NkipyKernels, DeviceTensor, collectives.NkipyCollectives()
 
 
@@ -179,14 +182,18 @@ class NeuronRunner:
         self._on_device[_content(values)] = array.tensor
         return values
 
-    def prepare(self, units: list[Unit], rank: int, ranks: int) -> int:
+    def prepare(self, units: list[Unit], rank: int, ranks: int, progress: bool = False) -> list[tuple[Unit, float]]:
         """Compile this rank's share of `units` (rank `rank` of the `ranks` sharing the build directory, as
-        `minimax_m2.device.warm_up.deal` gives it) -> how many were dealt to it. Once every rank of the host has
+        `minimax_m2.device.warm_up.deal` gives it; a bar with `progress`) -> each unit of the share with the
+        seconds it took (tracing, and compiling unless its NEFF was there). Once every rank of the host has
         prepared, each finds every unit compiled when it first runs it."""
         share = deal([program_weight(u) for u in units], ranks)[rank]
-        for index in share:
+        timed = []
+        for index in tqdm(share, desc="compiling", unit="program", disable=not progress):
+            start = time.perf_counter()
             self._build(units[index])
-        return len(share)
+            timed.append((units[index], time.perf_counter() - start))
+        return timed
 
     def _build(self, unit: Unit) -> str:
         """The unit traced with its example inputs and compiled (unless its NEFF is in the build directory)
@@ -250,3 +257,14 @@ class NeuronRunner:
         self._staged[name] = (content, tensor)
         self._on_device[content] = tensor
         return tensor
+
+
+def compile_share(runner: NeuronRunner, units: list[Unit], world_groups: collectives.ReplicaGroups
+                  ) -> tuple[list[tuple[Unit, float]], int]:
+    """This rank compiles its share of `units` into the build directory the host's ranks share (torchrun's
+    LOCAL_RANK of LOCAL_WORLD_SIZE), then waits for every rank of `world_groups`, after which each finds all
+    of them compiled and only loads them -> (its share with the seconds each took, the host's ranks)."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    timed = runner.prepare(units, int(os.environ.get("LOCAL_RANK", "0")), ranks)
+    collectives.all_gather(np.zeros(2, np.int32), 0, world_groups)  # a barrier: every share is compiled
+    return timed, ranks

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from minimax_m2.device.neuron import NeuronRunner
+from minimax_m2.device.neuron import NeuronRunner, compile_share
 from minimax_m2.device.roofline import DECODE_HOST_BYTES_PER_ROW, TRN2, decode_launches, record_units, served_seconds
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
@@ -113,7 +113,11 @@ def check_device(cpu: MiniMaxM2Model, device: MiniMaxM2Model, runner: NeuronRunn
                  new_tokens: int, batch: int, prefill_chunk: int, tolerance: float, seed: int = 0) -> dict:
     """The report (see the module docstring): {'rows': [Row...], 'ok': bool, ...}."""
     engine = Engine(device, max_num_seqs=batch, prefill_chunk=prefill_chunk)
-    expected_programs = len(engine.programs())
+    units = list(engine.programs().values())
+    expected_programs = len(units)
+    start = time.perf_counter()
+    timed, ranks = compile_share(runner, units, device.layout.world_groups)
+    compile_s = time.perf_counter() - start
     start = time.perf_counter()
     steps = engine.warm_up(every_shape=True)
     warm_up_s = time.perf_counter() - start
@@ -140,7 +144,10 @@ def check_device(cpu: MiniMaxM2Model, device: MiniMaxM2Model, runner: NeuronRunn
     layers = device.config.num_hidden_layers
     rows = [
         Row("programs compiled", compiled, expected_programs, compiled == expected_programs),
-        Row("warm-up seconds (compile and run every shape)", warm_up_s, None, None),
+        Row(f"compile seconds, this rank's share ({len(timed)} of {expected_programs} programs, {ranks} ranks "
+            "on this host)", compile_s, None, None),
+        Row("slowest compile of the share, seconds", max((t for _, t in timed), default=0.0), None, None),
+        Row("warm-up seconds (load and run every shape)", warm_up_s, None, None),
         Row("device tokens that are the NumPy argmax (or a near-tie)", agree, total, agree == total),
         Row("logits: max |difference| / max |logit|", errors, tolerance, errors <= tolerance),
         Row(f"TTFT ms, one prompt of {prompt_len} tokens", one.ttft_s * 1e3,
