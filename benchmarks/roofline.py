@@ -10,9 +10,10 @@ for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention t
    slice read once if any token chose it), and all bytes beside the floor plus the other bytes read;
 3. serving throughput at 32 and 256 concurrent requests, decode alone and with each request's prompt
    prefilled;
-4. the compile set of a serving engine (every program its warm-up compiles): program count per unit,
-   expert blocks unrolled, and the largest program of each unit as recorded (ops, matmuls); and that
-   engine's memory plan per NeuronCore (what `run_example.py --device neuron` checks before loading);
+4. the compile set of a serving engine (every program its warm-up compiles) at 4096 and 196,608
+   positions: program count per unit, expert blocks unrolled, the largest program of each unit as
+   recorded (ops, matmuls), and what each cut of the set costs in TTFT or TPOT; and that engine's memory
+   plan per NeuronCore (what `run_example.py --device neuron` checks before loading);
 5. long contexts: TTFT of 32k and 128k-token prompts through chunked prefill, TPOT at those contexts at
    batch 1 and 32, with the KV bytes a decode step reads beside everything else it reads;
 6. FP8 experts kept as 8-bit codes (`--fp8 keep`): TPOT at batch 1, 8, 32 and 256 beside bf16, with the
