@@ -141,36 +141,40 @@ def block_scales(grid: np.ndarray, block: tuple[int, int], shape: tuple[int, int
 _ALL = slice(None)
 
 
-def _fp8_part(ckpt: Checkpoint, key: str, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray] | None:
-    """The [rows, cols] part of tensor `key` ([out, in]) as FP8 codes and their scales (`block_scales`),
-    or None when it is not stored as float8."""
-    stored = ckpt.read_fp8(key)
-    if stored is None:
-        return None
+FP8Tensor = tuple[np.ndarray, np.ndarray]  # float8_e4m3fn codes [out, in] and their weight_scale_inv grid
+
+
+def read_fp8_expert(ckpt: Checkpoint, layer: int, expert: int) -> dict[str, FP8Tensor] | None:
+    """One expert's w1, w3 and w2 as stored ({name: (codes, grid)}), or None when they are not all float8."""
+    stored = {name: ckpt.read_fp8(expert_key(layer, expert, name)) for name in ("w1", "w3", "w2")}
+    return None if any(v is None for v in stored.values()) else stored
+
+
+def _fp8_part(stored: FP8Tensor, block: tuple[int, int], rows: slice, cols: slice) -> FP8Tensor:
+    """The [rows, cols] part of a stored FP8 tensor: its codes and their scales (`block_scales`)."""
     codes, grid = stored
-    return (np.ascontiguousarray(codes[rows, cols]),
-            block_scales(grid, ckpt.config.fp8_block_size, codes.shape, rows, cols))
+    return np.ascontiguousarray(codes[rows, cols]), block_scales(grid, block, codes.shape, rows, cols)
 
 
-def fp8_expert_part(ckpt: Checkpoint, layer: int, expert: int, part: slice) -> dict[str, np.ndarray] | None:
-    """One expert's `part` of the intermediate dimension as FP8 codes with their scales (w13, w13_scale, w2,
-    w2_scale, as `expert_part` lays the weights out), or None when it is not stored as float8."""
-    w1 = _fp8_part(ckpt, expert_key(layer, expert, "w1"), part, _ALL)
-    w3 = _fp8_part(ckpt, expert_key(layer, expert, "w3"), part, _ALL)
-    down = _fp8_part(ckpt, expert_key(layer, expert, "w2"), _ALL, part)
-    if w1 is None or w3 is None or down is None:
-        return None
-    return dict(w13=np.concatenate([w1[0], w3[0]]), w13_scale=np.concatenate([w1[1], w3[1]]), w2=down[0],
-                w2_scale=down[1])
+def fp8_expert_part(stored: dict[str, FP8Tensor], block: tuple[int, int], part: slice) -> dict[str, np.ndarray]:
+    """An expert read by `read_fp8_expert` -> the `part` of its intermediate dimension as FP8 codes with their
+    scales (w13, w13_scale, w2, w2_scale, as `expert_part` lays the weights out)."""
+    w1, w3 = (_fp8_part(stored[name], block, part, _ALL) for name in ("w1", "w3"))
+    w2, w2_scale = _fp8_part(stored["w2"], block, _ALL, part)
+    return dict(w13=np.concatenate([w1[0], w3[0]]), w13_scale=np.concatenate([w1[1], w3[1]]), w2=w2,
+                w2_scale=w2_scale)
 
 
 def fp8_experts(ckpt: Checkpoint, layer: int, layout: ParallelLayout) -> dict[str, np.ndarray]:
     """This rank's experts (`ckpt.experts`, its intermediate slice) as FP8 codes with their scales, stacked,
     or {} when they are not all float8."""
     part = layout.intermediate_slice(ckpt.config.intermediate_size)
-    parts = [fp8_expert_part(ckpt, layer, e, part) for e in ckpt.experts]
-    if any(p is None for p in parts):
-        return {}
+    parts = []
+    for e in ckpt.experts:
+        stored = read_fp8_expert(ckpt, layer, e)
+        if stored is None:
+            return {}
+        parts.append(fp8_expert_part(stored, ckpt.config.fp8_block_size, part))
     return {name: np.stack([p[name] for p in parts]) for name in ("w13", "w13_scale", "w2", "w2_scale")}
 
 

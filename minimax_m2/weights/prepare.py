@@ -46,6 +46,7 @@ from minimax_m2.weights.model_weights import (
     fp8_expert_part,
     model_dtype,
     read_dense,
+    read_fp8_expert,
     vocab_columns,
     zero_model_weights,
 )
@@ -258,12 +259,14 @@ def _fill(checkpoint: Checkpoint, experts: list[int], ranks: list[ParallelLayout
             for e in experts:
                 if not holders[e]:
                     continue
-                if keep_fp8:
+                if keep_fp8:  # each expert read once, every rank's part sliced from it
+                    stored = read_fp8_expert(checkpoint, layer, e)
+                    if stored is None:
+                        raise ValueError(f"layer {layer} expert {e} is not stored as float8: --fp8 keep needs "
+                                         "every expert in FP8")
                     for rank, index in holders[e]:
-                        part = fp8_expert_part(checkpoint, layer, e, rank.intermediate_slice(config.intermediate_size))
-                        if part is None:
-                            raise ValueError(f"layer {layer} expert {e} is not stored as float8: --fp8 keep needs "
-                                             "every expert in FP8")
+                        part = fp8_expert_part(stored, config.fp8_block_size,
+                                               rank.intermediate_slice(config.intermediate_size))
                         for name, value in part.items():
                             put(rank, f"layers.{layer}.{name}", value, index)
                     continue
