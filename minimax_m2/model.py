@@ -108,8 +108,8 @@ class MiniMaxM2Model:
     ) -> "MiniMaxM2Model":
         """Load a HF checkpoint directory (single file or sharded, float32/bfloat16/FP8), layer by layer;
         with a layout, only this rank's experts and attention heads. dtype: 'float32' or 'bfloat16';
-        progress: a bar over the layers; keep_fp8: an FP8 checkpoint's float8 projections and experts stay
-        8-bit codes with their block scales, dequantised inside the units (else at load)."""
+        progress: a bar over the layers; keep_fp8: an FP8 checkpoint's float8 experts stay 8-bit codes with
+        their block scales, dequantised inside the units (else at load, as its projections always are)."""
         config = MiniMaxM2Config.from_pretrained(path)
         chosen = select_experts(config, experts)
         layout.check(config, len(chosen))

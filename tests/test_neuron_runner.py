@@ -85,6 +85,7 @@ class FakeKernel:
     runs the unit as NumPy on copies of the device tensors and writes its results into the output tensors."""
 
     compiled: Counter = Counter()  # compiles by unit name
+    traces = 0  # compile calls: each traces the unit, whether or not its NEFF is there
     by_thread: Counter = Counter()  # compiles by the thread (rank) that made them
     calls: Counter = Counter()
     compile_seconds = 0.0
@@ -106,6 +107,7 @@ class FakeKernel:
 
     @classmethod
     def compile(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs) -> str:
+        cls.traces += 1
         arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
         constants = {k: v for k, v in kwargs.items() if k not in arrays}
         program = repr((name, sorted((k, v.shape, v.dtype.str) for k, v in arrays.items()), sorted(constants.items()),
@@ -395,3 +397,16 @@ def test_ahead_of_time_compile_leaves_a_start_nothing_to_compile(float32_checkpo
     assert ahead == len(engine.programs()) > 0
     assert engine.warm_up(every_shape=True) > 0 and model.runner.compiled == ahead
     assert sum(FakeKernel.compiled.values()) == ahead, "the start compiled what was compiled ahead of time"
+
+
+def test_a_program_this_rank_compiled_is_loaded_without_tracing_it_again(float32_checkpoint, runner) -> None:
+    """A rank's share is traced once, to compile it; the programs of other ranks' shares are traced when
+    loaded, to find their NEFFs."""
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    units = list(Engine(model, max_num_seqs=4, prefill_chunk=16).programs().values())
+    FakeKernel.traces = 0
+    share = runner.prepare(units, 0, 2)
+    assert FakeKernel.traces == len(share) < len(units)
+    for unit in units:
+        runner._compile(unit.key(), unit)
+    assert FakeKernel.traces == len(units)

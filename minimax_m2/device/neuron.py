@@ -52,7 +52,7 @@ from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES
 
 WRITTEN = ".must_alias_input"  # nkipy's suffix on the NEFF input name of an argument the unit writes
 RESIDENT = LAYER_WEIGHT_NAMES + ("embed", "final_norm", "lm_head", "cos_table", "sin_table", "k_cache", "v_cache",
-                                 "member_slots", "own_members", "own_position", "vocab_offset")
+                                 "member_slots", "own_members", "own_position", "vocab_offset", "embed_offset")
 
 
 def run_on(model: MiniMaxM2Model, runner: "NeuronRunner | None") -> MiniMaxM2Model:
@@ -144,6 +144,7 @@ class NeuronRunner:
         self.build_dir = str(build_dir)
         self.compiler_args = compiler_args
         self._kernels: dict[tuple, Any] = {}
+        self._neffs: dict[tuple, str] = {}  # NEFF paths of the units this rank compiled, by key, until loaded
         self._outputs: dict[tuple, list[dict[str, Any]]] = {}  # two buffer sets per kernel, used in turn
         self._turn: dict[tuple, int] = {}
         self._resident: dict[int, Any] = {}
@@ -191,7 +192,7 @@ class NeuronRunner:
         timed = []
         for index in tqdm(share, desc="compiling", unit="program", disable=not progress):
             start = time.perf_counter()
-            self._build(units[index])
+            self._neffs[units[index].key()] = self._build(units[index])
             timed.append((units[index], time.perf_counter() - start))
         return timed
 
@@ -211,7 +212,8 @@ class NeuronRunner:
             shapes = ", ".join(f"{name} {list(shape)}" for name, shape, _ in key[1][:4])
             raise RuntimeError(f"{unit.name} was called with a shape outside the compiled set ({shapes}, ...): "
                                "refused rather than compiled while serving")
-        kernel = self._kernel_type.load(self._build(unit), name=unit.name)
+        neff = self._neffs.pop(key, None) or self._build(unit)  # this rank's share is traced once
+        kernel = self._kernel_type.load(neff, name=unit.name)
         written = {name.removesuffix(WRITTEN) for name in kernel.input_tensors_info if name.endswith(WRITTEN)}
         self._outputs[key] = [
             {name: self._tensor_type.from_numpy(np.zeros(tuple(info.shape), _numpy_dtype(info.dtype)),
