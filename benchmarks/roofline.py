@@ -55,7 +55,7 @@ from minimax_m2.device.roofline import (  # noqa: E402
     served_seconds,
     static_expert_floor,
 )
-from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_len_for, tile_bucket  # noqa: E402
+from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_len_for, power_bucket  # noqa: E402
 from minimax_m2.model import MiniMaxM2Model  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
@@ -244,7 +244,7 @@ def long_context(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
             costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=context,
                                  rows=decode_rows(layout, batch))
             rows = layout.rows_per_group(batch)  # a decode step reads its tiles: each real row's blocks, padded
-            kv = layers * tile_bucket(rows * blocks_for(context)) * KV_BLOCK * per_position
+            kv = layers * power_bucket(rows * blocks_for(context)) * KV_BLOCK * per_position
             row[f"tpot_ms_b{batch}"] = served_seconds(costs, layers, hw, "decode", batch) * 1e3
             row[f"kv_gb_b{batch}"] = kv / 1e9
             row[f"other_gb_b{batch}"] = (costs[0].bytes_read + layers * costs[1].bytes_read + costs[2].bytes_read

@@ -223,8 +223,8 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
         sender.heartbeat()  # answered only once every rank has loaded (and warmed up with rank 0)
         print(f"all {layout.world} ranks loaded and ready", flush=True)
     name = args.served_model_name or source.resolve().name
-    server = make_server(ServedModel(name, engine, tokenizer, defaults, args.max_seq_len, source), args.host, args.port,
-                         Limits(max_body_bytes=args.max_request_bytes))
+    served = ServedModel(name, engine, tokenizer, defaults, args.max_seq_len, source, model.config.vocab_size)
+    server = make_server(served, args.host, args.port, Limits(max_body_bytes=args.max_request_bytes))
     engine.on_failure = lambda message: setattr(server, "should_exit", True)
     on_launcher_exit(_stop_serving)
     engine.start()

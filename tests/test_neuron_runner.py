@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from minimax_m2.device.neuron import WRITTEN, NeuronRunner, run_on
 from minimax_m2.device.nkipy_semantics import LoopbackCollectives
 from minimax_m2.device.program import TOP_LOGPROBS
 from minimax_m2.device.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
+from minimax_m2.device.step import mask_bucket
 from minimax_m2.device.warm_up import deal
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
@@ -263,21 +264,36 @@ def test_tokens_equal_the_numpy_engine_greedy_and_sampled(float32_checkpoint, ru
     assert FakeKernel.calls["copy_block"] > 0, "the busy request's partial block was copied on the device"
 
 
-def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(float32_checkpoint, runner) -> None:
-    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(with_tokenizer, runner) -> None:
+    from tokenizers import Tokenizer
+
+    from minimax_m2.serving import grammars
+    from minimax_m2.serving.constraint import Grammars
+
+    model = MiniMaxM2Model.from_pretrained(with_tokenizer, max_seq_len=64)
     engine = _engine(model, runner)
     steps = engine.warm_up(every_shape=True)
     prefills = sum(phase == "prefill" for phase, *_ in engine.shapes.shapes())
     decodes = len(engine.shapes.shapes()) - prefills
     # decode: greedy or sampling x logits or not, and log-probabilities; a prefill always may sample: plain,
-    # with logits, with log-probabilities, with every position's logits
-    assert steps == 5 * decodes + 4 * prefills, "each shape with each lm_head variant"
+    # with logits, with log-probabilities, with every position's logits; and once per lm_head shape (rows of
+    # a decode), each sampling variant with grammar masks of each bucket up to the rows (a prefill's constrained
+    # rows choose on the host)
+    heads = {max(rows, 2) for phase, rows, *_ in engine.shapes.shapes() if phase == "decode"}
+    masked = sum(3 * len({mask_bucket(count, rows) for count in range(1, rows + 1)}) for rows in heads)
+    assert steps == 5 * decodes + 4 * prefills + masked, "each shape with each lm_head variant"
     compiled = runner.compiled
     assert compiled == len(engine.programs()), "the compile set the engine reports is what the device compiled"
     runner.frozen = True
     shared = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 3  # a prefix block a busy request holds is copied (copy_block)
     engine.generate([p for p, _ in REQUESTS] + [shared, shared + [13]], [s for _, s in REQUESTS] + [Sampling()] * 2)
     engine.generate([[3, 4, 5]], Sampling(logprobs=2))  # greedy rows alone, with log-probabilities
+    held = Grammars(Tokenizer.from_file(str(with_tokenizer / "tokenizer.json")), model.config.vocab_size, ())
+    matcher = held.compile(grammars.json_answer(None))
+    constrained = [engine.submit(p, s, constraint=held.constraint(matcher, False)) for p, s in REQUESTS]
+    while not engine.idle():
+        engine.step()
+    assert all(r.generated for r in constrained) and held.stats["masked_rows"] > 0
     assert engine.stats["reused_tokens"] > 0 and FakeKernel.compiled["copy_block"] == 1
     assert runner.compiled == compiled, "a shape outside the warmed-up set was compiled while serving"
     with pytest.raises(RuntimeError, match="outside the compiled set"):
@@ -380,7 +396,6 @@ def test_ahead_of_time_compile_leaves_a_start_nothing_to_compile(float32_checkpo
     """--mode compile traces and compiles the run's programs into a build directory (no NeuronCore); a
     start on it with the same flags, its engine warmed up on every shape, compiles nothing more."""
     import run_example
-
     from minimax_m2.plan_mode import run_compile
 
     build = tmp_path / "build"
@@ -410,3 +425,34 @@ def test_a_program_this_rank_compiled_is_loaded_without_tracing_it_again(float32
     for unit in units:
         runner._compile(unit.key(), unit)
     assert FakeKernel.traces == len(units)
+
+
+def test_constrained_rows_carry_their_masks_and_nothing_else(with_tokenizer, runner) -> None:
+    """A steady decode step whose rows are two constrained requests and a free one moves, beside each row's id,
+    position and draw, the step's masks (M = 2 rows of ceil(V / 32) words: V / 8 bytes a constrained row) when
+    they changed; the rows' mask index (4 bytes a row) only when the constrained rows changed."""
+    from tokenizers import Tokenizer
+
+    from minimax_m2.serving import grammars
+    from minimax_m2.serving.constraint import Grammars
+
+    model = MiniMaxM2Model.from_pretrained(with_tokenizer, max_seq_len=64)
+    engine = _engine(model, runner)
+    held = Grammars(Tokenizer.from_file(str(with_tokenizer / "tokenizer.json")), model.config.vocab_size, ())
+    matcher = held.compile(grammars.json_answer({"type": "array", "items": {"type": "string"}}))
+    requests = [engine.submit(prompt, replace(sampling, max_new_tokens=30),
+                              constraint=held.constraint(matcher, False) if i < 2 else None)
+                for i, (prompt, sampling) in enumerate(REQUESTS)]
+    while not all(r.decoding for r in requests):
+        engine.step()
+    engine.step()
+    rows = engine.scheduler.plan().decode[0].input_ids.shape[0]
+    mask_bytes = 2 * -(-model.config.vocab_size // 32) * 4
+    seen = set()
+    for _ in range(5):
+        before = FakeTensor.bytes_up + FakeTensor.bytes_down
+        engine.step()
+        moved = FakeTensor.bytes_up + FakeTensor.bytes_down - before
+        assert moved in (DECODE_HOST_BYTES_PER_ROW * rows, DECODE_HOST_BYTES_PER_ROW * rows + mask_bytes), moved
+        seen.add(moved)
+    assert DECODE_HOST_BYTES_PER_ROW * rows + mask_bytes in seen, "the masks travel when they change"

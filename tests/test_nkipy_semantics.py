@@ -262,13 +262,15 @@ def test_both_exchanges_into_the_moe_give_the_same_bits(phase, batch, seq) -> No
 
 
 @pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)])
-@pytest.mark.parametrize("samples, return_logits, logprobs", [(False, False, False), (False, True, False),
-                                                              (True, True, False), (True, False, True)])
+@pytest.mark.parametrize("samples, return_logits, logprobs, masks", [
+    (False, False, False, 0), (False, True, False, 0), (True, True, False, 0), (True, False, True, 0),
+    (False, False, False, 2), (True, True, False, 4), (True, False, True, 2)])
 def test_each_lm_head_variant_traces_to_the_numpy_program(allowed, world, tp, samples, return_logits,
-                                                          logprobs) -> None:
-    """The lm_head without sampling (a step with no row to sample), with the logits returned, and with the
-    log-probabilities returned."""
-    ranks = run_ranks(world, tp, 1, "decode", 3, 1, samples=samples, return_logits=return_logits, logprobs=logprobs)
+                                                          logprobs, masks) -> None:
+    """The lm_head without sampling (a step with no row to sample), with the logits returned, with the
+    log-probabilities returned, and with grammar masks."""
+    ranks = run_ranks(world, tp, 1, "decode", 3, 1, samples=samples, return_logits=return_logits, logprobs=logprobs,
+                      masks=masks)
     for rank, units in enumerate(ranks):
         name, program, traced, plain = units[-1]
         assert name == "lm_head"
@@ -276,7 +278,8 @@ def test_each_lm_head_variant_traces_to_the_numpy_program(allowed, world, tp, sa
         outputs = plain if isinstance(plain, tuple) else (plain,)
         assert len(outputs) == 1 + 3 * logprobs + return_logits
         argmaxes = sum("argmax" in op[0] for op in program.ops)
-        assert argmaxes >= 1 and (argmaxes > 2) == (samples or logprobs), f"{argmaxes} argmax: greedy, or top ones"
+        assert argmaxes >= 1 and (argmaxes > 2) == bool(samples or logprobs or masks), \
+            f"{argmaxes} argmax: greedy, or top ones (a step with masks always may sample)"
     assert ranks[0][-1][1].ops == ranks[-1][-1][1].ops
 
 

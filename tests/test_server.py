@@ -83,7 +83,7 @@ class ScriptedEngine:
         if prompt_len + max_new_tokens > 4096:
             raise ValueError("does not fit")
 
-    def submit(self, prompt, sampling, notify=None, keep_logits=False):
+    def submit(self, prompt, sampling, notify=None, keep_logits=False, constraint=None):
         request = type("Request", (), {"finish_reason": None})()
 
         def run() -> None:
@@ -414,7 +414,21 @@ def _chat(**fields) -> bytes:
     (_chat(logprobs="yes"), 400, "logprobs", "'logprobs' must be true or false"),
     (_chat(top_logprobs=3), 400, "top_logprobs", "'top_logprobs' needs 'logprobs': true"),
     (_chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "'top_logprobs' must be an integer in [0, 20]"),
-    (_chat(response_format={"type": "json_object"}), 400, "response_format", "'response_format' is not supported"),
+    (_chat(response_format={"type": "yaml"}), 400, "response_format", "'response_format' must be"),
+    (_chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": []}}), 400,
+     "response_format", "'response_format.json_schema' must be"),
+    (_chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}), 400,
+     "response_format", "cannot be followed"),
+    (_chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "pattern": "(a"}}}), 400, "response_format", "cannot be followed"),
+    (_chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}),
+     400, "response_format", "cannot be followed"),
+    (_chat(tool_choice="required"), 400, "tool_choice", "needs 'tools'"),
+    (_chat(tool_choice="sometimes"), 400, "tool_choice", "'tool_choice' must be"),
+    (_chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}), 400, "tool_choice",
+     "not among 'tools'"),
+    (_chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": "low"}}}}}], tool_choice="required"), 400, "tools", "cannot be followed"),
     (_chat(frobnicate=1), 400, "frobnicate", "unknown parameter"),
     (json.dumps({"messages": [{"role": "user", "content": "x" * 60000}]}).encode(), 400, "messages",
      "characters besides whitespace cannot fit"),

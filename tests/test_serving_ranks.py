@@ -33,8 +33,11 @@ from minimax_m2.serving.server import ServedModel, make_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 20  # collective timeout of the served ranks, seconds
+SCHEMA = json.dumps({"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                     "tag": {"enum": ["a", "b"]}}, "required": ["id", "tag"],
+                     "additionalProperties": False})
 REQUESTS = [("chat", "Hello there", 6), ("chat", "What is the weather like?", 9), ("text", "Once upon a", 7),
-            ("chat", "x", 4), ("text", "The quick brown fox jumps over", 8)]
+            ("chat", "x", 4), ("text", "The quick brown fox jumps over", 8), ("text", "JSON:", 40, SCHEMA)]
 
 
 class RankServer:
@@ -101,14 +104,19 @@ class RankServer:
         return pid
 
 
-def ask(url: str, kind: str, text: str, max_tokens: int, stream: bool) -> dict:
+def ask(url: str, request: tuple, stream: bool) -> dict:
+    """A request's (kind, text, max_tokens[, JSON schema of the answer, as text]) answer."""
+    kind, text, max_tokens, *schema = request
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
     name = client.models.list().data[0].id
     if kind == "text":
+        fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": json.loads(
+            schema[0])}}} if schema else {}
         if stream:
             return {"content": "".join(c.choices[0].text for c in client.completions.create(
-                model=name, prompt=text, max_tokens=max_tokens, stream=True) if c.choices)}
-        return {"content": client.completions.create(model=name, prompt=text, max_tokens=max_tokens).choices[0].text}
+                model=name, prompt=text, max_tokens=max_tokens, stream=True, extra_body=fmt) if c.choices)}
+        return {"content": client.completions.create(model=name, prompt=text, max_tokens=max_tokens,
+                                                     extra_body=fmt).choices[0].text}
     messages = [{"role": "user", "content": text}]
     if stream:
         chunks = [c for c in client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens,
@@ -135,7 +143,10 @@ def one_process(with_tokenizer) -> dict:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        return {(r, stream): ask(f"http://127.0.0.1:{port}", *r, stream) for r in REQUESTS for stream in (False, True)}
+        url = f"http://127.0.0.1:{port}"
+        answers = {(r, stream): ask(url, r, stream) for r in REQUESTS for stream in (False, True)}
+        assert all(json.loads(answers[(REQUESTS[-1], stream)]["content"]) for stream in (False, True))
+        return answers
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -202,7 +213,7 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, wo
 
 def check_equal(url: str, one_process: dict) -> None:
     with ThreadPoolExecutor(len(REQUESTS)) as pool:  # concurrent: batched by rank 0's engine
-        answers = dict(zip(one_process, pool.map(lambda key: ask(url, *key[0], key[1]), one_process)))
+        answers = dict(zip(one_process, pool.map(lambda key: ask(url, *key), one_process)))
     assert answers == one_process
 
 

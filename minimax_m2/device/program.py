@@ -31,6 +31,7 @@ from minimax_m2.device.step import (
     group_rows,
     kv_len_for,
     kv_tile_for,
+    mask_words,
     padded,
     table_width,
     uniform_step,
@@ -175,15 +176,32 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
     selected = (np.arange(mine.stop - mine.start, dtype=np.int32)[:, None] * seq + step.selected[mine]).reshape(-1)
     sampled = (step.sampled or Sampled.greedy(step.input_ids.shape[0])).repeat(chosen).padded(layout.dp)
     selected = padded(selected)
-    return Unit("lm_head", lm_head_unit,
-                dict(h=h, selected=selected, final_norm=weights.final_norm, lm_head=weights.lm_head,
-                     vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
-                     top_p=sampled.top_p, uniform=sampled.uniform),
+    inputs = dict(h=h, selected=selected, final_norm=weights.final_norm, lm_head=weights.lm_head,
+                  vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
+                  top_p=sampled.top_p, uniform=sampled.uniform)
+    masks = step.resolved_masks()
+    if masks is not None:
+        index = np.repeat(step.mask_index.reshape(layout.dp, -1), chosen, axis=1)
+        index = np.pad(index, ((0, 0), (0, max(0, 2 - index.shape[1]))), constant_values=-1)
+        columns = weights.lm_head.shape[-1]
+        inputs.update(masks=rank_masks(masks, layout.rank * columns, columns),
+                      mask_index=index.reshape(-1).astype(np.int32))
+    return Unit("lm_head", lm_head_unit, inputs,
                 lm_head_constants(config, layout, step.return_logits,
-                                  # one variant: greedy rows stay so; a prefill always may sample (it costs little
-                                  # beside the chunk, and halves its lm_head programs)
-                                  seq > 1 or sampled.samples_on_device() or step.logprobs,
+                                  # one variant: greedy rows stay so; a prefill, or a step with grammar masks, always
+                                  # may sample (it costs little beside the chunk, or the masks, and halves their
+                                  # lm_head programs)
+                                  seq > 1 or sampled.samples_on_device() or step.logprobs or masks is not None,
                                   step.logprobs, rows_apart(layout.dp * selected.size, expert_cost)))
+
+
+def rank_masks(masks: np.ndarray, start: int, columns: int) -> np.ndarray:
+    """Masks over the whole vocabulary [M, ceil(V / 32)] int32 -> the bits of one rank's columns start ..
+    start + columns - 1, repacked [M, ceil(columns / 32)] int32 (columns past the vocabulary forbidden)."""
+    bits = np.unpackbits(np.ascontiguousarray(masks, np.int32).view(np.uint8), axis=1, bitorder="little")
+    part = bits[:, start:start + columns]
+    part = np.pad(part, ((0, 0), (0, mask_words(columns) * 32 - part.shape[1])))
+    return np.packbits(part, axis=1, bitorder="little").view(np.int32)
 
 
 def program_units(
@@ -201,6 +219,7 @@ def program_units(
     samples: bool = True,
     return_logits: bool = False,
     logprobs: bool = False,
+    masks: int = 0,
     rows: int | None = None,
     kv_len: int | None = None,
 ) -> list[Unit]:
@@ -208,8 +227,9 @@ def program_units(
     'decode': one token at `position`), with example inputs of the right shapes, dtypes and values
     (layer 0's weights; every layer runs the same program; every row its own cache row; rows in a bucket
     of at least 2; the next tokens sampled from the top candidates unless not `samples`, their
-    log-probabilities returned with `logprobs`, the logits with `return_logits`; `rows` rows per attention
-    group, default the batch's; a prefill attending `kv_len` positions, default the bucket of its last)."""
+    log-probabilities returned with `logprobs`, the logits with `return_logits`; with `masks`, that many
+    grammar masks, every other row constrained; `rows` rows per attention group, default the batch's; a
+    prefill attending `kv_len` positions, default the bucket of its last)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
@@ -224,6 +244,10 @@ def program_units(
         step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32),
                                np.full(total, 0.9, np.float32), np.linspace(0.05, 0.95, total, dtype=np.float32))
     step.return_logits, step.logprobs = return_logits, logprobs
+    if masks:
+        bits = np.random.default_rng(0).random((masks, mask_words(config.vocab_size) * 32)) < 0.5
+        step.masks = np.packbits(bits, axis=1, bitorder="little").view(np.int32)
+        step.mask_index = np.where(np.arange(total) % 2 == 0, np.arange(total) // 2 % masks, -1).astype(np.int32)
     mine = group_rows(step, layout)
     h = np.take(weights.embed, step.input_ids[mine].reshape(-1) % weights.embed.shape[0], axis=0)
     layer = weights.layers[0]

@@ -6,6 +6,7 @@ Every array a step carries is an input of the units in `minimax_m2.device.progra
 shape; nothing here runs on the device.
 """
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,16 @@ class Step:
     return_logits: bool = False  # bring the logits of the selected tokens to the host
     logprobs: bool = False  # bring their next tokens' log-probabilities (and the TOP_LOGPROBS largest) to the host
     kv_tiles: np.ndarray | None = None  # [dp, N, 3] int32: each group's decode tiles (decode)
+    # the allowed tokens of constrained rows, bit-packed over the whole vocabulary [M, ceil(V / 32)] int32 (M a
+    # `mask_bucket`), or a Future of them (resolved when the lm_head runs: they may be computed meanwhile)
+    masks: np.ndarray | Future | None = None
+    mask_index: np.ndarray | None = None  # [dp * R] int32: each row's mask in masks (-1: free)
+
+    def resolved_masks(self) -> np.ndarray | None:
+        """The masks, waiting for them if they are still being computed."""
+        if isinstance(self.masks, Future):
+            self.masks = self.masks.result()
+        return self.masks
 
     @property
     def kv_length(self) -> int:
@@ -116,6 +127,11 @@ class StepOutput:
             return None
         chosen, values, ids = (a[row, k] for a in self.logprobs)
         return float(chosen), [(int(i), float(v)) for i, v in zip(ids[:top], values[:top])]
+
+
+def mask_words(vocab: int) -> int:
+    """int32 words of one row's bit-packed mask over `vocab` tokens."""
+    return -(-vocab // 32)
 
 
 def padded(values: np.ndarray) -> np.ndarray:
@@ -156,12 +172,21 @@ def table_width(positions: int) -> int:
 FAR = 1 << 30  # the first position of a padding tile: past every row's, so it sees nothing
 
 
-def tile_bucket(tiles: int) -> int:
-    """Tiles a decode step runs to hold `tiles`: a power of two, at least 2."""
-    count = 2
-    while count < tiles:
-        count *= 2
-    return count
+def mask_bucket(count: int, rows: int) -> int:
+    """Masks a step of `rows` rows carries for `count` constrained ones: 2, 8, 32, .. (a power of four times two,
+    few lm_head programs), at most the rows' `power_bucket`."""
+    bucket = 2
+    while bucket < count:
+        bucket *= 4
+    return min(bucket, power_bucket(rows))
+
+
+def power_bucket(count: int) -> int:
+    """The bucket holding `count` (e.g. the tiles a decode step runs): a power of two, at least 2."""
+    bucket = 2
+    while bucket < count:
+        bucket *= 2
+    return bucket
 
 
 def decode_tiles(groups: list[list[tuple[int, list[int], int]]], count: int, scratch: int) -> np.ndarray:
@@ -186,10 +211,10 @@ def contiguous_tables(rows: np.ndarray, width: int) -> np.ndarray:
 
 def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, width: int,
                  max_tokens: int = 0, samples: bool = False, return_logits: bool = False, all_positions: bool = False,
-                 logprobs: bool = False) -> Step:
+                 logprobs: bool = False, masks: int = 0, vocab: int = 0) -> Step:
     """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units,
     with the lm_head variant that samples on the device, returns log-probabilities and / or returns logits,
-    of the last position of each row or of all of them."""
+    of the last position of each row or of all of them, with `masks` grammar masks over `vocab` tokens."""
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
     selected = np.tile(np.arange(seq if all_positions else 1, dtype=np.int32), (total, 1))
@@ -201,6 +226,9 @@ def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len
     if samples:
         step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
                                np.zeros(total, np.float32))
+    if masks:
+        step.masks = np.full((masks, mask_words(vocab)), -1, np.int32)
+        step.mask_index = np.zeros(total, np.int32)
     return step
 
 
@@ -225,7 +253,7 @@ def uniform_step(batch: int, seq: int, position: int, layout: ParallelLayout, ma
     if seq == 1:
         groups = [[(int(r % rows), step.block_tables[r].tolist(), position) for r in real if r // rows == g]
                   for g in range(layout.dp)]
-        count = tile_bucket(max(map(len, groups)) * (position // KV_BLOCK + 1))
+        count = power_bucket(max(map(len, groups)) * (position // KV_BLOCK + 1))
         step.kv_tiles, step.block_tables = decode_tiles(groups, count, scratch), None
         step.kv_len = count * KV_BLOCK
     if ids is not None:

@@ -20,6 +20,7 @@ from kernels.collectives import ReplicaGroups, all_gather, all_reduce, all_to_al
 from kernels.lm_head import gather_vocab, greedy_vocab_parallel, vocab_slice_logits
 from kernels.logprobs import logprobs_vocab_parallel
 from kernels.sampling import sample_vocab_parallel
+from kernels.token_mask import mask_logits
 
 
 def embedding_unit(input_ids: np.ndarray, embed: np.ndarray, embed_offset: np.ndarray, *,
@@ -180,8 +181,9 @@ def copy_unit(k_cache: np.ndarray, v_cache: np.ndarray, source: np.ndarray, targ
 
 def lm_head_unit(
     h: np.ndarray, selected: np.ndarray, final_norm: np.ndarray, lm_head: np.ndarray, vocab_offset: np.ndarray,
-    temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray, *,
-    eps: float, vocab_size: int, dp: int, tp: int, candidates: int, logprobs: int, return_logits: bool,
+    temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray,
+    masks: np.ndarray | None = None, mask_index: np.ndarray | None = None, *, eps: float, vocab_size: int,
+    dp: int, tp: int, candidates: int, logprobs: int, return_logits: bool,
     rows_apart: bool, world_groups: ReplicaGroups,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """h: [T, hidden] of this rank's attention group, selected: [n] int32 (the tokens whose next token is
@@ -196,11 +198,15 @@ def lm_head_unit(
     vocab_offset[0], and the next token is chosen from the slices (`kernels.sampling`): greedy where
     temperature [N] is 0, else drawn with top_k [N] (0: none, sampled on the host), top_p [N] and
     uniform [N] in [0, 1). candidates = 0 (a step with no row to sample) leaves the sampling out: every
-    row greedy, the sampling inputs unused.
+    row greedy, the sampling inputs unused. With masks [M, words] int32 (a grammar's allowed tokens of this
+    rank's slice, bit-packed, `kernels.token_mask`) and mask_index [N] int32 (each row's mask, -1: none), the
+    forbidden tokens' logits are at -1e30 before anything is chosen, scored or returned.
     """
     picked = all_rows(np.take(h, selected, axis=0), dp, tp, world_groups)  # [N, hidden]
     logits = vocab_slice_logits(picked, final_norm, lm_head, vocab_offset, eps=eps, vocab_size=vocab_size,
                                 rows_apart=rows_apart)
+    if masks is not None:
+        logits = mask_logits(logits, masks, mask_index)
     ids = greedy_vocab_parallel(logits, vocab_offset, world_groups)
     if candidates:
         ids = sample_vocab_parallel(logits, vocab_offset, ids, temperature, top_k, top_p, uniform,

@@ -17,12 +17,23 @@ import numbers
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from kernels.token_mask import mask_logits
 from minimax_m2.device.program import CANDIDATES, Unit
-from minimax_m2.device.step import KV_BLOCK, Sampled, Step, StepOutput, blocks_for, min_rows, padding_step, table_width
+from minimax_m2.device.step import (
+    KV_BLOCK,
+    Sampled,
+    Step,
+    StepOutput,
+    blocks_for,
+    mask_bucket,
+    min_rows,
+    padding_step,
+    table_width,
+)
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
@@ -32,8 +43,12 @@ from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
+if TYPE_CHECKING:
+    from minimax_m2.serving.constraint import Constraint
+
 MIN_COPY = 32  # prompt tokens a copied cache block must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
+FORBIDDEN = -1e29  # log-probabilities below this are of tokens a grammar forbids (`kernels.token_mask.FORBIDDEN`)
 
 
 @dataclass
@@ -114,17 +129,27 @@ class Engine:
     def _warm_up_steps(self) -> list[Step]:
         """A padding step of each shape of the set with each lm_head variant: sampling on the device or not,
         with logits or not, sampling with log-probabilities, and for a prefill, with the logits of every
-        position (when requests may keep them)."""
+        position (when requests may keep them); and once for each decode lm_head shape, each sampling variant
+        with grammar masks of each bucket up to its rows."""
         scratch, width = self.model.blocks, table_width(self.model.max_seq_len)
         chunk = {"decode": 0, "prefill": self.shapes.prefill_chunk}
         variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
                     + [(True, False, False, True)]}
         variants["prefill"] = [variant for variant in variants["decode"] if variant[0]]  # a prefill may always sample
-        if self.keep_logits:
-            variants["prefill"].append((True, True, True, False))
-        return [padding_step(max(min_rows(seq), rows), bucket, seq, self.groups, scratch, kv, width, chunk[phase],
-                             *variant)
-                for phase, rows, bucket, seq, kv in self.shapes.shapes() for variant in variants[phase]]
+        steps, heads = [], set()
+        for phase, rows, bucket, seq, kv in self.shapes.shapes():
+            rows = max(min_rows(seq), rows)
+            shape = (rows, bucket, seq, self.groups, scratch, kv, width, chunk[phase])
+            steps += [padding_step(*shape, *variant) for variant in variants[phase]]
+            if self.keep_logits and phase == "prefill":
+                steps.append(padding_step(*shape, True, True, True, False))
+            if phase == "decode" and rows not in heads:  # a prefill's constrained rows choose on the host
+                heads.add(rows)
+                total = rows * self.groups
+                masks = sorted({mask_bucket(count, total) for count in range(1, total + 1)})
+                steps += [padding_step(*shape, *variant, masks=m, vocab=self.model.config.vocab_size)
+                          for m in masks for variant in variants["prefill"]]  # with masks, a step may sample
+        return steps
 
     # --- requests ------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -161,12 +186,12 @@ class Engine:
         return [int(t) for t in ids]
 
     def submit(self, prompt: Sequence[int], sampling: Sampling, notify: Notify | None = None,
-               keep_logits: bool = False) -> Request:
+               keep_logits: bool = False, constraint: "Constraint | None" = None) -> Request:
         """Queue a request (checked first, see `validate`); `notify` hears its tokens and its end from the
-        engine's thread."""
+        engine's thread; `constraint` holds its tokens to a grammar."""
         ids = self.validate(prompt, sampling, keep_logits)
         self._check_usable()
-        request = Request(ids, sampling, notify or (lambda kind, value: None), keep_logits)
+        request = Request(ids, sampling, notify or (lambda kind, value: None), keep_logits, constraint=constraint)
         with self._wake:
             self._inbox.append(request)
             self._wake.notify()
@@ -301,7 +326,8 @@ class Engine:
 
     def _sampling(self, step: Step, sampling_rows: list[Request | None], keeps: list[bool]) -> list[float | None]:
         """Attach each row's sampling settings and random draw to the step (from the request's own generator,
-        one draw per new token, so that a seed gives the same tokens whatever the batch); ask for the
+        one draw per new token, so that a seed gives the same tokens whatever the batch) and, for a decode, the
+        grammar masks of its constrained rows (computed while the step's layers run); ask for the
         logits when a row keeps them or is sampled on the host, and else the log-probabilities when a row
         wants them (with logits at hand, they are computed from the logits). Returns each row's draw."""
         n = len(sampling_rows)
@@ -316,7 +342,15 @@ class Engine:
             sampled.top_k[row] = 0 if self._on_host(s) else s.top_k
             sampled.top_p[row] = 1.0 if s.top_p is None else s.top_p
         step.sampled = sampled
-        step.return_logits = any(keeps) or any(r is not None and self._on_host(r.sampling) for r in sampling_rows)
+        constrained = [(row, r.constraint) for row, r in enumerate(sampling_rows) if r is not None and r.constraint]
+        prefill = step.input_ids.shape[1] > 1  # its constrained rows' first tokens are chosen on the host
+        if constrained and not prefill:
+            step.mask_index = np.full(n, -1, np.int32)
+            step.mask_index[[row for row, _ in constrained]] = np.arange(len(constrained), dtype=np.int32)
+            grammars = constrained[0][1].grammars
+            step.masks = grammars.masks([c for _, c in constrained], mask_bucket(len(constrained), n))
+        step.return_logits = any(keeps) or any(r is not None and self._on_host(r.sampling) for r in sampling_rows) \
+            or bool(constrained and prefill)
         step.logprobs = not step.return_logits and any(
             r is not None and r.sampling.logprobs is not None for r in sampling_rows)
         return draws
@@ -335,26 +369,35 @@ class Engine:
             request.kept = max(request.kept, chunk.start + count)
         if chunk.samples:
             self.stats["reused_tokens"] += request.reused
-            self._sampled(request, out, row, last, draw)
+            self._sampled(request, out, row, last, draw, host_mask=request.constraint is not None)
 
-    def _sampled(self, request: Request, out: StepOutput, row: int, k: int, draw: float | None) -> None:
+    def _sampled(self, request: Request, out: StepOutput, row: int, k: int, draw: float | None,
+                 host_mask: bool = False) -> None:
         """The request's next token (the step's row `row`, its k-th selected token): the device's, or drawn
-        here from its logits when the device leaves it to the host (with the same draw); with its
-        log-probabilities first when asked for (the device's, or computed from the logits)."""
+        here from its logits when the device leaves it to the host (with the same draw), or when its grammar's
+        mask is applied here (`host_mask`: a prefill's first token, from the same kernel the device runs);
+        with its log-probabilities first when asked for (the device's, or computed from the logits)."""
         s = request.sampling
         logits = None if out.logits is None else out.logits[row, k]
         token = out.ids[row, k]
-        if self._on_host(s):
+        if host_mask:
+            mask = request.constraint.grammars.masks([request.constraint], 1).result()
+            logits = mask_logits(logits[None], mask, np.zeros(1, np.int32))[0]
+            token = np.argmax(logits)
+        if self._on_host(s) or host_mask and s.temperature > 0:
             token = draw_token(sampling_probs(logits, s.temperature, s.top_k, s.top_p), draw)
         token = int(token)
         request.generated.append(token)
         self.stats["generated_tokens"] += 1
         if s.logprobs is not None:
-            scored = out.scored(row, k, s.logprobs)
-            request.logprobs.append(scored if scored is not None else token_logprobs(logits, token, s.logprobs))
+            logprob, top = out.scored(row, k, s.logprobs) or token_logprobs(logits, token, s.logprobs)
+            request.logprobs.append((logprob, [(i, v) for i, v in top if v > FORBIDDEN]))
             request.notify("logprobs", request.logprobs[-1])
         request.notify("token", token)
-        if token in s.eos_token_ids:
+        held = request.constraint
+        if held is not None and not held.advance(token):
+            self._end(request, "length")  # the grammar refused it: the reply cannot be completed
+        elif token in s.eos_token_ids or held is not None and held.complete:
             self._end(request, "stop")
         elif len(request.generated) >= s.max_new_tokens or request.length >= self.model.max_seq_len:
             self._end(request, "length")

@@ -2,7 +2,8 @@
 
 Rank 0 owns HTTP and the scheduler. Before each step it broadcasts the plan over the ranks' process group
 (one fixed-size header, then one int32 buffer with the step's token ids, positions, block tables, validity,
-selected positions and each row's sampling settings and random draw, or the cache blocks to copy), and then
+selected positions, each row's sampling settings and random draw and the grammar masks of constrained rows,
+or the cache blocks to copy), and then
 runs the step itself; every other rank receives the plan and runs the same units (the same lm_head
 variant too), so the collectives inside them meet. The next tokens come out identical on every rank, so
 nothing returns. While idle, rank 0 sends a heartbeat every
@@ -15,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from minimax_m2.device.step import KV_BLOCK, Sampled, Step, StepOutput, table_width
+from minimax_m2.device.step import KV_BLOCK, Sampled, Step, StepOutput, mask_words, table_width
 from minimax_m2.model import MiniMaxM2Model
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
 # header entries: the command, the step's fields (a copy's count in ROWS), the payload's length
-COMMAND, ROWS, SEQ, SELECTED, BUCKET, KV_LEN, MAX_TOKENS, FLAGS, SIZE = range(9)
-HEADER = 9
+COMMAND, ROWS, SEQ, SELECTED, BUCKET, KV_LEN, MAX_TOKENS, FLAGS, MASKS, SIZE = range(10)
+HEADER = 10
 LOGITS, SAMPLED, LOGPROBS = 1, 2, 4  # FLAGS bits: return_logits, sampling settings in the payload, logprobs
 
 
@@ -55,8 +56,9 @@ class PlanSender:
         rows, seq = step.input_ids.shape
         flags = (LOGITS if step.return_logits else 0) | (SAMPLED if step.sampled is not None else 0) | \
             (LOGPROBS if step.logprobs else 0)
-        self._send([STEP, rows, seq, step.selected.shape[1], step.bucket, step.kv_len or 0, step.max_tokens, flags],
-                   _pack(step))
+        masks = step.resolved_masks()
+        self._send([STEP, rows, seq, step.selected.shape[1], step.bucket, step.kv_len or 0, step.max_tokens, flags,
+                    0 if masks is None else len(masks)], _pack(step))
         return self.model.run(step)
 
     def copy(self, copies: list[tuple[int, int, int]]) -> None:
@@ -80,16 +82,20 @@ def _pack(step: Step) -> np.ndarray:
         s = step.sampled
         parts += [s.temperature.astype(np.float32).view(np.int32), s.top_k.astype(np.int32),
                   s.top_p.astype(np.float32).view(np.int32), s.uniform.astype(np.float32).view(np.int32)]
+    if step.masks is not None:  # the masks of its constrained rows (a follower pads them to the bucket)
+        parts += [step.mask_index, step.masks[: int(np.max(step.mask_index)) + 1].reshape(-1)]
     return np.concatenate([np.asarray(p, np.int32) for p in parts])
 
 
 def _unpack(header: np.ndarray, payload: np.ndarray, model: MiniMaxM2Model) -> Step:
     """A step from its plan: a prefill's block tables (`table_width` of the context columns), or a decode's
     tiles (kv_len / KV_BLOCK of them per attention group)."""
-    rows, seq, selected, flags = (int(header[i]) for i in (ROWS, SEQ, SELECTED, FLAGS))
+    rows, seq, selected, flags, masks = (int(header[i]) for i in (ROWS, SEQ, SELECTED, FLAGS, MASKS))
     shape = (model.layout.dp, int(header[KV_LEN]) // KV_BLOCK, 3) if seq == 1 else \
         (rows, table_width(model.max_seq_len))
-    parts = np.split(payload, np.cumsum([rows * seq, rows * seq, int(np.prod(shape)), rows * seq, rows * selected]))
+    sizes = [rows * seq, rows * seq, int(np.prod(shape)), rows * seq, rows * selected] + [rows] * 4 * bool(
+        flags & SAMPLED) + [rows] * bool(masks)
+    parts = np.split(payload, np.cumsum(sizes))
     tables = parts[2].reshape(shape)
     step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), None if seq == 1 else tables,
                 parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), int(header[BUCKET]),
@@ -98,8 +104,11 @@ def _unpack(header: np.ndarray, payload: np.ndarray, model: MiniMaxM2Model) -> S
     if seq == 1:
         step.kv_tiles = tables
     if flags & SAMPLED:
-        temperature, top_k, top_p, uniform = np.split(parts[5], 4)
+        temperature, top_k, top_p, uniform = parts[5:9]
         step.sampled = Sampled(temperature.view(np.float32), top_k, top_p.view(np.float32), uniform.view(np.float32))
+    if masks:
+        used = parts[-1].reshape(-1, mask_words(model.config.vocab_size))
+        step.mask_index, step.masks = parts[-2], np.pad(used, ((0, masks - len(used)), (0, 0)))
     return step
 
 

@@ -14,31 +14,23 @@ from minimax_m2 import bounded_json
 from minimax_m2.device.program import TOP_LOGPROBS
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.chat import GENERATION_PROMPT, ROLES, format_chat
+from minimax_m2.serving.request_error import RequestError
 from minimax_m2.serving.served import ServedModel
-
-
-class RequestError(ValueError):
-    """A request the server refuses: an HTTP status (400 unless said) with an OpenAI body naming the parameter."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param, self.status = param, status
-
+from minimax_m2.serving.structured import Structure, structure
 
 SUPPORTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-             "seed", "stop", "stream", "stream_options", "tools", "tool_choice", "n", "logprobs", "top_logprobs"}
+             "seed", "stop", "stream", "stream_options", "tools", "tool_choice", "n", "logprobs", "top_logprobs",
+             "response_format", "parallel_tool_calls"}
 # accepted, without effect here, when of their type
 IGNORED = {"user": (str, "a string"), "metadata": (dict, "an object"), "store": (bool, "true or false"),
-           "parallel_tool_calls": (bool, "true or false"), "service_tier": (str, "a string")}
-UNSUPPORTED = {"response_format": "response_format",
-               "presence_penalty": "presence and frequency penalties", "frequency_penalty":
+           "service_tier": (str, "a string")}
+UNSUPPORTED = {"presence_penalty": "presence and frequency penalties", "frequency_penalty":
                "presence and frequency penalties", "logit_bias": "logit_bias", "echo": "echo", "best_of": "best_of",
                "suffix": "suffix", "functions": "functions (use tools)", "function_call": "function_call (use tools)"}
 _SPACES = re.compile(r"\s+")
 MAX_CHOICES = 16  # 'n' at most: each choice is a request of its own in the engine
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs at most (as OpenAI's)
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}, "echo": False,
-           "best_of": 1}
+NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "echo": False, "best_of": 1}
 
 
 def _number(body: dict, key: str, low: float, high: float, integer: bool = False, low_open: bool = False) -> Any:
@@ -71,9 +63,9 @@ def _check_parameters(body: dict) -> None:
                                 or not isinstance(options.get("include_usage", False), bool)
                                 or set(options) - {"include_usage"}):
         raise RequestError("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-    if body.get("tool_choice") not in (None, "auto", "none"):
-        raise RequestError("'tool_choice' must be \"auto\" or \"none\" (forcing a tool is not supported)",
-                           "tool_choice")
+    if not isinstance(body.get("parallel_tool_calls", True), bool):
+        raise RequestError(f"'parallel_tool_calls' must be true or false, got {body['parallel_tool_calls']!r}",
+                           "parallel_tool_calls")
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -180,6 +172,7 @@ class Parsed:
     include_usage: bool
     n: int = 1  # choices
     completion_tokens: int = 0  # of every choice, counted as the engine produces them
+    structure: Structure | None = None  # the grammar its answer is held to
 
 
 def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
@@ -193,6 +186,7 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
         raise RequestError(f"model {body.get('model')!r} does not exist; this server serves {served.name!r}", "model",
                            status=404)
     tools = _check_tools(body.get("tools"))
+    held = structure(served, body, tools)
     tools = tools if body.get("tool_choice") != "none" else None
     n = _number(body, "n", 1, MAX_CHOICES, integer=True) or 1
     logprobs = _logprobs(body, chat)
@@ -230,5 +224,5 @@ def parse_request(served: ServedModel, body: Any, chat: bool) -> Parsed:
     if sampling.temperature == 0:
         sampling = replace(sampling, top_k=None, top_p=None)
     options = body.get("stream_options") or {}
-    return Parsed(prompt, sampling, stop, chat, tools, chat and text.endswith(GENERATION_PROMPT),
-                  body.get("stream", False), options.get("include_usage", False), n)
+    return Parsed(prompt, sampling, [] if held else stop, chat, tools, chat and text.endswith(GENERATION_PROMPT),
+                  body.get("stream", False), options.get("include_usage", False), n, structure=held)

@@ -41,12 +41,14 @@ def _segments(text: str, inside: bool, open_tag: str, close_tag: str) -> tuple[l
 
 class ReasoningParser:
     """feed(text) -> (reasoning, content) released so far by this piece. The newlines that follow
-    </think> are dropped from the content."""
+    </think> are dropped from the content. Without `reopen`, reasoning never starts again once it ended
+    (or when the output did not start in it): a constrained answer holding <think> is all content."""
 
-    def __init__(self, reasoning_open: bool = True):
+    def __init__(self, reasoning_open: bool = True, reopen: bool = True):
         self.inside = reasoning_open
         self._pending = ""
         self._after_close = False
+        self._reopen = reopen
 
     def _content(self, text: str) -> str:
         if self._after_close:
@@ -55,6 +57,8 @@ class ReasoningParser:
         return text
 
     def feed(self, text: str) -> tuple[str, str]:
+        if not self._reopen:
+            return self._feed_once(self._pending + text)
         reasoning, content = [], []
         segments, pending, self.inside = _segments(self._pending + text, self.inside, THINK_OPEN, THINK_CLOSE)
         for inside, segment in segments:
@@ -70,6 +74,19 @@ class ReasoningParser:
         else:
             content.append(self._content(out))
         return "".join(reasoning), "".join(content)
+
+    def _feed_once(self, text: str) -> tuple[str, str]:
+        """feed without `reopen`: everything after the first </think> is content."""
+        self._pending = ""
+        if not self.inside:
+            return "", self._content(text)
+        at = text.find(THINK_CLOSE)
+        if at >= 0:
+            self.inside, self._after_close = False, True
+            return text[:at], self._content(text[at + len(THINK_CLOSE):])
+        keep = _held(text, THINK_CLOSE)
+        self._pending = text[len(text) - keep:]
+        return text[:len(text) - keep], ""
 
     def finish(self) -> tuple[str, str]:
         rest, self._pending = self._pending, ""
@@ -158,17 +175,23 @@ class ParsedOutput:
 class OutputParser:
     """Reasoning, then tool calls within the content: feed(text) -> ParsedOutput of what this piece released."""
 
-    def __init__(self, tools: list[dict] | None = None, reasoning_open: bool = True):
-        self.reasoning = ReasoningParser(reasoning_open)
-        self.calls = ToolCallParser(tools)
+    def __init__(self, tools: list[dict] | None = None, reasoning_open: bool = True, calls: bool = True,
+                 reopen: bool = True):
+        """calls: look for tool calls in the content (not in a JSON answer); reopen: see `ReasoningParser`."""
+        self.reasoning = ReasoningParser(reasoning_open, reopen)
+        self.calls = ToolCallParser(tools) if calls else None
 
     def feed(self, text: str) -> ParsedOutput:
         reasoning, content = self.reasoning.feed(text)
+        if self.calls is None:
+            return ParsedOutput(reasoning, content)
         content, calls = self.calls.feed(content)
         return ParsedOutput(reasoning, content, calls)
 
     def finish(self) -> ParsedOutput:
         reasoning, content = self.reasoning.finish()
+        if self.calls is None:
+            return ParsedOutput(reasoning, content)
         content, calls = self.calls.feed(content)
         rest, more = self.calls.finish()
         return ParsedOutput(reasoning, content + rest, calls + more)

@@ -2,13 +2,16 @@
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from minimax_m2.generation import Sampling
 from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.serving.blocks import Placement
+
+if TYPE_CHECKING:
+    from minimax_m2.serving.constraint import Constraint
 
 # ("logprobs", (logprob, [(id, logprob), ...])) just before its ("token", id), when asked for;
 # ("finish", reason); ("error", message)
@@ -33,6 +36,7 @@ class Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per new token, if asked
     finish_reason: str | None = None
     rng: np.random.Generator | None = None
+    constraint: "Constraint | None" = None  # the grammar its tokens are held to (structured output)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sampling.seed)

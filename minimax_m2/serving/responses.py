@@ -33,7 +33,9 @@ class TextStream:
 
     def __init__(self, served: ServedModel, parsed: Parsed):
         self.detokenizer = IncrementalDetokenizer(served.tokenizer)
-        self.parser = OutputParser(parsed.tools, parsed.reasoning_open) if parsed.chat else None
+        json_answer = parsed.structure is not None and parsed.structure.json
+        self.parser = OutputParser(parsed.tools, parsed.reasoning_open, calls=not json_answer,
+                                   reopen=parsed.structure is None) if parsed.chat else None
         self.stop, self.eos = parsed.stop, set(parsed.sampling.eos_token_ids)
         self.held, self.calls, self.stopped = "", 0, False  # held: text not yet parsed
 

@@ -76,7 +76,9 @@ async def run_request(served: ServedModel, parsed: Parsed, disconnected: asyncio
     sampling = parsed.sampling
     if choice and sampling.seed is not None:
         sampling = replace(sampling, seed=(sampling.seed + choice) % 2**64)
-    request = served.engine.submit(parsed.prompt, sampling, notify)
+    held = parsed.structure
+    constraint = held and served.grammars.constraint(held.matcher, parsed.reasoning_open)
+    request = served.engine.submit(parsed.prompt, sampling, notify, constraint=constraint)
     text = TextStream(served, parsed)
     scored: list[Scored] = []  # tokens whose log-probabilities no delta has carried yet
     logprob = None  # the next token's, when asked for
@@ -212,7 +214,8 @@ def build_app(served: ServedModel, limits: Limits = Limits()):
     async def metrics() -> PlainTextResponse:
         lines = []
         engine = served.engine
-        for kind, values, suffix in (("gauge", engine.load(), ""), ("counter", engine.counters(), "_total")):
+        counters = {**engine.counters(), **(served.grammars.stats if served.grammars else {})}
+        for kind, values, suffix in (("gauge", engine.load(), ""), ("counter", counters, "_total")):
             for key, value in values.items():
                 lines += [f"# TYPE minimax_m2_{key}{suffix} {kind}", f"minimax_m2_{key}{suffix} {float(value):g}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
