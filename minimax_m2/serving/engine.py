@@ -3,8 +3,9 @@
 Requests are admitted FIFO while their attention group has a free row and blocks (reusing any cached
 prefix), prefilled in chunks and decoded together, each row at its own position through its own block
 table with its own sampling settings, and their blocks released the step they end (EOS, `max_new_tokens`,
-the context's end, or a cancel); when decoding needs blocks the pool lacks, the most recently admitted
-request gives its own back and waits again. Each step's shapes come from the engine's
+the context's end, a grammar completed, or a cancel); when decoding needs blocks the pool lacks, the most
+recently admitted request gives its own back and waits again. A request may be held to a grammar
+(`minimax_m2.serving.constraint`); how each row's next token is chosen is `row_sampling`'s. Each step's shapes come from the engine's
 `ShapeSet`; every step is run by the executor (the model here; over several ranks, a plan sent to all
 of them first). The engine runs either on its own thread (`start`: the server) or inline (`generate`).
 
@@ -12,7 +13,6 @@ of them first). The engine runs either on its own thread (`start`: the server) o
     results = engine.generate([[1, 2, 3], [4, 5]], Sampling(max_new_tokens=16), on_token=print)
 """
 
-import itertools
 import numbers
 import threading
 import time
@@ -21,23 +21,18 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from kernels.token_mask import mask_logits
-from minimax_m2.device.program import CANDIDATES, Unit
+from minimax_m2.device.program import Unit
 from minimax_m2.device.step import (
     KV_BLOCK,
-    Sampled,
     Step,
     StepOutput,
     blocks_for,
-    mask_bucket,
-    min_rows,
-    padding_step,
     table_width,
 )
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
-from minimax_m2.sampling import TokenLogprobs, sampling_probs, token_logprobs
-from minimax_m2.sampling import draw as draw_token
+from minimax_m2.sampling import TokenLogprobs
+from minimax_m2.serving import row_sampling
 from minimax_m2.serving.blocks import BlockManager
 from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
@@ -48,7 +43,6 @@ if TYPE_CHECKING:
 
 MIN_COPY = 32  # prompt tokens a copied cache block must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
-FORBIDDEN = -1e29  # log-probabilities below this are of tokens a grammar forbids (`kernels.token_mask.FORBIDDEN`)
 
 
 @dataclass
@@ -127,29 +121,9 @@ class Engine:
         return {unit.key(): unit for unit in units}
 
     def _warm_up_steps(self) -> list[Step]:
-        """A padding step of each shape of the set with each lm_head variant: sampling on the device or not,
-        with logits or not, sampling with log-probabilities, and for a prefill, with the logits of every
-        position (when requests may keep them); and once for each decode lm_head shape, each sampling variant
-        with grammar masks of each bucket up to its rows."""
-        scratch, width = self.model.blocks, table_width(self.model.max_seq_len)
-        chunk = {"decode": 0, "prefill": self.shapes.prefill_chunk}
-        variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
-                    + [(True, False, False, True)]}
-        variants["prefill"] = [variant for variant in variants["decode"] if variant[0]]  # a prefill may always sample
-        steps, heads = [], set()
-        for phase, rows, bucket, seq, kv in self.shapes.shapes():
-            rows = max(min_rows(seq), rows)
-            shape = (rows, bucket, seq, self.groups, scratch, kv, width, chunk[phase])
-            steps += [padding_step(*shape, *variant) for variant in variants[phase]]
-            if self.keep_logits and phase == "prefill":
-                steps.append(padding_step(*shape, True, True, True, False))
-            if phase == "decode" and rows not in heads:  # a prefill's constrained rows choose on the host
-                heads.add(rows)
-                total = rows * self.groups
-                masks = sorted({mask_bucket(count, total) for count in range(1, total + 1)})
-                steps += [padding_step(*shape, *variant, masks=m, vocab=self.model.config.vocab_size)
-                          for m in masks for variant in variants["prefill"]]  # with masks, a step may sample
-        return steps
+        """A padding step of each shape of the set with each lm_head variant (`ShapeSet.padding_steps`)."""
+        return self.shapes.padding_steps(self.model.blocks, table_width(self.model.max_seq_len), self.keep_logits,
+                                         self.model.config.vocab_size)
 
     # --- requests ------------------------------------------------------------------------------------------
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -288,7 +262,7 @@ class Engine:
             self.executor.copy([(p.group, *p.copy) for p in plan.copies])
         if plan.prefill:
             step, chunks = plan.prefill
-            draws = self._sampling(step, [c.request if c and c.samples else None for c in chunks],
+            draws = row_sampling.attach(step, [c.request if c and c.samples else None for c in chunks],
                                    [c is not None and c.request.keep_logits for c in chunks])
             out = self._execute(step, "prefill")
             for row, chunk in enumerate(chunks):
@@ -296,7 +270,7 @@ class Engine:
                     self._prefilled(chunk, step, row, out, draws[row])
         if plan.decode:
             step, rows = plan.decode
-            draws = self._sampling(step, rows, [r is not None and r.keep_logits for r in rows])
+            draws = row_sampling.attach(step, rows, [r is not None and r.keep_logits for r in rows])
             if self._last_ids is not None and self._last_ids.shape == step.input_ids.shape:
                 padding = np.array([r is None for r in rows])
                 step.input_ids[padding] = self._last_ids[padding]  # any id will do: these are the device's own
@@ -319,42 +293,6 @@ class Engine:
         self.stats[f"{phase}_seconds"] += time.perf_counter() - start
         return out
 
-    @staticmethod
-    def _on_host(sampling: Sampling) -> bool:
-        """A request the device does not sample: temperature > 0 without a top_k the candidates cover."""
-        return sampling.temperature > 0 and not (sampling.top_k and sampling.top_k <= CANDIDATES)
-
-    def _sampling(self, step: Step, sampling_rows: list[Request | None], keeps: list[bool]) -> list[float | None]:
-        """Attach each row's sampling settings and random draw to the step (from the request's own generator,
-        one draw per new token, so that a seed gives the same tokens whatever the batch) and, for a decode, the
-        grammar masks of its constrained rows (computed while the step's layers run); ask for the
-        logits when a row keeps them or is sampled on the host, and else the log-probabilities when a row
-        wants them (with logits at hand, they are computed from the logits). Returns each row's draw."""
-        n = len(sampling_rows)
-        sampled = Sampled.greedy(n)
-        draws: list[float | None] = [None] * n
-        for row, request in enumerate(sampling_rows):
-            if request is None or request.sampling.temperature == 0:
-                continue
-            s = request.sampling
-            draws[row] = float(request.rng.random())
-            sampled.temperature[row], sampled.uniform[row] = s.temperature, draws[row]
-            sampled.top_k[row] = 0 if self._on_host(s) else s.top_k
-            sampled.top_p[row] = 1.0 if s.top_p is None else s.top_p
-        step.sampled = sampled
-        constrained = [(row, r.constraint) for row, r in enumerate(sampling_rows) if r is not None and r.constraint]
-        prefill = step.input_ids.shape[1] > 1  # its constrained rows' first tokens are chosen on the host
-        if constrained and not prefill:
-            step.mask_index = np.full(n, -1, np.int32)
-            step.mask_index[[row for row, _ in constrained]] = np.arange(len(constrained), dtype=np.int32)
-            grammars = constrained[0][1].grammars
-            step.masks = grammars.masks([c for _, c in constrained], mask_bucket(len(constrained), n))
-        step.return_logits = any(keeps) or any(r is not None and self._on_host(r.sampling) for r in sampling_rows) \
-            or bool(constrained and prefill)
-        step.logprobs = not step.return_logits and any(
-            r is not None and r.sampling.logprobs is not None for r in sampling_rows)
-        return draws
-
     def _prefilled(self, chunk: Chunk, step: Step, row: int, out: StepOutput, draw: float | None) -> None:
         request = chunk.request
         if request.finish_reason is not None:
@@ -373,26 +311,14 @@ class Engine:
 
     def _sampled(self, request: Request, out: StepOutput, row: int, k: int, draw: float | None,
                  host_mask: bool = False) -> None:
-        """The request's next token (the step's row `row`, its k-th selected token): the device's, or drawn
-        here from its logits when the device leaves it to the host (with the same draw), or when its grammar's
-        mask is applied here (`host_mask`: a prefill's first token, from the same kernel the device runs);
-        with its log-probabilities first when asked for (the device's, or computed from the logits)."""
+        """Take the request's next token (`row_sampling.next_token`), tell its client, and end it where it ends."""
+        token, scored = row_sampling.next_token(request, out, row, k, draw, host_mask)
         s = request.sampling
-        logits = None if out.logits is None else out.logits[row, k]
-        token = out.ids[row, k]
-        if host_mask:
-            mask = request.constraint.grammars.masks([request.constraint], 1).result()
-            logits = mask_logits(logits[None], mask, np.zeros(1, np.int32))[0]
-            token = np.argmax(logits)
-        if self._on_host(s) or host_mask and s.temperature > 0:
-            token = draw_token(sampling_probs(logits, s.temperature, s.top_k, s.top_p), draw)
-        token = int(token)
         request.generated.append(token)
         self.stats["generated_tokens"] += 1
-        if s.logprobs is not None:
-            logprob, top = out.scored(row, k, s.logprobs) or token_logprobs(logits, token, s.logprobs)
-            request.logprobs.append((logprob, [(i, v) for i, v in top if v > FORBIDDEN]))
-            request.notify("logprobs", request.logprobs[-1])
+        if scored is not None:
+            request.logprobs.append(scored)
+            request.notify("logprobs", scored)
         request.notify("token", token)
         held = request.constraint
         if held is not None and not held.advance(token):

@@ -11,12 +11,13 @@ prompt delays the running decodes by at most one chunk per step. Every step has 
 prefill buckets, and the attended cache length from the KV buckets.
 """
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimax_m2.device.step import KV_BLOCK, Step, blocks_for, decode_tiles, min_rows
+from minimax_m2.device.step import KV_BLOCK, Step, blocks_for, decode_tiles, mask_bucket, min_rows, padding_step
 from minimax_m2.serving.blocks import BlockManager, Placement
 from minimax_m2.serving.request import Request
 
@@ -108,6 +109,31 @@ class ShapeSet:
         prefill = [("prefill", r, r * self.groups, t, kv) for r in self.prefill_rows for t in self.prefill_tokens
                    for kv in self.kv_lengths if kv >= t and self.holds(r, t, kv)]
         return decode + prefill
+
+    def padding_steps(self, scratch: int, width: int, keep_logits: bool, vocab: int) -> list[Step]:
+        """A padding step (`padding_step`: cache rows in the scratch block, tables `width` wide) of each shape
+        with each lm_head variant: sampling on the device or not, with logits or not, sampling with
+        log-probabilities, and for a prefill, with the logits of every position (with keep_logits); and once
+        for each decode row count, each sampling variant with grammar masks (over `vocab` tokens) of each
+        bucket up to its rows (a prefill's constrained rows choose their token on the host)."""
+        chunk = {"decode": 0, "prefill": self.prefill_chunk}
+        variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
+                    + [(True, False, False, True)]}
+        variants["prefill"] = [variant for variant in variants["decode"] if variant[0]]  # a prefill may always sample
+        steps, heads = [], set()
+        for phase, rows, bucket, seq, kv in self.shapes():
+            rows = max(min_rows(seq), rows)
+            shape = (rows, bucket, seq, self.groups, scratch, kv, width, chunk[phase])
+            steps += [padding_step(*shape, *variant) for variant in variants[phase]]
+            if keep_logits and phase == "prefill":
+                steps.append(padding_step(*shape, True, True, True, False))
+            if phase == "decode" and rows not in heads:
+                heads.add(rows)
+                total = rows * self.groups
+                masks = sorted({mask_bucket(count, total) for count in range(1, total + 1)})
+                steps += [padding_step(*shape, *variant, masks=m, vocab=vocab)  # with masks, a step may sample
+                          for m in masks for variant in variants["prefill"]]
+        return steps
 
     @staticmethod
     def bucket(needed: int, buckets: tuple[int, ...], what: str) -> int:
