@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--no-prefix-reuse", action="store_true",
                         help="prefill every prompt cold instead of reusing the cached keys and values of a prefix "
                              "(the previous turn of a conversation, a shared system prompt)")
+    engine.add_argument("--speculative", choices=["ngram"],
+                        help="verify draft tokens in each decode step: 'ngram' drafts what followed the latest earlier "
+                             "occurrence of the last 2 to 4 tokens in the request's prompt and output (exactly the "
+                             "tokens of plain decoding; off while 16 or more requests decode)")
+    engine.add_argument("--num-speculative-tokens", type=int, default=4,
+                        help="draft tokens verified per request and step, at most (adapts to what it accepts)" + d)
     engine.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled per step, all requests together: a long prompt delays the "
                              "running decodes by at most one chunk" + d)

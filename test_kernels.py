@@ -7,6 +7,7 @@ import numpy as np
 
 from kernels import (
     DENSE,
+    DYNAMIC,
     attention,
     gather_vocab,
     greedy_pick,
@@ -277,7 +278,7 @@ def test_grouped_experts() -> None:
             moe_expert(x[r : r + 1], w13[e], w2[e])[0] if ok else np.zeros(hidden, np.float32)
             for r, (e, ok) in enumerate(zip(ids, valid))
         ])
-        for block_rows in (1, 2, 4, 8, 16, 32, 64, 128, DENSE):
+        for block_rows in (1, 2, 4, 8, 16, 32, 64, 128, DENSE, DYNAMIC):
             _close(grouped_experts(x, ids, valid, w13, w2, block_rows=block_rows), want)
 
 

@@ -4,11 +4,12 @@ The MoE layers of the medium config (8 layers of 64 experts top-8, hidden 1024, 
 each candidate timed as one pass over all 8 layers as in a step (so each layer's experts come from memory,
 not from the cache), routed at random, for the pairs of a decode step at batch 1, 8 and 32 and of a prefill
 of 128 and 512 tokens. Each candidate of `kernels.moe_grouped.grouped_experts` (blocks of B rows sorted by
-expert; dense) is timed, beside two dynamic references that a traced program cannot express: the same NumPy
-expert over each hit expert's own rows, and transformers' `MiniMaxM2Experts` (eager). For each static
+expert; dense) is timed, beside two dynamic schedules that a traced program cannot express: the CPU's own
+(`block_rows=DYNAMIC`: each expert hit over exactly its own rows, what this CPU runs), and transformers'
+`MiniMaxM2Experts` (eager). For each static
 candidate the table shows its two worst-case terms: expert weight reads (blocks) against the distinct
 experts hit, and rows computed (blocks x B) against the real pairs. The schedule the model chooses (from
-this CPU's measured block costs) is marked. Best of --repeats.
+this CPU's measured block costs, as a NeuronCore-like static target would) is marked. Best of --repeats.
 
   python benchmarks/bench_schedules.py [--tokens 1 8 32 128 512] [--json F]
 """
@@ -27,8 +28,7 @@ from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2Experts
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.medium_config import MEDIUM  # noqa: E402
-from kernels.moe_expert import moe_expert  # noqa: E402
-from kernels.moe_grouped import DENSE, expert_blocks, grouped_experts  # noqa: E402
+from kernels.moe_grouped import DENSE, DYNAMIC, expert_blocks, grouped_experts  # noqa: E402
 from minimax_m2.device.expert_schedule import BLOCK_SIZES, choose_block_rows, measure_block_times, measured_table  # noqa: E402
 
 MAX_BLOCKS = 4096  # candidates with more blocks than this are not timed (blocks of one row at long prefills)
@@ -41,15 +41,6 @@ def best_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
-
-
-def numpy_dynamic(x: np.ndarray, ids: np.ndarray, w13: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """Each hit expert over exactly its own rows: the data-dependent loop a static program cannot have."""
-    out = np.zeros_like(x)
-    for e in np.unique(ids):
-        rows = np.nonzero(ids == e)[0]
-        out[rows] = moe_expert(x[rows], w13[e], w2[e])
-    return out
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
                "chosen": choose_block_rows(pairs, experts, cost), "candidates": []}
         with torch.no_grad():
             row["transformers_ms"] = per_layer(lambda i: references[i](tokens_x, index, weights))
-        row["numpy_dynamic_ms"] = per_layer(lambda i: numpy_dynamic(x, ids, *layers[i]))
+        row["numpy_dynamic_ms"] = per_layer(lambda i: grouped_experts(x, ids, valid, *layers[i], block_rows=DYNAMIC))
         for b in (*BLOCK_SIZES, DENSE):
             blocks = experts if b == DENSE else expert_blocks(pairs, experts, b)
             if (b > pairs and b != DENSE) or blocks > MAX_BLOCKS or (b == DENSE and pairs > 512):

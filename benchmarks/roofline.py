@@ -17,7 +17,9 @@ for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention t
 5. long contexts: TTFT of 32k and 128k-token prompts through chunked prefill, TPOT at those contexts at
    batch 1 and 32, with the KV bytes a decode step reads beside everything else it reads;
 6. FP8 experts kept as 8-bit codes (`--fp8 keep`): TPOT at batch 1, 8, 32 and 256 beside bf16, with the
-   bytes a layer reads and the element-wise work of decoding the codes.
+   bytes a layer reads and the element-wise work of decoding the codes;
+7. speculative decoding: the verify step of k = 2, 4, 8 drafts a row at batch 1, 8, 32 and 256, TPOT per
+   token at 1.5 to 4 tokens gained a step beside plain decoding, and the batch where it stops paying.
 
 Every assumption is printed with its source or marked ASSUMED.
 
@@ -269,6 +271,28 @@ def fp8_experts(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
     return out
 
 
+SPEC_KS, SPEC_ACCEPTED, SPEC_BATCHES = (2, 4, 8), (1.5, 2.0, 2.5, 3.0, 4.0), (1, 8, 32, 256)
+
+
+def speculation(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
+    """Per batch: the decode step's TPOT, and per k the verify step (each row its last token and k drafts: a
+    prefill's program over the decode rows, attending the context's bucket) and its TPOT per token at each
+    acceptance (tokens a row gains a step, at most k + 1)."""
+    layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
+    layers, out = config.num_hidden_layers, {}
+    for batch in SPEC_BATCHES:
+        rows = decode_rows(layout, batch)
+        decode = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT, rows=rows)
+        row = {"tpot_ms": served_seconds(decode, layers, hw, "decode", batch) * 1e3, "verify": {}}
+        for k in SPEC_KS:
+            verify = record_units(config, layout, phase="prefill", batch=batch, seq=k + 1, context=CONTEXT,
+                                  kv_len=prefill_kv(CONTEXT, CONTEXT), rows=rows, position=CONTEXT - k - 1)
+            step = served_seconds(verify, layers, hw, "prefill", batch * (k + 1)) * 1e3
+            row["verify"][k] = {"step_ms": step, "tpot_ms": {a: step / a for a in SPEC_ACCEPTED if a <= k + 1}}
+        out[batch] = row
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -398,12 +422,25 @@ def main(argv: list[str]) -> int:
         bf16, kept = r["bf16"], r["fp8"]
         print(f"| {batch} | {bf16['tpot_ms']:.2f} ms | {kept['tpot_ms']:.2f} ms | {bf16['layer_mb']:.1f} / "
               f"{kept['layer_mb']:.1f} | {kept['decode_ops'] / 1e6:.0f} M |")
+    spec = speculation(config, hw, best_tp)
+    print(f"\n7. Speculative decoding at ({best_tp}, {WORLD // best_tp}), context {CONTEXT}: a verify step of k drafts "
+          "a row (a prefill's program over the decode rows), TPOT per token at each acceptance (tokens a row gains "
+          "a step) beside plain decoding")
+    print("| batch | plain TPOT | k | verify step | " + " | ".join(f"TPOT at {a}" for a in SPEC_ACCEPTED) + " |")
+    print("|---|---|---|---|" + "---|" * len(SPEC_ACCEPTED))
+    for batch, r in spec.items():
+        for k, v in r["verify"].items():
+            cells = [f"{v['tpot_ms'][a]:.2f} ms" if a in v["tpot_ms"] else "-" for a in SPEC_ACCEPTED]
+            print(f"| {batch} | {r['tpot_ms']:.2f} ms | {k} | {v['step_ms']:.2f} ms | " + " | ".join(cells) + " |")
+    off = next((b for b, r in spec.items() if r["verify"][4]["tpot_ms"][2.5] >= r["tpot_ms"]), None)
+    where = off if off else f"above {SPEC_BATCHES[-1]}"
+    print(f"  speculation (k = 4, 2.5 tokens a step) stops paying at batch {where} (of {list(SPEC_BATCHES)})")
     if args.json:
         for r in rows:
             del r["decode"]
         args.json.write_text(json.dumps(dict(hardware=dataclasses.asdict(hw), layouts=rows, nxdi=NXDI_MEASURED,
                                              sensitivity=sens, serving=served, compile_set=compiled, long_context=long,
-                                             fp8_experts=fp8,
+                                             fp8_experts=fp8, speculation=spec,
                                              targets=TARGETS, verdicts=verdicts,
                                              static_floors=dict(tpot_ms=static_tpot, expert_ratio=static_ratio)),
                                         indent=1, default=str))

@@ -10,7 +10,7 @@ from kernels.lm_head import gather_vocab, greedy_pick, greedy_vocab_parallel, lm
 from kernels.logprobs import log_normaliser, logprobs_vocab_parallel
 from kernels.moe_block import moe_block
 from kernels.moe_expert import moe_expert
-from kernels.moe_grouped import DENSE, expert_blocks, grouped_experts
+from kernels.moe_grouped import DENSE, DYNAMIC, expert_blocks, grouped_experts
 from kernels.moe_parallel import moe_block_parallel, worst_case_capacity
 from kernels.moe_router import moe_router
 from kernels.rmsnorm import rmsnorm
@@ -19,6 +19,7 @@ from kernels.sampling import sample_candidates, sample_vocab_parallel, top_candi
 
 __all__ = [
     "DENSE",
+    "DYNAMIC",
     "attention",
     "gather_vocab",
     "greedy_pick",

@@ -10,6 +10,9 @@ The schedule is a trace-time constant, `block_rows`, chosen by the caller for th
   per row, consecutive rows of one expert in turn (a CPU reads the repeats from its cache).
 - `block_rows = 0` (dense): each of the E experts runs on all rows and each row keeps its own expert's
   output: every expert is read exactly once, whatever the routing.
+- `block_rows = DYNAMIC` (a CPU only, never traced): the valid rows are sorted by expert and each expert
+  hit multiplies its own rows once (what transformers' loop over the experts hit does): no padding, no
+  expert read for nothing, but shapes that depend on the routing, which no compiled program can have.
 
 With FP8 weights (`scales` given) w13 and w2 hold float8_e4m3fn codes, and each expert's weights are
 dequantised (`kernels.fp8.dequantize`) where the expert is read: one expert at a time, never all at once.
@@ -22,6 +25,7 @@ from kernels.moe_expert import moe_expert
 from kernels.slots import exclusive_cumsum, place_rows, rank_within
 
 DENSE = 0
+DYNAMIC = -1
 
 
 def expert_blocks(rows: int, num_experts: int, block_rows: int) -> int:
@@ -39,6 +43,19 @@ def expert_weights(w13: np.ndarray, w2: np.ndarray, e, scales: tuple[np.ndarray,
     return dequantize(w13[e], scales[0][e], dtype), dequantize(w2[e], scales[1][e], dtype)
 
 
+def _experts_hit(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w13: np.ndarray, w2: np.ndarray,
+                 scales: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """The DYNAMIC schedule (host NumPy, value-dependent shapes: never traced): each expert hit applied once
+    to the valid rows routed to it, in expert order."""
+    out = np.zeros_like(x)
+    rows = np.flatnonzero(valid)
+    rows = rows[np.argsort(expert_ids[rows], kind="stable")]
+    for group in np.split(rows, np.flatnonzero(np.diff(expert_ids[rows])) + 1):
+        if group.size:
+            out[group] = moe_expert(x[group], *expert_weights(w13, w2, int(expert_ids[group[0]]), scales, x.dtype))
+    return out
+
+
 def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w13: np.ndarray, w2: np.ndarray, *,
                     block_rows: int, real_rows: int | None = None,
                     scales: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -47,6 +64,8 @@ def grouped_experts(x: np.ndarray, expert_ids: np.ndarray, valid: np.ndarray, w1
     schedule (see the module docstring); real_rows: at most this many rows are valid (rows padding a
     bucket never are), which bounds the blocks (default: P); scales: w13's and w2's FP8 block scales when
     they hold float8_e4m3fn codes."""
+    if block_rows == DYNAMIC:
+        return _experts_hit(x, expert_ids, valid, w13, w2, scales)
     rows = x.shape[0] if real_rows is None else min(real_rows, x.shape[0])
     num_experts = w13.shape[0]
     zero = np.zeros_like(x[:1])

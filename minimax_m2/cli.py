@@ -35,7 +35,7 @@ from minimax_m2.run import (
 )
 from minimax_m2.serving.chat import format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
-from minimax_m2.serving.engine import Engine
+from minimax_m2.serving.engine import MAX_SPECULATIVE, Engine
 from minimax_m2.serving.executor import Executor
 from minimax_m2.serving.parsers import parse_output
 from minimax_m2.weights.model_weights import model_dtype
@@ -66,6 +66,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         checks.integer(flag, value)
     checks.integer("--port", args.port, 0, 65535)
     checks.integer("--prefill-chunk", args.prefill_chunk)
+    checks.integer("--num-speculative-tokens", args.num_speculative_tokens, 1, MAX_SPECULATIVE)
     checks.integer("--max-request-bytes", args.max_request_bytes, 1 << 10, 1 << 34)
     if args.max_num_seqs is not None:
         checks.integer("--max-num-seqs", args.max_num_seqs, 1, 4096)
@@ -146,6 +147,7 @@ def _new_engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_
                 executor: Executor | None = None) -> Engine:
     return Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk, executor=executor,
                   prefix_reuse=not args.no_prefix_reuse,
+                  speculative=args.num_speculative_tokens if args.speculative else 0,
                   keep_logits=args.mode != "serve" and args.dump_logits is not None, kv_blocks=kv_blocks)
 
 

@@ -169,7 +169,8 @@ class MiniMaxM2Model:
                 timed = measure_block_times([(w.w13, w.w2, scales) for w, scales in zip(self.weights.layers, fp8)],
                                             self.dtype)
                 times = all_reduce(np.array([timed[b] for b in BLOCK_SIZES]), self.layout.world_groups)
-                _MEASURED[key] = measured_table({b: tuple(t) for b, t in zip(BLOCK_SIZES, times / self.layout.world)})
+                _MEASURED[key] = measured_table({b: tuple(t) for b, t in zip(BLOCK_SIZES, times / self.layout.world)},
+                                                dynamic=True)
             self.expert_cost = _MEASURED[key]
         return self.expert_cost
 

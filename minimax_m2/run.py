@@ -75,6 +75,9 @@ class GenerationResult:
     first_token_seconds: float  # until every row had its first new token
     decode_seconds: float  # the rest
     decode_steps: int
+    drafted: int = 0  # speculative draft tokens verified
+    accepted: int = 0  # of them, accepted
+    verified_rows: int = 0  # rows whose drafts a step verified
 
 
 def engine_generate(engine: Engine, prompts: list[list[int]], sampling: Sampling, keep_logits: bool,
@@ -95,7 +98,8 @@ def engine_generate(engine: Engine, prompts: list[list[int]], sampling: Sampling
         if on_token:
             on_token(row, value)
 
-    steps_before = engine.stats["decode_steps"]
+    names = ("decode_steps", "drafted_tokens", "accepted_tokens", "verified_rows")
+    before = {name: engine.stats[name] for name in names}
     results = engine.generate(prompts, sampling, token, keep_logits)
     end = time.perf_counter()
     bar.close()
@@ -106,7 +110,10 @@ def engine_generate(engine: Engine, prompts: list[list[int]], sampling: Sampling
         logits=[r.logits for r in results] if keep_logits else None,
         first_token_seconds=first[0] - begin,
         decode_seconds=end - first[0],
-        decode_steps=engine.stats["decode_steps"] - steps_before,
+        decode_steps=engine.stats["decode_steps"] - before["decode_steps"],
+        drafted=engine.stats["drafted_tokens"] - before["drafted_tokens"],
+        accepted=engine.stats["accepted_tokens"] - before["accepted_tokens"],
+        verified_rows=engine.stats["verified_rows"] - before["verified_rows"],
     )
 
 
@@ -124,6 +131,9 @@ def report(result: GenerationResult, decode_text: Callable[[list[int]], str] | N
         new = sum(map(len, result.generated_ids)) - len(result.generated_ids)
         print(f"decode: {result.decode_steps} steps, {result.decode_seconds / result.decode_steps * 1e3:.2f} ms/step "
               f"({new / max(result.decode_seconds, 1e-9):.1f} tokens/s, {len(result.prompt_ids)} rows)")
+    if result.verified_rows:
+        print(f"speculative: {result.drafted} draft tokens verified, {result.accepted} accepted "
+              f"({result.accepted / result.verified_rows + 1:.2f} tokens per verified row and step)")
 
 
 def report_parallel(model: MiniMaxM2Model, backend) -> None:

@@ -15,6 +15,7 @@ from minimax_m2 import MiniMaxM2Model
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, trace_unit
 from minimax_m2.device.program import program_units
+from minimax_m2.device.roofline import TRN2, expert_cost
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights.checkpoint import Checkpoint, expert_key
 from minimax_m2.weights.model_weights import block_scales, load_model_weights, rank_shapes
@@ -93,8 +94,8 @@ def test_fp8_layer_unit_traces_to_the_numpy_program(fp8_checkpoint, phase) -> No
     """The layer unit with FP8 codes and scales as inputs, under nkipy's emulated semantics: the traced
     program computes what NumPy computes, and the codes reach it as 8-bit inputs."""
     model = MiniMaxM2Model.from_pretrained(fp8_checkpoint, max_seq_len=32, keep_fp8=True)
-    unit = program_units(model.config, model.layout, model.weights, model.rope, model.schedule_cost(), phase=phase,
-                         batch=2, seq=6, max_seq_len=32)[1]
+    unit = program_units(model.config, model.layout, model.weights, model.rope,  # a NeuronCore's schedule
+                         expert_cost(TRN2, model.weights.layers[0]), phase=phase, batch=2, seq=6, max_seq_len=32)[1]
     assert unit.inputs["w13"].dtype == np.uint8 and "w13_scale" in unit.inputs
     collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from thread_ranks import ThreadCollectives
 
-from kernels import collectives, moe_block
+from kernels import DENSE, DYNAMIC, collectives, moe_block
 from kernels.moe_parallel import moe_block_parallel
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.program import RankValues
@@ -72,7 +72,7 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (2, 2, 1), (4, 2, 1), (4, 4, 1), (2,
 
 @pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])
 @pytest.mark.parametrize("bias_shift", [0.0, 100.0], ids=["spread", "all-on-rank-0"])
-@pytest.mark.parametrize("block_rows", [1, 8, 0], ids=["blocks-of-1", "blocks-of-8", "dense"])
+@pytest.mark.parametrize("block_rows", [1, 8, 0, DYNAMIC], ids=["blocks-of-1", "blocks-of-8", "dense", "dynamic"])
 def test_matches_single_rank(world, tp, moe_tp, bias_shift, block_rows) -> None:
     want, results, _ = run_layout(world, tp, moe_tp, bias_shift, block_rows=block_rows)
     for rank, (got, dropped) in enumerate(results):
@@ -82,9 +82,22 @@ def test_matches_single_rank(world, tp, moe_tp, bias_shift, block_rows) -> None:
         assert err < 1e-5, f"rank {rank}: relative error {err:.2e}"
 
 
-def test_small_capacity_reports_drops() -> None:
+@pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])
+def test_the_cpus_dynamic_schedule_equals_the_static_ones(world, tp, moe_tp) -> None:
+    """Each rank's experts (sliced or spread) applied by the CPU's DYNAMIC schedule give every static
+    schedule's result within 1e-6 relative in float32."""
+    _, dynamic, _ = run_layout(world, tp, moe_tp, 0.0, block_rows=DYNAMIC)
+    for block_rows in (1, 8, DENSE):
+        _, static, _ = run_layout(world, tp, moe_tp, 0.0, block_rows=block_rows)
+        for rank, ((got, _), (want, _)) in enumerate(zip(dynamic, static)):
+            err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+            assert err < 1e-6, f"rank {rank}, blocks of {block_rows}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("block_rows", [1, DYNAMIC], ids=["blocks-of-1", "dynamic"])
+def test_small_capacity_reports_drops(block_rows) -> None:
     """Every token chooses experts 0..3, all on rank 0 of 2: capacity 2 keeps 2 pairs per source rank."""
-    want, results, _ = run_layout(2, 1, 1, bias_shift=100.0, capacity=2)
+    want, results, _ = run_layout(2, 1, 1, bias_shift=100.0, capacity=2, block_rows=block_rows)
     assert [int(d[0]) for _, d in results] == [TOKENS * TOP_K - 2] * 2
     assert np.max(np.abs(results[0][0] - want[0])) > 1e-3
 

@@ -456,3 +456,23 @@ def test_constrained_rows_carry_their_masks_and_nothing_else(with_tokenizer, run
         assert moved in (DECODE_HOST_BYTES_PER_ROW * rows, DECODE_HOST_BYTES_PER_ROW * rows + mask_bytes), moved
         seen.add(moved)
     assert DECODE_HOST_BYTES_PER_ROW * rows + mask_bytes in seen, "the masks travel when they change"
+
+
+def test_verify_steps_are_in_the_warmed_up_set(float32_checkpoint, runner) -> None:
+    """With speculation, the warm-up compiles the verify steps (a prefill's shape over the decode rows, every
+    position's ids, and logits for sampled rows); serving with drafts then compiles nothing and gives the
+    NumPy engine's tokens."""
+    prompts = [[9, 8, 7, 6] * 4, [3, 1, 4, 1, 5]]
+    settings = [Sampling(max_new_tokens=20), Sampling(max_new_tokens=20, temperature=0.8, top_k=5, seed=2)]
+    want = Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), max_num_seqs=4,
+                  prefill_chunk=16, speculative=3).generate(prompts, settings)
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    model.runner = runner
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=3)
+    engine.warm_up(every_shape=True)
+    assert any(phase == "verify" for phase, *_ in engine.shapes.shapes())
+    compiled = runner.compiled
+    runner.frozen = True
+    got = engine.generate(prompts, settings)
+    assert [r.generated for r in got] == [r.generated for r in want]
+    assert engine.stats["verify_steps"] > 0 and runner.compiled == compiled

@@ -20,8 +20,11 @@ rows on the target, its weights just read or not:
   memory speed, while BLAS packs the weights for any product of two or more rows (measured here: 2 to 16
   rows cost about 2.7x one row); a repeated expert comes from the cache.
 
-Both targets run the same kernel; only the constant differs. Every block size either target picks is
-tested under nkipy's emulated semantics (tests/test_nkipy_semantics.py).
+Both targets run the same kernel; only the constant differs. This CPU itself takes the DYNAMIC schedule
+(each expert hit applied once to its own rows: shapes no compiled program can have, and none is ever
+traced); its measured costs still choose its attention's and lm_head's schedule, and the static
+schedules they would choose stay tested. Every block size either target can pick is tested under nkipy's
+emulated semantics (tests/test_nkipy_semantics.py).
 """
 
 import time
@@ -30,7 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from kernels.moe_expert import moe_expert
-from kernels.moe_grouped import DENSE, expert_blocks, expert_weights
+from kernels.moe_grouped import DENSE, DYNAMIC, expert_blocks, expert_weights
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 REPEATED_CALLS = 4  # a repeated expert's time is the mean of this many calls in a row, as consecutive blocks run
@@ -48,8 +51,11 @@ def blocked_seconds(rows: int, num_experts: int, block_rows: int, cost: ExpertCo
 
 
 def choose_block_rows(rows: int, num_experts: int, cost: ExpertCost) -> int:
-    """The cheapest schedule for `rows` rows over `num_experts` experts: a block size, or DENSE (0).
+    """The cheapest schedule for `rows` rows over `num_experts` experts: a block size, or DENSE (0); DYNAMIC
+    on a target that runs NumPy itself (a cost marked `dynamic`, this CPU's: it needs no static shapes).
     Ties go to the schedule listed first: blocks of one row, then larger blocks, then dense."""
+    if getattr(cost, "dynamic", False):
+        return DYNAMIC
     if num_experts == 1:
         return DENSE
     options = [(blocked_seconds(rows, num_experts, b, cost), b) for b in BLOCK_SIZES if b == 1 or b <= rows]
@@ -111,7 +117,7 @@ def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray, tuple[np.
     return {b: tuple(float(t) for t in np.median(samples[b][WARM_UP_ROUNDS:], axis=0)) for b in BLOCK_SIZES}
 
 
-def measured_table(timed: dict[int, float | tuple[float, float]]) -> ExpertCost:
+def measured_table(timed: dict[int, float | tuple[float, float]], dynamic: bool = False) -> ExpertCost:
     """cost(n, repeated) from measured times of the block sizes ({B: seconds} or {B: (from memory,
     repeated)}): exact at them, linear between and beyond them. A block of more rows never costs less than
     a smaller one (it does the smaller one's work and more): each time is raised to the largest time of
@@ -134,4 +140,5 @@ def measured_table(timed: dict[int, float | tuple[float, float]]) -> ExpertCost:
     def cost(rows: int, repeated: bool = False) -> float:
         return warm_line(rows) if repeated else cold_line(rows)
 
+    cost.dynamic = dynamic
     return cost

@@ -5,9 +5,11 @@ prefix), prefilled in chunks and decoded together, each row at its own position 
 table with its own sampling settings, and their blocks released the step they end (EOS, `max_new_tokens`,
 the context's end, a grammar completed, or a cancel); when decoding needs blocks the pool lacks, the most
 recently admitted request gives its own back and waits again. A request may be held to a grammar
-(`minimax_m2.serving.constraint`); how each row's next token is chosen is `row_sampling`'s. Each step's shapes come from the engine's
-`ShapeSet`; every step is run by the executor (the model here; over several ranks, a plan sent to all
-of them first). The engine runs either on its own thread (`start`: the server) or inline (`generate`).
+(`minimax_m2.serving.constraint`); with `speculative`, a decoding request's n-gram drafts are verified in
+its decode step (`minimax_m2.serving.drafts`); how each row's next token is chosen is `row_sampling`'s.
+Each step's shapes come from the engine's `ShapeSet`; every step is run by the executor (the model here;
+over several ranks, a plan sent to all of them first). The engine runs either on its own thread (`start`:
+the server) or inline (`generate`).
 
     engine = Engine(model, max_num_seqs=8, prefill_chunk=256)
     results = engine.generate([[1, 2, 3], [4, 5]], Sampling(max_new_tokens=16), on_token=print)
@@ -34,15 +36,17 @@ from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.serving import row_sampling
 from minimax_m2.serving.blocks import BlockManager
+from minimax_m2.serving.drafts import NgramDrafter
 from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
-from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
+from minimax_m2.serving.scheduler import SPECULATE_BELOW, Chunk, Plan, Scheduler, ShapeSet
 
 if TYPE_CHECKING:
     from minimax_m2.serving.constraint import Constraint
 
 MIN_COPY = 32  # prompt tokens a copied cache block must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
+MAX_SPECULATIVE = 16  # draft tokens a row may have verified per step, at most
 
 
 @dataclass
@@ -58,20 +62,25 @@ class Result:
 class Engine:
     def __init__(self, model: MiniMaxM2Model, max_num_seqs: int = 8, prefill_chunk: int = 256,
                  executor: Executor | None = None, prefix_reuse: bool = True, keep_logits: bool = True,
-                 kv_blocks: int | None = None):
+                 kv_blocks: int | None = None, speculative: int = 0):
         """max_num_seqs: requests decoded together per attention group; prefill_chunk: prompt tokens per step;
         kv_blocks: the KV pool's blocks of KV_BLOCK positions per attention group (default: max_num_seqs
         whole contexts);
         prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold); keep_logits:
         requests may keep the logits of every position (off: the lm_head variants returning a prefill's
-        [tokens, vocab] logits are neither compiled nor planned for)."""
+        [tokens, vocab] logits are neither compiled nor planned for); speculative: draft tokens a decoding
+        request may have verified per step (n-gram drafts, `minimax_m2.serving.drafts`; 0: none)."""
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be positive, got {max_num_seqs}, {prefill_chunk}")
+        if not 0 <= speculative <= MAX_SPECULATIVE:
+            raise ValueError(f"speculative tokens must lie in 0..{MAX_SPECULATIVE}, got {speculative}")
+        self.speculative = speculative
         self.model = model
         self.keep_logits = keep_logits
         self.groups = model.layout.dp
         self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len),
-                                     model.max_seq_len, rows_size_experts=model.layout.moe_tp < model.layout.world)
+                                     model.max_seq_len, rows_size_experts=model.layout.moe_tp < model.layout.world,
+                                     speculative=speculative)
         previous = model.owner
         if previous is not None and (not previous.idle() or previous.running()):
             raise RuntimeError("this model already serves an engine with requests in flight or a thread running: "
@@ -83,7 +92,11 @@ class Engine:
         model.owner = self
         self.max_num_seqs = max_num_seqs
         self.cache = BlockManager(self.groups, blocks, MIN_COPY, prefix_reuse)
-        self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len))
+        # speculation stops paying at SPECULATE_BELOW decoding requests on this CPU (measured); on a NeuronCore the
+        # projection has it paying at every batch up to 256 (benchmarks/roofline.py, section 7)
+        on_cpu = model.expert_cost is None or getattr(model.expert_cost, "dynamic", False)
+        self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len),
+                                   SPECULATE_BELOW if on_cpu else max_num_seqs * self.groups + 1)
         self.executor = executor or LocalExecutor(model)
         self._last_ids: np.ndarray | None = None  # the last decode step's next ids, as the device holds them
         self.failure: str | None = None  # why the engine's thread stopped, if it failed
@@ -95,7 +108,8 @@ class Engine:
         self._stopping = False
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "reused_tokens": 0, "finished": 0, "step_seconds": 0.0, "prefill_seconds": 0.0,
-                      "decode_seconds": 0.0}
+                      "decode_seconds": 0.0, "verify_steps": 0, "drafted_tokens": 0, "accepted_tokens": 0,
+                      "verified_rows": 0}
 
     def warm_up(self, every_shape: bool) -> int:
         """Before serving: choose the expert schedules (measuring this CPU's costs) and, with every_shape,
@@ -166,6 +180,8 @@ class Engine:
         ids = self.validate(prompt, sampling, keep_logits)
         self._check_usable()
         request = Request(ids, sampling, notify or (lambda kind, value: None), keep_logits, constraint=constraint)
+        if self.speculative and constraint is None and not keep_logits:
+            request.drafter, request.speculate = NgramDrafter(), self.speculative
         with self._wake:
             self._inbox.append(request)
             self._wake.notify()
@@ -268,7 +284,9 @@ class Engine:
             for row, chunk in enumerate(chunks):
                 if chunk is not None:
                     self._prefilled(chunk, step, row, out, draws[row])
-        if plan.decode:
+        if plan.decode and plan.drafts is not None:
+            self._verify(*plan.decode, plan.drafts)
+        elif plan.decode:
             step, rows = plan.decode
             draws = row_sampling.attach(step, rows, [r is not None and r.keep_logits for r in rows])
             if self._last_ids is not None and self._last_ids.shape == step.input_ids.shape:
@@ -309,10 +327,42 @@ class Engine:
             self.stats["reused_tokens"] += request.reused
             self._sampled(request, out, row, last, draw, host_mask=request.constraint is not None)
 
+    def _verify(self, step: Step, rows: list[Request | None], drafts: list[list[int]]) -> None:
+        """A verify step: each row's last token and drafts in one step; the longest accepted prefix of its
+        drafts and one token more are its new tokens (`row_sampling.verify`), the rest of what it wrote is
+        never read (its positions are written again when reached) nor cached."""
+        # the logits of a drafting sampled row, and of any row wanting log-probabilities (a verify step's lm_head
+        # returns ids, or ids and logits: two programs)
+        draws = row_sampling.attach(step, rows, [r is not None and (bool(d) and r.sampling.temperature > 0 or
+                                                                    r.sampling.logprobs is not None)
+                                                 for r, d in zip(rows, drafts)])
+        out = self._execute(step, "decode")
+        self._last_ids = None
+        self.stats["verify_steps"] += 1
+        for row, (request, draft) in enumerate(zip(rows, drafts)):
+            if request is None or request.finish_reason is not None:
+                continue
+            taken = row_sampling.verify(request, out, row, draft, draws[row])
+            fed = [request.generated[-1]] + draft[: len(taken) - 1]  # the accepted drafts' keys and values are right
+            self.cache.written(request.group, request.blocks, request.length - 1, fed)
+            request.prefilled += len(fed)
+            if draft:
+                self.stats["drafted_tokens"] += len(draft)
+                self.stats["accepted_tokens"] += len(taken) - 1
+                self.stats["verified_rows"] += 1
+                request.speculate = min(self.speculative, len(taken))  # one more than it accepted
+            for token, scored in taken:
+                self._take(request, token, scored)
+                if request.finish_reason is not None:
+                    break
+
     def _sampled(self, request: Request, out: StepOutput, row: int, k: int, draw: float | None,
                  host_mask: bool = False) -> None:
-        """Take the request's next token (`row_sampling.next_token`), tell its client, and end it where it ends."""
-        token, scored = row_sampling.next_token(request, out, row, k, draw, host_mask)
+        """Take the request's next token (`row_sampling.next_token`)."""
+        self._take(request, *row_sampling.next_token(request, out, row, k, draw, host_mask))
+
+    def _take(self, request: Request, token: int, scored: TokenLogprobs | None) -> None:
+        """A new token of the request: tell its client, and end the request where it ends."""
         s = request.sampling
         request.generated.append(token)
         self.stats["generated_tokens"] += 1
@@ -386,11 +436,14 @@ class Engine:
 
     def load(self) -> dict[str, float]:
         """What the engine holds now (gauges): queue depth, running requests, rows (slots) and their occupancy,
-        and the KV pool's blocks: used by requests, cached (contents kept for reuse), never written."""
+        the KV pool's blocks: used by requests, cached (contents kept for reuse), never written; and the
+        tokens a verified row gained per step on average (accepted drafts + 1; 0 before any)."""
         slots = self.max_num_seqs * self.groups
         busy = len(self.scheduler.running)
         return {"queue_depth": len(self.scheduler.waiting) + len(self._inbox), "running": busy, "slots": slots,
-                "slots_busy": busy, "slot_occupancy": busy / slots, **self.cache.usage()}
+                "slots_busy": busy, "slot_occupancy": busy / slots, **self.cache.usage(),
+                "mean_accepted_length": (self.stats["accepted_tokens"] / self.stats["verified_rows"] + 1
+                                         if self.stats["verified_rows"] else 0.0)}
 
     def counters(self) -> dict[str, float]:
         """What only grows: steps, tokens and seconds, and the executor's (plans and control bytes)."""

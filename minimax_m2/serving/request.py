@@ -12,6 +12,7 @@ from minimax_m2.serving.blocks import Placement
 
 if TYPE_CHECKING:
     from minimax_m2.serving.constraint import Constraint
+    from minimax_m2.serving.drafts import NgramDrafter
 
 # ("logprobs", (logprob, [(id, logprob), ...])) just before its ("token", id), when asked for;
 # ("finish", reason); ("error", message)
@@ -37,6 +38,8 @@ class Request:
     finish_reason: str | None = None
     rng: np.random.Generator | None = None
     constraint: "Constraint | None" = None  # the grammar its tokens are held to (structured output)
+    drafter: "NgramDrafter | None" = None  # its draft tokens, when it speculates
+    speculate: int = 0  # drafts it may have verified next (adapts to what it accepts)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sampling.seed)

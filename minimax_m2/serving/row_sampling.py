@@ -75,3 +75,38 @@ def next_token(request: Request, out: StepOutput, row: int, k: int, uniform: flo
         return token, None
     logprob, top = out.scored(row, k, s.logprobs) or token_logprobs(logits, token, s.logprobs)
     return token, (logprob, [(i, v) for i, v in top if v > FORBIDDEN])
+
+
+def verify(request: Request, out: StepOutput, row: int, draft: list[int], uniform: float | None) -> list[
+        tuple[int, TokenLogprobs | None]]:
+    """The new tokens of a verify step's row (its token at each position selected): the longest prefix of
+    `draft` plain decoding would have produced, and one token more. Greedy: a draft token is accepted when it
+    is the argmax. Sampled (from the logits, with the request's generator): draft token x is accepted with
+    probability p(x), else the token is drawn from p without x (renormalised), so that the tokens have
+    exactly plain decoding's distribution. A row without drafts takes its token as a decode step would."""
+    if not draft:
+        return [next_token(request, out, row, 0, uniform, host_mask=request.constraint is not None)]
+    s = request.sampling
+    taken = []
+    for k in range(len(draft) + 1):
+        logits = None if out.logits is None else out.logits[row, k]
+        proposed = draft[k] if k < len(draft) else None
+        if s.temperature == 0:
+            token = int(out.ids[row, k])
+        else:
+            probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
+            if proposed is not None and request.rng.random() < probs[proposed]:
+                token = proposed
+            else:
+                if proposed is not None:
+                    probs[proposed] = 0.0
+                    probs /= probs.sum()
+                token = draw(probs, float(request.rng.random()))
+        scored = None
+        if s.logprobs is not None:
+            logprob, top = token_logprobs(logits, token, s.logprobs)
+            scored = (logprob, [(i, v) for i, v in top if v > FORBIDDEN])
+        taken.append((token, scored))
+        if token != proposed:
+            break
+    return taken

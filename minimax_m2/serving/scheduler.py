@@ -56,12 +56,13 @@ class ShapeSet:
     prefill_rows: tuple[int, ...]
     prefill_tokens: tuple[int, ...]  # token buckets of one prefill row
     prefill_chunk: int  # prompt tokens per step, all rows together
-    kv_lengths: tuple[int, ...]  # a prefill's attended lengths
+    kv_lengths: tuple[int, ...]  # a prefill's (and a verify step's) attended lengths
     max_blocks: int  # blocks of one request's longest sequence
+    verify_tokens: int = 0  # tokens a row of a verify step holds (its last token and the drafts), 0: none
 
     @classmethod
     def build(cls, groups: int, max_num_seqs: int, prefill_chunk: int, max_seq_len: int,
-              max_prefill_rows: int = 4, rows_size_experts: bool = False) -> "ShapeSet":
+              max_prefill_rows: int = 4, rows_size_experts: bool = False, speculative: int = 0) -> "ShapeSet":
         most = max(min_rows(1), max_num_seqs)
         return cls(
             groups=groups,
@@ -72,6 +73,7 @@ class ShapeSet:
             prefill_chunk=prefill_chunk,
             kv_lengths=tuple(powers_of_two(min(PREFILL_KV_FLOOR, max_seq_len), max_seq_len)),
             max_blocks=blocks_for(max_seq_len),
+            verify_tokens=speculative + 1 if speculative else 0,
         )
 
     def tile_counts(self, rows: int, bucket: int) -> list[int]:
@@ -104,22 +106,27 @@ class ShapeSet:
     def shapes(self) -> list[tuple[str, int, int, int, int]]:
         """(phase, rows per group, real rows in all, tokens per row, attended positions) of every program step.
         A prefill step's bucket is all its rows (the chunk budget bounds its real tokens); a prefill row of t
-        tokens attends at least t positions; a decode step attends KV_BLOCK x its tiles."""
+        tokens attends at least t positions; a decode step attends KV_BLOCK x its tiles; a verify step (the
+        decode rows, each with its drafts) has a prefill's shape, every row of it real."""
         decode = [("decode", r, b, 1, n * KV_BLOCK) for r, b in self.decode_pairs() for n in self.tile_counts(r, b)]
         prefill = [("prefill", r, r * self.groups, t, kv) for r in self.prefill_rows for t in self.prefill_tokens
                    for kv in self.kv_lengths if kv >= t and self.holds(r, t, kv)]
-        return decode + prefill
+        verify = [("verify", r, r * self.groups, self.verify_tokens, kv) for r in self.decode_rows
+                  for kv in self.kv_lengths if self.verify_tokens]
+        return decode + prefill + verify
 
     def padding_steps(self, scratch: int, width: int, keep_logits: bool, vocab: int) -> list[Step]:
         """A padding step (`padding_step`: cache rows in the scratch block, tables `width` wide) of each shape
         with each lm_head variant: sampling on the device or not, with logits or not, sampling with
-        log-probabilities, and for a prefill, with the logits of every position (with keep_logits); and once
+        log-probabilities, and for a prefill, with the logits of every position (with keep_logits), a verify
+        step with every position's ids, and logits; and once
         for each decode row count, each sampling variant with grammar masks (over `vocab` tokens) of each
         bucket up to its rows (a prefill's constrained rows choose their token on the host)."""
-        chunk = {"decode": 0, "prefill": self.prefill_chunk}
+        chunk = {"decode": 0, "prefill": self.prefill_chunk, "verify": 0}
         variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
                     + [(True, False, False, True)]}
         variants["prefill"] = [variant for variant in variants["decode"] if variant[0]]  # a prefill may always sample
+        variants["verify"] = [(True, False, True, False), (True, True, True, False)]  # every position's ids (logits)
         steps, heads = [], set()
         for phase, rows, bucket, seq, kv in self.shapes():
             rows = max(min_rows(seq), rows)
@@ -158,13 +165,22 @@ class Plan:
     copies: list[Placement] = field(default_factory=list)
     prefill: tuple[Step, list[Chunk | None]] | None = None
     decode: tuple[Step, list[Request | None]] | None = None
+    drafts: list[list[int]] | None = None  # each decode row's draft tokens when the decode step verifies them
+
+
+# on this CPU speculation is off while this many requests decode or more: a verify step's extra tokens then
+# cost more expert reads than the steps they save (benchmarks/bench_speculative.py: 1.24x at batch 1, 1.02x
+# at 8)
+SPECULATE_BELOW = 16
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, shapes: ShapeSet, groups: int, max_num_seqs: int, width: int):
-        """width: block-table columns of every step (a request's most blocks, at least 2)."""
+    def __init__(self, blocks: BlockManager, shapes: ShapeSet, groups: int, max_num_seqs: int, width: int,
+                 speculate_below: int = SPECULATE_BELOW):
+        """width: block-table columns of every step (a request's most blocks, at least 2); speculate_below: the
+        decoding requests below which their drafts are verified (when the shape set has verify steps)."""
         self.blocks, self.shapes, self.groups = blocks, shapes, groups
-        self.max_num_seqs, self.width = max_num_seqs, width
+        self.max_num_seqs, self.width, self.speculate_below = max_num_seqs, width, speculate_below
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.preemptions = 0
@@ -198,7 +214,7 @@ class Scheduler:
                 plan.copies.append(placement)
         self._grow()
         plan.prefill = self._prefill_step()
-        plan.decode = self._decode_step()
+        plan.decode, plan.drafts = self._decode_step()
         return plan
 
     def _grow(self) -> None:
@@ -261,16 +277,21 @@ class Scheduler:
         return ShapeSet.bucket(max(end, ShapeSet.bucket(tokens, self.shapes.prefill_tokens, "tokens")),
                                self.shapes.kv_lengths, "attended positions")
 
-    def _decode_step(self) -> tuple[Step, list[Request | None]] | None:
+    def _decode_step(self) -> tuple[tuple[Step, list[Request | None]] | None, list[list[int]] | None]:
+        """The decode step, and each row's drafts when it verifies them (`_verify_step`)."""
         per_group: list[list[Request]] = [[] for _ in range(self.groups)]
         for request in self.running:
             if request.decoding:
                 per_group[request.group].append(request)
         if not any(per_group):
-            return None
+            return None, None
         rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.decode_rows, "decode rows")
         bucket = ShapeSet.bucket(sum(map(len, per_group)), self.shapes.decode_buckets, "decode rows")
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
+        if self.shapes.verify_tokens and sum(map(len, per_group)) < self.speculate_below:
+            drafts = [self._draft(r) if r else [] for r in order]
+            if any(drafts):
+                return self._verify_step(rows, order, drafts), drafts
         step = self._step(rows, bucket, 1,
                           [(r.blocks, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
         groups = [[(i, r.blocks, r.length - 1) for i, r in enumerate(g)] for g in per_group]
@@ -278,6 +299,28 @@ class Scheduler:
         count = ShapeSet.bucket(needed, tuple(self.shapes.tile_counts(rows, bucket)), "decode tiles")
         step.kv_tiles = decode_tiles(groups, count, self.blocks.blocks_per_group)
         step.kv_len = count * KV_BLOCK
+        return (step, order), None
+
+    def _draft(self, request: Request) -> list[int]:
+        """A decoding request's drafts: up to its own adaptive count, none past its new tokens' budget or the
+        context, and only into blocks it holds or the pool can spare (speculation never preempts)."""
+        if request.drafter is None:
+            return []
+        room = min(request.speculate, self.shapes.verify_tokens - 1, self.shapes.kv_lengths[-1] - request.length,
+                   request.sampling.max_new_tokens - len(request.generated) - 1)
+        while room > 0 and (request.length - 1 + room) // KV_BLOCK >= len(request.blocks):
+            if not self.blocks.grow(request.group, request.blocks):
+                room = len(request.blocks) * KV_BLOCK - request.length
+        return request.drafter.draft(request.prompt + request.generated, room)
+
+    def _verify_step(self, rows: int, order: list[Request | None], drafts: list[list[int]]) -> tuple[Step, list]:
+        """A step of the decode rows each holding its last token and its drafts (a prefill's shape, every
+        position's next token selected): one step checks them all."""
+        seq = self.shapes.verify_tokens
+        entries = [(r.blocks, r.length - 1, [r.generated[-1]] + d) if r else None for r, d in zip(order, drafts)]
+        step = self._step(rows, rows * self.groups, seq, entries, True)
+        end = max(r.length + len(d) for r, d in zip(order, drafts) if r)
+        step.kv_len = ShapeSet.bucket(end, self.shapes.kv_lengths, "attended positions")
         return step, order
 
     def _step(self, rows: int, bucket: int, seq: int, entries: list[tuple[list[int], int, list[int]] | None],

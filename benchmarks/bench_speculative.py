@@ -1,0 +1,133 @@
+"""Speculative decoding with n-gram drafts on an edit workload, on CPU: accepted length, the cost of a verify
+step against a decode step, and TPOT with and without it, at batch 1, 8 and 16.
+
+The workload: the prompt holds a Python source file of this environment (--file, default json/encoder.py,
+about 3,000 tokens of the byte-level BPE of 32,000 tokens `bench_structured.py` trains); the reference
+answer is that file with small edits (an identifier renamed, a line added every 40). A random-weight model
+does not write that answer, so the two halves are measured apart and combined:
+- acceptance: the reference answer replayed through the engine's drafter (`NgramDrafter`, the engine's
+  adaptive draft count): the tokens each verify step would gain if the model wrote the reference;
+- step costs: the medium random config (hidden 1024, 8 layers, 64 experts top-8) decoding B requests of
+  --context tokens of the prompt together, side by side in one run: plain decode steps, and verify steps
+  of 1 + k tokens a row (every row drafting k tokens, whatever they are: the cost does not depend on them).
+TPOT with speculation = verify step / tokens gained a step; without = decode step. At B >= 16 the engine
+turns speculation off (SPECULATE_BELOW): the row printed there shows what it would cost.
+
+  python benchmarks/bench_speculative.py [--k 4] [--batches 1 8 16] [--steps 12] [--context 1024] [--json F]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_structured import bpe_tokenizer  # noqa: E402
+from benchmarks.medium_config import MEDIUM  # noqa: E402
+from minimax_m2 import MiniMaxM2Model  # noqa: E402
+from minimax_m2.config import MiniMaxM2Config  # noqa: E402
+from minimax_m2.generation import Sampling  # noqa: E402
+from minimax_m2.serving.drafts import NgramDrafter  # noqa: E402
+from minimax_m2.serving.engine import Engine  # noqa: E402
+from minimax_m2.serving.scheduler import SPECULATE_BELOW  # noqa: E402
+
+HEADROOM = 1024  # positions past the prompt: the first rows decode while the last are prefilled
+
+
+def edit_workload(tokenizer, source: Path) -> tuple[list[int], list[int]]:
+    """(prompt, reference answer) token ids: the file, and the file with small edits."""
+    text = source.read_text()
+    lines = text.replace("self", "this").splitlines()
+    edited = "\n".join(line + ("  # reviewed" if i % 40 == 39 else "") for i, line in enumerate(lines))
+    prompt = f"Rename self to this and mark every 40th line as reviewed:\n\n{text}\n\nThe edited file:\n\n"
+    return tokenizer.encode(prompt).ids, tokenizer.encode(edited).ids
+
+
+def replay(prompt: list[int], answer: list[int], k: int) -> tuple[int, int]:
+    """(verify steps, tokens) of decoding `answer` with drafts checked against it, k adapting as the engine's."""
+    drafter, done, steps, room = NgramDrafter(), 0, 0, k
+    while done < len(answer):
+        draft = drafter.draft(prompt + answer[:done], min(room, len(answer) - done - 1))
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == answer[done + accepted]:
+            accepted += 1
+        if draft:
+            room = min(k, accepted + 1)
+        done += accepted + 1
+        steps += 1
+    return steps, len(answer)
+
+
+class AlwaysDrafts(NgramDrafter):
+    """k drafts every step (the last k tokens), for measuring a verify step's cost."""
+
+    def draft(self, tokens: list[int], k: int) -> list[int]:
+        return tokens[-k:] if k > 0 else []
+
+
+def step_seconds(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k: int) -> float:
+    """Mean seconds of a decode step (k = 0) or of a verify step of 1 + k tokens a row, all rows decoding."""
+    engine = Engine(model, max_num_seqs=len(prompts), prefill_chunk=512, speculative=k,
+                    keep_logits=False)
+    engine.scheduler.speculate_below = len(prompts) + 1
+    requests = [engine.submit(p, Sampling(max_new_tokens=HEADROOM - 24)) for p in prompts]  # none ends first
+    for r in requests:
+        r.drafter = AlwaysDrafts() if k else None
+    times = []
+    while not engine.idle() and len(times) < steps:
+        before = engine.stats["decode_seconds"], engine.stats["prefill_steps"]
+        decoding = all(r.decoding for r in requests)
+        engine.step()
+        if decoding and engine.stats["prefill_steps"] == before[1]:
+            times.append(engine.stats["decode_seconds"] - before[0])
+    for r in requests:
+        engine.cancel(r)
+    engine.step()
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--steps", type=int, default=12, help="steps timed per case")
+    parser.add_argument("--file", type=Path, default=Path(json.__file__).parent / "encoder.py")
+    parser.add_argument("--context", type=int, default=1024, help="prompt tokens of the step-cost runs")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    config = MiniMaxM2Config.from_dict(MEDIUM)
+    tokenizer = bpe_tokenizer(config.vocab_size)
+    prompt, answer = edit_workload(tokenizer, args.file)
+    steps, tokens = replay(prompt, answer, args.k)
+    gained = tokens / steps
+    print(f"edit workload: {args.file.name}, prompt {len(prompt)} tokens, reference answer {tokens} tokens")
+    print(f"  n-gram drafts (k = {args.k}, adaptive): {steps} steps, {gained:.2f} tokens per step")
+    context = min(args.context, len(prompt))
+    model = MiniMaxM2Model.random(config, seed=0, max_seq_len=context + HEADROOM)
+    rows = []
+    for batch in args.batches:
+        prompts = [prompt[: context - i] for i in range(batch)]
+        plain = step_seconds(model, prompts, args.steps, 0)
+        verify = step_seconds(model, prompts, args.steps, args.k)
+        rows.append({"batch": batch, "decode_ms": 1e3 * plain, "verify_ms": 1e3 * verify, "ratio": verify / plain,
+                     "tpot_plain_ms": 1e3 * plain, "tpot_spec_ms": 1e3 * verify / gained,
+                     "on": batch < SPECULATE_BELOW})
+        print(f"  batch {batch}: decode step {1e3 * plain:.1f} ms, verify step {1e3 * verify:.1f} ms", flush=True)
+    print(f"medium config, context {context} tokens, median of {args.steps} steps each (this machine, shared):")
+    print("| batch | decode step | verify step (1 + k a row) | ratio | TPOT plain | TPOT with drafts | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        note = "" if r["on"] else " (off: the engine does not speculate here)"
+        print(f"| {r['batch']} | {r['decode_ms']:.1f} ms | {r['verify_ms']:.1f} ms | {r['ratio']:.2f}x | "
+              f"{r['tpot_plain_ms']:.1f} ms | {r['tpot_spec_ms']:.1f} ms | "
+              f"{r['tpot_plain_ms'] / r['tpot_spec_ms']:.2f}x{note} |")
+    if args.json:
+        args.json.write_text(json.dumps({"k": args.k, "tokens_per_step": gained, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
