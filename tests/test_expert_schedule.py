@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from kernels.moe_grouped import DENSE, expert_blocks
+from kernels.moe_grouped import DENSE, DYNAMIC, expert_blocks
 from minimax_m2.device.expert_schedule import (
     BLOCK_SIZES,
     blocked_seconds,
     choose_block_rows,
+    dynamic_seconds,
     measure_block_times,
     measured_table,
     roofline_cost,
@@ -96,3 +97,14 @@ def test_a_cpu_multiplies_two_rows_apart_and_a_neuron_core_never() -> None:
     hidden = 3072
     cost = roofline_cost(hidden * hidden * 2, 2 * hidden * hidden, TRN2.memory_bytes_per_s, TRN2.matmul_flops_per_s)
     assert not any(rows_apart(rows, cost) for rows in (2, 4, 8))
+
+
+def test_this_cpu_runs_a_prefill_dynamically_and_a_decode_in_blocks_of_one_row() -> None:
+    """The CPU the model runs on (its table marked dynamic) takes DYNAMIC where each expert hit multiplies
+    enough rows (a prefill's thousands of pairs), and static blocks of one row where a dynamic product would
+    have one or two rows an expert (a decode of 8 rows: BLAS packs the weight for two or more)."""
+    cpu = measured_table({b: (COLD[b], WARM[b]) for b in COLD}, dynamic=True)
+    assert choose_block_rows(64, 64, cpu) == 1
+    assert choose_block_rows(1024, 64, cpu) == DYNAMIC and choose_block_rows(4096, 64, cpu) == DYNAMIC
+    assert dynamic_seconds(4096, 64, cpu) < min(blocked_seconds(4096, 64, b, cpu) for b in BLOCK_SIZES)
+    assert choose_block_rows(1024, 64, CPU) != DYNAMIC, "a static target never runs it"

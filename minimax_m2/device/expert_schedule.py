@@ -20,10 +20,11 @@ rows on the target, its weights just read or not:
   memory speed, while BLAS packs the weights for any product of two or more rows (measured here: 2 to 16
   rows cost about 2.7x one row); a repeated expert comes from the cache.
 
-Both targets run the same kernel; only the constant differs. This CPU itself takes the DYNAMIC schedule
+Both targets run the same kernel; only the constant differs. This CPU may also take the DYNAMIC schedule
 (each expert hit applied once to its own rows: shapes no compiled program can have, and none is ever
-traced); its measured costs still choose its attention's and lm_head's schedule, and the static
-schedules they would choose stay tested. Every block size either target can pick is tested under nkipy's
+traced), costed as hit experts x cost(rows / hit): it wins from about a hundred pairs (a prefill), while
+a decode's few rows an expert run faster as blocks of one row (BLAS packs a weight for two or more rows,
+which costs about what streaming it for one does). Every block size either target can pick is tested under nkipy's
 emulated semantics (tests/test_nkipy_semantics.py).
 """
 
@@ -51,16 +52,25 @@ def blocked_seconds(rows: int, num_experts: int, block_rows: int, cost: ExpertCo
 
 
 def choose_block_rows(rows: int, num_experts: int, cost: ExpertCost) -> int:
-    """The cheapest schedule for `rows` rows over `num_experts` experts: a block size, or DENSE (0); DYNAMIC
-    on a target that runs NumPy itself (a cost marked `dynamic`, this CPU's: it needs no static shapes).
+    """The cheapest schedule for `rows` rows over `num_experts` experts: a block size, or DENSE (0), or, on a
+    target that runs NumPy itself (a cost marked `dynamic`, this CPU's: it needs no static shapes), DYNAMIC
+    where its expected time is the least.
     Ties go to the schedule listed first: blocks of one row, then larger blocks, then dense."""
-    if getattr(cost, "dynamic", False):
-        return DYNAMIC
     if num_experts == 1:
         return DENSE
     options = [(blocked_seconds(rows, num_experts, b, cost), b) for b in BLOCK_SIZES if b == 1 or b <= rows]
     options.append((num_experts * cost(rows), DENSE))
+    if getattr(cost, "dynamic", False):
+        options.append((dynamic_seconds(rows, num_experts, cost), DYNAMIC))
     return min(options, key=lambda option: option[0])[1]
+
+
+def dynamic_seconds(rows: int, num_experts: int, cost: ExpertCost) -> float:
+    """Expected time of the DYNAMIC schedule for `rows` rows routed at random over `num_experts` experts: each
+    expert hit once, over its share of the rows (few rows a product cost this CPU about what blocks of one row
+    do, so below some size the static blocks of one row win: the chooser compares)."""
+    hit = num_experts * (1 - (1 - 1 / num_experts) ** rows)
+    return hit * cost(max(1, round(rows / hit)))
 
 
 def rows_apart(rows: int, cost: ExpertCost) -> bool:
