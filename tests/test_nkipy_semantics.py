@@ -283,6 +283,18 @@ def test_each_lm_head_variant_traces_to_the_numpy_program(allowed, world, tp, sa
     assert ranks[0][-1][1].ops == ranks[-1][-1][1].ops
 
 
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 1), (4, 2, 2)])
+def test_a_verify_step_traces_to_the_numpy_program(allowed, world, tp, moe_tp) -> None:
+    """Speculative decoding's verify step: the decode rows each with its last token and 4 drafts, a prefill's
+    layer unit and the lm_head choosing the next token of every position (sampled rows too)."""
+    ranks = run_ranks(world, tp, moe_tp, "prefill", 4, 5, every_position=True)
+    for rank, units in enumerate(ranks):
+        for name, program, traced, plain in units:
+            assert_same_program_as_numpy(program, traced, plain, allowed, f"rank {rank} {name}")
+        ids = units[-1][3]
+        assert np.asarray(ids if not isinstance(ids, tuple) else ids[0]).size == 4 * 5, "every position's next token"
+
+
 def test_bfloat16_units_run_bf16_matmuls_except_the_router() -> None:
     for name, program, traced, plain in run_ranks(2, 1, 1, "prefill", 2, 6, dtype="bfloat16")[0]:
         assert program.violations == []

@@ -220,6 +220,7 @@ def program_units(
     return_logits: bool = False,
     logprobs: bool = False,
     masks: int = 0,
+    every_position: bool = False,
     rows: int | None = None,
     kv_len: int | None = None,
 ) -> list[Unit]:
@@ -228,7 +229,8 @@ def program_units(
     (layer 0's weights; every layer runs the same program; every row its own cache row; rows in a bucket
     of at least 2; the next tokens sampled from the top candidates unless not `samples`, their
     log-probabilities returned with `logprobs`, the logits with `return_logits`; with `masks`, that many
-    grammar masks, every other row constrained; `rows` rows per attention group, default the batch's; a
+    grammar masks, every other row constrained; with `every_position`, the next token of every position (a
+    verify step's lm_head); `rows` rows per attention group, default the batch's; a
     prefill attending `kv_len` positions, default the bucket of its last)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
@@ -238,7 +240,7 @@ def program_units(
     caches = (np.zeros(shape, dtype), np.zeros(shape, dtype))
     rank = RankValues.of(config, layout)
     ids = (np.arange(batch * seq, dtype=np.int32).reshape(batch, seq) * 7919) % config.vocab_size
-    step = uniform_step(batch, seq, position, layout, max_seq_len, ids, all_positions=False, rows=rows)
+    step = uniform_step(batch, seq, position, layout, max_seq_len, ids, all_positions=every_position, rows=rows)
     total = step.input_ids.shape[0]
     if samples:
         step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32),
