@@ -25,4 +25,3 @@ def mask_logits(logits: np.ndarray, masks: np.ndarray, mask_index: np.ndarray) -
     """logits [N, C] float32 -> the same with every token a row's mask forbids at FORBIDDEN (or below, where
     it was already: the vocabulary's padding)."""
     return np.where(allowed_tokens(masks, mask_index, logits.shape[-1]), logits, np.minimum(logits, FORBIDDEN))
-

@@ -160,11 +160,9 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, wo
     arrive while others run and share a 40-token prefix, greedy, sampled on the device (top-k), sampled on the
     host (no top-k: logits returned) and keeping their logits, two with log-probabilities (from the vocabulary
     slices of every rank): every rank computes what one process does."""
-    from thread_ranks import ThreadCollectives
+    from thread_ranks import plans_to_every_rank
 
-    from kernels import collectives
     from minimax_m2.parallel import ParallelLayout
-    from minimax_m2.serving.lockstep import PlanSender, follow
 
     shared = list(range(5, 45))
     prompts = [shared + [1, 2], shared + [3], shared + [4, 5, 6], [9, 9], shared + [7]]
@@ -187,25 +185,14 @@ def test_plans_sent_to_every_rank_give_one_process_tokens(float32_checkpoint, wo
 
     want, want_scored = arriving(Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=128),
                                         max_num_seqs=4, prefill_chunk=16))
-    backend = ThreadCollectives(world)
+    def load(r: int) -> MiniMaxM2Model:
+        return MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=128,
+                                              layout=ParallelLayout(world, tp, r, moe_tp=moe_tp))
 
-    def rank(r: int):
-        model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=128,
-                                               layout=ParallelLayout(world, tp, r, moe_tp=moe_tp))
-        model.schedule_cost()
-        if r:
-            model.allocate(4)
-            return follow(model, backend)
-        sender = PlanSender(model, backend)
-        got = arriving(Engine(model, max_num_seqs=4, prefill_chunk=16, executor=sender))
-        sender.stop()
-        return *got, sender.plans
+    def lead(model: MiniMaxM2Model, sender) -> tuple:
+        return *arriving(Engine(model, max_num_seqs=4, prefill_chunk=16, executor=sender)), sender.plans
 
-    collectives.set_backend(backend)
-    try:
-        (got, scored, plans), *steps = backend.run(rank)
-    finally:
-        collectives.set_backend(None)
+    (got, scored, plans), steps = plans_to_every_rank(world, load, 4, lead)
     assert got == want and all(0 < s == steps[0] < plans for s in steps)
     assert [a.shape for a in scored] == [(5, 4), (0,), (0,), (0,), (5, 3)]
     assert all(np.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(scored, want_scored))

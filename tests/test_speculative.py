@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from thread_ranks import ThreadCollectives
+from thread_ranks import plans_to_every_rank
 
-from kernels import collectives
 from minimax_m2 import MiniMaxM2Model
 from minimax_m2.device.step import StepOutput
 from minimax_m2.generation import Sampling
@@ -19,7 +18,6 @@ from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import sampling_probs
 from minimax_m2.serving.drafts import NgramDrafter
 from minimax_m2.serving.engine import Engine
-from minimax_m2.serving.lockstep import PlanSender, follow
 from minimax_m2.serving.request import Request
 from minimax_m2.serving.row_sampling import verify
 
@@ -104,26 +102,15 @@ def test_ranks_verify_as_one_process(float32_checkpoint, model, world, tp, moe_t
     equal plain decoding's in one process."""
     sampling = Sampling(max_new_tokens=32)
     want = _arriving(Engine(model, max_num_seqs=4, prefill_chunk=16), _prompts(), sampling)
-    backend = ThreadCollectives(world)
+    def load(r: int) -> MiniMaxM2Model:
+        return MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=160,
+                                              layout=ParallelLayout(world, tp, r, moe_tp=moe_tp))
 
-    def rank(r: int):
-        ranked = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=160,
-                                                layout=ParallelLayout(world, tp, r, moe_tp=moe_tp))
-        ranked.schedule_cost()
-        if r:
-            ranked.allocate(4 * 2)
-            return follow(ranked, backend)
-        sender = PlanSender(ranked, backend)
+    def lead(ranked: MiniMaxM2Model, sender) -> tuple[list[list[int]], int]:
         engine = Engine(ranked, max_num_seqs=4, prefill_chunk=16, executor=sender, speculative=4)
-        got = _arriving(engine, _prompts(), sampling)
-        sender.stop()
-        return got, engine.stats["accepted_tokens"]
+        return _arriving(engine, _prompts(), sampling), engine.stats["accepted_tokens"]
 
-    collectives.set_backend(backend)
-    try:
-        (got, accepted), *_ = backend.run(rank)
-    finally:
-        collectives.set_backend(None)
+    (got, accepted), _ = plans_to_every_rank(world, load, 4 * 2, lead)
     assert got == want and accepted > 0
 
 

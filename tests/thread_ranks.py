@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from kernels import collectives
 from kernels.collectives import sum_in_rank_order
 
 
@@ -65,3 +66,30 @@ class ThreadCollectives:
         if errors:
             raise errors[0]
         return results
+
+
+def plans_to_every_rank(world: int, load: Callable, blocks: int, lead: Callable) -> tuple[object, list[int]]:
+    """Serving over `world` ranks as threads: each rank's model is load(rank) (its expert schedule measured);
+    rank 0 runs lead(model, sender) with a `PlanSender` and then tells the others to stop, every other rank
+    follows its plans with a KV pool of `blocks` blocks -> (lead's result, the steps each follower ran)."""
+    from minimax_m2.serving.lockstep import PlanSender, follow
+
+    backend = ThreadCollectives(world)
+
+    def rank(r: int):
+        model = load(r)
+        model.schedule_cost()
+        if r:
+            model.allocate(blocks)
+            return follow(model, backend)
+        sender = PlanSender(model, backend)
+        result = lead(model, sender)
+        sender.stop()
+        return result
+
+    collectives.set_backend(backend)
+    try:
+        led, *steps = backend.run(rank)
+    finally:
+        collectives.set_backend(None)
+    return led, steps

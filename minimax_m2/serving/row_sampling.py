@@ -56,6 +56,16 @@ def attach(step: Step, rows: list[Request | None], keeps: list[bool]) -> list[fl
     return draws
 
 
+def _scored(s: Sampling, out: StepOutput, row: int, k: int, logits: np.ndarray | None,
+            token: int) -> TokenLogprobs | None:
+    """The token's log-probabilities when its request asks for them: the device's, or computed from the logits;
+    the alternatives a grammar forbids left out."""
+    if s.logprobs is None:
+        return None
+    logprob, top = out.scored(row, k, s.logprobs) or token_logprobs(logits, token, s.logprobs)
+    return logprob, [(i, v) for i, v in top if v > FORBIDDEN]
+
+
 def next_token(request: Request, out: StepOutput, row: int, k: int, uniform: float | None,
                host_mask: bool = False) -> tuple[int, TokenLogprobs | None]:
     """The request's next token (the step's row `row`, its k-th selected token) and its log-probabilities when
@@ -71,10 +81,7 @@ def next_token(request: Request, out: StepOutput, row: int, k: int, uniform: flo
     if on_host(s) or host_mask and s.temperature > 0:
         token = draw(sampling_probs(logits, s.temperature, s.top_k, s.top_p), uniform)
     token = int(token)
-    if s.logprobs is None:
-        return token, None
-    logprob, top = out.scored(row, k, s.logprobs) or token_logprobs(logits, token, s.logprobs)
-    return token, (logprob, [(i, v) for i, v in top if v > FORBIDDEN])
+    return token, _scored(s, out, row, k, logits, token)
 
 
 def verify(request: Request, out: StepOutput, row: int, draft: list[int], uniform: float | None) -> list[
@@ -102,11 +109,7 @@ def verify(request: Request, out: StepOutput, row: int, draft: list[int], unifor
                     probs[proposed] = 0.0
                     probs /= probs.sum()
                 token = draw(probs, float(request.rng.random()))
-        scored = None
-        if s.logprobs is not None:
-            logprob, top = token_logprobs(logits, token, s.logprobs)
-            scored = (logprob, [(i, v) for i, v in top if v > FORBIDDEN])
-        taken.append((token, scored))
+        taken.append((token, _scored(s, out, row, k, logits, token)))
         if token != proposed:
             break
     return taken

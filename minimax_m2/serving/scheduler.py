@@ -118,10 +118,10 @@ class ShapeSet:
     def padding_steps(self, scratch: int, width: int, keep_logits: bool, vocab: int) -> list[Step]:
         """A padding step (`padding_step`: cache rows in the scratch block, tables `width` wide) of each shape
         with each lm_head variant: sampling on the device or not, with logits or not, sampling with
-        log-probabilities, and for a prefill, with the logits of every position (with keep_logits), a verify
-        step with every position's ids, and logits; and once
-        for each decode row count, each sampling variant with grammar masks (over `vocab` tokens) of each
-        bucket up to its rows (a prefill's constrained rows choose their token on the host)."""
+        log-probabilities, and for a prefill, with the logits of every position (with keep_logits); a verify
+        step with every position's ids, and with their logits; and once for each decode row count, each
+        sampling variant with grammar masks (over `vocab` tokens) of each bucket up to its rows (a prefill's
+        constrained rows choose their token on the host)."""
         chunk = {"decode": 0, "prefill": self.prefill_chunk, "verify": 0}
         variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
                     + [(True, False, False, True)]}
