@@ -167,7 +167,8 @@ def _attention_steps(kv_tile: int | None) -> None:
 def test_attention_decode_over_tiles() -> None:
     """One query per row over the blocks the step lists (in any order, padding tiles seeing nothing): the
     softmax over each row's own positions, as over its block table; a padding row gives zeros; each row's
-    write position is found among its tiles."""
+    write position is found among its tiles. The same whether the tiles are gathered (a NeuronCore's
+    program) or read in place (this CPU's), in runs of consecutive blocks (row 2's, in order) or not."""
     rng = _rng()
     block, heads, group, head_dim = 4, 2, 3, 8
     k_cache, v_cache = (_randn(rng, 13 * block, heads * head_dim) for _ in range(2))  # block 12: scratch
@@ -175,12 +176,14 @@ def test_attention_decode_over_tiles() -> None:
     positions = np.array([13, 3, 9], np.int32)
     q = _randn(rng, 3, heads, group, head_dim)
     want = attend_cache(q, k_cache, v_cache, table_index(tables, block), positions[:, None], kv_len=16, kv_tile=16)
-    tiles = [(r, tables[r, j], j * block) for r in range(3) for j in range(positions[r] // block + 1)]
-    order = rng.permutation(len(tiles))
-    tiles = np.array([tiles[i] for i in order] + [(0, 12, 1 << 30)] * 3, np.int32)
-    _close(attend_tiles(q, k_cache, v_cache, tiles, positions, block=block), want)
+    listed = [(r, tables[r, j], j * block) for r in range(3) for j in range(positions[r] // block + 1)]
     padded = np.concatenate([q, q[:1]])
-    assert not attend_tiles(padded, k_cache, v_cache, tiles, np.r_[positions, 0].astype(np.int32), block=block)[3].any()
+    for order in (rng.permutation(len(listed)), np.arange(len(listed))):
+        tiles = np.array([listed[i] for i in order] + [(0, 12, 1 << 30)] * 3, np.int32)
+        for in_place in (False, True):
+            _close(attend_tiles(q, k_cache, v_cache, tiles, positions, block=block, in_place=in_place), want)
+            assert not attend_tiles(padded, k_cache, v_cache, tiles, np.r_[positions, 0].astype(np.int32),
+                                    block=block, in_place=in_place)[3].any()
     starts = tile_block_start(tiles, positions - positions % block, block)
     np.testing.assert_array_equal(starts, [tables[r, positions[r] // block] * block for r in range(3)])
 
@@ -347,6 +350,21 @@ def test_top_candidates() -> None:
     order = np.argsort(-logits, axis=-1, kind="stable")[:, :7]
     np.testing.assert_array_equal(chosen, order + 100)
     _close(values, np.take_along_axis(logits, order, axis=1))
+
+
+def test_top_candidates_by_partial_sort_equal_the_rounds_of_argmax() -> None:
+    """This CPU's schedule (one partial sort) gives the device's candidates bit for bit, ties included (many
+    equal logits, at the k-th too, and masked padding columns), in the same order."""
+    rng = _rng()
+    logits = np.round(_randn(rng, 6, 300, scale=2.0))  # integers: ties everywhere, the k-th among them
+    logits[2, 250:] = np.finfo(np.float32).min  # a slice's padding, masked
+    logits[3] = 0.0  # one row all tied
+    ids = np.broadcast_to(np.arange(1000, 1300, dtype=np.int32), logits.shape)
+    for k in (1, 7, 64, 250):
+        want = top_candidates(logits, ids, k)
+        got = top_candidates(logits, ids, k, partial_sort=True)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_sampling_draws_from_the_reference_distribution() -> None:

@@ -58,6 +58,7 @@ def attention(
     rows_apart: bool = False,
     kv_tile: int | None = None,
     ragged: bool = False,
+    kv_in_place: bool = False,
 ) -> np.ndarray:
     """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own sequence in a paged
     KV cache.
@@ -79,7 +80,8 @@ def attention(
     over the group, and so are the output projection's partial sums (unless reduce_output is False: the
     caller then sums this rank's partial itself, as part of a wider exchange). rows_apart: the projections'
     schedule (`kernels.matmul.matmul`); kv_tile: cache positions attended per tile (`attend_cache`; default
-    all kv_len at once; not used when ragged).
+    all kv_len at once; not used when ragged); kv_in_place: a ragged step's tiles read where they lie
+    (`attend_tiles`' CPU schedule).
     """
     tokens = x.shape[0]
     rows = tokens // seq
@@ -114,7 +116,7 @@ def attention(
     q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
     q = q.reshape(rows, kv_heads, group * seq, head_dim)  # [R, Hkv, G * S, D]
     if ragged:
-        out = attend_tiles(q, k_cache, v_cache, kv_blocks, positions, block=block)
+        out = attend_tiles(q, k_cache, v_cache, kv_blocks, positions, block=block, in_place=kv_in_place)
     else:
         out = attend_cache(q, k_cache, v_cache, table_index(kv_blocks[:rows], block), at, kv_len=kv_len,
                            kv_tile=kv_tile or kv_len)
@@ -182,7 +184,7 @@ def tile_block_start(tiles: np.ndarray, starts: np.ndarray, block: int) -> np.nd
 
 
 def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles: np.ndarray, positions: np.ndarray,
-                 *, block: int) -> np.ndarray:
+                 *, block: int, in_place: bool = False) -> np.ndarray:
     """softmax(q k^T / sqrt(D), causal) v for one query token per row, over the cache blocks the step lists:
     its keys and values read, and its FLOPs, follow the sum of the rows' lengths, not rows x the longest.
 
@@ -191,20 +193,26 @@ def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles:
     scratch block at a first position past every row's, so they see nothing. positions: [R] int32 (a row
     sees positions <= its own). Each tile's softmax is taken alone (its maximum, its sum, its weighted
     values), then a row's tiles are combined, scaled to the row's largest maximum: the online softmax,
-    all tiles at once. A row with no tile (padding) gives zeros. Returns [R, Hkv, G, D] float32."""
+    all tiles at once. A row with no tile (padding) gives zeros. Returns [R, Hkv, G, D] float32.
+    in_place (a trace-time schedule, this CPU's, never traced): the tiles read where they lie in the cache
+    (`_runs_in_place`) rather than gathered into one copy first, which on a CPU costs more than the
+    products."""
     rows, kv_heads, group, head_dim = q.shape
-    count = tiles.shape[0]
     scale = np.float32(head_dim**-0.5)
-    row, first = tiles[:, 0], tiles[:, 2]
-    within = np.arange(block, dtype=np.int32)
-    keys, values = read_kv(k_cache, v_cache, tiles[:, 1:2] * np.int32(block) + within[None, :], kv_heads)
-    scores = cast(matmul(np.take(q, row, axis=0), np.swapaxes(keys, -1, -2)), np.float32)  # [N, Hkv, G, B]
-    visible = first[:, None] + within[None, :] <= np.take(positions, row)[:, None]  # [N, B]
-    scores = np.where(visible[:, None, None, :], scores, _MASKED)
-    best = np.max(scores, axis=-1, keepdims=True)  # [N, Hkv, G, 1]
-    weights = np.exp((scores - best) * scale)
-    total = np.sum(weights, axis=-1, keepdims=True)
-    part = cast(matmul(cast(weights, values.dtype), values), np.float32)  # [N, Hkv, G, D]
+    if in_place:
+        row, best, total, part = _runs_in_place(q, k_cache, v_cache, tiles, positions, block, scale)
+    else:
+        row, first = tiles[:, 0], tiles[:, 2]
+        within = np.arange(block, dtype=np.int32)
+        keys, values = read_kv(k_cache, v_cache, tiles[:, 1:2] * np.int32(block) + within[None, :], kv_heads)
+        scores = cast(matmul(np.take(q, row, axis=0), np.swapaxes(keys, -1, -2)), np.float32)  # [N, Hkv, G, B]
+        visible = first[:, None] + within[None, :] <= np.take(positions, row)[:, None]  # [N, B]
+        scores = np.where(visible[:, None, None, :], scores, _MASKED)
+        best = np.max(scores, axis=-1, keepdims=True)  # [N, Hkv, G, 1]
+        weights = np.exp((scores - best) * scale)
+        total = np.sum(weights, axis=-1, keepdims=True)
+        part = cast(matmul(cast(weights, values.dtype), values), np.float32)  # [N, Hkv, G, D]
+    count = row.shape[0]
     member = row[None, :] == np.arange(rows, dtype=np.int32)[:, None]  # [R, N]
     row_best = np.max(np.where(member[:, :, None, None, None], best[None], _MASKED), axis=1)  # [R, Hkv, G, 1]
     carried = np.exp((best - np.take(row_best, row, axis=0)) * scale)  # [N, Hkv, G, 1]
@@ -212,3 +220,31 @@ def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles:
     out = matmul(share, (part * carried).reshape(count, -1)).reshape(rows, kv_heads, group, head_dim)
     norm = matmul(share, (total * carried).reshape(count, -1)).reshape(rows, kv_heads, group, 1)
     return out / np.maximum(norm, np.float32(np.finfo(np.float32).tiny))
+
+
+def _runs_in_place(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles: np.ndarray, positions: np.ndarray,
+                   block: int, scale: np.float32) -> tuple[np.ndarray, ...]:
+    """`attend_tiles`' per-tile softmax parts as host NumPy (never traced): each run of tiles of one row whose
+    blocks follow one another in the cache (as a prompt's blocks mostly do) is one slab of the cache, its
+    keys and values multiplied where they lie (a view, no gathered copy) -> (the runs' rows [M] int32, their
+    maxima [M, Hkv, G, 1], sums [M, Hkv, G, 1] and weighted values [M, Hkv, G, D], float32)."""
+    kv_heads, head_dim = q.shape[1], q.shape[3]
+    runs: list[list[int]] = []  # [row, first block, first position, blocks]
+    for row, b, first in tiles.tolist():
+        last = runs[-1] if runs else None
+        if last and last[0] == row and last[1] + last[3] == b and last[2] + last[3] * block == first:
+            last[3] += 1
+        else:
+            runs.append([row, b, first, 1])
+    keys, values = (cache.reshape(-1, kv_heads, head_dim) for cache in (k_cache, v_cache))  # views
+    parts = []
+    for row, b, first, n in runs:
+        span = slice(b * block, (b + n) * block)
+        scores = cast(matmul(q[row], np.transpose(keys[span], (1, 2, 0))), np.float32)  # [Hkv, G, n * block]
+        visible = first + np.arange(n * block, dtype=np.int32) <= positions[row]
+        scores = np.where(visible, scores, _MASKED)
+        best = np.max(scores, axis=-1, keepdims=True)
+        weights = np.exp((scores - best) * scale)
+        part = cast(matmul(cast(weights, values.dtype), np.transpose(values[span], (1, 0, 2))), np.float32)
+        parts.append((best, np.sum(weights, axis=-1, keepdims=True), part))
+    return (np.array([r[0] for r in runs], np.int32),) + tuple(np.stack(p) for p in zip(*parts))

@@ -24,15 +24,17 @@ def log_normaliser(logits: np.ndarray, replica_groups: ReplicaGroups | None) -> 
 
 
 def logprobs_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray, chosen: np.ndarray, *, top: int,
-                            replica_groups: ReplicaGroups | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                            replica_groups: ReplicaGroups | None,
+                            partial_sort: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """logits [N, Vr]: this rank's slice, columns vocab_offset[0] .. + Vr - 1 (padding masked); chosen [N]
     int32 -> (log-probability of each chosen token [N] float32, the `top` largest log-probabilities [N, top]
-    descending, their ids [N, top] int32), identical on every rank."""
+    descending, their ids [N, top] int32), identical on every rank (partial_sort: how the largest are found,
+    `kernels.sampling.top_candidates`)."""
     columns = logits.shape[-1]
     norm = log_normaliser(logits, replica_groups)
     local = chosen - vocab_offset[0]
     held = (local >= 0) & (local < columns)
     value = np.take_along_axis(logits, np.clip(local, 0, columns - 1)[:, None], axis=1)
     chosen_logit = np.max(all_gather(np.where(held[:, None], value, _MASKED), 1, replica_groups), axis=-1)
-    values, best = top_vocab_parallel(logits, vocab_offset, top, replica_groups)
+    values, best = top_vocab_parallel(logits, vocab_offset, top, replica_groups, partial_sort)
     return chosen_logit - norm[:, 0], values - norm, best

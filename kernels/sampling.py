@@ -14,9 +14,14 @@ from kernels.collectives import ReplicaGroups, all_gather
 _MASKED = np.float32(np.finfo(np.float32).min)
 
 
-def top_candidates(logits: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_candidates(logits: np.ndarray, ids: np.ndarray, k: int,
+                   partial_sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """logits, ids: [N, C] -> the k largest (values [N, k] descending, their ids [N, k]); ties go to the
-    first column. k rounds of argmax (no sort on the device)."""
+    first column. k rounds of argmax (no sort on the device), or with partial_sort (a trace-time schedule,
+    this CPU's: nkipy traces no partition) one partial sort of each row, the same candidates in the same
+    order wherever a row has k logits above the mask (past them, masked candidates carry no probability)."""
+    if partial_sort:
+        return _top_by_partition(logits, ids, k)
     columns = np.arange(logits.shape[-1], dtype=np.int32)[None, :]
     values, chosen = [], []
     for _ in range(k):
@@ -25,6 +30,19 @@ def top_candidates(logits: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndar
         chosen.append(np.take_along_axis(ids, best[:, None], axis=1))
         logits = np.where(columns == best[:, None], _MASKED, logits)
     return np.concatenate(values, axis=1), np.concatenate(chosen, axis=1)
+
+
+def _top_by_partition(logits: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`top_candidates` by np.partition (host NumPy, never traced): the columns above each row's k-th largest
+    logit, then the first of those equal to it, in descending order of logit, ties by column."""
+    kth = -np.partition(-logits, k - 1, axis=-1)[:, k - 1 : k]  # [N, 1]
+    above, tied = logits > kth, logits == kth
+    room = k - np.sum(above, axis=-1, keepdims=True)
+    keep = above | (tied & (np.cumsum(tied, axis=-1) <= room))  # k columns a row, in column order
+    kept = np.nonzero(keep)[1].reshape(-1, k)
+    order = np.argsort(-np.take_along_axis(logits, kept, axis=1), axis=-1, kind="stable")
+    kept = np.take_along_axis(kept, order, axis=1)
+    return np.take_along_axis(logits, kept, axis=1), np.take_along_axis(ids, kept, axis=1)
 
 
 def _triangle(n: int, like: np.ndarray, strict: bool) -> np.ndarray:
@@ -51,26 +69,27 @@ def sample_candidates(values: np.ndarray, ids: np.ndarray, temperature: np.ndarr
     return np.take_along_axis(ids, np.minimum(chosen, last)[:, None], axis=1)[:, 0]
 
 
-def top_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray, k: int,
-                       replica_groups: ReplicaGroups | None) -> tuple[np.ndarray, np.ndarray]:
+def top_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray, k: int, replica_groups: ReplicaGroups | None,
+                       partial_sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """This rank's vocabulary slice of the logits ([N, Vr], starting at vocab_offset[0], padding masked) ->
     the k largest logits of the whole vocabulary (values [N, k] descending, ids [N, k] int32), identical on
-    every rank: each rank's best gathered, the best of those kept."""
+    every rank: each rank's best gathered, the best of those kept (partial_sort: `top_candidates`)."""
     columns = logits.shape[-1]
     ids = np.broadcast_to(vocab_offset[0] + np.arange(columns, dtype=np.int32)[None, :], logits.shape)
-    values, chosen = top_candidates(logits, ids, min(k, columns))
+    values, chosen = top_candidates(logits, ids, min(k, columns), partial_sort)
     every_value = all_gather(values, 1, replica_groups)  # [N, W * k]
     every_id = all_gather(chosen, 1, replica_groups)
-    return top_candidates(every_value, every_id, k)
+    return top_candidates(every_value, every_id, k, partial_sort)
 
 
 def sample_vocab_parallel(logits: np.ndarray, vocab_offset: np.ndarray, greedy: np.ndarray, temperature: np.ndarray,
                           top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray, *, candidates: int,
-                          replica_groups: ReplicaGroups | None) -> np.ndarray:
+                          replica_groups: ReplicaGroups | None, partial_sort: bool = False) -> np.ndarray:
     """The next token of each row from this rank's vocabulary slice of the logits ([N, Vr], starting at
     vocab_offset[0], padding masked): greedy [N] int32 where temperature is 0, else a draw from the
     `candidates` most likely tokens of the whole vocabulary (each rank's best gathered, the best of those
-    kept, `top_vocab_parallel`). Rows whose top_k is 0 (none) get greedy here: the host samples them."""
-    values, chosen = top_vocab_parallel(logits, vocab_offset, candidates, replica_groups)
+    kept, `top_vocab_parallel`, partial_sort its schedule). Rows whose top_k is 0 (none) get greedy here: the
+    host samples them."""
+    values, chosen = top_vocab_parallel(logits, vocab_offset, candidates, replica_groups, partial_sort)
     drawn = sample_candidates(values, chosen, temperature, np.maximum(top_k, 1), top_p, uniform)
     return np.where((temperature > 0) & (top_k > 0), drawn, greedy)

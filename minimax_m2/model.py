@@ -8,7 +8,13 @@ import numpy as np
 from kernels import rope_tables
 from kernels.collectives import all_reduce
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.device.expert_schedule import BLOCK_SIZES, ExpertCost, measure_block_times, measured_table
+from minimax_m2.device.expert_schedule import (
+    BLOCK_SIZES,
+    ExpertCost,
+    measure_block_times,
+    measured_table,
+    runs_numpy,
+)
 from minimax_m2.device.program import (
     RankValues,
     Unit,
@@ -156,6 +162,12 @@ class MiniMaxM2Model:
         self.position = 0
         self.dropped_pairs = 0
         self._batch = 0
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether NumPy runs this model's units here at this CPU's costs (no device runner, no NeuronCore's
+        costs emulated): then no shape is a compiled program, and every shape is free."""
+        return self.runner is run_on_cpu and runs_numpy(self.expert_cost)
 
     def schedule_cost(self) -> ExpertCost:
         """The target's cost of one expert over n rows: `expert_cost` when set, else measured on this CPU

@@ -226,7 +226,7 @@ def exit_with(main: Callable[[], int]) -> None:
     it, which tells the others through the rendezvous store so that they stop at once and quietly.
     torchrun's own summary of the failed workers follows it. A lost or stalled rank ends the others with
     status 1, so that torchrun stops the stalled one and names it."""
-    quiet = False
+    quiet, message = False, None
     try:
         code = main()
     except CollectiveError as err:
@@ -253,6 +253,6 @@ def exit_with(main: Callable[[], int]) -> None:
     if quiet:  # bad input another rank reports: leave that rank the time to say it before torchrun ends us all
         time.sleep(QUIET_SECONDS)
         sys.exit(2)
-    if code:
+    if message is not None:  # else main returned its status, having said what it had to
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

@@ -236,6 +236,28 @@ def test_the_shape_set_at_the_longest_context_stays_small() -> None:
     assert ShapeSet.build(8, 32, 2048, 196_608, rows_size_experts=True).decode_rows == (2, 4, 8, 16, 32)
 
 
+def test_on_this_cpu_a_prefill_attends_its_own_length(float32_checkpoint) -> None:
+    """Where NumPy runs the steps no shape is compiled: a prefill attends the bucket of its own rows' end from
+    KV_BLOCK up (not the NeuronCore's floor of PREFILL_KV_FLOOR), still sharing steps up to that floor; a
+    NeuronCore's shape set is unchanged."""
+    cpu = ShapeSet.build(1, 4, 256, 2 * PREFILL_KV_FLOOR, compiled=False)
+    device = ShapeSet.build(1, 4, 256, 2 * PREFILL_KV_FLOOR)
+    assert cpu.kv_lengths[0] == KV_BLOCK and device.kv_lengths[0] == PREFILL_KV_FLOOR
+    assert cpu.holds(4, 32, PREFILL_KV_FLOOR) and not cpu.holds(4, 32, 2 * PREFILL_KV_FLOOR)
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=2 * PREFILL_KV_FLOOR)
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=256)
+    seen = []
+    run = engine.executor.execute
+
+    def record(step):
+        seen.append(step.kv_len)
+        return run(step)
+
+    engine.executor.execute = record
+    engine.generate(prompts_of([200, 30], seed=4), Sampling(max_new_tokens=2))
+    assert seen[0] == 2 * KV_BLOCK, "a 200-token prefill attends 256 positions"
+
+
 def test_past_the_floor_a_prefill_row_runs_alone_in_its_group(float32_checkpoint) -> None:
     """Short prompts share prefill steps while every row attends at most PREFILL_KV_FLOOR positions; a long
     prompt's chunks past it run one row per group, the others waiting; every step has a shape of the set,

@@ -183,8 +183,10 @@ def test_units_on_the_device_give_the_numpy_tokens_and_logits(float32_checkpoint
 
 
 def _engine(model: MiniMaxM2Model, runner: NeuronRunner) -> Engine:
-    model.runner = runner
-    return Engine(model, max_num_seqs=4, prefill_chunk=16)
+    """The engine over `model` run by `runner` with a NeuronCore's schedules (static expert blocks, candidates
+    by rounds of argmax), as a device runs it: its tokens are compared with the NumPy engine's, which runs
+    this CPU's (dynamic expert schedule, candidates by a partial sort)."""
+    return Engine(run_on(model, runner), max_num_seqs=4, prefill_chunk=16)
 
 
 REQUESTS = [([5, 17, 200, 3, 99], Sampling(max_new_tokens=12)),
@@ -466,8 +468,7 @@ def test_verify_steps_are_in_the_warmed_up_set(float32_checkpoint, runner) -> No
     settings = [Sampling(max_new_tokens=20), Sampling(max_new_tokens=20, temperature=0.8, top_k=5, seed=2)]
     want = Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), max_num_seqs=4,
                   prefill_chunk=16, speculative=3).generate(prompts, settings)
-    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
-    model.runner = runner
+    model = run_on(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner)
     engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=3)
     engine.warm_up(every_shape=True)
     assert any(phase == "verify" for phase, *_ in engine.shapes.shapes())

@@ -69,6 +69,23 @@ def test_greedy_tokens_are_plain_decodings_with_fewer_steps(model) -> None:
     assert fast.load()["mean_accepted_length"] > 1
 
 
+def test_on_this_cpu_a_verify_steps_experts_see_only_its_real_tokens(model) -> None:
+    """Where no shape is compiled, a verify step bounds its experts' rows by the tokens it really holds (its
+    padding row left out), so that the CPU's schedule is chosen for those."""
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=4)
+    seen = []
+    run = engine.executor.execute
+
+    def record(step):
+        if step.input_ids.shape[1] == 5:  # 1 + 4 tokens a row: a verify step (prefill buckets are 16 here)
+            seen.append((step.max_tokens, int(step.token_valid.sum())))
+        return run(step)
+
+    engine.executor.execute = record
+    engine.generate([[9, 8, 7, 6] * 6], Sampling(max_new_tokens=24))
+    assert seen and all(bound == real for bound, real in seen)
+
+
 def test_seeded_sampling_with_drafts_is_reproducible(model) -> None:
     sampling = Sampling(max_new_tokens=40, temperature=0.7, top_k=8, seed=11)
     runs = [Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=3).generate(_prompts(), sampling)

@@ -60,9 +60,16 @@ def choose_block_rows(rows: int, num_experts: int, cost: ExpertCost) -> int:
         return DENSE
     options = [(blocked_seconds(rows, num_experts, b, cost), b) for b in BLOCK_SIZES if b == 1 or b <= rows]
     options.append((num_experts * cost(rows), DENSE))
-    if getattr(cost, "dynamic", False):
+    if runs_numpy(cost):
         options.append((dynamic_seconds(rows, num_experts, cost), DYNAMIC))
     return min(options, key=lambda option: option[0])[1]
+
+
+def runs_numpy(cost: ExpertCost | None) -> bool:
+    """Whether the target these costs describe runs the units as NumPy itself (this CPU: its measured table
+    is marked `dynamic`; None, not measured yet, is this CPU too), so that it may take schedules no compiled
+    program can have, and every shape is free."""
+    return cost is None or getattr(cost, "dynamic", False)
 
 
 def dynamic_seconds(rows: int, num_experts: int, cost: ExpertCost) -> float:

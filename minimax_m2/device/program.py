@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
-from minimax_m2.device.expert_schedule import ExpertCost, choose_block_rows, rows_apart
+from minimax_m2.device.expert_schedule import ExpertCost, choose_block_rows, rows_apart, runs_numpy
 from minimax_m2.device.step import (
     KV_BLOCK,
     Sampled,
@@ -114,18 +114,21 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
         block_rows=choose_block_rows(rows, local_experts, expert_cost), rows_apart=rows_apart(tokens, expert_cost),
         scatter=tokens % layout.tp == 0 and tokens >= SCATTER_TOKENS, tp_groups=layout.tp_groups,
         slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
+        kv_in_place=seq == 1 and runs_numpy(expert_cost),
     )
 
 
 def lm_head_constants(config: MiniMaxM2Config, layout: ParallelLayout, return_logits: bool,
-                      samples: bool = True, logprobs: bool = False, apart: bool = False) -> dict[str, Any]:
+                      samples: bool = True, logprobs: bool = False, apart: bool = False,
+                      partial_sort: bool = False) -> dict[str, Any]:
     """samples: some row of the step is sampled on the device (else the sampling is traced out); logprobs:
     the step returns its tokens' log-probabilities (and the TOP_LOGPROBS largest); apart: the vocabulary
-    projection multiplies its rows one at a time."""
+    projection multiplies its rows one at a time; partial_sort: the most likely tokens found by a partial
+    sort (NumPy runs the unit itself: this CPU)."""
     return dict(eps=config.rms_norm_eps, vocab_size=config.vocab_size, dp=layout.dp, tp=layout.tp,
                 candidates=min(CANDIDATES, config.vocab_size) if samples else 0,
                 logprobs=min(TOP_LOGPROBS, config.vocab_size) if logprobs else 0, return_logits=return_logits,
-                rows_apart=apart, world_groups=layout.world_groups)
+                rows_apart=apart, world_groups=layout.world_groups, partial_sort=partial_sort)
 
 
 def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -192,7 +195,8 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
                                   # may sample (it costs little beside the chunk, or the masks, and halves their
                                   # lm_head programs)
                                   seq > 1 or sampled.samples_on_device() or step.logprobs or masks is not None,
-                                  step.logprobs, rows_apart(layout.dp * selected.size, expert_cost)))
+                                  step.logprobs, rows_apart(layout.dp * selected.size, expert_cost),
+                                  runs_numpy(expert_cost)))
 
 
 def rank_masks(masks: np.ndarray, start: int, columns: int) -> np.ndarray:

@@ -86,6 +86,7 @@ def layer_unit(
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
+    kv_in_place: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
@@ -99,7 +100,8 @@ def layer_unit(
     many (token, expert) pairs this rank's slice group can have at most (rows padding a bucket have none);
     block_rows: the expert schedule (`minimax_m2.device.expert_schedule`); rows_apart: the attention
     projections' (`kernels.matmul.matmul`); block: KV_BLOCK; kv_tile: cache positions attended at once
-    (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks; scatter: how the attention
+    (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks (read where they lie with
+    kv_in_place, this CPU's schedule: `kernels.attention.attend_tiles`); scatter: how the attention
     output reaches the MoE when a slice group spans whole attention groups (`_attention_gathered`).
     Weights as in `LayerWeights`: with FP8 experts (w13_scale and w2_scale given), w13 and w2 hold
     float8_e4m3fn codes, each expert dequantised where it is read (`kernels.moe_grouped`).
@@ -108,7 +110,7 @@ def layer_unit(
     scales = None if w13_scale is None else (w13_scale, w2_scale)
     normed = rmsnorm(h, input_norm, eps)
     attend = dict(head_dim=head_dim, eps=eps, block=block, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
-                  rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged)
+                  rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged, kv_in_place=kv_in_place)
     weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         h = h + attention(normed, positions, kv_blocks, token_valid, *weights, **attend)
@@ -184,14 +186,15 @@ def lm_head_unit(
     temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray,
     masks: np.ndarray | None = None, mask_index: np.ndarray | None = None, *, eps: float, vocab_size: int,
     dp: int, tp: int, candidates: int, logprobs: int, return_logits: bool,
-    rows_apart: bool, world_groups: ReplicaGroups,
+    rows_apart: bool, world_groups: ReplicaGroups, partial_sort: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """h: [T, hidden] of this rank's attention group, selected: [n] int32 (the tokens whose next token is
     wanted, e.g. each row's last real token) -> the next token of each selected token of every group,
     ids [N = dp * n] int32, identical on every rank; with logprobs > 0 then also each next token's
     log-probability [N] float32 and the `logprobs` largest [N, logprobs] with their ids [N, logprobs] int32
     (`kernels.logprobs`); with return_logits last the logits [N, vocab] float32. rows_apart: the vocabulary
-    projection's schedule (`kernels.matmul.matmul`).
+    projection's schedule (`kernels.matmul.matmul`); partial_sort: how the most likely tokens are found
+    (`kernels.sampling.top_candidates`: True only where NumPy runs the unit itself).
 
     The groups' selected tokens are gathered over all ranks (the tp copies of a group are identical; the
     first is kept), each rank projects them onto its vocabulary slice lm_head: [hidden, V / W] starting at
@@ -210,10 +213,11 @@ def lm_head_unit(
     ids = greedy_vocab_parallel(logits, vocab_offset, world_groups)
     if candidates:
         ids = sample_vocab_parallel(logits, vocab_offset, ids, temperature, top_k, top_p, uniform,
-                                    candidates=candidates, replica_groups=world_groups)
+                                    candidates=candidates, replica_groups=world_groups, partial_sort=partial_sort)
     outputs = (ids,)
     if logprobs:
-        outputs += logprobs_vocab_parallel(logits, vocab_offset, ids, top=logprobs, replica_groups=world_groups)
+        outputs += logprobs_vocab_parallel(logits, vocab_offset, ids, top=logprobs, replica_groups=world_groups,
+                                           partial_sort=partial_sort)
     if return_logits:
         outputs += (gather_vocab(logits, vocab_size, world_groups),)
     return outputs if len(outputs) > 1 else ids

@@ -39,7 +39,7 @@ from minimax_m2.serving.blocks import BlockManager
 from minimax_m2.serving.drafts import NgramDrafter
 from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
-from minimax_m2.serving.scheduler import SPECULATE_BELOW, Chunk, Plan, Scheduler, ShapeSet
+from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
 
 if TYPE_CHECKING:
     from minimax_m2.serving.constraint import Constraint
@@ -80,7 +80,7 @@ class Engine:
         self.groups = model.layout.dp
         self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len),
                                      model.max_seq_len, rows_size_experts=model.layout.moe_tp < model.layout.world,
-                                     speculative=speculative)
+                                     speculative=speculative, compiled=not model.on_cpu)
         previous = model.owner
         if previous is not None and (not previous.idle() or previous.running()):
             raise RuntimeError("this model already serves an engine with requests in flight or a thread running: "
@@ -92,11 +92,10 @@ class Engine:
         model.owner = self
         self.max_num_seqs = max_num_seqs
         self.cache = BlockManager(self.groups, blocks, MIN_COPY, prefix_reuse)
-        # speculation stops paying at SPECULATE_BELOW decoding requests on this CPU (measured); on a NeuronCore the
-        # projection has it paying at every batch up to 256 (benchmarks/roofline.py, section 7)
-        on_cpu = model.expert_cost is None or getattr(model.expert_cost, "dynamic", False)
-        self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len),
-                                   SPECULATE_BELOW if on_cpu else max_num_seqs * self.groups + 1)
+        # drafts are verified at every batch: a verify step of 1 + 4 tokens a row costs 1.6x-2.1x a decode step on
+        # this CPU from 1 to 32 rows (benchmarks/bench_speculative.py), and a NeuronCore's projection has it paying
+        # up to 256 (benchmarks/roofline.py, section 7)
+        self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len))
         self.executor = executor or LocalExecutor(model)
         self._last_ids: np.ndarray | None = None  # the last decode step's next ids, as the device holds them
         self.failure: str | None = None  # why the engine's thread stopped, if it failed

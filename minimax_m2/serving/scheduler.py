@@ -30,9 +30,9 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return values + [high]
 
 
-# A prefill step attends at least this many positions, and only a step attending at most this many runs
-# several rows per attention group: below it a chunk's attention costs less than a third of its projections
-# and experts, so its length is not worth a program; above it, one row per group.
+# On a NeuronCore a prefill step attends at least this many positions (below it a chunk's attention costs less
+# than a third of its projections and experts, so its length is not worth a program); on every target only a
+# step attending at most this many runs several rows per attention group (above it, one row per group).
 PREFILL_KV_FLOOR = 4096
 
 
@@ -48,7 +48,10 @@ class ShapeSet:
     groups, so the bucket of real rows in all does not bound them), when every power of two is a bucket;
     its bucket a power of two and its tiles (`tile_counts`) the programs' other axes. A prefill step runs 1
     to `prefill_rows[-1]` rows of a token bucket each, every row's chunk counted against one budget
-    (`prefill_chunk`, which also bounds the experts' work), attending a length of `kv_lengths`."""
+    (`prefill_chunk`, which also bounds the experts' work), attending a length of `kv_lengths`: from
+    PREFILL_KV_FLOOR where each length is a compiled program, from KV_BLOCK on this CPU (`compiled` False: a
+    shape costs nothing there, and attending 2,048 positions for a 150-token prompt was most of its prefill),
+    several rows a step up to `several_rows_kv`."""
 
     groups: int
     decode_rows: tuple[int, ...]  # rows per group of a decode step
@@ -58,12 +61,17 @@ class ShapeSet:
     prefill_chunk: int  # prompt tokens per step, all rows together
     kv_lengths: tuple[int, ...]  # a prefill's (and a verify step's) attended lengths
     max_blocks: int  # blocks of one request's longest sequence
+    several_rows_kv: int  # the longest attended length of a prefill step with several rows per group
     verify_tokens: int = 0  # tokens a row of a verify step holds (its last token and the drafts), 0: none
+    compiled: bool = True  # every shape is a compiled program (else NumPy runs the steps: this CPU)
 
     @classmethod
     def build(cls, groups: int, max_num_seqs: int, prefill_chunk: int, max_seq_len: int,
-              max_prefill_rows: int = 4, rows_size_experts: bool = False, speculative: int = 0) -> "ShapeSet":
+              max_prefill_rows: int = 4, rows_size_experts: bool = False, speculative: int = 0,
+              compiled: bool = True) -> "ShapeSet":
+        """compiled: every shape is a program to compile (a NeuronCore), else steps run as NumPy (this CPU)."""
         most = max(min_rows(1), max_num_seqs)
+        floor = PREFILL_KV_FLOOR if compiled else KV_BLOCK
         return cls(
             groups=groups,
             decode_rows=tuple(powers_of_two(min_rows(1), most) if rows_size_experts else sorted({min_rows(1), most})),
@@ -71,9 +79,11 @@ class ShapeSet:
             prefill_rows=tuple(powers_of_two(1, min(max_prefill_rows, max_num_seqs))),
             prefill_tokens=tuple(powers_of_two(min(16, prefill_chunk), prefill_chunk)),
             prefill_chunk=prefill_chunk,
-            kv_lengths=tuple(powers_of_two(min(PREFILL_KV_FLOOR, max_seq_len), max_seq_len)),
+            kv_lengths=tuple(powers_of_two(min(floor, max_seq_len), max_seq_len)),
             max_blocks=blocks_for(max_seq_len),
+            several_rows_kv=min(PREFILL_KV_FLOOR, max_seq_len),
             verify_tokens=speculative + 1 if speculative else 0,
+            compiled=compiled,
         )
 
     def tile_counts(self, rows: int, bucket: int) -> list[int]:
@@ -101,7 +111,7 @@ class ShapeSet:
         if r == self.prefill_rows[0]:
             return True
         return r * self.bucket(tokens, self.prefill_tokens, "tokens") <= 2 * self.prefill_chunk and \
-            kv_len <= self.kv_lengths[0]
+            kv_len <= self.several_rows_kv
 
     def shapes(self) -> list[tuple[str, int, int, int, int]]:
         """(phase, rows per group, real rows in all, tokens per row, attended positions) of every program step.
@@ -168,19 +178,11 @@ class Plan:
     drafts: list[list[int]] | None = None  # each decode row's draft tokens when the decode step verifies them
 
 
-# on this CPU speculation is off while this many requests decode or more: a verify step's extra tokens then
-# cost more expert reads than the steps they save (benchmarks/bench_speculative.py: 1.24x at batch 1, 1.02x
-# at 8)
-SPECULATE_BELOW = 16
-
-
 class Scheduler:
-    def __init__(self, blocks: BlockManager, shapes: ShapeSet, groups: int, max_num_seqs: int, width: int,
-                 speculate_below: int = SPECULATE_BELOW):
-        """width: block-table columns of every step (a request's most blocks, at least 2); speculate_below: the
-        decoding requests below which their drafts are verified (when the shape set has verify steps)."""
+    def __init__(self, blocks: BlockManager, shapes: ShapeSet, groups: int, max_num_seqs: int, width: int):
+        """width: block-table columns of every step (a request's most blocks, at least 2)."""
         self.blocks, self.shapes, self.groups = blocks, shapes, groups
-        self.max_num_seqs, self.width, self.speculate_below = max_num_seqs, width, speculate_below
+        self.max_num_seqs, self.width = max_num_seqs, width
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.preemptions = 0
@@ -288,7 +290,7 @@ class Scheduler:
         rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.decode_rows, "decode rows")
         bucket = ShapeSet.bucket(sum(map(len, per_group)), self.shapes.decode_buckets, "decode rows")
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
-        if self.shapes.verify_tokens and sum(map(len, per_group)) < self.speculate_below:
+        if self.shapes.verify_tokens:
             drafts = [self._draft(r) if r else [] for r in order]
             if any(drafts):
                 return self._verify_step(rows, order, drafts), drafts
@@ -319,6 +321,8 @@ class Scheduler:
         seq = self.shapes.verify_tokens
         entries = [(r.blocks, r.length - 1, [r.generated[-1]] + d) if r else None for r, d in zip(order, drafts)]
         step = self._step(rows, rows * self.groups, seq, entries, True)
+        if not self.shapes.compiled:  # no program to share: the experts sized for the real tokens, not the padding
+            step.max_tokens = sum(1 + len(d) for r, d in zip(order, drafts) if r)
         end = max(r.length + len(d) for r, d in zip(order, drafts) if r)
         step.kv_len = ShapeSet.bucket(end, self.shapes.kv_lengths, "attended positions")
         return step, order
