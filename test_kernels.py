@@ -122,12 +122,14 @@ def test_attention() -> None:
     """Rows at different lengths, each in its own scattered cache blocks: one row's prefill, then steps that
     mix the other row's prefill with decodes, against per-head loops with the full-width QK norm; padding
     tokens write only the scratch block. The keys are attended all at once and in tiles of 8 and 4
-    positions (the online softmax)."""
+    positions (the online softmax), as a compiled program does and as this CPU does (each row's real tokens
+    over its own length: the host schedule)."""
     for kv_tile in (None, 8, 4):
-        _attention_steps(kv_tile)
+        for host_schedule in (False, True):
+            _attention_steps(kv_tile, host_schedule)
 
 
-def _attention_steps(kv_tile: int | None) -> None:
+def _attention_steps(kv_tile: int | None, host_schedule: bool) -> None:
     rng = _rng()
     hidden, heads, kv_heads, head_dim, rotary_dim, theta, eps, max_seq = 32, 4, 2, 16, 8, 1e4, 1e-6, 16
     wq = _randn(rng, hidden, heads * head_dim, scale=0.3)
@@ -149,7 +151,7 @@ def _attention_steps(kv_tile: int | None) -> None:
         x = _randn(rng, len(plan), seq, hidden)
         got = attention(x.reshape(-1, hidden), positions.reshape(-1), block_tables, valid.reshape(-1), wq, wk, wv, wo,
                         qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, block=block, kv_len=max_seq,
-                        seq=seq, kv_tile=kv_tile).reshape(len(plan), seq, hidden)
+                        seq=seq, kv_tile=kv_tile, host_schedule=host_schedule).reshape(len(plan), seq, hidden)
         for r, (slot, n) in enumerate(plan):
             want, *past[slot] = _ref_attention(x[r : r + 1, :n], positions[r, :n], wq, wk, wv, wo, qn, kn, *past[slot],
                                                heads, kv_heads, head_dim, rotary_dim, theta, eps)

@@ -58,7 +58,7 @@ def attention(
     rows_apart: bool = False,
     kv_tile: int | None = None,
     ragged: bool = False,
-    kv_in_place: bool = False,
+    host_schedule: bool = False,
 ) -> np.ndarray:
     """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own sequence in a paged
     KV cache.
@@ -80,8 +80,9 @@ def attention(
     over the group, and so are the output projection's partial sums (unless reduce_output is False: the
     caller then sums this rank's partial itself, as part of a wider exchange). rows_apart: the projections'
     schedule (`kernels.matmul.matmul`); kv_tile: cache positions attended per tile (`attend_cache`; default
-    all kv_len at once; not used when ragged); kv_in_place: a ragged step's tiles read where they lie
-    (`attend_tiles`' CPU schedule).
+    all kv_len at once; not used when ragged); host_schedule (a trace-time constant, this CPU's: never
+    traced, its shapes follow the step's values): a ragged step's tiles read where they lie (`attend_tiles`),
+    another step's rows attending alone, each its real tokens over its own length (`_attend_rows`).
     """
     tokens = x.shape[0]
     rows = tokens // seq
@@ -116,7 +117,10 @@ def attention(
     q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
     q = q.reshape(rows, kv_heads, group * seq, head_dim)  # [R, Hkv, G * S, D]
     if ragged:
-        out = attend_tiles(q, k_cache, v_cache, kv_blocks, positions, block=block, in_place=kv_in_place)
+        out = attend_tiles(q, k_cache, v_cache, kv_blocks, positions, block=block, in_place=host_schedule)
+    elif host_schedule:
+        out = _attend_rows(q, k_cache, v_cache, kv_blocks[:rows], at, token_valid.reshape(rows, seq), block=block,
+                           kv_tile=kv_tile or kv_len)
     else:
         out = attend_cache(q, k_cache, v_cache, table_index(kv_blocks[:rows], block), at, kv_len=kv_len,
                            kv_tile=kv_tile or kv_len)
@@ -163,6 +167,31 @@ def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached
         best = new_best
         del keys, values, scores, weights, part  # this tile's arrays go before the next tile's are made
     return out / total
+
+
+def _attend_rows(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tables: np.ndarray, positions: np.ndarray,
+                 valid: np.ndarray, *, block: int, kv_tile: int) -> np.ndarray:
+    """`attend_cache` for the rows of a step as host NumPy (never traced): each row's real tokens (a prefix of
+    its S: valid [R, S] bool) over its own positions up to its last, rounded up to a block, in tiles of at
+    most kv_tile (so its scores stay within the step's), rather than every row's S tokens over the step's
+    kv_len. tables: [R, W] int32 block tables; positions: [R, S] int32. Padding rows and tokens give zeros.
+    Returns [R, Hkv, G * S, D] float32."""
+    rows, kv_heads, queries, head_dim = q.shape
+    seq = positions.shape[1]
+    group = queries // seq
+    out = np.zeros(q.shape, np.float32)
+    for r, n in enumerate(np.sum(valid, axis=1).tolist()):
+        if n == 0:
+            continue
+        length = -(-(int(positions[r, n - 1]) + 1) // block) * block
+        tile = block
+        while length % (2 * tile) == 0 and 2 * tile <= kv_tile:
+            tile *= 2
+        mine = q[r].reshape(kv_heads, group, seq, head_dim)[:, :, :n].reshape(1, kv_heads, group * n, head_dim)
+        part = attend_cache(mine, k_cache, v_cache, table_index(tables[r : r + 1, : length // block], block),
+                            positions[r : r + 1, :n], kv_len=length, kv_tile=tile)
+        out[r].reshape(kv_heads, group, seq, head_dim)[:, :, :n] = part[0].reshape(kv_heads, group, n, head_dim)
+    return out
 
 
 def read_kv(k_cache: np.ndarray, v_cache: np.ndarray, read: np.ndarray, kv_heads: int) -> tuple[np.ndarray, ...]:

@@ -114,7 +114,7 @@ def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int,
         block_rows=choose_block_rows(rows, local_experts, expert_cost), rows_apart=rows_apart(tokens, expert_cost),
         scatter=tokens % layout.tp == 0 and tokens >= SCATTER_TOKENS, tp_groups=layout.tp_groups,
         slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
-        kv_in_place=seq == 1 and runs_numpy(expert_cost),
+        host_schedule=runs_numpy(expert_cost),
     )
 
 

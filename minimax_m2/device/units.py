@@ -86,7 +86,7 @@ def layer_unit(
     slice_groups: ReplicaGroups,
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
-    kv_in_place: bool = False,
+    host_schedule: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
@@ -100,8 +100,8 @@ def layer_unit(
     many (token, expert) pairs this rank's slice group can have at most (rows padding a bucket have none);
     block_rows: the expert schedule (`minimax_m2.device.expert_schedule`); rows_apart: the attention
     projections' (`kernels.matmul.matmul`); block: KV_BLOCK; kv_tile: cache positions attended at once
-    (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks (read where they lie with
-    kv_in_place, this CPU's schedule: `kernels.attention.attend_tiles`); scatter: how the attention
+    (`kv_tile_for`); ragged: one token per row, attending the tiles in kv_blocks; host_schedule: this CPU's
+    attention, shaped by the step's values (`kernels.attention.attention`); scatter: how the attention
     output reaches the MoE when a slice group spans whole attention groups (`_attention_gathered`).
     Weights as in `LayerWeights`: with FP8 experts (w13_scale and w2_scale given), w13 and w2 hold
     float8_e4m3fn codes, each expert dequantised where it is read (`kernels.moe_grouped`).
@@ -110,7 +110,7 @@ def layer_unit(
     scales = None if w13_scale is None else (w13_scale, w2_scale)
     normed = rmsnorm(h, input_norm, eps)
     attend = dict(head_dim=head_dim, eps=eps, block=block, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
-                  rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged, kv_in_place=kv_in_place)
+                  rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged, host_schedule=host_schedule)
     weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         h = h + attention(normed, positions, kv_blocks, token_valid, *weights, **attend)
