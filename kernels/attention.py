@@ -234,13 +234,9 @@ def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles:
         row, first = tiles[:, 0], tiles[:, 2]
         within = np.arange(block, dtype=np.int32)
         keys, values = read_kv(k_cache, v_cache, tiles[:, 1:2] * np.int32(block) + within[None, :], kv_heads)
-        scores = cast(matmul(np.take(q, row, axis=0), np.swapaxes(keys, -1, -2)), np.float32)  # [N, Hkv, G, B]
         visible = first[:, None] + within[None, :] <= np.take(positions, row)[:, None]  # [N, B]
-        scores = np.where(visible[:, None, None, :], scores, _MASKED)
-        best = np.max(scores, axis=-1, keepdims=True)  # [N, Hkv, G, 1]
-        weights = np.exp((scores - best) * scale)
-        total = np.sum(weights, axis=-1, keepdims=True)
-        part = cast(matmul(cast(weights, values.dtype), values), np.float32)  # [N, Hkv, G, D]
+        best, total, part = _tile_softmax(np.take(q, row, axis=0), np.swapaxes(keys, -1, -2), values,
+                                          visible[:, None, None, :], scale)  # each [N, Hkv, G, .]
     count = row.shape[0]
     member = row[None, :] == np.arange(rows, dtype=np.int32)[:, None]  # [R, N]
     row_best = np.max(np.where(member[:, :, None, None, None], best[None], _MASKED), axis=1)  # [R, Hkv, G, 1]
@@ -269,11 +265,18 @@ def _runs_in_place(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tile
     parts = []
     for row, b, first, n in runs:
         span = slice(b * block, (b + n) * block)
-        scores = cast(matmul(q[row], np.transpose(keys[span], (1, 2, 0))), np.float32)  # [Hkv, G, n * block]
-        visible = first + np.arange(n * block, dtype=np.int32) <= positions[row]
-        scores = np.where(visible, scores, _MASKED)
-        best = np.max(scores, axis=-1, keepdims=True)
-        weights = np.exp((scores - best) * scale)
-        part = cast(matmul(cast(weights, values.dtype), np.transpose(values[span], (1, 0, 2))), np.float32)
-        parts.append((best, np.sum(weights, axis=-1, keepdims=True), part))
+        visible = first + np.arange(n * block, dtype=np.int32) <= positions[row]  # [n * block]
+        parts.append(_tile_softmax(q[row], np.transpose(keys[span], (1, 2, 0)),
+                                   np.transpose(values[span], (1, 0, 2)), visible, scale))  # each [Hkv, G, .]
     return (np.array([r[0] for r in runs], np.int32),) + tuple(np.stack(p) for p in zip(*parts))
+
+
+def _tile_softmax(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, visible: np.ndarray,
+                  scale: np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One tile's softmax taken alone: q [..., G, D] against keys_t [..., D, B] where `visible` (broadcast to
+    the scores [..., G, B]), values [..., B, D] -> (its maximum [..., G, 1], its sum of exp [..., G, 1], its
+    weighted values [..., G, D]), float32."""
+    scores = np.where(visible, cast(matmul(q, keys_t), np.float32), _MASKED)
+    best = np.max(scores, axis=-1, keepdims=True)
+    weights = np.exp((scores - best) * scale)
+    return best, np.sum(weights, axis=-1, keepdims=True), cast(matmul(cast(weights, values.dtype), values), np.float32)

@@ -92,9 +92,9 @@ class Engine:
         model.owner = self
         self.max_num_seqs = max_num_seqs
         self.cache = BlockManager(self.groups, blocks, MIN_COPY, prefix_reuse)
-        # drafts are verified at every batch: a verify step of 1 + 4 tokens a row costs 1.6x-2.1x a decode step on
-        # this CPU from 1 to 32 rows (benchmarks/bench_speculative.py), and a NeuronCore's projection has it paying
-        # up to 256 (benchmarks/roofline.py, section 7)
+        # drafts are verified at every batch: a verify step of 1 + 4 tokens a row costs 1.7x-2.4x a decode step on
+        # this CPU from 1 to 32 rows (benchmarks/bench_speculative.py), less than the 3.12 tokens a step its edit
+        # workload gains, and a NeuronCore's projection has it paying up to 256 (benchmarks/roofline.py, section 7)
         self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len))
         self.executor = executor or LocalExecutor(model)
         self._last_ids: np.ndarray | None = None  # the last decode step's next ids, as the device holds them
