@@ -12,6 +12,7 @@
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Trainium hosts; not yet run on hardware)" + d)
     p.add_argument("--build-dir", type=Path, default=Path("build/neuron"),
                    help="where --device neuron keeps compiled units" + d)
+    p.add_argument("--compile-jobs", type=int, default=max(1, (os.cpu_count() or 1) // 4),
+                   help="--mode compile: programs compiled at once, each by its own process running the Neuron "
+                        "compiler (lower it if the host runs short of memory)" + d)
     p.add_argument("--temperature", type=float, help="0 is greedy (default: generation_config.json, else greedy)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely (default: generation_config.json)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: generation_config.json)")

@@ -11,7 +11,10 @@ does not write that answer, so the two halves are measured apart and combined:
   --context tokens of the prompt together, side by side in one run: plain decode steps, and verify steps
   of 1 + k tokens a row (every row drafting k consecutive tokens of its prompt, distinct tokens as a copied
   span's are: the experts they hit, not whether they are accepted, set the step's cost), and the least
-  useful verify step (one row drafting one token, the others none): what a step of poor drafts costs.
+  useful verify step (one row drafting one token, the others none): what a step of poor drafts costs;
+- poor drafts served: every row drafting tokens of its prompt that the model rejects, the engine's drafter
+  adapting, TPOT (decode seconds per new token) verifying every step, with the engine's measured gate
+  (`minimax_m2.serving.verify_gate`), and without speculation: what the gate saves where drafts fail.
 TPOT with speculation = verify step / tokens gained a step; without = decode step.
 
   python benchmarks/bench_speculative.py [--k 4] [--batches 1 8 16] [--steps 12] [--context 1024] [--json F]
@@ -33,6 +36,7 @@ from minimax_m2.config import MiniMaxM2Config  # noqa: E402
 from minimax_m2.generation import Sampling  # noqa: E402
 from minimax_m2.serving.drafts import NgramDrafter  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
+from minimax_m2.serving.verify_gate import VerifyGate  # noqa: E402
 
 HEADROOM = 1024  # positions past the prompt: the first rows decode while the last are prefilled
 
@@ -48,14 +52,14 @@ def edit_workload(tokenizer, source: Path) -> tuple[list[int], list[int]]:
 
 def replay(prompt: list[int], answer: list[int], k: int) -> tuple[int, int]:
     """(verify steps, tokens) of decoding `answer` with drafts checked against it, k adapting as the engine's."""
-    drafter, done, steps, room = NgramDrafter(), 0, 0, k
+    drafter, done, steps = NgramDrafter(k), 0, 0
     while done < len(answer):
-        draft = drafter.draft(prompt + answer[:done], min(room, len(answer) - done - 1))
+        draft = drafter.draft(prompt + answer[:done], min(drafter.k, len(answer) - done - 1))
         accepted = 0
         while accepted < len(draft) and draft[accepted] == answer[done + accepted]:
             accepted += 1
         if draft:
-            room = min(k, accepted + 1)
+            drafter.scored(accepted)
         done += accepted + 1
         steps += 1
     return steps, len(answer)
@@ -66,8 +70,8 @@ class AlwaysDrafts(NgramDrafter):
     prompt, moving on each step), so that they are routed to the experts as a copied span's distinct tokens
     are (a random model's own output repeats one token, whose drafts would all hit its experts)."""
 
-    def __init__(self, source: list[int]):
-        super().__init__()
+    def __init__(self, source: list[int], k: int):
+        super().__init__(k)
         self.source = source
 
     def draft(self, tokens: list[int], k: int) -> list[int]:
@@ -80,25 +84,44 @@ def step_seconds(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k:
     """Median seconds of a decode step (k = 0) or of a verify step of 1 + k tokens a row, all rows decoding:
     the first `drafting` rows (default all) drafting `drafted` tokens each step (default k; the engine's own
     count would fall to one, the random model rejecting them)."""
-    engine = Engine(model, max_num_seqs=len(prompts), prefill_chunk=512, speculative=k,
-                    keep_logits=False)
+    drafters = range(len(prompts) if drafting is None else drafting) if k else range(0)
+
+    def reset(requests: list) -> None:
+        for i in drafters:
+            requests[i].drafter.k = k if drafted is None else drafted
+
+    timed = decode_steps(model, prompts, steps, k, VerifyGate(always=True), drafters, reset)
+    return statistics.median(seconds for seconds, _ in timed)
+
+
+def served_tpot(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k: int, gate: VerifyGate) -> float:
+    """Decode seconds per new token over `steps` steps, every row drafting (tokens of its prompt, which the
+    model rejects) with the engine's adaptive count, verified as `gate` decides."""
+    timed = decode_steps(model, prompts, steps, k, gate, range(len(prompts)) if k else range(0), lambda _: None)
+    return sum(seconds for seconds, _ in timed) / sum(tokens for _, tokens in timed)
+
+
+def decode_steps(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k: int, gate: VerifyGate,
+                 drafting: range, before_step) -> list[tuple[float, int]]:
+    """(seconds, new tokens) of `steps` engine steps that only decode, every request decoding, the requests
+    `drafting` drafting tokens of their prompts (`AlwaysDrafts`); before_step(requests) runs before each."""
+    engine = Engine(model, max_num_seqs=len(prompts), prefill_chunk=512, speculative=k, keep_logits=False,
+                    verify_gate=gate)
     requests = [engine.submit(p, Sampling(max_new_tokens=HEADROOM - 24)) for p in prompts]  # none ends first
-    drafters = requests[:len(requests) if drafting is None else drafting] if k else []
-    for r in requests:
-        r.drafter = AlwaysDrafts(r.prompt) if r in drafters else None
-    times = []
-    while not engine.idle() and len(times) < steps:
-        for r in drafters:
-            r.speculate = k if drafted is None else drafted
-        before = engine.stats["decode_seconds"], engine.stats["prefill_steps"]
+    for i, r in enumerate(requests):
+        r.drafter = AlwaysDrafts(r.prompt, k) if i in drafting else None
+    timed = []
+    while not engine.idle() and len(timed) < steps:
+        before_step(requests)
+        before = engine.stats["decode_seconds"], engine.stats["prefill_steps"], engine.stats["generated_tokens"]
         decoding = all(r.decoding for r in requests)
         engine.step()
         if decoding and engine.stats["prefill_steps"] == before[1]:
-            times.append(engine.stats["decode_seconds"] - before[0])
+            timed.append((engine.stats["decode_seconds"] - before[0], engine.stats["generated_tokens"] - before[2]))
     for r in requests:
         engine.cancel(r)
     engine.step()
-    return statistics.median(times)
+    return timed
 
 
 def main() -> None:
@@ -126,10 +149,15 @@ def main() -> None:
         plain = step_seconds(model, prompts, args.steps, 0)
         verify = step_seconds(model, prompts, args.steps, args.k)
         least = step_seconds(model, prompts, args.steps, args.k, drafting=1, drafted=1)
+        poor = {name: 1e3 * served_tpot(model, prompts, 3 * args.steps, k, gate) for name, k, gate in
+                (("always", args.k, VerifyGate(always=True)), ("gated", args.k, VerifyGate()),
+                 ("plain", 0, VerifyGate()))}
         rows.append({"batch": batch, "decode_ms": 1e3 * plain, "verify_ms": 1e3 * verify, "ratio": verify / plain,
-                     "one_draft_ms": 1e3 * least, "tpot_plain_ms": 1e3 * plain, "tpot_spec_ms": 1e3 * verify / gained})
+                     "one_draft_ms": 1e3 * least, "tpot_plain_ms": 1e3 * plain, "tpot_spec_ms": 1e3 * verify / gained,
+                     "poor_drafts_tpot_ms": poor})
         print(f"  batch {batch}: decode step {1e3 * plain:.1f} ms, verify step {1e3 * verify:.1f} ms, with one draft "
-              f"{1e3 * least:.1f} ms", flush=True)
+              f"{1e3 * least:.1f} ms; poor drafts TPOT verifying every step {poor['always']:.1f} ms, gated "
+              f"{poor['gated']:.1f} ms, plain {poor['plain']:.1f} ms", flush=True)
     print(f"medium config, context {context} tokens, median of {args.steps} steps each (this machine, shared):")
     print("| batch | decode step | verify step (1 + k a row) | ratio | verify step, one row drafting one token | "
           "TPOT plain | TPOT with drafts | speedup |")
@@ -139,6 +167,13 @@ def main() -> None:
               f"{r['one_draft_ms']:.1f} ms ({r['one_draft_ms'] / r['decode_ms']:.2f}x) | "
               f"{r['tpot_plain_ms']:.1f} ms | {r['tpot_spec_ms']:.1f} ms | "
               f"{r['tpot_plain_ms'] / r['tpot_spec_ms']:.2f}x |")
+    print(f"poor drafts served ({3 * args.steps} steps): TPOT")
+    print("| batch | verifying every step | gated (measured costs) | plain decoding | gated / plain |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        poor = r["poor_drafts_tpot_ms"]
+        print(f"| {r['batch']} | {poor['always']:.1f} ms | {poor['gated']:.1f} ms | {poor['plain']:.1f} ms | "
+              f"{poor['gated'] / poor['plain']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps({"k": args.k, "tokens_per_step": gained, "rows": rows}, indent=1))
 

@@ -61,7 +61,7 @@ from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_len_for, power_bucke
 from minimax_m2.model import MiniMaxM2Model  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
-from minimax_m2.serving.scheduler import PREFILL_KV_FLOOR  # noqa: E402
+from minimax_m2.serving.scheduler import DECODE_TILE_FLOOR, PREFILL_KV_FLOOR  # noqa: E402
 from minimax_m2.weights.model_weights import zero_model_weights  # noqa: E402
 
 WORLD, TP, CONTEXT, PROMPT, LONGEST = 64, 8, 4096, 2048, 196_608
@@ -204,8 +204,8 @@ def compile_trades(config: MiniMaxM2Config, hw, moe_tp: int) -> list[tuple[str, 
     layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
     layers = config.num_hidden_layers
 
-    def decode(batch: int, rows: int | None = None) -> float:
-        costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=CONTEXT, rows=rows)
+    def decode(batch: int, rows: int | None = None, context: int = CONTEXT) -> float:
+        costs = record_units(config, layout, phase="decode", batch=batch, seq=1, context=context, rows=rows)
         return served_seconds(costs, layers, hw, "decode", batch) * 1e3
 
     def prefill(batch: int, seq: int, kv: int) -> float:
@@ -217,6 +217,9 @@ def compile_trades(config: MiniMaxM2Config, hw, moe_tp: int) -> list[tuple[str, 
         (f"decode steps run {DECODE_ROWS[0]} or {DECODE_ROWS[1]} rows per group, not the batch's bucket: TPOT b=32",
          decode(32), decode(32, decode_rows(layout, 32))),
         ("  the same, TPOT b=64", decode(64), decode(64, decode_rows(layout, 64))),
+        (f"a decode step attends at least {DECODE_TILE_FLOOR} tiles ({DECODE_TILE_FLOOR * KV_BLOCK} positions) a "
+         "group: TPOT b=1 at a 256-token context", decode(1, context=256),
+         decode(1, context=DECODE_TILE_FLOOR * KV_BLOCK)),
         (f"a prefill attends at least {PREFILL_KV_FLOOR} positions: TTFT of {PROMPT} tokens",
          prefill(1, PROMPT, PROMPT), prefill(1, PROMPT, PREFILL_KV_FLOOR)),
         ("  the same, TTFT of 256 tokens", prefill(1, 256, 256), prefill(1, 256, PREFILL_KV_FLOOR)),

@@ -66,6 +66,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         checks.integer(flag, value)
     checks.integer("--port", args.port, 0, 65535)
     checks.integer("--prefill-chunk", args.prefill_chunk)
+    checks.integer("--compile-jobs", args.compile_jobs, 1, 4096)
     checks.integer("--num-speculative-tokens", args.num_speculative_tokens, 1, MAX_SPECULATIVE)
     checks.integer("--max-request-bytes", args.max_request_bytes, 1 << 10, 1 << 34)
     if args.max_num_seqs is not None:

@@ -11,6 +11,7 @@ from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.expert_schedule import (
     BLOCK_SIZES,
     ExpertCost,
+    compiled_only,
     measure_block_times,
     measured_table,
     runs_numpy,
@@ -164,15 +165,23 @@ class MiniMaxM2Model:
         self._batch = 0
 
     @property
+    def compiles(self) -> bool:
+        """Whether the runner compiles the units (a device's, `NeuronRunner`), rather than running them as
+        NumPy here (`run_on_cpu`, or anything calling it)."""
+        return getattr(self.runner, "compiles", False)
+
+    @property
     def on_cpu(self) -> bool:
         """Whether NumPy runs this model's units here at this CPU's costs (no device runner, no NeuronCore's
         costs emulated): then no shape is a compiled program, and every shape is free."""
-        return self.runner is run_on_cpu and runs_numpy(self.expert_cost)
+        return not self.compiles and runs_numpy(self.expert_cost)
 
     def schedule_cost(self) -> ExpertCost:
         """The target's cost of one expert over n rows: `expert_cost` when set, else measured on this CPU
         for experts of this model's shapes, once per process and rank (averaged over the ranks, so that
-        every rank runs the same program, and reused, so that equal models choose equal schedules)."""
+        every rank runs the same program, and reused, so that equal models choose equal schedules). Under a
+        device runner the costs are a compiled target's whatever they were measured on: the runner compiles
+        every unit, so none may take a schedule only NumPy runs."""
         if self.expert_cost is None:
             layer = self.weights.layers[0]
             key = (layer.w13.shape, layer.w2.shape, str(layer.w13.dtype), self.layout.world, self.layout.rank)
@@ -184,7 +193,7 @@ class MiniMaxM2Model:
                 _MEASURED[key] = measured_table({b: tuple(t) for b, t in zip(BLOCK_SIZES, times / self.layout.world)},
                                                 dynamic=True)
             self.expert_cost = _MEASURED[key]
-        return self.expert_cost
+        return compiled_only(self.expert_cost) if self.compiles else self.expert_cost
 
     def run(self, step: Step) -> StepOutput:
         """One step: every layer over the step's rows, each continuing its own cache row -> the next tokens

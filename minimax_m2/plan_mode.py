@@ -17,7 +17,7 @@ from minimax_m2.device.memory import (
     kv_block_bytes,
     pool_blocks,
 )
-from minimax_m2.device.neuron import NeuronRunner
+from minimax_m2.device.neuron import compile_ahead, nkipy_runtime
 from minimax_m2.device.roofline import TRN2, expert_cost, fastest_moe_tp
 from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.device.warm_up import warm_up_seconds
@@ -82,16 +82,19 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_compile(args: argparse.Namespace, runtime: tuple | None = None) -> int:
     """--mode compile: print the plan (refused when it does not fit), then trace and compile every program of
-    the run into --build-dir with nkipy's compiler (`runtime`: nkipy's by default), with a bar; print the
-    count, the seconds in all and the slowest programs. A NeuronCore host starting on that directory then
-    compiles nothing. Every rank's programs are rank 0's (rank values are inputs), so one process compiles
-    them all."""
+    the run into --build-dir with nkipy's compiler (`runtime`: nkipy's by default), --compile-jobs at once,
+    with a bar; print the count, the seconds in all and the slowest programs. A NeuronCore host starting on
+    that directory then compiles nothing. Every rank's programs are rank 0's (rank values are inputs), so
+    one host compiles them all."""
     engine = _plan(args)
+    runtime = runtime or nkipy_runtime()  # refused here, before any process is forked, where nkipy is missing
     units = list(engine.programs().values())
+    jobs = min(args.compile_jobs, len(units))
     start = time.perf_counter()
-    timed = NeuronRunner(args.build_dir, runtime=runtime).prepare(units, 0, 1, progress=True)
+    timed = compile_ahead(units, args.build_dir, jobs, runtime=runtime)
     slowest = sorted(timed, key=lambda t: -t[1])[:5]
-    print(f"compiled {len(units)} programs into {args.build_dir} in {time.perf_counter() - start:.1f} s; slowest: "
+    print(f"compiled {len(units)} programs into {args.build_dir} in {time.perf_counter() - start:.1f} s, {jobs} at "
+          f"once ({sum(t for _, t in timed):.1f} s of compiling in all); slowest: "
           + ", ".join(f"{unit.name} {seconds:.1f} s" for unit, seconds in slowest))
     return 0
 

@@ -11,7 +11,7 @@ from minimax_m2 import MiniMaxM2Model
 from minimax_m2.device.step import KV_BLOCK, kv_len_for, min_rows
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
-from minimax_m2.serving.scheduler import PREFILL_KV_FLOOR, ShapeSet
+from minimax_m2.serving.scheduler import DECODE_TILE_FLOOR, PREFILL_KV_FLOOR, ShapeSet
 
 RTOL = 1e-5
 
@@ -221,19 +221,27 @@ def test_every_step_has_a_shape_of_the_set(model) -> None:
 def test_the_shape_set_at_the_longest_context_stays_small() -> None:
     """The README's serving flags (8 attention groups, 32 requests each, chunks of 2048) at 196,608 positions:
     decode steps of 2 or 32 rows per group, each bucket one its rows can hold and no smaller fewer rows could,
-    tiles from its fullest group's fewest rows; a prefill attends at least the floor, several rows only at it."""
+    DECODE_TILE_FLOOR tiles a group at least; a prefill attends at least its floor, several rows only at it."""
     shapes = ShapeSet.build(8, 32, 2048, 196_608)
     assert shapes.decode_rows == (2, 32)
     for phase, rows, bucket, seq, kv in shapes.shapes():
         if phase == "decode":
             assert bucket <= rows * 8 and (rows == 2 or bucket > 2)
-            assert kv >= (4 if rows == 32 else 2) * KV_BLOCK
+            assert kv >= DECODE_TILE_FLOOR * KV_BLOCK
         else:
             assert kv >= max(seq, PREFILL_KV_FLOOR) and (rows == 1 or kv == PREFILL_KV_FLOOR)
             assert bucket == rows * 8
-    assert len(shapes.shapes()) <= 230
+    assert len(shapes.shapes()) <= 200
     # where a slice group spans fewer than all attention groups, rows per group size the experts' buffers
     assert ShapeSet.build(8, 32, 2048, 196_608, rows_size_experts=True).decode_rows == (2, 4, 8, 16, 32)
+
+
+def test_decode_tiles_start_at_the_floor_where_shapes_are_compiled() -> None:
+    """A NeuronCore's decode steps attend DECODE_TILE_FLOOR tiles a group at least (fewer when no row can
+    hold that many); this CPU's attend their own tiles' bucket."""
+    device, cpu = ShapeSet.build(2, 4, 256, 8192), ShapeSet.build(2, 4, 256, 8192, compiled=False)
+    assert device.tile_counts(4, 8)[0] == DECODE_TILE_FLOOR and cpu.tile_counts(4, 8)[0] == 4
+    assert ShapeSet.build(2, 4, 256, 64).tile_counts(2, 1) == [2], "a 64-position context holds 2 tiles a row"
 
 
 def test_on_this_cpu_a_prefill_attends_its_own_length(float32_checkpoint) -> None:

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from conftest import PROMPT
 
+from kernels import DYNAMIC
 from minimax_m2 import MiniMaxM2Model
+from minimax_m2.device.expert_schedule import runs_numpy
 from minimax_m2.device.neuron import WRITTEN, NeuronRunner, run_on
 from minimax_m2.device.nkipy_semantics import LoopbackCollectives
 from minimax_m2.device.program import TOP_LOGPROBS
@@ -25,6 +27,7 @@ from minimax_m2.device.step import mask_bucket
 from minimax_m2.device.warm_up import deal
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
+from minimax_m2.serving.verify_gate import VerifyGate
 
 
 class FakeTensor:
@@ -394,26 +397,31 @@ def test_programs_are_dealt_largest_first_and_evenly() -> None:
     assert max(loads) - min(loads) <= 1000
 
 
-def test_ahead_of_time_compile_leaves_a_start_nothing_to_compile(float32_checkpoint, tmp_path) -> None:
-    """--mode compile traces and compiles the run's programs into a build directory (no NeuronCore); a
-    start on it with the same flags, its engine warmed up on every shape, compiles nothing more."""
+@pytest.mark.parametrize("jobs", [1, 3], ids=["one-process", "three-processes"])
+def test_ahead_of_time_compile_leaves_a_start_nothing_to_compile(float32_checkpoint, tmp_path, jobs, capsys) -> None:
+    """--mode compile traces and compiles the run's programs into a build directory (no NeuronCore), in one
+    process or several at once, each program once; a start on it with the same flags, its engine warmed up
+    on every shape, compiles nothing more."""
     import run_example
     from minimax_m2.plan_mode import run_compile
 
     build = tmp_path / "build"
     flags = ["--checkpoint", str(float32_checkpoint), "--max-seq-len", "64", "--max-num-seqs", "4", "--prefill-chunk",
-             "16", "--kv-blocks", "8", "--build-dir", str(build)]
+             "16", "--kv-blocks", "8", "--build-dir", str(build), "--compile-jobs", str(jobs)]
     args = run_example.parse_args(["--mode", "compile", *flags])
     args.device, args.dtype, args.fp8 = "neuron", "bfloat16", "dequantize"  # as main() resolves them
     FakeKernel.compiled.clear()
     assert run_compile(args, runtime=STAND_INS) == 0
-    ahead = sum(FakeKernel.compiled.values())
+    ahead = len(list(build.glob("*/*.neff")))
+    assert f"compiled {ahead} programs into {build}" in capsys.readouterr().out
+    assert sum(FakeKernel.compiled.values()) == (ahead if jobs == 1 else 0), "the forked processes compiled them"
     model = run_on(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64, dtype="bfloat16"),
                    NeuronRunner(build, runtime=STAND_INS))
     engine = Engine(model, max_num_seqs=4, prefill_chunk=16, kv_blocks=8, keep_logits=False)
     assert ahead == len(engine.programs()) > 0
+    before = sum(FakeKernel.compiled.values())
     assert engine.warm_up(every_shape=True) > 0 and model.runner.compiled == ahead
-    assert sum(FakeKernel.compiled.values()) == ahead, "the start compiled what was compiled ahead of time"
+    assert sum(FakeKernel.compiled.values()) == before, "the start compiled what was compiled ahead of time"
 
 
 def test_a_program_this_rank_compiled_is_loaded_without_tracing_it_again(float32_checkpoint, runner) -> None:
@@ -462,14 +470,14 @@ def test_constrained_rows_carry_their_masks_and_nothing_else(with_tokenizer, run
 
 def test_verify_steps_are_in_the_warmed_up_set(float32_checkpoint, runner) -> None:
     """With speculation, the warm-up compiles the verify steps (a prefill's shape over the decode rows, every
-    position's ids, and logits for sampled rows); serving with drafts then compiles nothing and gives the
-    NumPy engine's tokens."""
+    position's ids, sampled rows drawn on the device with a draw a position); serving with drafts then
+    compiles nothing and gives the NumPy engine's tokens."""
     prompts = [[9, 8, 7, 6] * 4, [3, 1, 4, 1, 5]]
     settings = [Sampling(max_new_tokens=20), Sampling(max_new_tokens=20, temperature=0.8, top_k=5, seed=2)]
     want = Engine(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), max_num_seqs=4,
                   prefill_chunk=16, speculative=3).generate(prompts, settings)
     model = run_on(MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64), runner)
-    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=3)
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=3, verify_gate=VerifyGate(always=True))
     engine.warm_up(every_shape=True)
     assert any(phase == "verify" for phase, *_ in engine.shapes.shapes())
     compiled = runner.compiled
@@ -477,3 +485,19 @@ def test_verify_steps_are_in_the_warmed_up_set(float32_checkpoint, runner) -> No
     got = engine.generate(prompts, settings)
     assert [r.generated for r in got] == [r.generated for r in want]
     assert engine.stats["verify_steps"] > 0 and runner.compiled == compiled
+
+
+def test_a_device_runner_never_gets_a_schedule_only_numpy_runs(float32_checkpoint, runner) -> None:
+    """Costs measured on this CPU (where NumPy-only schedules are allowed), then a device runner: every program
+    the engine compiles has a compiled target's constants (no DYNAMIC experts, no host attention, no partial
+    sort), and its shapes are a compiled set."""
+    model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
+    assert runs_numpy(model.schedule_cost()) and model.on_cpu
+    model.runner = runner
+    assert not runs_numpy(model.schedule_cost()) and not model.on_cpu
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16)
+    assert engine.shapes.compiled
+    layers = [u.constants for u in engine.programs().values() if u.name.endswith("_layer")]
+    heads = [u.constants for u in engine.programs().values() if u.name == "lm_head"]
+    assert layers and not any(c["host_schedule"] or c["block_rows"] == DYNAMIC for c in layers)
+    assert heads and not any(c["partial_sort"] for c in heads)

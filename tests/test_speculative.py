@@ -1,6 +1,7 @@
-"""Speculative decoding with n-gram drafts: exactly the tokens of plain decoding (greedy: identical; sampled:
-the same distribution, reproducible under a seed), in ragged batches with prefix reuse and arrivals, over
-ranks as threads and under torchrun, with fewer steps where the output repeats its context."""
+"""Speculative decoding with n-gram drafts: exactly the tokens of plain decoding (greedy, and sampled under a
+seed: each position takes plain decoding's draw), in ragged batches with prefix reuse and arrivals, over ranks
+as threads and under torchrun, with fewer steps where the output repeats its context; verified only where the
+measured costs say it pays (`VerifyGate`), drafts scored while they are not verified."""
 
 import json
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from thread_ranks import plans_to_every_rank
 
 from minimax_m2 import MiniMaxM2Model
-from minimax_m2.device.step import StepOutput
+from minimax_m2.device.step import Step, StepOutput
 from minimax_m2.generation import Sampling
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import sampling_probs
@@ -20,6 +21,7 @@ from minimax_m2.serving.drafts import NgramDrafter
 from minimax_m2.serving.engine import Engine
 from minimax_m2.serving.request import Request
 from minimax_m2.serving.row_sampling import verify
+from minimax_m2.serving.verify_gate import VerifyGate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +51,10 @@ def _arriving(engine: Engine, prompts: list[list[int]], sampling: Sampling) -> l
 
 
 def test_drafts_follow_the_latest_earlier_occurrence() -> None:
-    drafter = NgramDrafter()
+    drafter = NgramDrafter(4)
     assert drafter.draft([1, 2, 3, 4, 9, 9, 2, 3], 3) == [4, 9, 9]  # "2 3" was followed by "4 9 9"
     assert drafter.draft([1, 2, 3, 4, 9, 9, 2, 3, 4, 7, 2, 3, 4], 2) == [7, 2], "the latest occurrence, longest n"
-    assert NgramDrafter().draft([1, 2, 3, 5], 4) == [] and NgramDrafter().draft([5, 5, 5], 0) == []
+    assert NgramDrafter(4).draft([1, 2, 3, 5], 4) == [] and NgramDrafter(4).draft([5, 5, 5], 0) == []
 
 
 def test_greedy_tokens_are_plain_decodings_with_fewer_steps(model) -> None:
@@ -61,7 +63,7 @@ def test_greedy_tokens_are_plain_decodings_with_fewer_steps(model) -> None:
     sampling = Sampling(max_new_tokens=48)
     plain = Engine(model, max_num_seqs=4, prefill_chunk=16)
     want = _arriving(plain, _prompts(), sampling)
-    fast = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=4)
+    fast = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=4, verify_gate=VerifyGate(always=True))
     got = _arriving(fast, _prompts(), sampling)
     assert got == want
     assert fast.stats["reused_tokens"] > 0 and fast.stats["accepted_tokens"] > 0
@@ -72,7 +74,7 @@ def test_greedy_tokens_are_plain_decodings_with_fewer_steps(model) -> None:
 def test_on_this_cpu_a_verify_steps_experts_see_only_its_real_tokens(model) -> None:
     """Where no shape is compiled, a verify step bounds its experts' rows by the tokens it really holds (its
     padding row left out), so that the CPU's schedule is chosen for those."""
-    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=4)
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=4, verify_gate=VerifyGate(always=True))
     seen = []
     run = engine.executor.execute
 
@@ -86,11 +88,24 @@ def test_on_this_cpu_a_verify_steps_experts_see_only_its_real_tokens(model) -> N
     assert seen and all(bound == real for bound, real in seen)
 
 
-def test_seeded_sampling_with_drafts_is_reproducible(model) -> None:
-    sampling = Sampling(max_new_tokens=40, temperature=0.7, top_k=8, seed=11)
-    runs = [Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=3).generate(_prompts(), sampling)
-            for _ in range(2)]
-    assert [r.generated for r in runs[0]] == [r.generated for r in runs[1]]
+@pytest.mark.parametrize("top_k", [8, None], ids=["drawn-on-the-device", "drawn-on-the-host"])
+def test_seeded_sampling_with_drafts_takes_plain_decodings_tokens(model, top_k) -> None:
+    """Sampled rows, seeded: the same tokens verifying drafts every step as decoding plainly (each position
+    drawn with the draw plain decoding uses there). The drafts are plain decoding's own next tokens, every
+    other one with its last token wrong, so that drafts are both accepted whole and rejected part way."""
+    sampling = Sampling(max_new_tokens=40, temperature=0.7, top_k=top_k, seed=11)
+    want = [r.generated for r in Engine(model, max_num_seqs=4, prefill_chunk=16).generate(_prompts(), sampling)]
+    fast = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=3, verify_gate=VerifyGate(always=True))
+    requests = [fast.submit(p, sampling) for p in _prompts()]
+    for request, tokens in zip(requests, want):
+        def draft(context: list[int], k: int, request=request, tokens=tokens) -> list[int]:
+            ahead = tokens[len(request.generated):][:k]
+            return ahead[:-1] + [(ahead[-1] + 1) % 256] if ahead and len(request.generated) % 2 else ahead
+        request.drafter.draft = draft
+    while not fast.idle():
+        fast.step()
+    assert [r.generated for r in requests] == want
+    assert 0 < fast.stats["accepted_tokens"] < fast.stats["drafted_tokens"]
 
 
 def test_sampled_verification_keeps_plain_decodings_distribution() -> None:
@@ -105,7 +120,7 @@ def test_sampled_verification_keeps_plain_decodings_distribution() -> None:
     request = Request([1], sampling)
     first, accepted = np.zeros(vocab), 0
     for _ in range(trials):
-        taken = verify(request, out, 0, draft, None)
+        taken = verify(request, out, 0, draft, request.rng.random(len(draft) + 1).tolist())
         first[taken[0][0]] += 1
         accepted += taken[0][0] == draft[0]
     bound = 4.5 * np.sqrt(p * (1 - p) / trials)  # 4.5 standard errors each
@@ -124,7 +139,8 @@ def test_ranks_verify_as_one_process(float32_checkpoint, model, world, tp, moe_t
                                               layout=ParallelLayout(world, tp, r, moe_tp=moe_tp))
 
     def lead(ranked: MiniMaxM2Model, sender) -> tuple[list[list[int]], int]:
-        engine = Engine(ranked, max_num_seqs=4, prefill_chunk=16, executor=sender, speculative=4)
+        engine = Engine(ranked, max_num_seqs=4, prefill_chunk=16, executor=sender, speculative=4,
+                        verify_gate=VerifyGate(always=True))
         return _arriving(engine, _prompts(), sampling), engine.stats["accepted_tokens"]
 
     (got, accepted), _ = plans_to_every_rank(world, load, 4 * 2, lead)
@@ -147,3 +163,59 @@ def test_torchrun_generate_with_drafts_gives_plain_tokens(float32_checkpoint, mo
     for prompt, tokens in zip(prompts, generated):
         ids = model.generate(np.array([prompt]), max_new_tokens=24)
         assert tokens == ids[0, len(prompt):].tolist()
+
+
+def test_a_watched_draft_is_scored_by_the_tokens_that_follow() -> None:
+    """A draft not verified is matched against the tokens that follow it: its accepted count sets the next
+    draft count and moves the expected acceptance, as a verification would."""
+    drafter = NgramDrafter(4)
+    drafter.watch([5, 6, 7])
+    drafter.watch([1, 1])  # one at a time: ignored
+    for token in (5, 6, 9):
+        drafter.followed(token)
+    assert drafter.k == 3 and drafter.expected == pytest.approx(4 + 0.3 * (2 - 4))
+    for _ in range(20):
+        drafter.watch([8])
+        drafter.followed(2)
+    assert drafter.k == 1 and drafter.expected < 0.01
+
+
+def _step(rows: int, tokens_per_row: int) -> Step:
+    return Step(np.zeros((rows, tokens_per_row), np.int32), np.zeros((rows, tokens_per_row), np.int32), None,
+                np.ones((rows, tokens_per_row), bool), np.zeros((rows, 1), np.int32), rows)
+
+
+def test_the_gate_verifies_where_the_expected_tokens_pay_for_the_measured_step() -> None:
+    """Plain until a decode step of that many rows is timed; then a verify step of an untimed size is tried
+    when drafts are expected to gain anything; once both are timed, a verify step runs when its expected
+    tokens per second beat a decode step's."""
+    gate = VerifyGate()
+    assert not gate.opens(2, 10, 2, 9.0), "no decode step of 2 rows timed yet"
+    gate.measured(_step(2, 1), 0.010)
+    assert gate.opens(2, 10, 2, 2.5) and not gate.opens(2, 10, 2, 2.0)
+    gate.measured(_step(2, 5), 0.020)  # verify steps of 10 tokens cost 2x a decode step
+    assert gate.opens(2, 10, 2, 4.5) and not gate.opens(2, 10, 2, 3.5)
+    assert gate.opens(2, 3, 2, 2.5), "a verify step of 3 tokens is not timed yet"
+    gate.measured(_step(2, 5), 0.040)  # running means: 0.025 s
+    assert gate.verify[(2, 16)] == pytest.approx(0.025) and not gate.opens(2, 10, 2, 4.5)
+    assert VerifyGate(always=True).opens(2, 10, 2, 0.0)
+
+
+def test_poor_drafts_turn_verification_off(model) -> None:
+    """Drafts the model rejects, with verify steps timed at 3x decode steps: after the first few steps the
+    engine decodes plainly (its drafts still watched), and the tokens are plain decoding's."""
+    sampling = Sampling(max_new_tokens=40)
+    prompts = [[9, 8, 7, 6] * 6, [3, 1, 4, 1, 5, 9, 2, 6]]
+    want = [r.generated for r in Engine(model, max_num_seqs=4, prefill_chunk=16).generate(prompts, sampling)]
+    gate = VerifyGate()
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=4, verify_gate=gate)
+    measured = gate.measured
+    gate.measured = lambda step, seconds: measured(step, 0.003 if step.input_ids.shape[1] > 1 else 0.001)
+    never = next(t for t in range(256) if all(t not in w for w in want))
+    requests = [engine.submit(p, sampling) for p in prompts]
+    for r in requests:
+        r.drafter.draft = lambda tokens, k: [never] * k  # never the model's next token
+    while not engine.idle():
+        engine.step()
+    assert [r.generated for r in requests] == want
+    assert 0 < engine.stats["verify_steps"] <= 3 and engine.stats["accepted_tokens"] == 0

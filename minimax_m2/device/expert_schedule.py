@@ -72,6 +72,16 @@ def runs_numpy(cost: ExpertCost | None) -> bool:
     return cost is None or getattr(cost, "dynamic", False)
 
 
+def compiled_only(cost: ExpertCost) -> ExpertCost:
+    """The same costs for a target that runs compiled programs only: never `runs_numpy`, so no schedule of
+    NumPy's own (DYNAMIC, the host attention, the partial sort) is chosen for it."""
+    def static(rows: int, repeated: bool = False) -> float:
+        return cost(rows, repeated)
+
+    static.dynamic = False
+    return static
+
+
 def dynamic_seconds(rows: int, num_experts: int, cost: ExpertCost) -> float:
     """Expected time of the DYNAMIC schedule for `rows` rows routed at random over `num_experts` experts: each
     expert hit once, over its share of the rows (few rows a product cost this CPU about what blocks of one row

@@ -33,6 +33,8 @@ DeviceKernel and DeviceTensor. nkipy's runtime runs kernels synchronously, so re
 overlap the next step until its asynchronous execution lands.
 """
 
+import contextlib
+import multiprocessing
 import os
 import time
 import weakref
@@ -132,6 +134,8 @@ class NeuronRunner:
     """Runs a `Unit` on this rank's NeuronCore: `runner(unit)` returns what `unit.fn` returns, as
     `DeviceArray`s. Counts launches and the bytes copied each way (`uploaded`, `downloaded`)."""
 
+    compiles = True  # every unit it runs is a compiled program (`MiniMaxM2Model.compiles`)
+
     def __init__(self, build_dir: str | Path = "build/neuron", rank: int = 0, compiler_args: str | None = None,
                  runtime: tuple[Any, Any, collectives.Backend] | None = None):
         """rank: this process's rank, which gets NeuronCore `rank` (as nkipy's examples do, unless
@@ -183,14 +187,14 @@ class NeuronRunner:
         self._on_device[_content(values)] = array.tensor
         return values
 
-    def prepare(self, units: list[Unit], rank: int, ranks: int, progress: bool = False) -> list[tuple[Unit, float]]:
+    def prepare(self, units: list[Unit], rank: int, ranks: int) -> list[tuple[Unit, float]]:
         """Compile this rank's share of `units` (rank `rank` of the `ranks` sharing the build directory, as
-        `minimax_m2.device.warm_up.deal` gives it; a bar with `progress`) -> each unit of the share with the
-        seconds it took (tracing, and compiling unless its NEFF was there). Once every rank of the host has
-        prepared, each finds every unit compiled when it first runs it."""
+        `minimax_m2.device.warm_up.deal` gives it) -> each unit of the share with the seconds it took
+        (tracing, and compiling unless its NEFF was there). Once every rank of the host has prepared, each
+        finds every unit compiled when it first runs it."""
         share = deal([program_weight(u) for u in units], ranks)[rank]
         timed = []
-        for index in tqdm(share, desc="compiling", unit="program", disable=not progress):
+        for index in share:
             start = time.perf_counter()
             self._neffs[units[index].key()] = self._build(units[index])
             timed.append((units[index], time.perf_counter() - start))
@@ -270,3 +274,33 @@ def compile_share(runner: NeuronRunner, units: list[Unit], world_groups: collect
     timed = runner.prepare(units, int(os.environ.get("LOCAL_RANK", "0")), ranks)
     collectives.all_gather(np.zeros(2, np.int32), 0, world_groups)  # a barrier: every share is compiled
     return timed, ranks
+
+
+
+_AHEAD: dict[str, Any] = {}  # what `compile_ahead`'s workers compile (set before they are forked) and their runner
+
+
+def compile_ahead(units: list[Unit], build_dir: str | Path, jobs: int, compiler_args: str | None = None,
+                  runtime: tuple[Any, Any, collectives.Backend] | None = None) -> list[tuple[Unit, float]]:
+    """Every unit traced and compiled into `build_dir` (one whose NEFF is there only traced) by `jobs`
+    processes at once (forked from this one, which holds the units; this process alone when jobs is 1), the
+    largest programs first, each to the next free process, with a bar -> each unit with its seconds."""
+    order = sorted(range(len(units)), key=lambda i: -program_weight(units[i]))
+    _AHEAD.update(units=units, build_dir=str(build_dir), compiler_args=compiler_args, runtime=runtime)
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+            done = pool.imap_unordered(_compile_one, order) if pool else map(_compile_one, order)
+            seconds = dict(tqdm(done, total=len(units), desc="compiling", unit="program"))
+    finally:
+        _AHEAD.clear()
+    return [(units[i], seconds[i]) for i in range(len(units))]
+
+
+def _compile_one(index: int) -> tuple[int, float]:
+    """(index, seconds) of compiling `_AHEAD`'s unit `index` with this process's runner."""
+    if "runner" not in _AHEAD:
+        _AHEAD["runner"] = NeuronRunner(_AHEAD["build_dir"], compiler_args=_AHEAD["compiler_args"],
+                                        runtime=_AHEAD["runtime"])
+    start = time.perf_counter()
+    _AHEAD["runner"]._build(_AHEAD["units"][index])
+    return index, time.perf_counter() - start

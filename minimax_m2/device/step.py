@@ -48,7 +48,7 @@ class Sampled:
     temperature: np.ndarray  # float32, 0: greedy
     top_k: np.ndarray  # int32, 0: none (the device then leaves the row to the host)
     top_p: np.ndarray  # float32, 1: none
-    uniform: np.ndarray  # float32 in [0, 1): the row's random draw
+    uniform: np.ndarray  # float32 in [0, 1): the row's random draw, or [N, k] one for each of its k selected tokens
 
     @classmethod
     def greedy(cls, n: int) -> "Sampled":
@@ -59,7 +59,10 @@ class Sampled:
         return bool(np.any((self.temperature > 0) & (self.top_k > 0)))
 
     def repeat(self, k: int) -> "Sampled":
-        return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p, self.uniform)))
+        """Per selected token ([N * k] each), each row's k selected tokens in turn: the row's settings k times,
+        and its draws as they are when it has one for each ([N, k]), else its one draw k times."""
+        uniform = self.uniform.reshape(-1) if self.uniform.ndim == 2 else np.repeat(self.uniform, k)
+        return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p)), uniform)
 
     def padded(self, groups: int) -> "Sampled":
         """Each group's rows padded to at least 2 (as the selected tokens are), the padding greedy."""

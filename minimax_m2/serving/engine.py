@@ -6,10 +6,11 @@ table with its own sampling settings, and their blocks released the step they en
 the context's end, a grammar completed, or a cancel); when decoding needs blocks the pool lacks, the most
 recently admitted request gives its own back and waits again. A request may be held to a grammar
 (`minimax_m2.serving.constraint`); with `speculative`, a decoding request's n-gram drafts are verified in
-its decode step (`minimax_m2.serving.drafts`); how each row's next token is chosen is `row_sampling`'s.
-Each step's shapes come from the engine's `ShapeSet`; every step is run by the executor (the model here;
-over several ranks, a plan sent to all of them first). The engine runs either on its own thread (`start`:
-the server) or inline (`generate`).
+its decode step (`minimax_m2.serving.drafts`) where that pays (`minimax_m2.serving.verify_gate`).
+Each step's shapes come from the engine's `ShapeSet`; the scheduler's plan of each step is run, and what it
+brings back delivered to the requests, by `minimax_m2.serving.step_runner` through the executor (the model
+here; over several ranks, a plan sent to all of them first). The engine runs either on its own thread
+(`start`: the server) or inline (`generate`).
 
     engine = Engine(model, max_num_seqs=8, prefill_chunk=256)
     results = engine.generate([[1, 2, 3], [4, 5]], Sampling(max_new_tokens=16), on_token=print)
@@ -17,7 +18,6 @@ the server) or inline (`generate`).
 
 import numbers
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -27,19 +27,19 @@ from minimax_m2.device.program import Unit
 from minimax_m2.device.step import (
     KV_BLOCK,
     Step,
-    StepOutput,
     blocks_for,
     table_width,
 )
 from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs
-from minimax_m2.serving import row_sampling
 from minimax_m2.serving.blocks import BlockManager
 from minimax_m2.serving.drafts import NgramDrafter
 from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
-from minimax_m2.serving.scheduler import Chunk, Plan, Scheduler, ShapeSet
+from minimax_m2.serving.scheduler import Scheduler, ShapeSet
+from minimax_m2.serving.step_runner import StepRunner
+from minimax_m2.serving.verify_gate import VerifyGate
 
 if TYPE_CHECKING:
     from minimax_m2.serving.constraint import Constraint
@@ -62,14 +62,15 @@ class Result:
 class Engine:
     def __init__(self, model: MiniMaxM2Model, max_num_seqs: int = 8, prefill_chunk: int = 256,
                  executor: Executor | None = None, prefix_reuse: bool = True, keep_logits: bool = True,
-                 kv_blocks: int | None = None, speculative: int = 0):
+                 kv_blocks: int | None = None, speculative: int = 0, verify_gate: VerifyGate | None = None):
         """max_num_seqs: requests decoded together per attention group; prefill_chunk: prompt tokens per step;
         kv_blocks: the KV pool's blocks of KV_BLOCK positions per attention group (default: max_num_seqs
         whole contexts);
         prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold); keep_logits:
         requests may keep the logits of every position (off: the lm_head variants returning a prefill's
         [tokens, vocab] logits are neither compiled nor planned for); speculative: draft tokens a decoding
-        request may have verified per step (n-gram drafts, `minimax_m2.serving.drafts`; 0: none)."""
+        request may have verified per step (n-gram drafts, `minimax_m2.serving.drafts`; 0: none); verify_gate:
+        whether a decode step verifies its drafts (default: where the measured costs say it pays)."""
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be positive, got {max_num_seqs}, {prefill_chunk}")
         if not 0 <= speculative <= MAX_SPECULATIVE:
@@ -92,12 +93,11 @@ class Engine:
         model.owner = self
         self.max_num_seqs = max_num_seqs
         self.cache = BlockManager(self.groups, blocks, MIN_COPY, prefix_reuse)
-        # drafts are verified at every batch: a verify step of 1 + 4 tokens a row costs 1.7x-2.4x a decode step on
-        # this CPU from 1 to 32 rows (benchmarks/bench_speculative.py), less than the 3.12 tokens a step its edit
-        # workload gains, and a NeuronCore's projection has it paying up to 256 (benchmarks/roofline.py, section 7)
-        self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len))
+        self.scheduler = Scheduler(self.cache, self.shapes, self.groups, max_num_seqs, table_width(model.max_seq_len),
+                                   verify_gate)
         self.executor = executor or LocalExecutor(model)
-        self._last_ids: np.ndarray | None = None  # the last decode step's next ids, as the device holds them
+        self.runner = StepRunner(self.scheduler, self.cache, self.executor, model.max_seq_len)
+        self.stats = self.runner.stats
         self.failure: str | None = None  # why the engine's thread stopped, if it failed
         self.on_failure: Callable[[str], None] = lambda message: None
         self._inbox: list[Request] = []
@@ -105,10 +105,6 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                      "reused_tokens": 0, "finished": 0, "step_seconds": 0.0, "prefill_seconds": 0.0,
-                      "decode_seconds": 0.0, "verify_steps": 0, "drafted_tokens": 0, "accepted_tokens": 0,
-                      "verified_rows": 0}
 
     def warm_up(self, every_shape: bool) -> int:
         """Before serving: choose the expert schedules (measuring this CPU's costs) and, with every_shape,
@@ -180,7 +176,7 @@ class Engine:
         self._check_usable()
         request = Request(ids, sampling, notify or (lambda kind, value: None), keep_logits, constraint=constraint)
         if self.speculative and constraint is None and not keep_logits:
-            request.drafter, request.speculate = NgramDrafter(), self.speculative
+            request.drafter = NgramDrafter(self.speculative)
         with self._wake:
             self._inbox.append(request)
             self._wake.notify()
@@ -265,125 +261,8 @@ class Engine:
             self._inbox = []
             cancelled, self._cancelled = self._cancelled, []
         for request in cancelled:
-            self._end(request, "cancelled")
-        plan = self.scheduler.plan()
-        start = time.perf_counter()
-        self._run(plan)
-        self.stats["steps"] += 1
-        self.stats["step_seconds"] += time.perf_counter() - start
-
-    def _run(self, plan: Plan) -> None:
-        if plan.copies:
-            self.executor.copy([(p.group, *p.copy) for p in plan.copies])
-        if plan.prefill:
-            step, chunks = plan.prefill
-            draws = row_sampling.attach(step, [c.request if c and c.samples else None for c in chunks],
-                                   [c is not None and c.request.keep_logits for c in chunks])
-            out = self._execute(step, "prefill")
-            for row, chunk in enumerate(chunks):
-                if chunk is not None:
-                    self._prefilled(chunk, step, row, out, draws[row])
-        if plan.decode and plan.drafts is not None:
-            self._verify(*plan.decode, plan.drafts)
-        elif plan.decode:
-            step, rows = plan.decode
-            draws = row_sampling.attach(step, rows, [r is not None and r.keep_logits for r in rows])
-            if self._last_ids is not None and self._last_ids.shape == step.input_ids.shape:
-                padding = np.array([r is None for r in rows])
-                step.input_ids[padding] = self._last_ids[padding]  # any id will do: these are the device's own
-            out = self._execute(step, "decode")
-            self._last_ids = out.ids.astype(np.int32)
-            for row, request in enumerate(rows):
-                if request is not None and request.finish_reason is None:
-                    self.cache.written(request.group, request.blocks, request.length - 1, [request.generated[-1]])
-                    request.prefilled += 1
-                    if request.keep_logits:
-                        request.logits.append(out.logits[row, :1])
-                        request.kept += 1
-                    self._sampled(request, out, row, 0, draws[row])
-
-    def _execute(self, step: Step, phase: str) -> StepOutput:
-        """Run one prefill or decode step, counting it and its seconds under its phase."""
-        start = time.perf_counter()
-        out = self.executor.execute(step)
-        self.stats[f"{phase}_steps"] += 1
-        self.stats[f"{phase}_seconds"] += time.perf_counter() - start
-        return out
-
-    def _prefilled(self, chunk: Chunk, step: Step, row: int, out: StepOutput, draw: float | None) -> None:
-        request = chunk.request
-        if request.finish_reason is not None:
-            return
-        count = len(chunk.tokens)
-        request.prefilled += count
-        self.cache.written(request.group, request.blocks, chunk.start, chunk.tokens)
-        self.stats["prompt_tokens"] += count
-        last = count - 1 if step.selected.shape[1] > 1 else 0  # all positions were kept, or just the last
-        if request.keep_logits:  # positions a preempted request kept before are not kept again
-            request.logits.append(out.logits[row, max(0, request.kept - chunk.start) : count])
-            request.kept = max(request.kept, chunk.start + count)
-        if chunk.samples:
-            self.stats["reused_tokens"] += request.reused
-            self._sampled(request, out, row, last, draw, host_mask=request.constraint is not None)
-
-    def _verify(self, step: Step, rows: list[Request | None], drafts: list[list[int]]) -> None:
-        """A verify step: each row's last token and drafts in one step; the longest accepted prefix of its
-        drafts and one token more are its new tokens (`row_sampling.verify`), the rest of what it wrote is
-        never read (its positions are written again when reached) nor cached."""
-        # the logits of a drafting sampled row, and of any row wanting log-probabilities (a verify step's lm_head
-        # returns ids, or ids and logits: two programs)
-        draws = row_sampling.attach(step, rows, [r is not None and (bool(d) and r.sampling.temperature > 0 or
-                                                                    r.sampling.logprobs is not None)
-                                                 for r, d in zip(rows, drafts)])
-        out = self._execute(step, "decode")
-        self._last_ids = None
-        self.stats["verify_steps"] += 1
-        for row, (request, draft) in enumerate(zip(rows, drafts)):
-            if request is None or request.finish_reason is not None:
-                continue
-            taken = row_sampling.verify(request, out, row, draft, draws[row])
-            fed = [request.generated[-1]] + draft[: len(taken) - 1]  # the accepted drafts' keys and values are right
-            self.cache.written(request.group, request.blocks, request.length - 1, fed)
-            request.prefilled += len(fed)
-            if draft:
-                self.stats["drafted_tokens"] += len(draft)
-                self.stats["accepted_tokens"] += len(taken) - 1
-                self.stats["verified_rows"] += 1
-                request.speculate = min(self.speculative, len(taken))  # one more than it accepted
-            for token, scored in taken:
-                self._take(request, token, scored)
-                if request.finish_reason is not None:
-                    break
-
-    def _sampled(self, request: Request, out: StepOutput, row: int, k: int, draw: float | None,
-                 host_mask: bool = False) -> None:
-        """Take the request's next token (`row_sampling.next_token`)."""
-        self._take(request, *row_sampling.next_token(request, out, row, k, draw, host_mask))
-
-    def _take(self, request: Request, token: int, scored: TokenLogprobs | None) -> None:
-        """A new token of the request: tell its client, and end the request where it ends."""
-        s = request.sampling
-        request.generated.append(token)
-        self.stats["generated_tokens"] += 1
-        if scored is not None:
-            request.logprobs.append(scored)
-            request.notify("logprobs", scored)
-        request.notify("token", token)
-        held = request.constraint
-        if held is not None and not held.advance(token):
-            self._end(request, "length")  # the grammar refused it: the reply cannot be completed
-        elif token in s.eos_token_ids or held is not None and held.complete:
-            self._end(request, "stop")
-        elif len(request.generated) >= s.max_new_tokens or request.length >= self.model.max_seq_len:
-            self._end(request, "length")
-
-    def _end(self, request: Request, reason: str) -> None:
-        if request.finish_reason is not None:
-            return
-        request.finish_reason = reason
-        self.scheduler.finish(request)
-        self.stats["finished"] += 1
-        request.notify("finish", reason)
+            self.runner.end(request, "cancelled")
+        self.runner.run(self.scheduler.plan())
 
     # --- the Python API ------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling],

@@ -23,7 +23,8 @@ STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
 # header entries: the command, the step's fields (a copy's count in ROWS), the payload's length
 COMMAND, ROWS, SEQ, SELECTED, BUCKET, KV_LEN, MAX_TOKENS, FLAGS, MASKS, SIZE = range(10)
 HEADER = 10
-LOGITS, SAMPLED, LOGPROBS = 1, 2, 4  # FLAGS bits: return_logits, sampling settings in the payload, logprobs
+# FLAGS bits: return_logits, sampling settings in the payload, logprobs, a draw for each selected token
+LOGITS, SAMPLED, LOGPROBS, DRAWS = 1, 2, 4, 8
 
 
 class PlanSender:
@@ -55,7 +56,8 @@ class PlanSender:
     def execute(self, step: Step) -> StepOutput:
         rows, seq = step.input_ids.shape
         flags = (LOGITS if step.return_logits else 0) | (SAMPLED if step.sampled is not None else 0) | \
-            (LOGPROBS if step.logprobs else 0)
+            (LOGPROBS if step.logprobs else 0) | (DRAWS if step.sampled is not None and step.sampled.uniform.ndim == 2
+                                                  else 0)
         masks = step.resolved_masks()
         self._send([STEP, rows, seq, step.selected.shape[1], step.bucket, step.kv_len or 0, step.max_tokens, flags,
                     0 if masks is None else len(masks)], _pack(step))
@@ -81,7 +83,7 @@ def _pack(step: Step) -> np.ndarray:
     if step.sampled is not None:
         s = step.sampled
         parts += [s.temperature.astype(np.float32).view(np.int32), s.top_k.astype(np.int32),
-                  s.top_p.astype(np.float32).view(np.int32), s.uniform.astype(np.float32).view(np.int32)]
+                  s.top_p.astype(np.float32).view(np.int32), s.uniform.astype(np.float32).reshape(-1).view(np.int32)]
     if step.masks is not None:  # the masks of its constrained rows (a follower pads them to the bucket)
         parts += [step.mask_index, step.masks[: int(np.max(step.mask_index)) + 1].reshape(-1)]
     return np.concatenate([np.asarray(p, np.int32) for p in parts])
@@ -93,8 +95,9 @@ def _unpack(header: np.ndarray, payload: np.ndarray, model: MiniMaxM2Model) -> S
     rows, seq, selected, flags, masks = (int(header[i]) for i in (ROWS, SEQ, SELECTED, FLAGS, MASKS))
     shape = (model.layout.dp, int(header[KV_LEN]) // KV_BLOCK, 3) if seq == 1 else \
         (rows, table_width(model.max_seq_len))
-    sizes = [rows * seq, rows * seq, int(np.prod(shape)), rows * seq, rows * selected] + [rows] * 4 * bool(
-        flags & SAMPLED) + [rows] * bool(masks)
+    draws = rows * selected if flags & DRAWS else rows
+    settings = [rows, rows, rows, draws] if flags & SAMPLED else []
+    sizes = [rows * seq, rows * seq, int(np.prod(shape)), rows * seq, rows * selected] + settings + [rows] * bool(masks)
     parts = np.split(payload, np.cumsum(sizes))
     tables = parts[2].reshape(shape)
     step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), None if seq == 1 else tables,
@@ -105,7 +108,8 @@ def _unpack(header: np.ndarray, payload: np.ndarray, model: MiniMaxM2Model) -> S
         step.kv_tiles = tables
     if flags & SAMPLED:
         temperature, top_k, top_p, uniform = parts[5:9]
-        step.sampled = Sampled(temperature.view(np.float32), top_k, top_p.view(np.float32), uniform.view(np.float32))
+        uniform = uniform.view(np.float32).reshape(rows, selected) if flags & DRAWS else uniform.view(np.float32)
+        step.sampled = Sampled(temperature.view(np.float32), top_k, top_p.view(np.float32), uniform)
     if masks:
         used = parts[-1].reshape(-1, mask_words(model.config.vocab_size))
         step.mask_index, step.masks = parts[-2], np.pad(used, ((0, masks - len(used)), (0, 0)))

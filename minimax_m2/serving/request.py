@@ -39,7 +39,6 @@ class Request:
     rng: np.random.Generator | None = None
     constraint: "Constraint | None" = None  # the grammar its tokens are held to (structured output)
     drafter: "NgramDrafter | None" = None  # its draft tokens, when it speculates
-    speculate: int = 0  # drafts it may have verified next (adapts to what it accepts)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sampling.seed)

@@ -24,24 +24,34 @@ def on_host(sampling: Sampling) -> bool:
     return sampling.temperature > 0 and not (sampling.top_k and sampling.top_k <= CANDIDATES)
 
 
-def attach(step: Step, rows: list[Request | None], keeps: list[bool]) -> list[float | None]:
-    """Attach each row's sampling settings and random draw to the step (from the request's own generator, one
-    draw per new token, so that a seed gives the same tokens whatever the batch) and, for a decode, the grammar
-    masks of its constrained rows; ask for the logits when a row keeps them, is sampled on the host or is a
-    prefill's constrained row, and else the log-probabilities when a row wants them (with logits at hand,
-    they are computed from the logits). rows: the request each row samples for (None: nothing). Returns each
-    row's draw."""
+def attach(step: Step, rows: list[Request | None], keeps: list[bool],
+           drafts: list[list[int]] | None = None) -> list[list[float] | None]:
+    """Attach each row's sampling settings and random draws to the step (from the request's own generator, one
+    draw per new token, so that a seed gives the same tokens whatever the batch, and with drafts or without)
+    and, for a decode, the grammar masks of its constrained rows; ask for the logits when a row keeps them, is
+    sampled on the host or is a prefill's constrained row, and else the log-probabilities when a row wants
+    them (with logits at hand, they are computed from the logits). rows: the request each row samples for
+    (None: nothing); drafts (a verify step): each row's drafts, whose row gets a draw for each of its
+    positions, the draws of the tokens it would take one after another, only looked at (`take_draws` takes
+    those of the tokens it did take). Returns each row's draws."""
     n = len(rows)
     sampled = Sampled.greedy(n)
-    draws: list[float | None] = [None] * n
+    positions = step.selected.shape[1] if drafts is not None else 1
+    uniform = np.zeros((n, positions), np.float32)
+    draws: list[list[float] | None] = [None] * n
     for row, request in enumerate(rows):
         if request is None or request.sampling.temperature == 0:
             continue
         s = request.sampling
-        draws[row] = float(request.rng.random())
-        sampled.temperature[row], sampled.uniform[row] = s.temperature, draws[row]
+        if drafts is not None and drafts[row]:
+            draws[row] = _peek(request.rng, len(drafts[row]) + 1)
+        else:
+            draws[row] = [float(request.rng.random())]
+        uniform[row, : len(draws[row])] = draws[row]
+        sampled.temperature[row] = s.temperature
         sampled.top_k[row] = 0 if on_host(s) else s.top_k
         sampled.top_p[row] = 1.0 if s.top_p is None else s.top_p
+    sampled.uniform = uniform if drafts is not None else uniform[:, 0]
     step.sampled = sampled
     constrained = [(row, r.constraint) for row, r in enumerate(rows) if r is not None and r.constraint]
     prefill = step.input_ids.shape[1] > 1
@@ -84,32 +94,35 @@ def next_token(request: Request, out: StepOutput, row: int, k: int, uniform: flo
     return token, _scored(s, out, row, k, logits, token)
 
 
-def verify(request: Request, out: StepOutput, row: int, draft: list[int], uniform: float | None) -> list[
+def verify(request: Request, out: StepOutput, row: int, draft: list[int], draws: list[float] | None) -> list[
         tuple[int, TokenLogprobs | None]]:
-    """The new tokens of a verify step's row (its token at each position selected): the longest prefix of
-    `draft` plain decoding would have produced, and one token more. Greedy: a draft token is accepted when it
-    is the argmax. Sampled (from the logits, with the request's generator): draft token x is accepted with
-    probability p(x), else the token is drawn from p without x (renormalised), so that the tokens have
-    exactly plain decoding's distribution. A row without drafts takes its token as a decode step would."""
+    """The new tokens of a verify step's row (its token at each position selected, with that position's draw):
+    the token plain decoding takes at each position, as long as it is the draft's, and one token more. The
+    token at a position is chosen as a decode step chooses it, with the draw plain decoding would use there,
+    so that a greedy row or a sampled one takes exactly the tokens plain decoding takes (for a sampled row,
+    draft token x is accepted with probability p(x) and otherwise the token is drawn from p without x: the
+    standard rule for a deterministic draft, with the draws shared). A row without drafts takes its token
+    as a decode step would."""
     if not draft:
-        return [next_token(request, out, row, 0, uniform, host_mask=request.constraint is not None)]
-    s = request.sampling
+        return [next_token(request, out, row, 0, draws and draws[0], host_mask=request.constraint is not None)]
     taken = []
     for k in range(len(draft) + 1):
-        logits = None if out.logits is None else out.logits[row, k]
-        proposed = draft[k] if k < len(draft) else None
-        if s.temperature == 0:
-            token = int(out.ids[row, k])
-        else:
-            probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
-            if proposed is not None and request.rng.random() < probs[proposed]:
-                token = proposed
-            else:
-                if proposed is not None:
-                    probs[proposed] = 0.0
-                    probs /= probs.sum()
-                token = draw(probs, float(request.rng.random()))
-        taken.append((token, _scored(s, out, row, k, logits, token)))
-        if token != proposed:
+        taken.append(next_token(request, out, row, k, draws and draws[k]))
+        if k == len(draft) or taken[-1][0] != draft[k]:
             break
     return taken
+
+
+def take_draws(request: Request, draws: list[float] | None, tokens: int) -> None:
+    """A verify step's row took `tokens` tokens: its generator moves past their draws, which `attach` only
+    looked at (a row without drafts took its one draw then)."""
+    if draws is not None and len(draws) > 1:
+        request.rng.random(tokens)
+
+
+def _peek(rng: np.random.Generator, count: int) -> list[float]:
+    """The generator's next `count` draws, leaving it where it was."""
+    state = rng.bit_generator.state
+    draws = rng.random(count).tolist()
+    rng.bit_generator.state = state
+    return draws

@@ -20,6 +20,7 @@ import numpy as np
 from minimax_m2.device.step import KV_BLOCK, Step, blocks_for, decode_tiles, mask_bucket, min_rows, padding_step
 from minimax_m2.serving.blocks import BlockManager, Placement
 from minimax_m2.serving.request import Request
+from minimax_m2.serving.verify_gate import VerifyGate
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -34,6 +35,11 @@ def powers_of_two(low: int, high: int) -> list[int]:
 # than a third of its projections and experts, so its length is not worth a program); on every target only a
 # step attending at most this many runs several rows per attention group (above it, one row per group).
 PREFILL_KV_FLOOR = 4096
+# On a NeuronCore a decode step attends at least this many KV tiles (of KV_BLOCK positions) per attention group:
+# 2,048 positions' keys and values are 65 MB a rank over the real model's 62 layers, 0.08 ms of a batch-1 step's
+# 4.5 ms (benchmarks/roofline.py, section 4), and the tile buckets below it were 29 of the 322 programs of the
+# README's serving flags at 196,608 positions
+DECODE_TILE_FLOOR = 16
 
 
 @dataclass(frozen=True)
@@ -88,12 +94,13 @@ class ShapeSet:
 
     def tile_counts(self, rows: int, bucket: int) -> list[int]:
         """Tile buckets of a decode step of `rows` rows per group, `bucket` real in all: powers of two from
-        the tiles of its fullest group's fewest rows (one tile each; at least 2) up to the longest sequences of
-        the real rows one group can hold."""
+        the tiles of its fullest group's fewest rows (one tile each; at least 2; where shapes are compiled, at
+        least DECODE_TILE_FLOOR) up to the longest sequences of the real rows one group can hold."""
         least, low = 1 + max([r for r in self.decode_rows if r < rows], default=0), 2
         while low < least:
             low *= 2
-        return powers_of_two(low, max(low, min(bucket, rows) * self.max_blocks))
+        high = max(low, min(bucket, rows) * self.max_blocks)
+        return powers_of_two(max(low, min(DECODE_TILE_FLOOR, high)) if self.compiled else low, high)
 
     def decode_pairs(self) -> list[tuple[int, int]]:
         """(rows per group, bucket) of every decode step: a step runs the fewest rows holding its fullest
@@ -179,9 +186,12 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, shapes: ShapeSet, groups: int, max_num_seqs: int, width: int):
-        """width: block-table columns of every step (a request's most blocks, at least 2)."""
+    def __init__(self, blocks: BlockManager, shapes: ShapeSet, groups: int, max_num_seqs: int, width: int,
+                 gate: VerifyGate | None = None):
+        """width: block-table columns of every step (a request's most blocks, at least 2); gate: whether a
+        decode step verifies its drafts."""
         self.blocks, self.shapes, self.groups = blocks, shapes, groups
+        self.gate = gate or VerifyGate()
         self.max_num_seqs, self.width = max_num_seqs, width
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
@@ -293,7 +303,13 @@ class Scheduler:
         if self.shapes.verify_tokens:
             drafts = [self._draft(r) if r else [] for r in order]
             if any(drafts):
-                return self._verify_step(rows, order, drafts), drafts
+                real = [(r, d) for r, d in zip(order, drafts) if r]
+                expected = sum(1 + min(len(d), r.drafter.expected) if d else 1 for r, d in real)
+                if self.gate.opens(rows * self.groups, sum(1 + len(d) for _, d in real), len(real), expected):
+                    return self._verify_step(rows, order, drafts), drafts
+                for r, d in real:
+                    if d:
+                        r.drafter.watch(d)
         step = self._step(rows, bucket, 1,
                           [(r.blocks, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
         groups = [[(i, r.blocks, r.length - 1) for i, r in enumerate(g)] for g in per_group]
@@ -308,7 +324,7 @@ class Scheduler:
         context, and only into blocks it holds or the pool can spare (speculation never preempts)."""
         if request.drafter is None:
             return []
-        room = min(request.speculate, self.shapes.verify_tokens - 1, self.shapes.kv_lengths[-1] - request.length,
+        room = min(request.drafter.k, self.shapes.verify_tokens - 1, self.shapes.kv_lengths[-1] - request.length,
                    request.sampling.max_new_tokens - len(request.generated) - 1)
         while room > 0 and (request.length - 1 + room) // KV_BLOCK >= len(request.blocks):
             if not self.blocks.grow(request.group, request.blocks):
