@@ -11,6 +11,7 @@ from minimax_m2 import MiniMaxM2Model
 from minimax_m2.device.step import KV_BLOCK, kv_len_for, min_rows
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
+from minimax_m2.serving.request import Request
 from minimax_m2.serving.scheduler import DECODE_TILE_FLOOR, PREFILL_KV_FLOOR, ShapeSet
 
 RTOL = 1e-5
@@ -303,3 +304,14 @@ def test_an_engine_keeping_no_logits_compiles_no_all_position_logits(model) -> N
     assert len(serving.programs()) < len(generating.programs())
     with pytest.raises(ValueError, match="keep_logits=False"):
         serving.submit([1, 2, 3], Sampling(), keep_logits=True)
+
+
+def test_a_requests_context_is_counted_and_sliced_without_copying_it() -> None:
+    """context_length and context_tokens agree with the context list (the prompt and every new token but the
+    last) before and after tokens come."""
+    request = Request(list(range(10)), Sampling(max_new_tokens=8))
+    for generated in ([], [50], [50, 51, 52]):
+        request.generated = generated
+        context = request.context
+        assert request.context_length == len(context)
+        assert all(request.context_tokens(a, b) == context[a:b] for a in range(14) for b in range(a, 14))

@@ -19,7 +19,7 @@ from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import sampling_probs
 from minimax_m2.serving.drafts import NgramDrafter
 from minimax_m2.serving.engine import Engine
-from minimax_m2.serving.request import Request
+from minimax_m2.serving.request import Joined, Request
 from minimax_m2.serving.row_sampling import verify
 from minimax_m2.serving.verify_gate import VerifyGate
 
@@ -219,3 +219,19 @@ def test_poor_drafts_turn_verification_off(model) -> None:
         engine.step()
     assert [r.generated for r in requests] == want
     assert 0 < engine.stats["verify_steps"] <= 3 and engine.stats["accepted_tokens"] == 0
+
+
+def test_drafts_read_the_prompt_and_output_as_one_sequence_uncopied() -> None:
+    """A request's sequence (prompt + generated, neither copied) reads as the joined list: items, slices,
+    length; a drafter fed it step by step drafts what it drafts from the list."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        head, tail = rng.integers(0, 4, rng.integers(0, 8)).tolist(), rng.integers(0, 4, rng.integers(0, 8)).tolist()
+        joined, full = Joined(head, tail), head + tail
+        a, b = (int(v) for v in rng.integers(-10, 12, 2))
+        assert joined[a:b] == full[a:b] and joined[a:] == full[a:] and len(joined) == len(full)
+        assert [joined[i] for i in range(-len(full), len(full))] == full[-len(full):] + full
+    sequence = rng.integers(0, 4, 80).tolist()
+    split, listed = NgramDrafter(4), NgramDrafter(4)
+    for cut in range(6, 80, 3):
+        assert split.draft(Joined(sequence[:5], sequence[5:cut]), 4) == listed.draft(sequence[:cut], 4)

@@ -5,6 +5,8 @@ the tokens that followed their latest earlier occurrence are the draft. Agents' 
 their prompts (files being edited, tool outputs, earlier turns), which is where such drafts are accepted.
 """
 
+from collections.abc import Sequence
+
 SHORTEST, LONGEST = 2, 4  # n-gram lengths looked up, longest first
 RECENT = 0.3  # the weight of a draft's outcome in the running mean of accepted drafts (`expected`)
 
@@ -25,14 +27,16 @@ class NgramDrafter:
         self._watched: list[int] = []  # a draft not verified, matched against the tokens that follow
         self._matched = 0
 
-    def draft(self, tokens: list[int], k: int) -> list[int]:
+    def draft(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens` (of
         `shortest` to `longest` tokens) seen before; [] when none was."""
         end = len(tokens)
+        first = max(0, self._indexed - self.sizes[0])
+        fresh = tokens[first:end]  # the tokens the new n-grams span, read once
         for position in range(self._indexed, end):  # n-grams ending before the last position, which has no follower
             for n in self.sizes:
                 if position >= n:
-                    self._latest[tuple(tokens[position - n:position])] = position
+                    self._latest[tuple(fresh[position - n - first:position - first])] = position
         self._indexed = max(self._indexed, end)
         if k < 1:
             return []

@@ -1,6 +1,7 @@
 """One generation request as the engine tracks it: its prompt, sampling settings, cache blocks and progress."""
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -58,9 +59,24 @@ class Request:
         return self.prompt + self.generated[:-1]
 
     @property
+    def context_length(self) -> int:
+        """len(context), without copying an agent's 100,000-token prompt every step to count it."""
+        return len(self.prompt) + max(0, len(self.generated) - 1)
+
+    def context_tokens(self, start: int, end: int) -> list[int]:
+        """context[start:end], copying only those."""
+        prompt, end = len(self.prompt), min(end, self.context_length)
+        return self.prompt[start:end] + self.generated[max(0, start - prompt) : max(0, end - prompt)]
+
+    @property
+    def sequence(self) -> "Joined":
+        """The prompt and the generated tokens as one sequence, neither copied (what its drafter reads)."""
+        return Joined(self.prompt, self.generated)
+
+    @property
     def decoding(self) -> bool:
         """The context is cached and a new token waits to be fed."""
-        return self.finish_reason is None and bool(self.generated) and self.prefilled == len(self.context)
+        return self.finish_reason is None and bool(self.generated) and self.prefilled == self.context_length
 
     @property
     def final_length(self) -> int:
@@ -71,3 +87,21 @@ class Request:
     def length(self) -> int:
         """Tokens of the sequence so far: prompt and generated."""
         return len(self.prompt) + len(self.generated)
+
+
+class Joined(Sequence[int]):
+    """Two lists read as one (head + tail), neither copied: its length, items and slices (of step 1)."""
+
+    def __init__(self, head: list[int], tail: list[int]):
+        self.head, self.tail = head, tail
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        split = len(self.head)
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self))
+            return self.head[start:min(stop, split)] + self.tail[max(0, start - split) : max(0, stop - split)]
+        index = index + len(self) if index < 0 else index
+        return self.head[index] if index < split else self.tail[index - split]

@@ -254,13 +254,13 @@ class Scheduler:
         budget = self.shapes.prefill_chunk
         per_group: list[list[Chunk]] = [[] for _ in range(self.groups)]
         for request in self.running:
-            context = request.context
-            if request.prefilled >= len(context) or budget == 0:
+            length = request.context_length
+            if request.prefilled >= length or budget == 0:
                 continue
             rows = per_group[request.group]
             if len(rows) == self.shapes.prefill_rows[-1]:
                 continue
-            count = min(len(context) - request.prefilled, budget, self.shapes.prefill_tokens[-1])
+            count = min(length - request.prefilled, budget, self.shapes.prefill_tokens[-1])
             chunks = [c for g in per_group for c in g]
             longest = max([count] + [len(c.tokens) for c in chunks])
             end = max([request.prefilled + count] + [c.start + len(c.tokens) for c in chunks])
@@ -268,8 +268,8 @@ class Scheduler:
                 break  # another row would make a shape outside the set: it waits for the next step
             budget -= count
             start = request.prefilled
-            rows.append(Chunk(request, start, context[start : start + count],
-                              start + count == len(context) and not request.generated))
+            rows.append(Chunk(request, start, request.context_tokens(start, start + count),
+                              start + count == length and not request.generated))
         chunks = [c for g in per_group for c in g]
         if not chunks:
             return None
@@ -329,7 +329,7 @@ class Scheduler:
         while room > 0 and (request.length - 1 + room) // KV_BLOCK >= len(request.blocks):
             if not self.blocks.grow(request.group, request.blocks):
                 room = len(request.blocks) * KV_BLOCK - request.length
-        return request.drafter.draft(request.prompt + request.generated, room)
+        return request.drafter.draft(request.sequence, room)
 
     def _verify_step(self, rows: int, order: list[Request | None], drafts: list[list[int]]) -> tuple[Step, list]:
         """A step of the decode rows each holding its last token and its drafts (a prefill's shape, every
