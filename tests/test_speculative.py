@@ -128,11 +128,11 @@ def test_sampled_verification_keeps_plain_decodings_distribution() -> None:
     assert abs(accepted / trials - p[draft[0]]) < bound[draft[0]]
 
 
-@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 2), (2, 2, 1)])
-def test_ranks_verify_as_one_process(float32_checkpoint, model, world, tp, moe_tp) -> None:
-    """Rank 0's engine sends every verify step's plan to the other rank (ranks as threads): greedy tokens
-    equal plain decoding's in one process."""
-    sampling = Sampling(max_new_tokens=32)
+@pytest.mark.parametrize("world, tp, moe_tp, temperature", [(2, 1, 2, 0.0), (2, 2, 1, 0.0), (2, 1, 2, 0.5)])
+def test_ranks_verify_as_one_process(float32_checkpoint, model, world, tp, moe_tp, temperature) -> None:
+    """Rank 0's engine sends every verify step's plan to the other rank (ranks as threads; a sampled step
+    with a draw for each position): the tokens equal plain decoding's in one process, greedy or seeded."""
+    sampling = Sampling(max_new_tokens=32, temperature=temperature, top_k=2, seed=5)
     want = _arriving(Engine(model, max_num_seqs=4, prefill_chunk=16), _prompts(), sampling)
     def load(r: int) -> MiniMaxM2Model:
         return MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=160,
