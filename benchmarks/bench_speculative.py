@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def served_tpot(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k: 
 
 
 def decode_steps(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k: int, gate: VerifyGate,
-                 drafting: range, before_step) -> list[tuple[float, int]]:
+                 drafting: range, before_step: Callable[[list], None]) -> list[tuple[float, int]]:
     """(seconds, new tokens) of `steps` engine steps that only decode, every request decoding, the requests
     `drafting` drafting tokens of their prompts (`AlwaysDrafts`); before_step(requests) runs before each."""
     engine = Engine(model, max_num_seqs=len(prompts), prefill_chunk=512, speculative=k, keep_logits=False,

@@ -276,7 +276,6 @@ def compile_share(runner: NeuronRunner, units: list[Unit], world_groups: collect
     return timed, ranks
 
 
-
 _AHEAD: dict[str, Any] = {}  # what `compile_ahead`'s workers compile (set before they are forked) and their runner
 
 

@@ -16,21 +16,16 @@ Which steps verify never changes the tokens (`row_sampling.verify`), only how fa
 
 from dataclasses import dataclass, field
 
-from minimax_m2.device.step import Step
+from minimax_m2.device.step import Step, power_bucket
 
 RECENT = 0.25  # the weight of a step's seconds in the running mean of its kind
-
-
-def _bucket(tokens: int) -> int:
-    """Verify steps of about the same number of tokens (the next power of two) share a cost."""
-    return 1 << max(0, tokens - 1).bit_length()
 
 
 @dataclass
 class VerifyGate:
     always: bool = False  # verify whenever there are drafts (tests and benchmarks)
     decode: dict[int, float] = field(default_factory=dict)  # rows -> seconds of a plain decode step
-    verify: dict[tuple[int, int], float] = field(default_factory=dict)  # (rows, token bucket) -> seconds
+    verify: dict[tuple[int, int], float] = field(default_factory=dict)  # (rows, power_bucket(tokens)) -> seconds
 
     def opens(self, rows: int, tokens: int, real_rows: int, expected: float) -> bool:
         """Whether a step of `rows` rows (its real ones `real_rows`) verifies `tokens` tokens in all, from
@@ -40,7 +35,7 @@ class VerifyGate:
         plain = self.decode.get(rows)
         if plain is None:
             return False
-        cost = self.verify.get((rows, _bucket(tokens)))
+        cost = self.verify.get((rows, power_bucket(tokens)))
         if cost is None:
             return expected > real_rows
         return expected * plain > real_rows * cost
@@ -51,5 +46,5 @@ class VerifyGate:
         if seq == 1:
             key, means = rows, self.decode
         else:
-            key, means = (rows, _bucket(int(step.token_valid.sum()))), self.verify
+            key, means = (rows, power_bucket(int(step.token_valid.sum()))), self.verify
         means[key] = seconds if key not in means else means[key] + RECENT * (seconds - means[key])
