@@ -3,6 +3,7 @@
 import numpy as np
 
 from kernels.collectives import ReplicaGroups, all_reduce, group_size
+from kernels.context_parallel import combine_parts, gather_queries
 from kernels.matmul import cast, matmul
 from kernels.rmsnorm import normalize, sum_of_squares
 from kernels.rope import rope_partial
@@ -59,6 +60,8 @@ def attention(
     kv_tile: int | None = None,
     ragged: bool = False,
     host_schedule: bool = False,
+    spread: tuple[np.ndarray, ...] | None = None,
+    spread_groups: ReplicaGroups | None = None,
 ) -> np.ndarray:
     """Causal GQA attention for R rows of `seq` new tokens, each row continuing its own sequence in a paged
     KV cache.
@@ -83,6 +86,15 @@ def attention(
     all kv_len at once; not used when ragged); host_schedule (a trace-time constant, this CPU's: never
     traced, its shapes follow the step's values): a ragged step's tiles read where they lie (`attend_tiles`),
     another step's rows attending alone, each its real tokens over its own length (`_attend_rows`).
+
+    spread (context parallelism, `kernels.context_parallel`): the step's sequences' keys and values lie in
+    several attention groups, the ranks holding the same heads of every group forming `spread_groups`. Every
+    group's new q, k, v are gathered on every group; spread = (positions [dp * T] int32 of every group's tokens,
+    written [dp * T] int32: where this group's cache takes each one's K/V, its scratch block for the ones it does
+    not hold) and for a prefill also starts [dp * R, W] int32, the first position of each block of kv_blocks,
+    now [dp * R, W]: this group's blocks of each gathered row (FAR: padding); a ragged step's tiles name
+    gathered rows. Each group attends every gathered query against its own blocks; the parts are combined
+    where the queries came from.
     """
     tokens = x.shape[0]
     rows = tokens // seq
@@ -103,57 +115,97 @@ def attention(
     q = rope_partial(q, cos, sin)
     k = rope_partial(k, cos, sin)
 
-    at = positions.reshape(rows, seq)
-    offset = block_offset(positions, block)[1]
-    if ragged:
-        cached = tile_block_start(kv_blocks, positions - offset, block) + offset
-    else:
-        cached = block_index(kv_blocks[:rows], at, block).reshape(-1)
-    written = np.where(token_valid, cached, scratch + offset)
-    k_cache[written] = k.reshape(tokens, kv_heads * head_dim)
-    v_cache[written] = v
-
     # Query head h reads KV head h // group: rows of one KV head are its group's queries, group-major.
-    q = np.transpose(q.reshape(rows, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
-    q = q.reshape(rows, kv_heads, group * seq, head_dim)  # [R, Hkv, G * S, D]
-    if ragged:
-        out = attend_tiles(q, k_cache, v_cache, kv_blocks, positions, block=block, in_place=host_schedule)
-    elif host_schedule:
-        out = _attend_rows(q, k_cache, v_cache, kv_blocks[:rows], at, token_valid.reshape(rows, seq), block=block,
-                           kv_tile=kv_tile or kv_len)
+    def by_kv_head(q: np.ndarray) -> np.ndarray:  # [n * S, Hq, D] -> [n, Hkv, G * S, D]
+        q = np.transpose(q.reshape(-1, seq, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
+        return q.reshape(-1, kv_heads, group * seq, head_dim)
+
+    if spread is not None:
+        q, k, v = gather_queries(q, k, v, spread_groups)
+        k_cache[spread[1]] = k.reshape(-1, kv_heads * head_dim)
+        v_cache[spread[1]] = v
+        out = _attend_spread(by_kv_head(q), k_cache, v_cache, kv_blocks, spread, spread_groups, block=block,
+                             kv_tile=kv_tile, ragged=ragged, host_schedule=host_schedule)
     else:
-        out = attend_cache(q, k_cache, v_cache, table_index(kv_blocks[:rows], block), at, kv_len=kv_len,
-                           kv_tile=kv_tile or kv_len)
+        at = positions.reshape(rows, seq)
+        offset = block_offset(positions, block)[1]
+        if ragged:
+            cached = tile_block_start(kv_blocks, positions - offset, block) + offset
+        else:
+            cached = block_index(kv_blocks[:rows], at, block).reshape(-1)
+        written = np.where(token_valid, cached, scratch + offset)
+        k_cache[written] = k.reshape(tokens, kv_heads * head_dim)
+        v_cache[written] = v
+        q = by_kv_head(q)  # [R, Hkv, G * S, D]
+        if ragged:
+            out = attend_tiles(q, k_cache, v_cache, kv_blocks, positions, block=block, in_place=host_schedule)
+        elif host_schedule:
+            out = _attend_rows(q, k_cache, v_cache, kv_blocks[:rows], at, token_valid.reshape(rows, seq),
+                               block=block, kv_tile=kv_tile or kv_len)
+        else:
+            out = attend_cache(q, k_cache, v_cache, table_index(kv_blocks[:rows], block), at, kv_len=kv_len,
+                               kv_tile=kv_tile or kv_len)
     out = cast(out, x.dtype).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
     partial = matmul(out, wo, rows_apart)
     return all_reduce(partial, replica_groups) if reduce_output else partial
 
 
+def _attend_spread(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, kv_blocks: np.ndarray,
+                   spread: tuple[np.ndarray, ...], spread_groups: ReplicaGroups, *, block: int, kv_tile: int | None,
+                   ragged: bool, host_schedule: bool) -> np.ndarray:
+    """Every group's gathered queries q [dp * R, Hkv, G * S, D] against this group's blocks (a ragged step's
+    tiles, or a prefill's tables with their first positions, spread[2]), the parts combined per row
+    (`kernels.context_parallel.combine_parts`) -> this group's rows [R, Hkv, G * S, D] float32."""
+    rows, positions = q.shape[0], spread[0]
+    if ragged:
+        parts = tile_parts(q, k_cache, v_cache, kv_blocks, positions, block=block, in_place=host_schedule)
+    else:
+        keys = (spread[2][:, :, None] + np.arange(block, dtype=np.int32)[None, None, :]).reshape(rows, -1)
+        parts = cache_parts(q, k_cache, v_cache, table_index(kv_blocks, block), positions.reshape(rows, -1),
+                            kv_len=keys.shape[1], kv_tile=kv_tile or keys.shape[1], key_positions=keys)
+    return combine_parts(*parts, spread_groups, np.float32(q.shape[-1] ** -0.5))
+
+
 def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached: np.ndarray, positions: np.ndarray,
                  *, kv_len: int, kv_tile: int) -> np.ndarray:
     """softmax(q k^T / sqrt(D), causal) v over the first kv_len positions of each row's cache row, in tiles of
-    kv_tile positions with a running maximum and sum (the online softmax), so that the float32 scores held
-    at once are [R, Hkv, G * S, kv_tile], whatever kv_len is.
+    kv_tile positions with a running maximum and sum (the online softmax, `cache_parts`), so that the float32
+    scores held at once are [R, Hkv, G * S, kv_tile], whatever kv_len is.
 
     q: [R, Hkv, G * S, D] (row r's queries, group-major: query g * S + s is token s of head g); k/v_cache:
     [cache positions, Hkv * D]; cached: [R, >= kv_len] int32, where each row's positions 0, 1, .. are in the
     cache (`table_index`); positions: [R, S] int32, each query's position (it sees cache positions <= it).
     kv_tile divides kv_len. Returns [R, Hkv, G * S, D] float32.
-
-    Each tile's weights are normalised after the PV product; with one tile this is plain softmax. Masked
-    scores are float32's lowest value, so a tile a query cannot see adds exp(lowest - max) = 0 to it.
     """
+    out, _, total = cache_parts(q, k_cache, v_cache, cached, positions, kv_len=kv_len, kv_tile=kv_tile)
+    return out / total
+
+
+def cache_parts(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached: np.ndarray, positions: np.ndarray,
+                *, kv_len: int, kv_tile: int, key_positions: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`attend_cache`'s online softmax, left unnormalised: (the weighted values [R, Hkv, G * S, D], the largest
+    score [.., 1] and the sum of weights [.., 1], float32), weights exp((score - largest) * scale).
+
+    key_positions: [R, >= kv_len] int32, the position of each cache entry read (default 0, 1, ..: a row's
+    whole sequence; else some of its blocks, e.g. the ones one attention group holds, padding at a position no
+    query sees). Each tile's weights are normalised after the PV product; with one tile this is plain softmax.
+    Masked scores are float32's lowest value, so a tile a query cannot see adds exp(lowest - max) = 0 to it
+    once a tile it sees has come."""
     rows, kv_heads, queries, head_dim = q.shape
     group = queries // positions.shape[1]
     scale = np.float32(head_dim**-0.5)
     seen = np.tile(positions, (1, group))[:, None, :, None]  # [R, 1, G * S, 1]: each query's position
     best = total = out = None
     for start in range(0, kv_len, kv_tile):
-        span = np.arange(start, start + kv_tile, dtype=np.int32)
+        if key_positions is None:
+            span = np.arange(start, start + kv_tile, dtype=np.int32)[None, None, None, :]
+        else:
+            span = key_positions[:, None, None, start : start + kv_tile]
         keys, values = read_kv(k_cache, v_cache, cached[:, start : start + kv_tile], kv_heads)
         scores = cast(matmul(q, np.swapaxes(keys, -1, -2)), np.float32)  # [R, Hkv, G * S, tile]
-        scores = np.where(span[None, None, None, :] <= seen, scores, _MASKED)
+        scores = np.where(span <= seen, scores, _MASKED)
         tile_best = np.max(scores, axis=-1, keepdims=True)
         new_best = tile_best if best is None else np.maximum(best, tile_best)
         weights = np.exp((scores - new_best) * scale)
@@ -166,7 +218,7 @@ def attend_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached
             out = out * carried + part
         best = new_best
         del keys, values, scores, weights, part  # this tile's arrays go before the next tile's are made
-    return out / total
+    return out, best, total
 
 
 def _attend_rows(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tables: np.ndarray, positions: np.ndarray,
@@ -220,12 +272,20 @@ def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles:
     q: [R, Hkv, G, D]; tiles: [N, 3] int32, one per block attended: (its row, its cache block, the position
     of its first entry); every row's blocks up to its position, in any order; padding tiles name the
     scratch block at a first position past every row's, so they see nothing. positions: [R] int32 (a row
-    sees positions <= its own). Each tile's softmax is taken alone (its maximum, its sum, its weighted
-    values), then a row's tiles are combined, scaled to the row's largest maximum: the online softmax,
-    all tiles at once. A row with no tile (padding) gives zeros. Returns [R, Hkv, G, D] float32.
+    sees positions <= its own). A row with no tile (padding) gives zeros. Returns [R, Hkv, G, D] float32.
     in_place (a trace-time schedule, this CPU's, never traced): the tiles read where they lie in the cache
     (`_runs_in_place`) rather than gathered into one copy first, which on a CPU costs more than the
     products."""
+    out, _, norm = tile_parts(q, k_cache, v_cache, tiles, positions, block=block, in_place=in_place)
+    return out / np.maximum(norm, np.float32(np.finfo(np.float32).tiny))
+
+
+def tile_parts(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles: np.ndarray, positions: np.ndarray,
+               *, block: int, in_place: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`attend_tiles` left unnormalised: (each row's weighted values [R, Hkv, G, D], its largest score [.., 1],
+    its sum of weights [.., 1], float32; a row with no tile: zeros and float32's lowest). Each tile's softmax
+    is taken alone (its maximum, its sum, its weighted values), then a row's tiles are combined, scaled to
+    the row's largest maximum: the online softmax, all tiles at once."""
     rows, kv_heads, group, head_dim = q.shape
     scale = np.float32(head_dim**-0.5)
     if in_place:
@@ -244,7 +304,7 @@ def attend_tiles(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles:
     share = member.astype(np.float32)
     out = matmul(share, (part * carried).reshape(count, -1)).reshape(rows, kv_heads, group, head_dim)
     norm = matmul(share, (total * carried).reshape(count, -1)).reshape(rows, kv_heads, group, 1)
-    return out / np.maximum(norm, np.float32(np.finfo(np.float32).tiny))
+    return out, row_best, norm
 
 
 def _runs_in_place(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tiles: np.ndarray, positions: np.ndarray,

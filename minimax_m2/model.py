@@ -204,9 +204,13 @@ class MiniMaxM2Model:
         check_vocabulary(step.input_ids, config.vocab_size)
         if np.any(step.positions < 0) or np.any(step.positions >= self.max_seq_len):
             raise ValueError(f"positions must lie in 0..{self.max_seq_len - 1} (max_seq_len {self.max_seq_len})")
-        blocks = step.kv_tiles[..., 1] if step.kv_tiles is not None else step.block_tables
+        blocks = step.kv_tiles[..., 1] if step.kv_tiles is not None else \
+            step.spread.tables if step.spread is not None else step.block_tables
         if np.any(blocks < 0) or np.any(blocks > self.blocks):
             raise ValueError(f"cache blocks must lie in 0..{self.blocks} (the last is scratch)")
+        if step.spread is not None and (np.any(step.spread.written < 0) or
+                                        np.any(step.spread.written >= (self.blocks + 1) * KV_BLOCK)):
+            raise ValueError(f"cache positions written must lie in 0..{(self.blocks + 1) * KV_BLOCK - 1}")
         embedding, layer, head = self._calls(step)
         h = self.runner(embedding)
         for index in range(config.num_hidden_layers):
@@ -238,7 +242,7 @@ class MiniMaxM2Model:
         mine = step.input_ids[group_rows(step, layout)].reshape(-1)
         cost = self.schedule_cost()
         constants = layer_constants(config, layout, real, seq, kv_len,
-                                    self.weights.layers[0].w13.shape[0], cost, mine.size)
+                                    self.weights.layers[0].w13.shape[0], cost, mine.size, step.spread is not None)
         phase = "decode" if seq == 1 else "prefill"
 
         def layer(h: Any, index: int) -> Unit:

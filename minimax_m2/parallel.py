@@ -103,6 +103,12 @@ class ParallelLayout:
         return _groups(range(self.moe_tp), self.moe_ep, self.moe_tp)
 
     @property
+    def spread_groups(self) -> list[list[int]]:
+        """The ranks holding the same attention heads in every attention group: they exchange a spread
+        sequence's queries and softmax parts (context parallelism)."""
+        return _groups(range(self.tp), self.dp, self.tp)
+
+    @property
     def combine_groups(self) -> list[list[int]]:
         """Attention-tp ranks outside one slice group whose split expert choices are summed."""
         if self.moe_tp >= self.tp:

@@ -34,6 +34,7 @@ from minimax_m2.device.expert_schedule import measured_table, roofline_cost
 from minimax_m2.device.nkipy_semantics import EmulatedCollectives, LoopbackCollectives, outside_subset, trace_unit
 from minimax_m2.device.program import program_units
 from minimax_m2.device.roofline import TRN2
+from minimax_m2.device.step import KV_BLOCK
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights.model_weights import LAYER_WEIGHT_NAMES, model_dtype, random_model_weights
 
@@ -174,9 +175,11 @@ def _rank_units(world: int, tp: int, moe_tp: int, rank: int, phase: str, batch: 
     weights = random_model_weights(CONFIG, list(range(8)), seed=1, layout=layout, dtype=model_dtype(dtype))
     if skewed:  # every token chooses experts 0..3: all on rank 0
         weights.layers[0].bias[:4] += 100.0
-    rope = tuple(t.astype(weights.embed.dtype) for t in rope_tables(MAX_SEQ, CONFIG.rotary_dim, CONFIG.rope_theta))
+    longest = variant.pop("max_seq_len", MAX_SEQ)
+    rope = tuple(t.astype(weights.embed.dtype) for t in rope_tables(longest, CONFIG.rotary_dim, CONFIG.rope_theta))
+    variant.setdefault("position", 0 if phase == "prefill" else 9)
     return program_units(CONFIG, layout, weights, rope, TARGETS[target](weights.layers[0]), phase=phase, batch=batch,
-                         seq=seq, max_seq_len=MAX_SEQ, position=0 if phase == "prefill" else 9, **variant)
+                         seq=seq, max_seq_len=longest, **variant)
 
 
 def _trn_cost(layer):
@@ -424,3 +427,21 @@ def test_subset_check_names_untraceable_calls(allowed) -> None:
         pytest.skip(f"{OPS_FILE} is absent: the nkipy traceable subset ships in ../shared beside the repository")
     program, _, _ = emulate(lambda x: np.argsort(x), dict(x=np.arange(3.0, dtype=np.float32)))
     assert "np.argsort" in outside_subset(program, allowed)
+
+
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 1), (4, 2, 2), (4, 1, 4)])
+@pytest.mark.parametrize("phase, batch, seq", [("prefill", 4, 40), ("decode", 3, 1)])
+@pytest.mark.parametrize("target", ["trn", "cpu"])
+def test_a_spread_step_traces_to_the_numpy_program(allowed, world, tp, moe_tp, phase, batch, seq, target) -> None:
+    """Context parallelism: every row's cache striped over the attention groups, each group attending every
+    group's queries against its blocks and the parts combined by an all_to_all."""
+    position = 3 * KV_BLOCK + 20 if phase == "prefill" else 5 * KV_BLOCK + 9  # the rows' blocks in every group
+    ranks = run_ranks(world, tp, moe_tp, phase, batch, seq, target=target, spread=True, position=position,
+                      max_seq_len=8 * KV_BLOCK)
+    for rank, units in enumerate(ranks):
+        for name, program, traced, plain in units:
+            assert_same_program_as_numpy(program, traced, plain, allowed, f"rank {rank} {name}")
+        spread_groups = tuple(map(tuple, ParallelLayout(world, tp).spread_groups))
+        exchanged = [c.name for c in units[1][1].collectives if c.replica_groups == spread_groups]
+        assert exchanged[:2] == ["all_gather", "all_to_all"], f"rank {rank}: {exchanged}"  # then the MoE's, if any
+    assert ranks[0][1][1].ops == ranks[-1][1][1].ops

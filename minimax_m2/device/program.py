@@ -33,6 +33,7 @@ from minimax_m2.device.step import (
     kv_tile_for,
     mask_words,
     padded,
+    striped,
     table_width,
     uniform_step,
 )
@@ -100,21 +101,23 @@ def expert_rows(config: MiniMaxM2Config, layout: ParallelLayout, union: int, loc
 
 
 def layer_constants(config: MiniMaxM2Config, layout: ParallelLayout, union: int, seq: int, kv_len: int,
-                    local_experts: int, expert_cost: ExpertCost, tokens: int) -> dict[str, Any]:
+                    local_experts: int, expert_cost: ExpertCost, tokens: int, spread: bool = False) -> dict[str, Any]:
     """Keyword constants of `layer_unit`; union: the tokens a slice group gathers that can be real; expert_cost:
-    the target's cost of one expert over n rows, which chooses the schedules; tokens: the unit's T."""
+    the target's cost of one expert over n rows, which chooses the schedules; tokens: the unit's T; spread:
+    the step's caches lie in several attention groups (each group then attends every group's tokens)."""
     top_k = config.num_experts_per_tok
     rows = expert_rows(config, layout, union, local_experts)
+    queries = tokens * layout.dp if spread else tokens
     return dict(
         head_dim=config.head_dim, eps=config.rms_norm_eps, top_k=top_k, seq=seq, block=KV_BLOCK, kv_len=kv_len,
-        kv_tile=kv_tile_for(tokens, config.num_attention_heads // layout.tp, kv_len), ragged=seq == 1,
+        kv_tile=kv_tile_for(queries, config.num_attention_heads // layout.tp, kv_len), ragged=seq == 1,
         real_pairs=union * top_k // layout.tp,
         members=layout.moe_tp, per_token=top_k // layout.tp, own_count=len(layout.own_members()),
         capacity=layout.capacity(union, top_k, local_experts), count_drops=layout.capacity_factor is not None,
         block_rows=choose_block_rows(rows, local_experts, expert_cost), rows_apart=rows_apart(tokens, expert_cost),
         scatter=tokens % layout.tp == 0 and tokens >= SCATTER_TOKENS, tp_groups=layout.tp_groups,
         slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
-        host_schedule=runs_numpy(expert_cost),
+        host_schedule=runs_numpy(expert_cost), spread_groups=layout.spread_groups if spread else None,
     )
 
 
@@ -137,8 +140,15 @@ def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.nda
     """The array arguments of `layer_unit`, by name (union: `ParallelLayout.union_tokens`; kv_len: the
     positions the step attends, which set its block tables' width)."""
     mine = group_rows(step, layout)
+    spread = {}
+    if step.spread is not None:
+        spread = dict(spread_positions=step.positions.reshape(-1), spread_written=step.spread.written[layout.group])
+        if step.spread.tables is not None:
+            spread["spread_starts"] = step.spread.starts[layout.group]
     if step.kv_tiles is not None:
         kv_blocks = step.kv_tiles[layout.group]
+    elif step.spread is not None:
+        kv_blocks = step.spread.tables[layout.group]
     else:
         kv_blocks = step.block_tables[mine][:, :table_width(kv_len)]
         scratch = caches[0].shape[0] // KV_BLOCK - 1
@@ -151,6 +161,7 @@ def layer_inputs(h: Any, step: Step, layout: ParallelLayout, union: tuple[np.nda
                   own_position=rank.own_position, cos_table=rope[0], sin_table=rope[1], k_cache=caches[0],
                   v_cache=caches[1])
     inputs.update({name: getattr(weights, name) for name in LAYER_WEIGHT_NAMES if getattr(weights, name) is not None})
+    inputs.update(spread)
     return inputs
 
 
@@ -227,6 +238,7 @@ def program_units(
     every_position: bool = False,
     rows: int | None = None,
     kv_len: int | None = None,
+    spread: bool = False,
 ) -> list[Unit]:
     """The units one rank runs for one phase ('prefill': `seq` prompt tokens from `position`;
     'decode': one token at `position`), with example inputs of the right shapes, dtypes and values
@@ -235,7 +247,8 @@ def program_units(
     log-probabilities returned with `logprobs`, the logits with `return_logits`; with `masks`, that many
     grammar masks, every other row constrained; with `every_position`, the next token of every position (a
     verify step's lm_head); `rows` rows per attention group, default the batch's; a
-    prefill attending `kv_len` positions, default the bucket of its last)."""
+    prefill attending `kv_len` positions, default the bucket of its last; with `spread`, every row's sequence
+    striped over the attention groups, `striped`)."""
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     seq = 1 if phase == "decode" else seq
@@ -245,6 +258,9 @@ def program_units(
     rank = RankValues.of(config, layout)
     ids = (np.arange(batch * seq, dtype=np.int32).reshape(batch, seq) * 7919) % config.vocab_size
     step = uniform_step(batch, seq, position, layout, max_seq_len, ids, all_positions=every_position, rows=rows)
+    if spread:
+        width = table_width(max_seq_len)
+        step = striped(step, layout.dp, width, layout.rows_per_group(batch) * width)
     total = step.input_ids.shape[0]
     if samples:
         step.sampled = Sampled(np.full(total, 0.7, np.float32), np.full(total, 8, np.int32),
@@ -259,7 +275,8 @@ def program_units(
     layer = weights.layers[0]
     union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
     kv_len = step.kv_len or kv_len or kv_len_for(step.kv_length, max_seq_len)
-    constants = layer_constants(config, layout, real, seq, kv_len, layer.w13.shape[0], expert_cost, h.shape[0])
+    constants = layer_constants(config, layout, real, seq, kv_len, layer.w13.shape[0], expert_cost, h.shape[0],
+                                spread)
     return [
         embedding_call(step.input_ids[mine].reshape(-1), weights, rank, layout),
         layer_call(phase, layer_inputs(h, step, layout, union, rank, rope, caches, layer, kv_len), constants),

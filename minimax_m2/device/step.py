@@ -75,6 +75,16 @@ class Sampled:
 
 
 @dataclass
+class Spread:
+    """Where a step's tokens and blocks are when its sequences' caches are spread over the attention groups
+    (context parallelism): each group attends every group's rows against the blocks it holds."""
+
+    written: np.ndarray  # [dp, dp * T] int32: where group g's cache takes each gathered token's K/V (else scratch)
+    tables: np.ndarray | None = None  # [dp, dp * R, W] int32 (prefill): group g's blocks of each gathered row
+    starts: np.ndarray | None = None  # [dp, dp * R, W] int32: their first positions (FAR: padding)
+
+
+@dataclass
 class Step:
     """The host's description of one step, for every attention group's rows (arrays [dp * R, ...]).
 
@@ -101,6 +111,7 @@ class Step:
     # `mask_bucket`), or a Future of them (resolved when the lm_head runs: they may be computed meanwhile)
     masks: np.ndarray | Future | None = None
     mask_index: np.ndarray | None = None  # [dp * R] int32: each row's mask in masks (-1: free)
+    spread: Spread | None = None  # the rows' blocks lie in several groups (then kv_tiles name gathered rows)
 
     def resolved_masks(self) -> np.ndarray | None:
         """The masks, waiting for them if they are still being computed."""
@@ -204,6 +215,63 @@ def decode_tiles(groups: list[list[tuple[int, list[int], int]]], count: int, scr
         if mine:
             tiles[g, : len(mine)] = mine
     return tiles
+
+
+def spread_step(step: Step, held: list[dict[int, list[tuple[int, int]]]], dp: int, scratch: int,
+                tiles: int = 0, width: int = 0) -> Step:
+    """The step with its sequences' caches spread over the attention groups (`Spread`): held[r], for each of
+    its dp * R rows, the blocks of that row's sequence each group holds, {group: [(block, first position)]}
+    (every block up to the row's last position, the ones the step writes included; {} for a padding row).
+    A decode step's tiles (`kv_tiles`, naming gathered rows) number `tiles` per group, a prefill's tables
+    are `width` blocks wide (default: the power-of-two bucket of the fullest group)."""
+    rows, seq = step.input_ids.shape
+    positions = step.positions.reshape(-1)
+    written = np.tile(np.int32(scratch * KV_BLOCK) + positions % np.int32(KV_BLOCK), (dp, 1))
+    for r, blocks in enumerate(held):
+        where = {first: (g, b) for g, mine in blocks.items() for b, first in mine}
+        for t in np.flatnonzero(step.token_valid[r]) + r * seq:
+            g, b = where[int(positions[t]) // KV_BLOCK * KV_BLOCK]
+            written[g, t] = b * KV_BLOCK + positions[t] % KV_BLOCK
+    step.spread = Spread(written)
+    by_group = [[(r, b, first) for r, blocks in enumerate(held) for b, first in blocks.get(g, [])] for g in range(dp)]
+    if seq == 1:
+        count = tiles or power_bucket(max(map(len, by_group)))
+        step.kv_tiles = np.tile(np.array([0, scratch, FAR], np.int32), (dp, count, 1))
+        for g, mine in enumerate(by_group):
+            if len(mine) > count:
+                raise ValueError(f"{len(mine)} tiles exceed the step's {count}")
+            if mine:
+                step.kv_tiles[g, : len(mine)] = mine
+        step.kv_len = count * KV_BLOCK
+    else:
+        width = width or power_bucket(max([len(mine) for blocks in held for mine in blocks.values()], default=1))
+        tables = np.full((dp, rows, width), scratch, np.int32)
+        starts = np.full((dp, rows, width), FAR, np.int32)
+        for r, blocks in enumerate(held):
+            for g, mine in blocks.items():
+                if len(mine) > width:
+                    raise ValueError(f"{len(mine)} blocks exceed the step's tables of {width}")
+                tables[g, r, : len(mine)] = [b for b, _ in mine]
+                starts[g, r, : len(mine)] = [first for _, first in mine]
+        step.spread.tables, step.spread.starts = tables, starts
+        step.kv_len = width * KV_BLOCK
+    step.block_tables = None
+    return step
+
+
+def striped(step: Step, dp: int, width: int, scratch: int) -> Step:
+    """A step laid out by `uniform_step` (real row r owning cache blocks (r % R) * width ..), with each real row's
+    sequence striped over the attention groups instead: its j-th block in group j % dp, as block
+    (r % R) * width + j // dp there (`spread_step`)."""
+    rows = step.input_ids.shape[0] // dp
+    held: list[dict[int, list[tuple[int, int]]]] = []
+    for r, valid in enumerate(step.token_valid):
+        mine: dict[int, list[tuple[int, int]]] = {}
+        if valid.any():
+            for j in range(int(np.max(step.positions[r][valid])) // KV_BLOCK + 1):
+                mine.setdefault(j % dp, []).append(((r % rows) * width + j // dp, j * KV_BLOCK))
+        held.append(mine)
+    return spread_step(step, held, dp, scratch)
 
 
 def contiguous_tables(rows: np.ndarray, width: int) -> np.ndarray:

@@ -64,6 +64,9 @@ def layer_unit(
     w2: np.ndarray,
     w13_scale: np.ndarray | None = None,
     w2_scale: np.ndarray | None = None,
+    spread_positions: np.ndarray | None = None,
+    spread_written: np.ndarray | None = None,
+    spread_starts: np.ndarray | None = None,
     *,
     head_dim: int,
     eps: float,
@@ -87,6 +90,7 @@ def layer_unit(
     ep_groups: ReplicaGroups,
     combine_groups: ReplicaGroups,
     host_schedule: bool = False,
+    spread_groups: ReplicaGroups | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One decoder layer: h + attn(norm(h)), then + moe(norm(.)).
 
@@ -105,12 +109,19 @@ def layer_unit(
     output reaches the MoE when a slice group spans whole attention groups (`_attention_gathered`).
     Weights as in `LayerWeights`: with FP8 experts (w13_scale and w2_scale given), w13 and w2 hold
     float8_e4m3fn codes, each expert dequantised where it is read (`kernels.moe_grouped`).
+    With spread_groups (context parallelism: a step's sequences held by several attention groups), kv_blocks
+    are this group's blocks of every group's rows, and spread_positions [dp * T], spread_written [dp * T] and,
+    for a prefill, spread_starts [dp * R, W] int32 say where every group's tokens are and where this group's
+    cache takes them (`kernels.attention.attention`'s spread).
     Returns h; with count_drops (a capacity below the worst case), (h, dropped [2] int32).
     """
     scales = None if w13_scale is None else (w13_scale, w2_scale)
     normed = rmsnorm(h, input_norm, eps)
+    spread = None if spread_groups is None else \
+        (spread_positions, spread_written) + (() if spread_starts is None else (spread_starts,))
     attend = dict(head_dim=head_dim, eps=eps, block=block, kv_len=kv_len, seq=seq, replica_groups=tp_groups,
-                  rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged, host_schedule=host_schedule)
+                  rows_apart=rows_apart, kv_tile=kv_tile, ragged=ragged, host_schedule=host_schedule, spread=spread,
+                  spread_groups=spread_groups)
     weights = (wq, wk, wv, wo, q_norm, k_norm, cos_table, sin_table, k_cache, v_cache)
     if group_size(slice_groups) * group_size(ep_groups) == 1:  # one rank
         h = h + attention(normed, positions, kv_blocks, token_valid, *weights, **attend)
