@@ -18,6 +18,7 @@ from pathlib import Path
 
 from minimax_m2.cli import main
 from minimax_m2.run import exit_with
+from minimax_m2.serving.engine import SPREAD_FROM
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "tokens of plain decoding; off while 16 or more requests decode)")
     engine.add_argument("--num-speculative-tokens", type=int, default=4,
                         help="draft tokens verified per request and step, at most (adapts to what it accepts)" + d)
+    engine.add_argument("--spread-from", type=int, default=SPREAD_FROM,
+                        help="with several attention groups (--ep / --tp above 1), a request whose context reaches "
+                             "this many tokens has its KV cache spread over all of them: its prefill takes a chunk "
+                             "a group per step and every group attends against its share (context parallelism; "
+                             "0: never)" + d)
     engine.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled per step, all requests together: a long prompt delays the "
                              "running decodes by at most one chunk" + d)

@@ -15,7 +15,8 @@ for the MoE layouts (moe_tp, moe_ep) = (1, 64), (64, 1), (8, 8) with attention t
    recorded (ops, matmuls), and what each cut of the set costs in TTFT or TPOT; and that engine's memory
    plan per NeuronCore (what `run_example.py --device neuron` checks before loading);
 5. long contexts: TTFT of 32k and 128k-token prompts through chunked prefill, TPOT at those contexts at
-   batch 1 and 32, with the KV bytes a decode step reads beside everything else it reads;
+   batch 1 and 32, with the KV bytes a decode step reads beside everything else it reads; and both with one
+   request's cache spread over the attention groups (context parallelism);
 6. FP8 experts kept as 8-bit codes (`--fp8 keep`): TPOT at batch 1, 8, 32 and 256 beside bf16, with the
    bytes a layer reads and the element-wise work of decoding the codes;
 7. speculative decoding: the verify step of k = 2, 4, 8 drafts a row at batch 1, 8, 32 and 256, TPOT per
@@ -57,11 +58,11 @@ from minimax_m2.device.roofline import (  # noqa: E402
     served_seconds,
     static_expert_floor,
 )
-from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_len_for, power_bucket  # noqa: E402
+from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_len_for, power_bucket, spread_chunk  # noqa: E402
 from minimax_m2.model import MiniMaxM2Model  # noqa: E402
 from minimax_m2.parallel import ParallelLayout  # noqa: E402
 from minimax_m2.serving.engine import Engine  # noqa: E402
-from minimax_m2.serving.scheduler import DECODE_TILE_FLOOR, PREFILL_KV_FLOOR  # noqa: E402
+from minimax_m2.serving.shapes import DECODE_TILE_FLOOR, PREFILL_KV_FLOOR  # noqa: E402
 from minimax_m2.weights.model_weights import zero_model_weights  # noqa: E402
 
 WORLD, TP, CONTEXT, PROMPT, LONGEST = 64, 8, 4096, 2048, 196_608
@@ -234,7 +235,8 @@ LONG_CONTEXTS = (32_768, 131_072)
 def long_context(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
     """TTFT of prompts of LONG_CONTEXTS tokens prefilled in chunks of PROMPT (each chunk attends the bucket of
     its last position: one program per bucket, counted once per chunk) and TPOT at those contexts, batch 1
-    and 32, with the KV bytes a decode step reads beside its other bytes."""
+    and 32, with the KV bytes a decode step reads beside its other bytes; and the same with the prompt's cache
+    spread over the attention groups (context parallelism, `spread`)."""
     layout = ParallelLayout(WORLD, TP, 0, moe_tp=moe_tp)
     layers = config.num_hidden_layers
     per_position = 2 * (config.num_key_value_heads // TP) * config.head_dim * 2  # K and V, bf16, one layer
@@ -254,8 +256,32 @@ def long_context(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
             row[f"kv_gb_b{batch}"] = kv / 1e9
             row[f"other_gb_b{batch}"] = (costs[0].bytes_read + layers * costs[1].bytes_read + costs[2].bytes_read
                                          - kv) / 1e9
+        row.update(spread_context(config, layout, hw, context, per_position))
         out[context] = row
     return out
+
+
+def spread_context(config: MiniMaxM2Config, layout: ParallelLayout, hw, context: int, per_position: int) -> dict:
+    """One request's `context` tokens striped over the attention groups, block j in group j % dp: its prompt
+    prefilled dp chunks a step (one a group, `spread_chunk` tokens each for prefill chunks of PROMPT; every
+    group attends all the step's queries against its blocks, tables as wide as the fullest group's, a power
+    of two), and its decode at batch 1 (each group reading its share of the blocks)."""
+    layers, groups = config.num_hidden_layers, layout.dp
+    chunk = spread_chunk(PROMPT, groups)
+    step_tokens = groups * chunk
+    ends = [(s + 1) * step_tokens for s in range(context // step_tokens)]
+    widths = Counter(power_bucket(-(-blocks_for(end) // groups)) for end in ends)
+    ttft = 0.0
+    for width, n in widths.items():
+        end = max(e for e in ends if power_bucket(-(-blocks_for(e) // groups)) == width)
+        costs = record_units(config, layout, phase="prefill", batch=groups, seq=chunk, context=context,
+                             position=end - chunk, spread=True)
+        ttft += n * served_seconds(costs, layers, hw, "prefill", step_tokens)
+    costs = record_units(config, layout, phase="decode", batch=1, seq=1, context=context,
+                         rows=decode_rows(layout, 1), spread=True)
+    kv = layers * power_bucket(-(-blocks_for(context) // groups)) * KV_BLOCK * per_position
+    return {"spread_ttft_s": ttft, "spread_prefill_steps": len(ends), "spread_prefill_programs": len(widths),
+            "spread_tpot_ms_b1": served_seconds(costs, layers, hw, "decode", 1) * 1e3, "spread_kv_gb_b1": kv / 1e9}
 
 
 def fp8_experts(config: MiniMaxM2Config, hw, moe_tp: int) -> dict:
@@ -416,6 +442,16 @@ def main(argv: list[str]) -> int:
               f"{r['kv_gb_b32']:.3f} / {r['other_gb_b32']:.3f} |")
     print("  a decode step reads the blocks its rows attend (tiles): 32 rows of mixed lengths read the sum of their "
           "lengths, not 32 times the longest")
+    groups = WORLD // TP
+    print(f"  one request's cache spread over the {groups} attention groups (context parallelism: {groups} chunks of "
+          f"{spread_chunk(PROMPT, groups)} tokens a prefill step, each group attending every group's queries against "
+          "its blocks; two more collectives a layer)")
+    print("| context | TTFT spread (steps, programs) | TPOT b=1 spread (vs 4k) | KV GB b=1 spread |")
+    print("|---|---|---|---|")
+    for context, r in long.items():
+        print(f"| {context:,} | {r['spread_ttft_s']:.2f} s ({r['spread_prefill_steps']}, "
+              f"{r['spread_prefill_programs']}) | {r['spread_tpot_ms_b1']:.2f} ms "
+              f"({r['spread_tpot_ms_b1'] / base:.2f}x) | {r['spread_kv_gb_b1']:.3f} |")
     fp8 = fp8_experts(config, hw, best_tp)
     print(f"\n6. FP8 experts kept as codes at ({best_tp}, {WORLD // best_tp}), decoded in the units (ASSUMED "
           f"{hw.vector_ops_per_s / 1e9:.0f} G element-wise operations/s beside memory and matmuls)")

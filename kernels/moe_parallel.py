@@ -111,7 +111,7 @@ def moe_block_parallel(
     `kernels.moe_grouped.grouped_experts`).
 
     1. Of the slice group's gathered tokens, the U that can be real are kept (padding never reaches an
-       expert) and routed.
+       expert) and routed (where the copies make U the larger, the gathered tokens are routed, each once).
     2. Their pairs (each row x its member's slots, at most real_pairs of them real) run through this rank's
        slices (schedule `block_rows`), dispatched over `ep_groups` to the slice group holding the expert
        when moe_ep > 1.
@@ -129,7 +129,10 @@ def moe_block_parallel(
         group = np.floor(union_member.astype(np.float32) / np.float32(copies)).astype(np.int32)
         source = group * np.int32(tokens) + (union_rows - union_member * np.int32(tokens))
     rows = np.take(gathered, source, axis=0)  # [U, hidden]
-    weights, experts = moe_router(rows, gate, bias, top_k)
+    if gathered.shape[0] < rows.shape[0]:  # each token routed once, not once a copy (a large prefill's union)
+        weights, experts = (np.take(a, source, axis=0) for a in moe_router(gathered, gate, bias, top_k))
+    else:
+        weights, experts = moe_router(rows, gate, bias, top_k)
     member_slots = member_slots[: members * per_token].reshape(members, per_token)
     slots = np.take(member_slots, union_member, axis=0)  # [U, per_token]
     chosen = np.take_along_axis(experts, slots, axis=1).reshape(-1)

@@ -75,6 +75,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         checks.number("--capacity-factor", args.capacity_factor, 0, 1e6)
     if args.kv_blocks is not None:
         checks.integer("--kv-blocks", args.kv_blocks, 1, 1 << 26)
+    checks.integer("--spread-from", args.spread_from, 0, 1 << 30)
 
 
 def _chat_messages(turns: list[str]) -> list[dict]:
@@ -100,11 +101,12 @@ def _source(args: argparse.Namespace) -> Path:
 
 def _check_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, device: str,
                   slots: int, prefill_chunk: int, kept_logits: int, max_seq_len: int, kv_blocks: int | None,
-                  leader: bool, fp8: bool) -> int:
+                  leader: bool, fp8: bool, spread_from: int) -> int:
     """Print this rank's memory plan and refuse the run, before any allocation, when it cannot fit; the KV
     pool's blocks per attention group (`kv_blocks`, else `pool_blocks`)."""
     available, where = available_memory(device, min(layout.world, world_size()))
-    sizes = dict(slots=slots, prefill_chunk=prefill_chunk, max_seq_len=max_seq_len, kept_logits=kept_logits, fp8=fp8)
+    sizes = dict(slots=slots, prefill_chunk=prefill_chunk, max_seq_len=max_seq_len, kept_logits=kept_logits, fp8=fp8,
+                 spread_from=spread_from)
     kv_blocks = kv_blocks or pool_blocks(config, layout, num_experts, dtype, available=available, device=device,
                                          **sizes)
     plan = engine_plan(config, layout, num_experts, dtype, kv_blocks=kv_blocks, **sizes)
@@ -149,7 +151,8 @@ def _new_engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_
     return Engine(model, max_num_seqs=slots, prefill_chunk=args.prefill_chunk, executor=executor,
                   prefix_reuse=not args.no_prefix_reuse,
                   speculative=args.num_speculative_tokens if args.speculative else 0,
-                  keep_logits=args.mode != "serve" and args.dump_logits is not None, kv_blocks=kv_blocks)
+                  keep_logits=args.mode != "serve" and args.dump_logits is not None, kv_blocks=kv_blocks,
+                  spread_from=args.spread_from)
 
 
 def _compile_share(engine: Engine, runner: NeuronRunner | None, leader: bool) -> None:
@@ -206,7 +209,7 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     planned.check(config, len(experts))
     kv_blocks = _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots,
                               args.prefill_chunk, 0, args.max_seq_len, args.kv_blocks, rank() == 0,
-                              keeps_fp8(args, config))
+                              keeps_fp8(args, config), args.spread_from)
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)
     kv_blocks = _agreed(kv_blocks, layout)
     leader = layout.rank == 0
@@ -346,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
     kept = sum(n + sampling.max_new_tokens - 1 for n in lengths) if args.dump_logits else 0
     kv_blocks = _check_memory(config, planned, len(experts), model_dtype(args.dtype), args.device, slots,
                               args.prefill_chunk, kept, args.max_seq_len, args.kv_blocks, rank() == 0,
-                              keeps_fp8(args, config))
+                              keeps_fp8(args, config), args.spread_from)
     rng = np.random.default_rng(args.model_seed)
     prompts = rows or rng.integers(0, config.vocab_size, (len(lengths), lengths[0])).tolist()
     layout, backend = start(tp, args.collective_timeout, args.capacity_factor, moe_tp)

@@ -64,14 +64,16 @@ def plan_config(args: argparse.Namespace) -> tuple[MiniMaxM2Config, list[int], d
 
 
 def serving_engine(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, slots: int,
-                   prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int, fp8: bool) -> Engine:
+                   prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int, fp8: bool,
+                   spread_from: int) -> Engine:
     """The serving engine of these settings over a model of zeros that is never touched (its pages are never
     written, so it takes no memory): its shape set and programs are those of the run."""
     weights = zero_model_weights(config, experts, layout, dtype, fp8=fp8)
     model = MiniMaxM2Model(config, weights, experts, max_seq_len, layout)
     if device == "neuron":
         model.expert_cost = expert_cost(TRN2, weights.layers[0])
-    return Engine(model, max_num_seqs=slots, prefill_chunk=prefill_chunk, keep_logits=False, kv_blocks=kv_blocks)
+    return Engine(model, max_num_seqs=slots, prefill_chunk=prefill_chunk, keep_logits=False, kv_blocks=kv_blocks,
+                  spread_from=spread_from)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -113,7 +115,7 @@ def _plan(args: argparse.Namespace) -> Engine:
     chunk = min(args.prefill_chunk, args.max_seq_len)
     available, where = (NEURON_CORE_HBM, "one NeuronCore's HBM (trn2, LNC=2)") if args.device == "neuron" else \
         available_memory("cpu", layout.world)
-    sizes = dict(slots=slots, prefill_chunk=chunk, max_seq_len=args.max_seq_len)
+    sizes = dict(slots=slots, prefill_chunk=chunk, max_seq_len=args.max_seq_len, spread_from=args.spread_from)
     fp8 = keeps_fp8(args, config)
     kv_blocks = args.kv_blocks or pool_blocks(config, layout, len(experts), dtype, available=available,
                                               device=args.device, fp8=fp8, **sizes)
@@ -132,7 +134,8 @@ def _plan(args: argparse.Namespace) -> Engine:
           f"{args.max_seq_len:,}")
     check_fits(plan, available, where, args.max_seq_len)
     print(f"fits: {plan.total / 2**30:.2f} of {available / 2**30:.2f} GiB ({where})")
-    engine = serving_engine(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device, kv_blocks, fp8)
+    engine = serving_engine(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device, kv_blocks, fp8,
+                            args.spread_from)
     shapes, programs = len(engine.shapes.shapes()), Counter(unit.name for unit in engine.programs().values())
     count = sum(programs.values())
     print(f"compile set per rank: {shapes} step shapes, {count} programs ("

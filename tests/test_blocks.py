@@ -97,3 +97,20 @@ def test_a_short_shared_prefix_does_not_pull_every_request_into_one_group() -> N
     ran(manager, system + [50])
     groups = [admit(manager, system + [60 + i]).group for i in range(4)]
     assert sorted(groups) == [0, 0, 1, 1], "requests should spread over the groups"
+
+
+def test_a_striped_request_takes_block_j_from_group_j_mod_groups_and_finds_its_striped_prefix() -> None:
+    manager = BlockManager(groups=2, blocks_per_group=4)
+    context = list(range(5 * KV_BLOCK + 3))  # six blocks: three in each group
+    first = manager.place_striped(context, False, [0, 0], [True, True])
+    assert first is not None and first.striped and first.reused == 0 and len(first.blocks) == 6
+    assert [manager.owner(first.group, j, True) for j in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert [p.available() for p in manager.pools] == [1, 1]
+    assert manager.place_striped(context, False, [0, 0], [True, True]) is None  # three more a group: no room
+    manager.written(first.group, first.blocks, 0, context, striped=True)
+    manager.release(first.group, first.blocks, striped=True)
+    assert manager.usage()["blocks_used"] == 0 and [p.available() for p in manager.pools] == [4, 4]
+    again = manager.place_striped(context + [1, 2], False, [0, 0], [True, True])
+    assert again is not None and again.reused == 5 * KV_BLOCK  # its five full blocks, each in its group
+    assert again.blocks[:5] == first.blocks[:5]
+    assert manager.place_striped(context, False, [0, 0], [False, False]) is None  # no open row anywhere

@@ -6,12 +6,14 @@ a request that is not spread."""
 import numpy as np
 import pytest
 from hf_reference import relative_error
-from thread_ranks import ThreadCollectives
+from thread_ranks import ThreadCollectives, plans_to_every_rank
 
 from kernels import collectives
 from minimax_m2 import MiniMaxM2Model
 from minimax_m2.device.step import KV_BLOCK, Step, spread_step
+from minimax_m2.generation import Sampling
 from minimax_m2.parallel import ParallelLayout
+from minimax_m2.serving.engine import Engine
 
 RTOL = 1e-5
 SEGMENT = 2 * KV_BLOCK  # positions of one segment, held by one group; segment j by group j % dp
@@ -134,3 +136,62 @@ def test_a_spread_sequence_gives_the_logits_of_one_rank(float32_checkpoint, refe
         assert len(errors) == 2 * (NEW - 1) + len(range(0, LONG, SEGMENT)) + 1
         for what, error in errors:
             assert error < RTOL, f"rank {r}: {what}: {error:.2e}"
+
+
+def _served(engine: Engine, rounds: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Greedy tokens of each round's prompts, the rounds one after another (a later round finds the cache the
+    earlier ones left)."""
+    return [[r.generated for r in engine.generate(prompts, Sampling(max_new_tokens=NEW + 4))] for prompts in rounds]
+
+
+@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2), (4, 1)])
+def test_the_engine_spreads_a_long_prompt_and_gives_one_ranks_tokens(float32_checkpoint, world, tp) -> None:
+    """An engine over `world` ranks (threads) stripes a prompt past `spread_from` over the attention groups
+    (its prefill in consecutive chunks a group each, its decode beside unspread requests); a second round
+    re-sends it with a new turn, finding its striped prefix cached: every token equals one rank's. The warm-up
+    runs every shape of the set first, the spread ones too, on every rank."""
+    long = prompt(LONG, 1).tolist()
+    rounds = [[long, prompt(SHORT, 2).tolist(), prompt(90, 3).tolist()],
+              [long + prompt(150, 4).tolist(), prompt(SHORT, 2).tolist()]]
+    one = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=1024)
+    want = _served(Engine(one, max_num_seqs=4, prefill_chunk=128), rounds)
+    blocks = 32
+
+    def load(r: int) -> MiniMaxM2Model:
+        return MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=1024,
+                                              layout=ParallelLayout(world, tp, r))
+
+    def lead(model: MiniMaxM2Model, sender) -> tuple[list, dict, int]:
+        engine = Engine(model, max_num_seqs=4, prefill_chunk=128, executor=sender, kv_blocks=blocks,
+                        spread_from=500)
+        assert engine.warm_up(every_shape=True) > 0  # every shape, the spread ones too, runs on every rank
+        got = _served(engine, rounds)
+        return got, engine.metrics(), engine.runner.stats["reused_tokens"]
+
+    (got, metrics, reused), _ = plans_to_every_rank(world, load, blocks, lead)
+    assert got == want
+    assert reused >= LONG // KV_BLOCK * KV_BLOCK  # the second round found the striped prompt's full blocks
+    assert metrics["blocks_used"] == 0
+
+
+def test_spread_and_unspread_requests_in_a_small_pool_preempt_without_changing_a_token(float32_checkpoint) -> None:
+    """Two prompts past `spread_from` striped over two groups beside short ones, in a pool so small that a
+    decode step must preempt: every request still gives one rank's tokens, and every block comes back."""
+    prompts = [prompt(600, 1).tolist(), prompt(40, 2).tolist(), prompt(50, 3).tolist(), prompt(530, 4).tolist(),
+               prompt(30, 5).tolist()]
+    sampling = Sampling(max_new_tokens=150)
+    one = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=1024)
+    want = [r.generated for r in Engine(one, max_num_seqs=4, prefill_chunk=128).generate(prompts, sampling)]
+    blocks = 9
+
+    def load(r: int) -> MiniMaxM2Model:
+        return MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=1024, layout=ParallelLayout(2, 1, r))
+
+    def lead(model: MiniMaxM2Model, sender) -> tuple[list, int, int]:
+        engine = Engine(model, max_num_seqs=4, prefill_chunk=128, executor=sender, kv_blocks=blocks, spread_from=500)
+        got = [r.generated for r in engine.generate(prompts, sampling)]
+        return got, engine.scheduler.preemptions, engine.metrics()["blocks_used"]
+
+    (got, preemptions, used), _ = plans_to_every_rank(2, load, blocks, lead)
+    assert got == want
+    assert preemptions > 0 and used == 0

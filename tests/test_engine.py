@@ -12,7 +12,7 @@ from minimax_m2.device.step import KV_BLOCK, kv_len_for, min_rows
 from minimax_m2.generation import Sampling
 from minimax_m2.serving.engine import Engine
 from minimax_m2.serving.request import Request
-from minimax_m2.serving.scheduler import DECODE_TILE_FLOOR, PREFILL_KV_FLOOR, ShapeSet
+from minimax_m2.serving.shapes import DECODE_TILE_FLOOR, PREFILL_KV_FLOOR, ShapeSet
 
 RTOL = 1e-5
 

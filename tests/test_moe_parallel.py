@@ -38,7 +38,9 @@ def _rank_weights(layout: ParallelLayout, w13: np.ndarray, w2: np.ndarray):
 
 
 def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capacity: int | None = None,
-               valid_rows: int = TOKENS, backend_type=ThreadCollectives, block_rows: int = 1):
+               valid_rows: int = TOKENS, backend_type=ThreadCollectives, block_rows: int = 1, copies: int = 1):
+    """copies: the attention tp ranks of a group each send 1 / copies of its rows, gathered once (the layer's
+    scattered exchange), rather than all of them."""
     x, gate, bias, w13, w2 = _weights(bias_shift)
 
     def rank(r: int):
@@ -46,13 +48,16 @@ def run_layout(world: int, tp: int, moe_tp: int, bias_shift: float = 0.0, capaci
         values = RankValues.of(CONFIG, layout)
         rows = np.array([m * TOKENS + t for m in range(moe_tp) for t in range(valid_rows)], np.int32)
         local_w13, local_w2 = _rank_weights(layout, w13, w2)
+        share = TOKENS // copies
+        mine = x[layout.group][layout.tp_rank % copies * share : (layout.tp_rank % copies + 1) * share]
         return moe_block_parallel(
-            collectives.all_gather(x[layout.group], 0, layout.slice_groups), rows, rows // TOKENS,
+            collectives.all_gather(mine, 0, layout.slice_groups), rows, rows // TOKENS,
             np.ones(len(rows), bool), values.member_slots, values.own_members,
             values.own_position, gate, bias, local_w13, local_w2, top_k=TOP_K, members=moe_tp, per_token=TOP_K // tp,
             own_count=len(layout.own_members()), real_pairs=len(rows) * (TOP_K // tp),
             capacity=capacity or layout.capacity(len(rows), TOP_K, local_w13.shape[0]), block_rows=block_rows,
             slice_groups=layout.slice_groups, ep_groups=layout.ep_groups, combine_groups=layout.combine_groups,
+            copies=copies,
         )
 
     backend = backend_type(world)
@@ -80,6 +85,17 @@ def test_matches_single_rank(world, tp, moe_tp, bias_shift, block_rows) -> None:
         expected = want[rank // tp]
         err = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
         assert err < 1e-5, f"rank {rank}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 2, 2), (4, 2, 2), (4, 2, 4)])
+def test_tokens_gathered_once_for_their_copies_are_routed_once_and_match(world, tp, moe_tp) -> None:
+    """The attention tp ranks of a group send a share of its rows each (copies = tp): every union row is a
+    copy of a gathered token, which is routed once (fewer rows than the union) and matches one rank."""
+    want, results, _ = run_layout(world, tp, moe_tp, copies=tp)
+    for rank, (got, dropped) in enumerate(results):
+        assert int(dropped[0]) == 0
+        expected = want[rank // tp]
+        assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) < 1e-5, f"rank {rank}"
 
 
 @pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])

@@ -10,6 +10,7 @@ from test_nkipy_semantics import LAYOUTS, SHAPES, _copy, _rank_units
 from thread_ranks import ThreadCollectives
 
 from kernels import collectives
+from minimax_m2.device.step import KV_BLOCK
 
 nkipy_trace = pytest.importorskip("nkipy.core.trace", reason="nkipy is not installed (it needs the Neuron SDK)")
 
@@ -91,6 +92,16 @@ def test_the_lm_head_returning_log_probabilities_computes_the_numpy_result(world
     """The lm_head variant that also returns log-probabilities (`kernels.logprobs`), each rank holding a
     vocabulary slice."""
     _assert_traced_units_compute_the_numpy_result(world, tp, 1, "decode", 3, 1, False, logprobs=True)
+
+
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 1), (4, 2, 2)])
+@pytest.mark.parametrize("phase, batch, seq", [("prefill", 4, 40), ("decode", 3, 1)])
+def test_a_spread_step_traced_computes_the_numpy_result(world, tp, moe_tp, phase, batch, seq) -> None:
+    """Context parallelism's units (every row's cache striped over the attention groups, queries gathered,
+    the parts combined by an all_to_all) through nkipy's tracer."""
+    position = 3 * KV_BLOCK + 20 if phase == "prefill" else 5 * KV_BLOCK + 9
+    _assert_traced_units_compute_the_numpy_result(world, tp, moe_tp, phase, batch, seq, False, spread=True,
+                                                  position=position, max_seq_len=8 * KV_BLOCK)
 
 
 def _assert_traced_units_compute_the_numpy_result(world: int, tp: int, moe_tp: int, phase: str, batch: int, seq: int,

@@ -14,7 +14,7 @@ import numpy as np
 
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.program import SCATTER_TOKENS
-from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_tile_for
+from minimax_m2.device.step import KV_BLOCK, blocks_for, kv_tile_for, spread_chunk
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.weights.model_weights import rank_shapes
 
@@ -59,13 +59,15 @@ def kv_block_bytes(config: MiniMaxM2Config, layout: ParallelLayout, dtype: np.dt
 
 def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *,
                 kv_blocks: int, max_seq_len: int, step_rows: int, step_tokens: int, kept_logits: int = 0,
-                real_tokens: int | None = None, logits_rows: int | None = None, fp8: bool = False) -> MemoryPlan:
+                real_tokens: int | None = None, logits_rows: int | None = None, fp8: bool = False,
+                spread: bool = False) -> MemoryPlan:
     """One rank's bytes: a pool of `kv_blocks` cache blocks (and the scratch block) in its attention group, a
     context of `max_seq_len` positions; the largest step runs `step_rows` rows of `step_tokens` tokens each
     in its group, at most `real_tokens` of them real in all groups (default: all), with the logits of
     `logits_rows` tokens of all groups (default: one a row); `kept_logits`: logits rows (token positions)
     kept for the whole run, all ranks' rows included; `fp8`: the experts held as 8-bit codes with their
-    scales (each decoded where it is read)."""
+    scales (each decoded where it is read); `spread`: the step's caches spread over the groups, every group
+    attending every group's tokens (their q, k, v gathered, their attention's parts exchanged)."""
     itemsize = np.dtype(dtype).itemsize
     model, layer = rank_shapes(config, num_experts, layout, np.dtype(dtype), fp8)
 
@@ -77,7 +79,12 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
     rope = 2 * max_seq_len * config.rotary_dim * itemsize
     tokens = step_rows * step_tokens
     q_heads = config.num_attention_heads // layout.tp
-    scores = 3 * tokens * q_heads * kv_tile_for(tokens, q_heads, max_seq_len) * 4  # scores, weights, a cast copy
+    queries = tokens * layout.dp if spread else tokens
+    scores = 3 * queries * q_heads * kv_tile_for(queries, q_heads, max_seq_len) * 4  # scores, weights, a cast copy
+    if spread:  # every group's q, k, v; the parts (out, best, total) sent and received, float32
+        kv_heads = config.num_key_value_heads // layout.tp
+        scores += queries * config.head_dim * ((q_heads + 2 * kv_heads) * itemsize + 2 * q_heads * 4) + \
+            2 * queries * q_heads * 2 * 4
     gathered = tokens * layout.moe_tp  # the slice group's tokens, gathered
     union = min(gathered, (real_tokens or tokens * layout.dp) * min(layout.tp, layout.moe_tp))
     pairs = union * max(1, config.num_experts_per_tok // layout.tp)
@@ -105,26 +112,34 @@ def plan_memory(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: in
 
 def engine_plan(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *, slots: int,
                 prefill_chunk: int, max_seq_len: int, kv_blocks: int, kept_logits: int = 0,
-                fp8: bool = False) -> MemoryPlan:
+                fp8: bool = False, spread_from: int = 0) -> MemoryPlan:
     """One rank's bytes under the engine: a pool of `kv_blocks` blocks per attention group, and the largest
     step (a prefill of up to 2 x prefill_chunk tokens in a group, prefill_chunk of them real in all, or a
-    decode of `slots` rows), with the logits of every row, or of every prompt position when they are kept;
-    `fp8`: FP8 weights kept as codes (`plan_memory`)."""
+    decode of `slots` rows; with contexts from `spread_from` spread over several groups, also a spread
+    prefill of `spread_chunk` tokens in every group, all real), with the logits of every row, or of every
+    prompt position when they are kept; `fp8`: FP8 weights kept as codes (`plan_memory`)."""
     step_tokens = max(2 * prefill_chunk, slots)
-    return plan_memory(config, layout, num_experts, dtype, kv_blocks=kv_blocks, max_seq_len=max_seq_len, step_rows=1,
-                       step_tokens=step_tokens, kept_logits=kept_logits,
-                       real_tokens=max(prefill_chunk, slots * layout.dp),
-                       logits_rows=layout.dp * (step_tokens if kept_logits else slots), fp8=fp8)
+    sizes = dict(kv_blocks=kv_blocks, max_seq_len=max_seq_len, step_rows=1, kept_logits=kept_logits,
+                 logits_rows=layout.dp * (step_tokens if kept_logits else slots), fp8=fp8)
+    plan = plan_memory(config, layout, num_experts, dtype, step_tokens=step_tokens,
+                       real_tokens=max(prefill_chunk, slots * layout.dp), **sizes)
+    if layout.dp == 1 or not 0 < spread_from <= max_seq_len:
+        return plan
+    chunk = spread_chunk(prefill_chunk, layout.dp)
+    spread = plan_memory(config, layout, num_experts, dtype, step_tokens=chunk, real_tokens=layout.dp * chunk,
+                         spread=True, **sizes)
+    return max(plan, spread, key=lambda p: p.activations)
 
 
 def pool_blocks(config: MiniMaxM2Config, layout: ParallelLayout, num_experts: int, dtype: np.dtype, *, slots: int,
                 prefill_chunk: int, max_seq_len: int, available: int, device: str, kept_logits: int = 0,
-                fp8: bool = False) -> int:
+                fp8: bool = False, spread_from: int = 0) -> int:
     """The KV pool's blocks per attention group when not given: on a NeuronCore every block the memory left
     after the weights, the largest step and 2% of spare holds; on a CPU, where an untouched block costs
     nothing, enough for `slots` whole contexts when that fits, else what is left."""
     rest = engine_plan(config, layout, num_experts, dtype, slots=slots, prefill_chunk=prefill_chunk,
-                       max_seq_len=max_seq_len, kv_blocks=0, kept_logits=kept_logits, fp8=fp8)
+                       max_seq_len=max_seq_len, kv_blocks=0, kept_logits=kept_logits, fp8=fp8,
+                       spread_from=spread_from)
     fits = int((available * 0.98 - rest.total) // kv_block_bytes(config, layout, dtype))
     return max(fits, 0) if device == "neuron" else max(0, min(fits, slots * blocks_for(max_seq_len)))
 

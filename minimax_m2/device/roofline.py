@@ -171,20 +171,21 @@ def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: s
                     context: int, dtype: np.dtype = np.dtype(ml_dtypes.bfloat16), hw: Hardware | None = None,
                     schedule_cost: ExpertCost | None = None, position: int | None = None,
                     rows: int | None = None, kv_len: int | None = None,
-                    fp8: bool = False) -> tuple[list[Unit], list[Program]]:
+                    fp8: bool = False, spread: bool = False) -> tuple[list[Unit], list[Program]]:
     """Rank 0's units for one phase and their recorded programs, at the config's shapes with zero weights
     (matmuls sized, not computed), with the expert schedule `hw` (TRN2 by default) would choose, or the
     one `schedule_cost` chooses; the step's tokens start at `position` (default: a prefill's at 0, a
     decode's at the context's last position), `rows` rows per attention group (default: the batch's), a
     prefill attending `kv_len` positions (default: the bucket of its last), FP8 projections and experts held as
-    codes with `fp8` (the config's block size); a unit recording a violation is an error."""
+    codes with `fp8` (the config's block size), every row's sequence striped over the attention groups with
+    `spread` (context parallelism); a unit recording a violation is an error."""
     experts = list(range(config.num_local_experts))
     weights = zero_model_weights(config, experts, layout, dtype, fp8=fp8)
     rope = tuple(t.astype(dtype) for t in rope_tables(context, config.rotary_dim, config.rope_theta))
     position = position if position is not None else 0 if phase == "prefill" else context - 1
     cost = schedule_cost or expert_cost(hw or TRN2, weights.layers[0])
     units = program_units(config, layout, weights, rope, cost, phase=phase, batch=batch, seq=seq, max_seq_len=context,
-                          position=position, rows=rows, kv_len=kv_len)
+                          position=position, rows=rows, kv_len=kv_len, spread=spread)
     programs = []
     previous = collectives.set_backend(EmulatedCollectives(LoopbackCollectives()))
     try:
@@ -201,11 +202,12 @@ def record_programs(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: s
 def record_units(config: MiniMaxM2Config, layout: ParallelLayout, *, phase: str, batch: int, seq: int, context: int,
                  dtype: np.dtype = np.dtype(ml_dtypes.bfloat16), hw: Hardware | None = None,
                  schedule_cost: ExpertCost | None = None, position: int | None = None,
-                 rows: int | None = None, kv_len: int | None = None, fp8: bool = False) -> list[UnitCost]:
+                 rows: int | None = None, kv_len: int | None = None, fp8: bool = False,
+                 spread: bool = False) -> list[UnitCost]:
     """The costs of rank 0's units for one phase (see record_programs)."""
     units, programs = record_programs(config, layout, phase=phase, batch=batch, seq=seq, context=context, dtype=dtype,
                                       hw=hw, schedule_cost=schedule_cost, position=position, rows=rows, kv_len=kv_len,
-                                      fp8=fp8)
+                                      fp8=fp8, spread=spread)
     return [unit_cost(unit.name, program) for unit, program in zip(units, programs)]
 
 

@@ -217,6 +217,18 @@ def decode_tiles(groups: list[list[tuple[int, list[int], int]]], count: int, scr
     return tiles
 
 
+# A spread prefill step (one request's consecutive chunks, one an attention group) holds at most this many
+# prefill chunks' tokens in all: its experts' pair buffers grow with them (at 4 chunks of 2048 the real
+# model's activations stay within 3 GiB a rank; benchmarks/roofline.py, section 5)
+SPREAD_CHUNKS = 4
+
+
+def spread_chunk(prefill_chunk: int, groups: int) -> int:
+    """Tokens per attention group of a spread prefill step: a prefill chunk, fewer over more than SPREAD_CHUNKS
+    groups."""
+    return max(1, min(prefill_chunk, SPREAD_CHUNKS * prefill_chunk // groups))
+
+
 def spread_step(step: Step, held: list[dict[int, list[tuple[int, int]]]], dp: int, scratch: int,
                 tiles: int = 0, width: int = 0) -> Step:
     """The step with its sequences' caches spread over the attention groups (`Spread`): held[r], for each of
@@ -282,10 +294,11 @@ def contiguous_tables(rows: np.ndarray, width: int) -> np.ndarray:
 
 def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len: int, width: int,
                  max_tokens: int = 0, samples: bool = False, return_logits: bool = False, all_positions: bool = False,
-                 logprobs: bool = False, masks: int = 0, vocab: int = 0) -> Step:
+                 logprobs: bool = False, masks: int = 0, vocab: int = 0, spread: bool = False) -> Step:
     """A step whose every token is padding, of one shape: runs (compiles, first-touches) that shape's units,
     with the lm_head variant that samples on the device, returns log-probabilities and / or returns logits,
-    of the last position of each row or of all of them, with `masks` grammar masks over `vocab` tokens."""
+    of the last position of each row or of all of them, with `masks` grammar masks over `vocab` tokens; with
+    `spread`, its caches spread over the groups (`spread_step`)."""
     total = rows * dp
     zeros = np.zeros((total, seq), np.int32)
     selected = np.tile(np.arange(seq if all_positions else 1, dtype=np.int32), (total, 1))
@@ -294,6 +307,8 @@ def padding_step(rows: int, bucket: int, seq: int, dp: int, scratch: int, kv_len
                 return_logits=return_logits, logprobs=logprobs)
     if seq == 1:  # a decode step attends kv_len // KV_BLOCK tiles, all padding
         step.kv_tiles = decode_tiles([[]] * dp, kv_len // KV_BLOCK, scratch)
+    if spread:
+        step = spread_step(step, [{}] * total, dp, scratch, tiles=kv_len // KV_BLOCK, width=kv_len // KV_BLOCK)
     if samples:
         step.sampled = Sampled(np.ones(total, np.float32), np.ones(total, np.int32), np.ones(total, np.float32),
                                np.zeros(total, np.float32))

@@ -21,7 +21,7 @@ reused for a new request (the last one's logits give the first new token).
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from minimax_m2.device.step import KV_BLOCK
+from minimax_m2.device.step import KV_BLOCK, blocks_for
 
 ROOT = 0  # the chain hash of the empty prefix
 
@@ -45,6 +45,7 @@ class Placement:
     blocks: list[int]
     reused: int
     copy: tuple[int, int] | None
+    striped: bool = False  # block j of its table lies in group j % groups (context parallelism), `group` its row's
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -184,6 +185,43 @@ class BlockManager:
         group = reusing if plans[reusing][1] >= plans[room][1] + self.min_copy else room
         return self._take(group, context, *plans[group][:3])
 
+    def place_striped(self, context: list[int], resumed: bool, reserve: list[int],
+                      open_rows: list[bool]) -> Placement | None:
+        """Blocks for a request whose cache is striped over the groups (block j of its table in group j %
+        groups), reusing the full blocks of a cached prefix striped the same way, its row in the group with an
+        open row and the most room; None when some group lacks blocks beyond `reserve` or no row is open."""
+        groups = len(self.pools)
+        limit = (len(context) if resumed else len(context) - 1) if self.reuse else 0
+        found: list[int] = []
+        for j, chain in enumerate(prefix_chains(context, limit)):
+            pool = self.pools[j % groups]
+            block = pool.full.get(chain)
+            if block is None or pool.blocks[block].tokens != context[j * KV_BLOCK : (j + 1) * KV_BLOCK]:
+                break
+            found.append(block)
+        given = [0] * groups
+        for j in range(len(found), blocks_for(len(context))):
+            given[j % groups] += 1
+        for j, block in enumerate(found):
+            given[j % groups] += self.pools[j % groups].blocks[block].refs == 0
+        room = [pool.available() - n - r for pool, n, r in zip(self.pools, given, reserve)]
+        if min(room) < 0 or not any(open_rows):
+            return None
+        home = max((g for g in range(groups) if open_rows[g]), key=lambda g: (room[g], -g))
+        blocks = []
+        for j in range(blocks_for(len(context))):
+            pool = self.pools[j % groups]
+            if j < len(found):
+                pool.hold(found[j])
+                blocks.append(found[j])
+            else:
+                blocks.append(pool.claim())
+        return Placement(home, blocks, len(found) * KV_BLOCK, None, striped=True)
+
+    def owner(self, group: int, index: int, striped: bool) -> int:
+        """The group holding block `index` of a table: its request's group, or index % groups when striped."""
+        return index % len(self.pools) if striped else group
+
     def _plan(self, pool: GroupPool, context: list[int], limit: int, chains: list[int]) -> tuple:
         """(full blocks found, tokens reused, the partial block to continue (block, tokens shared, taken over)
         or None, blocks the pool gives up: each block of the context but the full ones found, and the found
@@ -220,29 +258,30 @@ class BlockManager:
             blocks.append(pool.claim())
         return Placement(group, blocks, reused, copy)
 
-    def grow(self, group: int, blocks: list[int]) -> bool:
+    def grow(self, group: int, blocks: list[int], striped: bool = False) -> bool:
         """Give a request one more block (its sequence reached the end of its last one): False when the pool
         has none."""
-        pool = self.pools[group]
+        pool = self.pools[self.owner(group, len(blocks), striped)]
         if not pool.available():
             return False
         blocks.append(pool.claim())
         return True
 
-    def written(self, group: int, blocks: list[int], start: int, tokens: list[int]) -> None:
+    def written(self, group: int, blocks: list[int], start: int, tokens: list[int], striped: bool = False) -> None:
         """`tokens` were written at positions start.. of the sequence whose table is `blocks`."""
-        pool = self.pools[group]
         while tokens:
             index, offset = divmod(start, KV_BLOCK)
             n = min(len(tokens), KV_BLOCK - offset)
-            parent = pool.blocks[blocks[index - 1]].chain if index else ROOT
-            pool.write(blocks[index], parent if parent is not None else ROOT, tokens[:n])
+            before = self.pools[self.owner(group, index - 1, striped)]
+            parent = before.blocks[blocks[index - 1]].chain if index else ROOT
+            self.pools[self.owner(group, index, striped)].write(blocks[index], parent if parent is not None else ROOT,
+                                                                tokens[:n])
             start, tokens = start + n, tokens[n:]
 
-    def release(self, group: int, blocks: list[int]) -> None:
+    def release(self, group: int, blocks: list[int], striped: bool = False) -> None:
         """A request ended or was preempted: its blocks go back, their contents cached."""
-        for block in blocks:
-            self.pools[group].release(block)
+        for index, block in enumerate(blocks):
+            self.pools[self.owner(group, index, striped)].release(block)
 
     def usage(self) -> dict[str, int]:
         """Blocks in all groups: referenced by requests, cached (unreferenced, contents kept), never written."""

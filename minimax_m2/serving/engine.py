@@ -37,7 +37,8 @@ from minimax_m2.serving.blocks import BlockManager
 from minimax_m2.serving.drafts import NgramDrafter
 from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
-from minimax_m2.serving.scheduler import Scheduler, ShapeSet
+from minimax_m2.serving.scheduler import Scheduler
+from minimax_m2.serving.shapes import ShapeSet
 from minimax_m2.serving.step_runner import StepRunner
 from minimax_m2.serving.verify_gate import VerifyGate
 
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
 MIN_COPY = 32  # prompt tokens a copied cache block must save to be worth copying
 IDLE_SECONDS = 2.0  # an idle engine's heartbeat to the other ranks
 MAX_SPECULATIVE = 16  # draft tokens a row may have verified per step, at most
+# with several attention groups, contexts from this many tokens are spread over all of them: a 16k prompt's
+# prefill is one step rather than 8 chunks (benchmarks/roofline.py, section 5), at a TPOT within ~0.5 ms of
+# reading its 128 tiles in one group
+SPREAD_FROM = 16_384
 
 
 @dataclass
@@ -62,7 +67,8 @@ class Result:
 class Engine:
     def __init__(self, model: MiniMaxM2Model, max_num_seqs: int = 8, prefill_chunk: int = 256,
                  executor: Executor | None = None, prefix_reuse: bool = True, keep_logits: bool = True,
-                 kv_blocks: int | None = None, speculative: int = 0, verify_gate: VerifyGate | None = None):
+                 kv_blocks: int | None = None, speculative: int = 0, verify_gate: VerifyGate | None = None,
+                 spread_from: int = SPREAD_FROM):
         """max_num_seqs: requests decoded together per attention group; prefill_chunk: prompt tokens per step;
         kv_blocks: the KV pool's blocks of KV_BLOCK positions per attention group (default: max_num_seqs
         whole contexts);
@@ -70,9 +76,14 @@ class Engine:
         requests may keep the logits of every position (off: the lm_head variants returning a prefill's
         [tokens, vocab] logits are neither compiled nor planned for); speculative: draft tokens a decoding
         request may have verified per step (n-gram drafts, `minimax_m2.serving.drafts`; 0: none); verify_gate:
-        whether a decode step verifies its drafts (default: where the measured costs say it pays)."""
+        whether a decode step verifies its drafts (default: where the measured costs say it pays); spread_from:
+        with several attention groups, a request whose context reaches this many tokens has its cache striped
+        over all of them, each prefill step taking one chunk a group and every group attending every step's
+        queries against its blocks (context parallelism; 0: never)."""
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(f"max_num_seqs and prefill_chunk must be positive, got {max_num_seqs}, {prefill_chunk}")
+        if spread_from < 0:
+            raise ValueError(f"spread_from must be 0 (never) or positive, got {spread_from}")
         if not 0 <= speculative <= MAX_SPECULATIVE:
             raise ValueError(f"speculative tokens must lie in 0..{MAX_SPECULATIVE}, got {speculative}")
         self.speculative = speculative
@@ -81,7 +92,7 @@ class Engine:
         self.groups = model.layout.dp
         self.shapes = ShapeSet.build(self.groups, max_num_seqs, min(prefill_chunk, model.max_seq_len),
                                      model.max_seq_len, rows_size_experts=model.layout.moe_tp < model.layout.world,
-                                     speculative=speculative, compiled=not model.on_cpu)
+                                     speculative=speculative, compiled=not model.on_cpu, spread_from=spread_from)
         previous = model.owner
         if previous is not None and (not previous.idle() or previous.running()):
             raise RuntimeError("this model already serves an engine with requests in flight or a thread running: "
@@ -143,6 +154,8 @@ class Engine:
             raise ValueError(f"the prompt's {prompt_len} tokens + {max_new_tokens} new tokens exceed the context of "
                              f"{self.model.max_seq_len} tokens")
         needed = blocks_for(prompt_len + max_new_tokens - 1)
+        if self.shapes.spread_from and prompt_len >= self.shapes.spread_from:
+            needed = -(-needed // self.groups)  # striped over the groups
         if needed > self.cache.blocks_per_group:
             raise ValueError(f"the prompt's {prompt_len} tokens + {max_new_tokens} new tokens need {needed} KV blocks "
                              f"of {KV_BLOCK} positions, but the pool has {self.cache.blocks_per_group} per attention "

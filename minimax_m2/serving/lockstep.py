@@ -2,7 +2,8 @@
 
 Rank 0 owns HTTP and the scheduler. Before each step it broadcasts the plan over the ranks' process group
 (one fixed-size header, then one int32 buffer with the step's token ids, positions, block tables, validity,
-selected positions, each row's sampling settings and random draw and the grammar masks of constrained rows,
+selected positions, where a spread step's groups write and what their blocks start at, each row's sampling
+settings and random draw and the grammar masks of constrained rows,
 or the cache blocks to copy), and then
 runs the step itself; every other rank receives the plan and runs the same units (the same lm_head
 variant too), so the collectives inside them meet. The next tokens come out identical on every rank, so
@@ -16,15 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from minimax_m2.device.step import KV_BLOCK, Sampled, Step, StepOutput, mask_words, table_width
+from minimax_m2.device.step import KV_BLOCK, Sampled, Spread, Step, StepOutput, mask_words, table_width
 from minimax_m2.model import MiniMaxM2Model
 
 STEP, COPY, HEARTBEAT, STOP = 1, 2, 3, 4
 # header entries: the command, the step's fields (a copy's count in ROWS), the payload's length
 COMMAND, ROWS, SEQ, SELECTED, BUCKET, KV_LEN, MAX_TOKENS, FLAGS, MASKS, SIZE = range(10)
 HEADER = 10
-# FLAGS bits: return_logits, sampling settings in the payload, logprobs, a draw for each selected token
-LOGITS, SAMPLED, LOGPROBS, DRAWS = 1, 2, 4, 8
+# FLAGS bits: return_logits, sampling settings in the payload, logprobs, a draw for each selected token, caches
+# spread over the groups
+LOGITS, SAMPLED, LOGPROBS, DRAWS, SPREAD = 1, 2, 4, 8, 16
 
 
 class PlanSender:
@@ -57,7 +59,7 @@ class PlanSender:
         rows, seq = step.input_ids.shape
         flags = (LOGITS if step.return_logits else 0) | (SAMPLED if step.sampled is not None else 0) | \
             (LOGPROBS if step.logprobs else 0) | (DRAWS if step.sampled is not None and step.sampled.uniform.ndim == 2
-                                                  else 0)
+                                                  else 0) | (SPREAD if step.spread is not None else 0)
         masks = step.resolved_masks()
         self._send([STEP, rows, seq, step.selected.shape[1], step.bucket, step.kv_len or 0, step.max_tokens, flags,
                     0 if masks is None else len(masks)], _pack(step))
@@ -77,9 +79,14 @@ class PlanSender:
 
 def _pack(step: Step) -> np.ndarray:
     """The step's arrays as one int32 buffer (float32 settings by their bits)."""
-    tables = step.kv_tiles if step.kv_tiles is not None else step.block_tables
+    tables = step.kv_tiles if step.kv_tiles is not None else \
+        step.spread.tables if step.spread is not None else step.block_tables
     parts = [step.input_ids.reshape(-1), step.positions.reshape(-1), tables.reshape(-1),
              step.token_valid.reshape(-1).astype(np.int32), step.selected.reshape(-1)]
+    if step.spread is not None:
+        parts.append(step.spread.written.reshape(-1))
+        if step.spread.starts is not None:
+            parts.append(step.spread.starts.reshape(-1))
     if step.sampled is not None:
         s = step.sampled
         parts += [s.temperature.astype(np.float32).view(np.int32), s.top_k.astype(np.int32),
@@ -90,24 +97,31 @@ def _pack(step: Step) -> np.ndarray:
 
 
 def _unpack(header: np.ndarray, payload: np.ndarray, model: MiniMaxM2Model) -> Step:
-    """A step from its plan: a prefill's block tables (`table_width` of the context columns), or a decode's
-    tiles (kv_len / KV_BLOCK of them per attention group)."""
+    """A step from its plan: a prefill's block tables (`table_width` of the context columns; a spread one's
+    [dp, rows, kv_len / KV_BLOCK]), or a decode's tiles (kv_len / KV_BLOCK of them per attention group)."""
     rows, seq, selected, flags, masks = (int(header[i]) for i in (ROWS, SEQ, SELECTED, FLAGS, MASKS))
-    shape = (model.layout.dp, int(header[KV_LEN]) // KV_BLOCK, 3) if seq == 1 else \
-        (rows, table_width(model.max_seq_len))
+    dp, width = model.layout.dp, int(header[KV_LEN]) // KV_BLOCK
+    spread = bool(flags & SPREAD)
+    shape = (dp, width, 3) if seq == 1 else (dp, rows, width) if spread else (rows, table_width(model.max_seq_len))
     draws = rows * selected if flags & DRAWS else rows
     settings = [rows, rows, rows, draws] if flags & SAMPLED else []
-    sizes = [rows * seq, rows * seq, int(np.prod(shape)), rows * seq, rows * selected] + settings + [rows] * bool(masks)
+    placed = ([dp * rows * seq] + [int(np.prod(shape))] * (seq > 1)) if spread else []
+    sizes = [rows * seq, rows * seq, int(np.prod(shape)), rows * seq, rows * selected] + placed + settings + \
+        [rows] * bool(masks)
     parts = np.split(payload, np.cumsum(sizes))
     tables = parts[2].reshape(shape)
-    step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), None if seq == 1 else tables,
+    step = Step(parts[0].reshape(rows, seq), parts[1].reshape(rows, seq), None if seq == 1 or spread else tables,
                 parts[3].reshape(rows, seq).astype(bool), parts[4].reshape(rows, selected), int(header[BUCKET]),
                 int(header[KV_LEN]) or None, int(header[MAX_TOKENS]), return_logits=bool(flags & LOGITS),
                 logprobs=bool(flags & LOGPROBS))
     if seq == 1:
         step.kv_tiles = tables
+    if spread:
+        step.spread = Spread(parts[5].reshape(dp, rows * seq))
+        if seq > 1:
+            step.spread.tables, step.spread.starts = tables, parts[6].reshape(shape)
     if flags & SAMPLED:
-        temperature, top_k, top_p, uniform = parts[5:9]
+        temperature, top_k, top_p, uniform = parts[5 + len(placed) : 9 + len(placed)]
         uniform = uniform.view(np.float32).reshape(rows, selected) if flags & DRAWS else uniform.view(np.float32)
         step.sampled = Sampled(temperature.view(np.float32), top_k, top_p.view(np.float32), uniform)
     if masks:

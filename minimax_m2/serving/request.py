@@ -30,6 +30,7 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     group: int | None = None  # the attention group it runs in, once admitted
     blocks: list[int] = field(default_factory=list)  # its block table: the cache blocks of positions 0, 1, ..
+    striped: bool = False  # block j of its table lies in group j % groups (its cache spread over the groups)
     prefilled: int = 0  # context tokens whose keys and values are in its blocks
     reused: int = 0  # of them, found cached at its admission (prefix reuse)
     kept: int = 0  # positions whose logits it kept (keep_logits), so that a recomputed prefix keeps none twice
@@ -45,7 +46,7 @@ class Request:
         self.rng = np.random.default_rng(self.sampling.seed)
 
     def admit(self, placement: Placement) -> None:
-        self.group, self.blocks = placement.group, placement.blocks
+        self.group, self.blocks, self.striped = placement.group, placement.blocks, placement.striped
         self.prefilled = self.reused = placement.reused
 
     def evict(self) -> None:

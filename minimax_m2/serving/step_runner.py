@@ -51,7 +51,8 @@ class StepRunner:
             self._last_ids = out.ids.astype(np.int32)
             for row, request in enumerate(rows):
                 if request is not None and request.finish_reason is None:
-                    self.cache.written(request.group, request.blocks, request.length - 1, [request.generated[-1]])
+                    self.cache.written(request.group, request.blocks, request.length - 1, [request.generated[-1]],
+                                       request.striped)
                     request.prefilled += 1
                     if request.keep_logits:
                         request.logits.append(out.logits[row, :1])
@@ -77,7 +78,7 @@ class StepRunner:
             return
         count = len(chunk.tokens)
         request.prefilled += count
-        self.cache.written(request.group, request.blocks, chunk.start, chunk.tokens)
+        self.cache.written(request.group, request.blocks, chunk.start, chunk.tokens, request.striped)
         self.stats["prompt_tokens"] += count
         last = count - 1 if step.selected.shape[1] > 1 else 0  # all positions were kept, or just the last
         if request.keep_logits:  # positions a preempted request kept before are not kept again
@@ -104,7 +105,7 @@ class StepRunner:
             taken = row_sampling.verify(request, out, row, draft, draws[row])
             row_sampling.take_draws(request, draws[row], len(taken))
             fed = [request.generated[-1]] + draft[: len(taken) - 1]  # the accepted drafts' keys and values are right
-            self.cache.written(request.group, request.blocks, request.length - 1, fed)
+            self.cache.written(request.group, request.blocks, request.length - 1, fed, request.striped)
             request.prefilled += len(fed)
             if draft:
                 self.stats["drafted_tokens"] += len(draft)
