@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from minimax_m2.serving.chat import format_chat
 from minimax_m2.serving.detokenize import IncrementalDetokenizer
 from minimax_m2.serving.engine import MAX_SPECULATIVE, Engine
 from minimax_m2.serving.executor import Executor
+from minimax_m2.serving.lockstep import PlanSender, follow
 from minimax_m2.serving.parsers import parse_output
 from minimax_m2.weights.model_weights import model_dtype
 from minimax_m2.weights.prepare import prepared_layout
@@ -194,7 +196,6 @@ def _engine(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_bloc
 def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> int:
     """--mode serve: a checkpoint or prepared weights with a tokenizer, behind the engine and one OpenAI
     endpoint; over W ranks (torchrun), rank 0 serves and sends every step's plan to the others."""
-    from minimax_m2.serving.lockstep import PlanSender, follow
     from minimax_m2.serving.server import Limits, ServedModel, make_server
 
     source = _source(args)
@@ -219,10 +220,7 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
     model.schedule_cost()  # every rank, before any plan: its measurement is averaged over the ranks
     if not leader:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells this rank to stop
-        _compile_share(_new_engine(args, model, slots, kv_blocks), runner, leader)  # rank 0's engine, never started
-        follow(model, backend)
-        backend.close()
-        return 0
+        return _follow(args, model, slots, kv_blocks, runner, backend)
     sender = PlanSender(model, backend) if backend else None
     engine = _engine(args, model, slots, kv_blocks, leader, runner, sender)
     if sender:
@@ -242,6 +240,16 @@ def serve_checkpoint(args: argparse.Namespace, runner: NeuronRunner | None) -> i
         raise CollectiveError(f"serving stopped: {engine.failure}")
     if backend:
         backend.close()
+    return 0
+
+
+def _follow(args: argparse.Namespace, model: MiniMaxM2Model, slots: int, kv_blocks: int, runner: NeuronRunner | None,
+            backend: Any) -> int:
+    """Every rank but 0: its share of rank 0's programs compiled, then every plan rank 0 sends run until it
+    says stop (one scheduler decides every step, timing-driven choices included, so the ranks never differ)."""
+    _compile_share(_new_engine(args, model, slots, kv_blocks), runner, False)  # rank 0's engine, never started
+    follow(model, backend)
+    backend.close()
     return 0
 
 
@@ -365,29 +373,34 @@ def main(args: argparse.Namespace) -> int:
             print(f"random MiniMax-M2: {config}")
     else:
         model = _load_model(args, layout, experts, progress=leader, runner=runner)
-    engine = _engine(args, model, slots, kv_blocks, leader, runner)
-    detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and leader and len(prompts) == 1 else None
+    model.schedule_cost()  # every rank, before any plan: its measurement is averaged over the ranks
+    if not leader:
+        return _follow(args, model, slots, kv_blocks, runner, backend)
+    sender = PlanSender(model, backend) if backend else None
+    engine = _engine(args, model, slots, kv_blocks, leader, runner, sender)
+    detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and len(prompts) == 1 else None
 
     def stream(row: int, token: int) -> None:
         print(detokenizer.feed(token), end="", flush=True)
 
     result = engine_generate(engine, prompts, sampling, keep_logits=args.dump_logits is not None,
-                             on_token=stream if detokenizer else None, progress=leader and detokenizer is None)
-    if leader:
-        if detokenizer:
-            print()
-            if detokenizer.unknown:
-                print(f"warning: ids {sorted(set(detokenizer.unknown))[:10]} are not in the tokenizer: not shown",
-                      file=sys.stderr)
-        report(result, tokenizer.decode if tokenizer else None)
-        if messages:
-            parsed = parse_output(tokenizer.decode(result.generated_ids[0], skip_special_tokens=True))
-            print(f"reasoning: {parsed.reasoning!r}\ncontent: {parsed.content!r}")
-            for call in parsed.tool_calls:
-                print(f"tool call: {call['function']['name']}({call['function']['arguments']})")
-        if layout.world > 1:
-            report_parallel(model, backend)
-        write_outputs(result, args.output_json, args.dump_logits)
+                             on_token=stream if detokenizer else None, progress=detokenizer is None)
+    if sender:
+        sender.stop()
+    if detokenizer:
+        print()
+        if detokenizer.unknown:
+            print(f"warning: ids {sorted(set(detokenizer.unknown))[:10]} are not in the tokenizer: not shown",
+                  file=sys.stderr)
+    report(result, tokenizer.decode if tokenizer else None)
+    if messages:
+        parsed = parse_output(tokenizer.decode(result.generated_ids[0], skip_special_tokens=True))
+        print(f"reasoning: {parsed.reasoning!r}\ncontent: {parsed.content!r}")
+        for call in parsed.tool_calls:
+            print(f"tool call: {call['function']['name']}({call['function']['arguments']})")
+    if layout.world > 1:
+        report_parallel(model, backend, sender.plans)
+    write_outputs(result, args.output_json, args.dump_logits)
     if backend:
         backend.close()
     return 0

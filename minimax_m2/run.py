@@ -136,12 +136,14 @@ def report(result: GenerationResult, decode_text: Callable[[list[int]], str] | N
               f"({result.accepted / result.verified_rows + 1:.2f} tokens per verified row and step)")
 
 
-def report_parallel(model: MiniMaxM2Model, backend) -> None:
-    """Layout, this rank's resident weight bytes, all_to_all traffic and dropped pairs (rank 0 prints)."""
+def report_parallel(model: MiniMaxM2Model, backend, plans: int) -> None:
+    """Layout, this rank's resident weight bytes, the plans rank 0 sent the others, all_to_all traffic and
+    dropped pairs (rank 0 prints)."""
     layout, layers = model.layout, model.config.num_hidden_layers
     print(f"ranks {layout.world} (tp {layout.tp}, moe_tp {layout.moe_tp} x moe_ep {layout.moe_ep}, "
           f"{layout.dp} attention groups): {model.weights.layers[0].w13.shape[0]} experts and "
           f"{model.weights.nbytes() / 2**20:.1f} MiB of weights on rank 0")
+    print(f"rank 0 scheduled every step and sent the other ranks {plans} plans")
     print(f"all_to_all sent by rank 0: {backend.all_to_all_bytes / 2**20:.2f} MiB over {layers} layers")
     if layout.capacity_factor is not None:
         print(f"capacity factor {layout.capacity_factor:g}: {model.dropped_pairs} (token, expert) pairs dropped")
