@@ -16,8 +16,14 @@ does not write that answer, so the two halves are measured apart and combined:
   adapting, TPOT (decode seconds per new token) verifying every step, with the engine's measured gate
   (`minimax_m2.serving.verify_gate`), and without speculation: what the gate saves where drafts fail.
 TPOT with speculation = verify step / tokens gained a step; without = decode step.
+- a repeated turn (an agent's request sent again: a retry, or parallel workers given the same files): B
+  requests of --context prompt tokens answered with --answer greedy tokens by the random model itself, then
+  the same B requests again, served by the engine with its measured gate: the second round drafts the first
+  round's answers (`SharedAnswers`); TPOT (decode seconds per token after the first) of each round beside
+  plain decoding's, the tokens checked identical.
 
-  python benchmarks/bench_speculative.py [--k 4] [--batches 1 8 16] [--steps 12] [--context 1024] [--json F]
+  python benchmarks/bench_speculative.py [--k 4] [--batches 1 8 16] [--steps 12] [--context 1024] [--answer 64]
+                                        [--json F]
 """
 
 import argparse
@@ -125,6 +131,27 @@ def decode_steps(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k:
     return timed
 
 
+def repeated_turn(model: MiniMaxM2Model, prompts: list[list[int]], answer: int, k: int) -> dict[str, float]:
+    """TPOT in ms of plain decoding, and with speculation of a first round and of the same requests again."""
+    sampling = Sampling(max_new_tokens=answer)
+
+    def served(engine: Engine) -> tuple[list[list[int]], float]:
+        seconds, tokens = engine.stats["decode_seconds"], engine.stats["generated_tokens"]
+        generated = [r.generated for r in engine.generate(prompts, sampling)]
+        return generated, 1e3 * (engine.stats["decode_seconds"] - seconds) / (
+            engine.stats["generated_tokens"] - tokens - len(prompts))
+
+    want, plain = served(Engine(model, max_num_seqs=len(prompts), prefill_chunk=512, keep_logits=False))
+    engine = Engine(model, max_num_seqs=len(prompts), prefill_chunk=512, keep_logits=False, speculative=k)
+    first, first_ms = served(engine)
+    accepted, rows = engine.stats["accepted_tokens"], engine.stats["verified_rows"]
+    second, second_ms = served(engine)
+    assert first == second == want, "speculation changed a token"
+    verified = engine.stats["verified_rows"] - rows
+    return {"plain_ms": plain, "first_ms": first_ms, "again_ms": second_ms,
+            "again_accepted_length": (engine.stats["accepted_tokens"] - accepted) / verified + 1 if verified else 0.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=4)
@@ -132,6 +159,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps timed per case")
     parser.add_argument("--file", type=Path, default=Path(json.__file__).parent / "encoder.py")
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens of the step-cost runs")
+    parser.add_argument("--answer", type=int, default=64, help="new tokens a request of the repeated turn")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -153,9 +181,10 @@ def main() -> None:
         poor = {name: 1e3 * served_tpot(model, prompts, 3 * args.steps, k, gate) for name, k, gate in
                 (("always", args.k, VerifyGate(always=True)), ("gated", args.k, VerifyGate()),
                  ("plain", 0, VerifyGate()))}
+        again = repeated_turn(model, prompts, args.answer, args.k)
         rows.append({"batch": batch, "decode_ms": 1e3 * plain, "verify_ms": 1e3 * verify, "ratio": verify / plain,
                      "one_draft_ms": 1e3 * least, "tpot_plain_ms": 1e3 * plain, "tpot_spec_ms": 1e3 * verify / gained,
-                     "poor_drafts_tpot_ms": poor})
+                     "poor_drafts_tpot_ms": poor, "repeated_turn": again})
         print(f"  batch {batch}: decode step {1e3 * plain:.1f} ms, verify step {1e3 * verify:.1f} ms, with one draft "
               f"{1e3 * least:.1f} ms; poor drafts TPOT verifying every step {poor['always']:.1f} ms, gated "
               f"{poor['gated']:.1f} ms, plain {poor['plain']:.1f} ms", flush=True)
@@ -175,6 +204,13 @@ def main() -> None:
         poor = r["poor_drafts_tpot_ms"]
         print(f"| {r['batch']} | {poor['always']:.1f} ms | {poor['gated']:.1f} ms | {poor['plain']:.1f} ms | "
               f"{poor['gated'] / poor['plain']:.2f}x |")
+    print(f"a repeated turn ({args.answer} greedy tokens a request, the engine's gate): TPOT")
+    print("| batch | plain decoding | first round | the same requests again | again / plain | accepted length again |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        again = r["repeated_turn"]
+        print(f"| {r['batch']} | {again['plain_ms']:.1f} ms | {again['first_ms']:.1f} ms | {again['again_ms']:.1f} ms "
+              f"| {again['again_ms'] / again['plain_ms']:.2f}x | {again['again_accepted_length']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"k": args.k, "tokens_per_step": gained, "rows": rows}, indent=1))
 

@@ -310,7 +310,8 @@ def test_prepared_fp8_experts_run_as_the_checkpoint_kept_in_fp8(fp8_checkpoint, 
     does; the memory plan counts their bytes; --fp8 beside --weights is refused (chosen when preparing)."""
     out = tmp_path / "w"
     done = subprocess.run([sys.executable, str(ROOT / "prepare_weights.py"), str(fp8_checkpoint), "--out", str(out),
-                           "--dtype", "float32", "--fp8", "keep"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                           "--dtype", "float32", "--fp8", "keep"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     common = ("--mode", "generate", "--prompt-ids", "5,17,200,3", "--max-new-tokens", "6", "--max-seq-len", "32")
     prepared = run(*common, "--weights", str(out), "--output-json", str(tmp_path / "a.json"))

@@ -204,8 +204,7 @@ def check_equal(url: str, one_process: dict) -> None:
     assert answers == one_process
 
 
-@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 2), (2, 2, 1), (4, 1, 4)],
-                         ids=["experts-sliced", "tp2-experts-spread", "w4-experts-sliced"])
+@pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 2), (2, 2, 1)], ids=["experts-sliced", "tp2-experts-spread"])
 def test_ranks_answer_as_one_process(with_tokenizer, one_process, world, tp, moe_tp) -> None:
     with RankServer(world, ["--checkpoint", str(with_tokenizer)], "--tp", str(tp), "--moe-tp", str(moe_tp)) as server:
         assert any(f"all {world} ranks loaded and ready" in line for line in server.output)
@@ -262,6 +261,20 @@ def test_a_killed_rank_ends_requests_with_an_error_and_every_process(with_tokeni
         assert time.monotonic() - start < TIMEOUT + 30
 
 
+def living(pids: list[int], deadline: float) -> list[int]:
+    """The processes among `pids` still running at `deadline` or once none is (a zombie waiting for its
+    reaper has ended)."""
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    while [p for p in pids if running(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if running(p)]
+
+
 def test_sigterm_to_the_launcher_drains_and_stops_every_rank(with_tokenizer) -> None:
     with RankServer(2, ["--checkpoint", str(with_tokenizer)], "--moe-tp", "2") as server:
         stream = long_stream(server.url)
@@ -272,7 +285,7 @@ def test_sigterm_to_the_launcher_drains_and_stops_every_rank(with_tokenizer) -> 
         assert reasons[-1] == "abort"
         server.process.wait(timeout=40)
         assert time.monotonic() - start < 40
-        assert not [p for p in pids if Path(f"/proc/{p}").exists()], "a rank outlived the launcher"
+        assert not living(pids, start + 40), "a rank outlived the launcher"
 
 
 def test_sigkill_to_the_launcher_stops_every_rank(with_tokenizer) -> None:
@@ -283,8 +296,5 @@ def test_sigkill_to_the_launcher_stops_every_rank(with_tokenizer) -> None:
         os.kill(server.process.pid, signal.SIGKILL)  # the launcher alone: it can neither stop nor signal the ranks
         reasons = [c.choices[0].finish_reason for c in stream if c.choices]
         assert reasons[-1] == "abort"
-        deadline = start + 40
-        while [p for p in pids if Path(f"/proc/{p}").exists()] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in pids if Path(f"/proc/{p}").exists()], "a rank outlived its killed launcher"
+        assert not living(pids, start + 40), "a rank outlived its killed launcher"
         assert "the launcher" in "".join(server.output) and "is gone" in "".join(server.output)

@@ -17,7 +17,7 @@ from minimax_m2.device.step import Step, StepOutput
 from minimax_m2.generation import Sampling
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.sampling import sampling_probs
-from minimax_m2.serving.drafts import NgramDrafter
+from minimax_m2.serving.drafts import NgramDrafter, SharedAnswers
 from minimax_m2.serving.engine import Engine
 from minimax_m2.serving.request import Joined, Request
 from minimax_m2.serving.row_sampling import verify
@@ -236,3 +236,31 @@ def test_drafts_read_the_prompt_and_output_as_one_sequence_uncopied() -> None:
     split, listed = NgramDrafter(4), NgramDrafter(4)
     for cut in range(6, 80, 3):
         assert split.draft(Joined(sequence[:5], sequence[5:cut]), 4) == listed.draft(sequence[:cut], 4)
+
+
+def test_shared_answers_draft_what_an_earlier_answer_followed_with() -> None:
+    answers = SharedAnswers(capacity=12)
+    answers.add([1, 2, 3, 4, 5], [6, 7, 8, 9])  # kept as [3, 4, 5, 6, 7, 8, 9]: the prompt's last 3, the answer
+    assert answers.draft([0, 3, 4, 5, 6], 2) == [7, 8], "a 4-gram across the prompt's end and the answer's start"
+    assert answers.draft([4, 5, 6], 2) == [] and answers.draft([9, 4, 5, 6], 2) == [], "only the last 4 tokens"
+    answers.add([0], [9, 9, 6, 7, 8, 1])  # 7 tokens: the first answer is dropped to stay within 12
+    assert answers.tokens == 7 and answers.draft([3, 4, 5, 6], 2) == []
+    assert answers.draft([9, 6, 7, 8], 3) == [1] and answers.hits == 2
+    drafter = NgramDrafter(4, shared=answers)
+    assert drafter.draft([1, 2, 1, 2], 2) == [1, 2], "the request's own tokens come first"
+    assert drafter.draft([5, 9, 6, 7, 8], 2) == [1], "then the shared answers"
+
+
+def test_a_repeated_request_drafts_the_earlier_answer_and_gives_its_tokens(model) -> None:
+    """An agent's turn sent again (a retry, or a parallel worker on the same files): the second request drafts
+    the first one's answer, in fewer steps, with exactly plain decoding's tokens."""
+    prompt = np.random.default_rng(3).integers(0, 256, 30).tolist()
+    sampling = Sampling(max_new_tokens=40)
+    want = Engine(model, max_num_seqs=2, prefill_chunk=16).generate([prompt], sampling)[0].generated
+    engine = Engine(model, max_num_seqs=2, prefill_chunk=16, speculative=4, verify_gate=VerifyGate(always=True))
+    first = engine.generate([prompt], sampling)[0].generated
+    steps, shared = engine.stats["decode_steps"], engine.counters()["shared_drafts"]
+    second = engine.generate([prompt], sampling)[0].generated
+    assert first == second == want
+    assert engine.counters()["shared_drafts"] > shared
+    assert engine.stats["decode_steps"] - steps < steps / 2, "the second answer came in fewer than half the steps"

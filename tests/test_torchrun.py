@@ -57,7 +57,10 @@ def single(path: Path, experts: list[int] | None = None):
     return model.generate(PROMPT, max_new_tokens=DECODE_STEPS + 1, return_logits=True)
 
 
-LAYOUTS = [(2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (2, 1, 2), (2, 2, 2), (4, 1, 4), (4, 2, 4), (4, 1, 2), (4, 2, 2)]
+# Every layout's exactness is tested with ranks as threads (test_moe_parallel, test_nkipy_semantics,
+# test_fp8_device); these runs prove the same over real gloo processes: every W = 2 layout, and at W = 4
+# one layout with several attention and expert groups and one with every expert sliced over all ranks.
+LAYOUTS = [(2, 1, 1), (2, 2, 1), (2, 1, 2), (2, 2, 2), (4, 2, 2), (4, 1, 4)]
 
 
 @pytest.mark.parametrize("world, tp, moe_tp", LAYOUTS, ids=[f"w{w}-tp{t}-moetp{m}" for w, t, m in LAYOUTS])
@@ -68,7 +71,7 @@ def test_matches_single_process(float32_checkpoint, tmp_path, world, tp, moe_tp)
     assert f"ranks {world} (tp {tp}, moe_tp {moe_tp}" in stdout
 
 
-FP8_LAYOUTS = [(2, 2, 1, "dequantize"), (2, 2, 2, "dequantize"), (2, 2, 1, "keep"), (2, 1, 2, "keep"),
+FP8_LAYOUTS = [(2, 2, 2, "dequantize"), (2, 2, 1, "keep"), (2, 1, 2, "keep"),
                (4, 2, 2, "keep"), (4, 1, 4, "keep")]
 
 
@@ -96,14 +99,14 @@ def test_expert_subset(float32_checkpoint, tmp_path, moe_tp) -> None:
 
 @pytest.fixture(scope="module")
 def all_on_rank_0(tmp_path_factory) -> Path:
-    """Router bias making every token choose experts 0..3: all on rank 0 of 4 (worst-case capacity)."""
+    """Router bias making every token choose experts 0..3: all on rank 0 (of 2 or 4: worst-case capacity)."""
     config = tiny_config()
     return save(build_model(config, seed=5, bias_shift={e: 10.0 for e in range(config.num_experts_per_tok)}),
                 tmp_path_factory.mktemp("skewed_ep"))
 
 
 def test_every_token_on_one_rank(all_on_rank_0, tmp_path) -> None:
-    ids, logits, _ = run_ranks(4, 1, tmp_path, "--mode", "generate", "--checkpoint", str(all_on_rank_0))
+    ids, logits, _ = run_ranks(2, 1, tmp_path, "--mode", "generate", "--checkpoint", str(all_on_rank_0))
     assert_same(ids, logits, *single(all_on_rank_0))
 
 
@@ -143,13 +146,13 @@ def assert_bad_input_ends_every_rank(done: subprocess.CompletedProcess, message:
 RANDOM = ["--mode", "random", "--num-layers", "1", "--num-experts", "4", "--hidden-size", "128", "--vocab-size", "64"]
 
 
+# Layouts refused once the ranks have met, and a flag refused before (the other bad layouts and flags are
+# tested in one process: test_parallel_layout.py, test_cli.py).
 @pytest.mark.parametrize("args, message", [
     (["--ep", "2", "--tp", "3"], "tp 3 must divide the number of ranks 2"),
     (["--ep", "4"], "--ep 4 but 2 ranks are running"),
-    (["--ep", "2", "--moe-tp", "3"], "moe_tp 3 must divide the number of ranks 2"),
-    (["--ep", "2", "--collective-timeout", "-1"], "--collective-timeout"),
     (["--ep", "2", "--capacity-factor", "nan"], "--capacity-factor"),
-], ids=["tp3", "world", "moe-tp3", "timeout", "capacity-nan"])
+], ids=["tp3", "world", "capacity-nan"])
 def test_bad_flags_exit_non_zero_on_every_rank(args, message) -> None:
     assert_bad_input_ends_every_rank(torchrun(2, ROOT / "run_example.py", *RANDOM, *args), message)
 
@@ -158,7 +161,7 @@ def test_bad_flags_exit_non_zero_on_every_rank(args, message) -> None:
 def test_lost_rank_ends_the_run(scenario) -> None:
     """Rank 1 of 3 dies or never arrives: the run ends well within a minute, naming rank 1."""
     start = time.monotonic()
-    done = torchrun(3, ROOT / "tests" / "collective_worker.py", scenario, "5")
+    done = torchrun(3, ROOT / "tests" / "collective_worker.py", scenario, "3")
     assert done.returncode != 0
     assert time.monotonic() - start < 60
     if scenario == "hang":
@@ -251,7 +254,7 @@ def test_bad_input_seen_by_one_rank_ends_every_rank(fp8_checkpoint, tmp_path) ->
 
 
 RAGGED = [[5, 17, 200], [250, 1, 64, 64, 12, 180, 33, 9, 41], [7], [99, 3, 3, 18, 200]]
-RAGGED_LAYOUTS = [(2, 1, 1), (2, 2, 2), (4, 1, 4), (4, 2, 1), (4, 2, 2)]
+RAGGED_LAYOUTS = [(2, 1, 1), (2, 2, 2), (4, 2, 2)]
 
 
 @pytest.mark.parametrize("world, tp, moe_tp", RAGGED_LAYOUTS,

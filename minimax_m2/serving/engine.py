@@ -34,7 +34,7 @@ from minimax_m2.generation import Sampling
 from minimax_m2.model import MiniMaxM2Model
 from minimax_m2.sampling import TokenLogprobs
 from minimax_m2.serving.blocks import BlockManager
-from minimax_m2.serving.drafts import NgramDrafter
+from minimax_m2.serving.drafts import NgramDrafter, SharedAnswers
 from minimax_m2.serving.executor import Executor, LocalExecutor
 from minimax_m2.serving.request import Notify, Request
 from minimax_m2.serving.scheduler import Scheduler
@@ -75,7 +75,8 @@ class Engine:
         prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold); keep_logits:
         requests may keep the logits of every position (off: the lm_head variants returning a prefill's
         [tokens, vocab] logits are neither compiled nor planned for); speculative: draft tokens a decoding
-        request may have verified per step (n-gram drafts, `minimax_m2.serving.drafts`; 0: none); verify_gate:
+        request may have verified per step (n-gram drafts from its own tokens and from the answers of requests
+        that ended before it, `minimax_m2.serving.drafts`; 0: none); verify_gate:
         whether a decode step verifies its drafts (default: where the measured costs say it pays); spread_from:
         with several attention groups, a request whose context reaches this many tokens has its cache striped
         over all of them, each prefill step taking one chunk a group and every group attending every step's
@@ -87,6 +88,7 @@ class Engine:
         if not 0 <= speculative <= MAX_SPECULATIVE:
             raise ValueError(f"speculative tokens must lie in 0..{MAX_SPECULATIVE}, got {speculative}")
         self.speculative = speculative
+        self.answers = SharedAnswers() if speculative else None  # ended requests' answers, drafts for every request
         self.model = model
         self.keep_logits = keep_logits
         self.groups = model.layout.dp
@@ -189,7 +191,7 @@ class Engine:
         self._check_usable()
         request = Request(ids, sampling, notify or (lambda kind, value: None), keep_logits, constraint=constraint)
         if self.speculative and constraint is None and not keep_logits:
-            request.drafter = NgramDrafter(self.speculative)
+            request.drafter = NgramDrafter(self.speculative, shared=self.answers)
         with self._wake:
             self._inbox.append(request)
             self._wake.notify()
@@ -337,8 +339,10 @@ class Engine:
                                          if self.stats["verified_rows"] else 0.0)}
 
     def counters(self) -> dict[str, float]:
-        """What only grows: steps, tokens and seconds, and the executor's (plans and control bytes)."""
-        return {**self.stats, "preemptions": self.scheduler.preemptions, **self.executor.stats()}
+        """What only grows: steps, tokens and seconds, drafts taken from other requests' answers, and the
+        executor's (plans and control bytes)."""
+        return {**self.stats, "preemptions": self.scheduler.preemptions,
+                "shared_drafts": self.answers.hits if self.answers else 0, **self.executor.stats()}
 
     def metrics(self) -> dict[str, float]:
         """`load` and `counters` together, for logs and tests."""
