@@ -65,15 +65,16 @@ def plan_config(args: argparse.Namespace) -> tuple[MiniMaxM2Config, list[int], d
 
 def serving_engine(config: MiniMaxM2Config, experts: list[int], layout: ParallelLayout, dtype: np.dtype, slots: int,
                    prefill_chunk: int, max_seq_len: int, device: str, kv_blocks: int, fp8: bool,
-                   spread_from: int) -> Engine:
+                   spread_from: int, speculative: int = 0) -> Engine:
     """The serving engine of these settings over a model of zeros that is never touched (its pages are never
-    written, so it takes no memory): its shape set and programs are those of the run."""
+    written, so it takes no memory): its shape set and programs are those of the run (speculative: draft
+    tokens a row, whose verify steps are programs too)."""
     weights = zero_model_weights(config, experts, layout, dtype, fp8=fp8)
     model = MiniMaxM2Model(config, weights, experts, max_seq_len, layout)
     if device == "neuron":
         model.expert_cost = expert_cost(TRN2, weights.layers[0])
     return Engine(model, max_num_seqs=slots, prefill_chunk=prefill_chunk, keep_logits=False, kv_blocks=kv_blocks,
-                  spread_from=spread_from)
+                  spread_from=spread_from, speculative=speculative)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -135,7 +136,7 @@ def _plan(args: argparse.Namespace) -> Engine:
     check_fits(plan, available, where, args.max_seq_len)
     print(f"fits: {plan.total / 2**30:.2f} of {available / 2**30:.2f} GiB ({where})")
     engine = serving_engine(config, experts, layout, dtype, slots, chunk, args.max_seq_len, args.device, kv_blocks, fp8,
-                            args.spread_from)
+                            args.spread_from, args.num_speculative_tokens if args.speculative else 0)
     shapes, programs = len(engine.shapes.shapes()), Counter(unit.name for unit in engine.programs().values())
     count = sum(programs.values())
     print(f"compile set per rank: {shapes} step shapes, {count} programs ("

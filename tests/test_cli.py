@@ -295,6 +295,8 @@ def test_plan_mode_says_whether_a_run_fits_without_loading_weights(float32_check
     assert pool * 128 >= 350_000 and "62 layers, hidden 3072, 256 of 256 experts" in fits.stdout
     programs = int(fits.stdout.split("step shapes, ")[1].split(" programs")[0])
     assert programs <= 300 and "spread over the 64 ranks of a host 2 min / 10 min / 25 min" in fits.stdout
+    speculating = run(*real, "--speculative", "ngram")  # its verify steps are programs too (plain and spread)
+    assert int(speculating.stdout.split("step shapes, ")[1].split(" programs")[0]) > programs
     assert_one_line_error(run(*real, "--kv-blocks", "4000"), "but one NeuronCore's HBM (trn2, LNC=2) is 24.00 GiB")
     kept = run(*real, "--fp8", "keep")  # the released checkpoint's experts as 8-bit codes: a larger pool
     assert kept.returncode == 0 and "FP8 experts kept as codes" in kept.stdout

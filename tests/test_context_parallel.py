@@ -14,6 +14,7 @@ from minimax_m2.device.step import KV_BLOCK, Step, spread_step
 from minimax_m2.generation import Sampling
 from minimax_m2.parallel import ParallelLayout
 from minimax_m2.serving.engine import Engine
+from minimax_m2.serving.verify_gate import VerifyGate
 
 RTOL = 1e-5
 SEGMENT = 2 * KV_BLOCK  # positions of one segment, held by one group; segment j by group j % dp
@@ -195,3 +196,37 @@ def test_spread_and_unspread_requests_in_a_small_pool_preempt_without_changing_a
     (got, preemptions, used), _ = plans_to_every_rank(2, load, blocks, lead)
     assert got == want
     assert preemptions > 0 and used == 0
+
+
+@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)])
+def test_a_striped_request_verifies_its_drafts_and_gives_one_ranks_tokens(float32_checkpoint, world, tp) -> None:
+    """Speculation for a striped request: its drafts (and those of a request beside it, not striped) verified in
+    spread verify steps, every group attending its part of each row's cache, the steps' plans sent to every
+    rank: exactly one rank's plain tokens; the verify steps' shapes are in the set the warm-up runs."""
+    long = (prompt(50, 5).tolist() * 14)[:650]  # it repeats itself: its n-grams draft
+    prompts = [long, prompt(SHORT, 2).tolist()]
+    sampling = Sampling(max_new_tokens=40)
+    one = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=1024)
+    want = [r.generated for r in Engine(one, max_num_seqs=4, prefill_chunk=128).generate(prompts, sampling)]
+    blocks = 32
+
+    def load(r: int) -> MiniMaxM2Model:
+        return MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=1024,
+                                              layout=ParallelLayout(world, tp, r))
+
+    def lead(model: MiniMaxM2Model, sender) -> tuple[list, dict, list, int]:
+        engine = Engine(model, max_num_seqs=4, prefill_chunk=128, executor=sender, kv_blocks=blocks, spread_from=500,
+                        speculative=4, verify_gate=VerifyGate(always=True))
+        shapes = [s for s in engine.shapes.shapes() if s[0] == "spread_verify"]
+        if world == 2:
+            assert engine.warm_up(every_shape=True) > 0  # the spread verify steps among them, on every rank
+        steps, execute = [], sender.execute
+        sender.execute = lambda step: steps.append(step) or execute(step)
+        got = [r.generated for r in engine.generate(prompts, sampling)]
+        verified = sum(s.spread is not None and s.input_ids.shape[1] == 5 and s.token_valid[:, 1:].any() for s in steps)
+        return got, engine.metrics(), shapes, verified
+
+    (got, metrics, shapes, verified), _ = plans_to_every_rank(world, load, blocks, lead)
+    assert got == want
+    assert verified > 0 and metrics["accepted_tokens"] > 0 and metrics["blocks_used"] == 0
+    assert shapes and all(seq == 5 for _, _, _, seq, _ in shapes)

@@ -430,7 +430,7 @@ def test_subset_check_names_untraceable_calls(allowed) -> None:
 
 
 @pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 1), (4, 2, 2), (4, 1, 4)])
-@pytest.mark.parametrize("phase, batch, seq", [("prefill", 4, 40), ("decode", 3, 1)])
+@pytest.mark.parametrize("phase, batch, seq", [("prefill", 4, 40), ("prefill", 4, 5), ("decode", 3, 1)])
 @pytest.mark.parametrize("target", ["trn", "cpu"])
 def test_a_spread_step_traces_to_the_numpy_program(allowed, world, tp, moe_tp, phase, batch, seq, target) -> None:
     """Context parallelism: every row's cache striped over the attention groups, each group attending every

@@ -95,7 +95,7 @@ def test_the_lm_head_returning_log_probabilities_computes_the_numpy_result(world
 
 
 @pytest.mark.parametrize("world, tp, moe_tp", [(2, 1, 1), (4, 2, 2)])
-@pytest.mark.parametrize("phase, batch, seq", [("prefill", 4, 40), ("decode", 3, 1)])
+@pytest.mark.parametrize("phase, batch, seq", [("prefill", 4, 40), ("prefill", 4, 5), ("decode", 3, 1)])
 def test_a_spread_step_traced_computes_the_numpy_result(world, tp, moe_tp, phase, batch, seq) -> None:
     """Context parallelism's units (every row's cache striped over the attention groups, queries gathered,
     the parts combined by an all_to_all) through nkipy's tracer."""

@@ -197,18 +197,22 @@ class Scheduler:
         rows = ShapeSet.bucket(max(map(len, per_group)), self.shapes.decode_rows, "decode rows")
         bucket = ShapeSet.bucket(sum(map(len, per_group)), self.shapes.decode_buckets, "decode rows")
         order: list[Request | None] = [g[i] if i < len(g) else None for g in per_group for i in range(rows)]
-        if any(r.striped for g in per_group for r in g):
-            return self._spread_decode_step(rows, order), None
+        spread = any(r.striped for g in per_group for r in g)
         if self.shapes.verify_tokens:
             drafts = [self._draft(r) if r else [] for r in order]
             if any(drafts):
                 real = [(r, d) for r, d in zip(order, drafts) if r]
                 expected = sum(1 + min(len(d), r.drafter.expected) if d else 1 for r, d in real)
                 if self.gate.opens(rows * self.groups, sum(1 + len(d) for _, d in real), len(real), expected):
-                    return self._verify_step(rows, order, drafts), drafts
+                    verify = self._spread_verify_step(rows, order, drafts) if spread else \
+                        self._verify_step(rows, order, drafts)
+                    if verify is not None:
+                        return verify, drafts
                 for r, d in real:
                     if d:
                         r.drafter.watch(d)
+        if spread:
+            return self._spread_decode_step(rows, order), None
         step = self._step(rows, bucket, 1,
                           [(r.blocks, r.length - 1, [r.generated[-1]]) if r else None for r in order], False)
         groups = [[(i, r.blocks, r.length - 1) for i, r in enumerate(g)] for g in per_group]
@@ -229,6 +233,20 @@ class Scheduler:
         count = ShapeSet.bucket(needed, tuple(self.shapes.tile_counts(rows, bucket)), "decode tiles")
         return spread_step(step, held, self.groups, self.blocks.blocks_per_group, tiles=count), order
 
+    def _spread_verify_step(self, rows: int, order: list[Request | None], drafts: list[list[int]]
+                            ) -> tuple[Step, list[Request | None]] | None:
+        """A verify step holding a striped row: the decode rows each with its last token and its drafts, every
+        group attending every group's rows against the blocks it holds (`spread_step`), its tables a width of
+        `spread_widths`; None when one group holds more of a row's blocks than the widest (a row not striped,
+        whose whole context lies in its group, longer than a striped row's part)."""
+        step, _ = self._verify_step(rows, order, drafts)
+        held = [self._held(r, r.length - 1 + len(d)) if r else {} for r, d in zip(order, drafts)]
+        needed = max(len(mine) for h in held for mine in h.values())
+        if needed > self.shapes.spread_widths[-1]:
+            return None
+        width = ShapeSet.bucket(max(needed, 2), self.shapes.spread_widths, "blocks")
+        return spread_step(step, held, self.groups, self.blocks.blocks_per_group, width=width), order
+
     def _draft(self, request: Request) -> list[int]:
         """A decoding request's drafts: up to its own adaptive count, none past its new tokens' budget or the
         context, and only into blocks it holds or the pool can spare (speculation never preempts)."""
@@ -237,7 +255,7 @@ class Scheduler:
         room = min(request.drafter.k, self.shapes.verify_tokens - 1, self.shapes.kv_lengths[-1] - request.length,
                    request.sampling.max_new_tokens - len(request.generated) - 1)
         while room > 0 and (request.length - 1 + room) // KV_BLOCK >= len(request.blocks):
-            if not self.blocks.grow(request.group, request.blocks):
+            if not self.blocks.grow(request.group, request.blocks, request.striped):
                 room = len(request.blocks) * KV_BLOCK - request.length
         return request.drafter.draft(request.sequence, room)
 

@@ -162,6 +162,9 @@ class ShapeSet:
                   for w in self.spread_widths]
         spread += [("spread_decode", r, b, 1, n * KV_BLOCK) for r, b in self.spread_decode_pairs()
                    for n in self.tile_counts(r, b)]
+        if self.verify_tokens:
+            spread += [("spread_verify", r, r * self.groups, self.verify_tokens, w * KV_BLOCK) for r in self.decode_rows
+                       for w in self.spread_widths]
         return decode + prefill + verify + spread
 
     def padding_steps(self, scratch: int, width: int, keep_logits: bool, vocab: int) -> list[Step]:
@@ -172,12 +175,13 @@ class ShapeSet:
         sampling variant with grammar masks (over `vocab` tokens) of each bucket up to its rows (a prefill's
         constrained rows choose their token on the host)."""
         chunk = {"decode": 0, "prefill": self.prefill_chunk, "verify": 0, "spread_decode": 0,
-                 "spread_prefill": self.groups * self.spread_chunk}
+                 "spread_prefill": self.groups * self.spread_chunk, "spread_verify": 0}
         variants = {"decode": [(s, logits, False, False) for s, logits in itertools.product((False, True), repeat=2)]
                     + [(True, False, False, True)]}
         variants["prefill"] = [variant for variant in variants["decode"] if variant[0]]  # a prefill may always sample
         variants["verify"] = [(True, False, True, False), (True, True, True, False)]  # every position's ids (logits)
         variants["spread_decode"], variants["spread_prefill"] = variants["decode"], variants["prefill"]
+        variants["spread_verify"] = variants["verify"]
         steps, heads = [], set()
         for phase, rows, bucket, seq, kv in self.shapes():
             rows = max(min_rows(seq), rows)
