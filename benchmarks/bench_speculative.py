@@ -17,8 +17,10 @@ does not write that answer, so the two halves are measured apart and combined:
   (`minimax_m2.serving.verify_gate`), and without speculation: what the gate saves where drafts fail.
 TPOT with speculation = verify step / tokens gained a step; without = decode step.
 - a repeated turn (an agent's request sent again: a retry, or parallel workers given the same files): B
-  requests of --context prompt tokens answered with --answer greedy tokens by the random model itself, then
-  the same B requests again, served by the engine with its measured gate: the second round drafts the first
+  requests of --context prompt tokens answered with --answer tokens by the random model itself (sampled at
+  temperature 1, top_k 40, with a seed each, which gives the same answer again as greedy decoding would on
+  a real model; the random model's greedy answer repeats one token, which a request's own drafts catch), then the
+  same B requests again, served by the engine with its measured gate: the second round drafts the first
   round's answers (`SharedAnswers`); TPOT (decode seconds per token after the first) of each round beside
   plain decoding's, the tokens checked identical.
 
@@ -133,7 +135,7 @@ def decode_steps(model: MiniMaxM2Model, prompts: list[list[int]], steps: int, k:
 
 def repeated_turn(model: MiniMaxM2Model, prompts: list[list[int]], answer: int, k: int) -> dict[str, float]:
     """TPOT in ms of plain decoding, and with speculation of a first round and of the same requests again."""
-    sampling = Sampling(max_new_tokens=answer)
+    sampling = [Sampling(max_new_tokens=answer, temperature=1.0, top_k=40, seed=i) for i in range(len(prompts))]
 
     def served(engine: Engine) -> tuple[list[list[int]], float]:
         seconds, tokens = engine.stats["decode_seconds"], engine.stats["generated_tokens"]
@@ -204,7 +206,7 @@ def main() -> None:
         poor = r["poor_drafts_tpot_ms"]
         print(f"| {r['batch']} | {poor['always']:.1f} ms | {poor['gated']:.1f} ms | {poor['plain']:.1f} ms | "
               f"{poor['gated'] / poor['plain']:.2f}x |")
-    print(f"a repeated turn ({args.answer} greedy tokens a request, the engine's gate): TPOT")
+    print(f"a repeated turn ({args.answer} sampled tokens a request, seeded; the engine's gate): TPOT")
     print("| batch | plain decoding | first round | the same requests again | again / plain | accepted length again |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -55,6 +55,8 @@ def test_drafts_follow_the_latest_earlier_occurrence() -> None:
     assert drafter.draft([1, 2, 3, 4, 9, 9, 2, 3], 3) == [4, 9, 9]  # "2 3" was followed by "4 9 9"
     assert drafter.draft([1, 2, 3, 4, 9, 9, 2, 3, 4, 7, 2, 3, 4], 2) == [7, 2], "the latest occurrence, longest n"
     assert NgramDrafter(4).draft([1, 2, 3, 5], 4) == [] and NgramDrafter(4).draft([5, 5, 5], 0) == []
+    assert NgramDrafter(4).draft([7, 5, 5, 5, 5], 3) == [5, 5, 5], "a repeated token goes on repeating"
+    assert NgramDrafter(4).draft([3, 1, 2, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1], "and a repeated span"
 
 
 def test_greedy_tokens_are_plain_decodings_with_fewer_steps(model) -> None:
@@ -238,6 +240,25 @@ def test_drafts_read_the_prompt_and_output_as_one_sequence_uncopied() -> None:
         assert split.draft(Joined(sequence[:5], sequence[5:cut]), 4) == listed.draft(sequence[:cut], 4)
 
 
+def test_drafts_are_the_latest_earlier_occurrences_of_the_longest_suffix() -> None:
+    """Fed a sequence in pieces of every size, a drafter drafts what a search of the whole sequence finds."""
+    def searched(tokens: list[int], k: int) -> list[int]:
+        for n in (4, 3, 2):
+            follower = max((p for p in range(n, len(tokens)) if tokens[p - n:p] == tokens[-n:]), default=None)
+            if len(tokens) > n and follower is not None:
+                span = tokens[follower:follower + k]
+                return (span * k)[:k]
+        return []
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):  # pieces of 8 tokens or more indexed as sorted blocks in a third of the trials
+        sequence, drafter, end = rng.integers(0, 5, 120).tolist(), NgramDrafter(4, bulk=(8, 1 << 30, 1)[trial % 3]), 0
+        while end < len(sequence):
+            end += int(rng.integers(1, 30))
+            k = int(rng.integers(1, 7))
+            assert drafter.draft(sequence[:end], k) == searched(sequence[:end], k)
+
+
 def test_shared_answers_draft_what_an_earlier_answer_followed_with() -> None:
     answers = SharedAnswers(capacity=12)
     answers.add([1, 2, 3, 4, 5], [6, 7, 8, 9])  # kept as [3, 4, 5, 6, 7, 8, 9]: the prompt's last 3, the answer
@@ -246,9 +267,10 @@ def test_shared_answers_draft_what_an_earlier_answer_followed_with() -> None:
     answers.add([0], [9, 9, 6, 7, 8, 1])  # 7 tokens: the first answer is dropped to stay within 12
     assert answers.tokens == 7 and answers.draft([3, 4, 5, 6], 2) == []
     assert answers.draft([9, 6, 7, 8], 3) == [1] and answers.hits == 2
-    drafter = NgramDrafter(4, shared=answers)
-    assert drafter.draft([1, 2, 1, 2], 2) == [1, 2], "the request's own tokens come first"
-    assert drafter.draft([5, 9, 6, 7, 8], 2) == [1], "then the shared answers"
+    assert NgramDrafter(4, shared=answers).draft([1, 2, 1, 2], 2) == [1, 2], "the request's own tokens first"
+    assert NgramDrafter(4, shared=answers).draft([5, 9, 6, 7, 8], 2) == [1], "then the shared answers"
+    assert NgramDrafter(4, shared=answers).draft([2, 6, 7, 8, 0, 9, 6, 7, 8], 2) == [1], \
+        "the shared answers' 4-gram before the request's own 3-gram"
 
 
 def test_a_repeated_request_drafts_the_earlier_answer_and_gives_its_tokens(model) -> None:

@@ -12,9 +12,65 @@ tool calls again give the same answers again.
 from collections import deque
 from collections.abc import Sequence
 
+import numpy as np
+
 SHORTEST, LONGEST = 2, 4  # n-gram lengths looked up, longest first
 RECENT = 0.3  # the weight of a draft's outcome in the running mean of accepted drafts (`expected`)
+BULK = 512  # new tokens from which a draft indexes them as one sorted block (an agent's prompt: 150,000 in 0.1 s)
 SHARED_TOKENS = 1 << 18  # the answers' tokens `SharedAnswers` keeps by default (the oldest answers go first)
+
+
+_MIX, _MASK = 0x9E3779B97F4A7C15, (1 << 64) - 1  # an n-gram's key: its tokens as digits base _MIX, modulo 2^64
+
+
+def gram_key(gram: Sequence[int]) -> int:
+    key = 0
+    for token in gram:
+        key = (key * _MIX + token) & _MASK
+    return key
+
+
+class SortedGrams:
+    """The n-grams of a block of a sequence's tokens, as sorted 64-bit keys: the latest occurrence of an
+    n-gram is a binary search away, its tokens compared (keys of different n-grams may collide). A prompt of
+    150,000 tokens is indexed in a tenth of the time and memory of a dict of its n-grams."""
+
+    def __init__(self, tokens: Sequence[int], offset: int, start: int, sizes: Sequence[int]):
+        """tokens: the sequence's positions offset.. ; the n-grams (n in sizes) ending at positions start.. ."""
+        self.tokens, self.offset = np.asarray(tokens, np.int64).astype(np.uint64), offset
+        end = offset + len(tokens)
+        self.tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for n in sizes:
+            low = max(start, offset + n)
+            if low >= end:
+                continue
+            keys = np.zeros(end - low, np.uint64)
+            for i in range(n):  # wraps modulo 2^64, as gram_key does
+                keys = keys * np.uint64(_MIX) + self.tokens[low - n - offset + i : end - n - offset + i]
+            order = np.argsort(keys, kind="stable")  # equal keys stay in position order
+            self.tables[n] = keys[order], order + low
+
+    def latest(self, gram: tuple[int, ...]) -> int:
+        """The position after the latest occurrence of `gram` in the block, -1 when it has none."""
+        table = self.tables.get(len(gram))
+        if table is None:
+            return -1
+        keys, positions = table
+        key, n = np.uint64(gram_key(gram)), len(gram)
+        i = int(np.searchsorted(keys, key, side="right")) - 1
+        while i >= 0 and keys[i] == key:
+            after = int(positions[i]) - self.offset
+            if tuple(self.tokens[after - n : after].tolist()) == gram:
+                return after + self.offset
+            i -= 1
+        return -1
+
+
+def periodic(span: list[int], k: int) -> list[int]:
+    """The k tokens that continue a sequence ending in a repeat of its suffix `span` (the tokens after the
+    latest earlier occurrence of its last n-gram, up to its end): `span` again and again when shorter than k
+    (a latest occurrence overlapping the end: a token or a line repeated)."""
+    return (span * -(-k // len(span)))[:k] if span else []
 
 
 class SharedAnswers:
@@ -38,8 +94,8 @@ class SharedAnswers:
         self._answers[serial] = tokens
         self._order.append(serial)
         self.tokens += len(tokens)
-        for end in range(self.n, len(tokens)):
-            self._latest[tuple(tokens[end - self.n:end])] = (serial, end)
+        grams = zip(*(tokens[i : len(tokens) - self.n + i] for i in range(self.n)))
+        self._latest.update(zip(grams, ((serial, end) for end in range(self.n, len(tokens)))))
         while self.tokens > self.capacity and len(self._order) > 1:
             self._drop(self._order.popleft())
 
@@ -71,35 +127,46 @@ class NgramDrafter:
     that follow it (`watch`, `followed`), so that the record stays current while drafts are not verified."""
 
     def __init__(self, limit: int, shortest: int = SHORTEST, longest: int = LONGEST,
-                 shared: SharedAnswers | None = None):
+                 shared: SharedAnswers | None = None, bulk: int = BULK):
+        if shared is not None and shared.n != longest:
+            raise ValueError(f"shared answers indexed by {shared.n}-grams, drafts looked up from {longest}")
         self.sizes, self.shared = range(longest, shortest - 1, -1), shared
         self.limit = self.k = limit
         self.expected = float(limit)  # hopeful until drafts are scored
         self._latest: dict[tuple[int, ...], int] = {}  # an n-gram -> the position after its latest occurrence
-        self._indexed = 0  # positions p < this have their n-grams ending at p indexed
+        self._blocks: list[SortedGrams] = []  # the n-grams of what came `bulk` tokens or more at once
+        self._indexed, self.bulk = 0, bulk  # positions p < _indexed have their n-grams ending at p indexed
         self._watched: list[int] = []  # a draft not verified, matched against the tokens that follow
         self._matched = 0
 
     def draft(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens` (of
-        `shortest` to `longest` tokens) seen before; else what the shared answers draft; [] when neither has
-        one."""
+        `shortest` to `longest` tokens) seen before, the shared answers looked up after its own `longest`
+        tokens and before its shorter suffixes; [] when none was seen."""
         end = len(tokens)
         first = max(0, self._indexed - self.sizes[0])
         fresh = tokens[first:end]  # the tokens the new n-grams span, read once
-        for position in range(self._indexed, end):  # n-grams ending before the last position, which has no follower
-            for n in self.sizes:
-                if position >= n:
-                    self._latest[tuple(fresh[position - n - first:position - first])] = position
+        if end - self._indexed >= self.bulk:
+            self._blocks.append(SortedGrams(fresh, first, self._indexed, self.sizes))
+        else:
+            for n in self.sizes:  # the n-grams ending at positions start.., each to that position (the latest wins)
+                start = max(self._indexed, n)
+                shifted = (fresh[start - n - first + i : end - n - first + i] for i in range(n))
+                self._latest.update(zip(zip(*shifted), range(start, end)))
         self._indexed = max(self._indexed, end)
         if k < 1:
             return []
         for n in self.sizes:
             if end > n:
-                follower = self._latest.get(tuple(tokens[end - n:]))
-                if follower is not None and follower < end:
-                    return tokens[follower:follower + k]
-        return self.shared.draft(tokens, k) if self.shared is not None else []
+                gram = tuple(tokens[end - n:])
+                follower = max([self._latest.get(gram, -1)] + [block.latest(gram) for block in self._blocks])
+                if 0 <= follower < end:
+                    return periodic(tokens[follower:follower + k], k)
+            if n == self.sizes[0] and self.shared is not None:
+                found = self.shared.draft(tokens, k)
+                if found:
+                    return found
+        return []
 
     def answered(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
         """The request ended with `answer`: kept among the shared answers, for the requests that follow."""
