@@ -10,9 +10,11 @@ from kernels.collectives import all_reduce
 from minimax_m2.config import MiniMaxM2Config
 from minimax_m2.device.expert_schedule import (
     BLOCK_SIZES,
+    PRODUCT_SIZES,
     ExpertCost,
     compiled_only,
     measure_block_times,
+    measure_product_times,
     measured_table,
     runs_numpy,
 )
@@ -101,6 +103,7 @@ class MiniMaxM2Model:
         self.owner: Any = None  # the serving Engine whose requests hold this cache, if one does
         self.runner: Callable[[Unit], Any] = run_on_cpu
         self.expert_cost: ExpertCost | None = None
+        self.head_cost: ExpertCost | None = None  # this CPU's cost of the lm_head's product, when measured
 
     @classmethod
     def from_pretrained(
@@ -193,7 +196,20 @@ class MiniMaxM2Model:
                 _MEASURED[key] = measured_table({b: tuple(t) for b, t in zip(BLOCK_SIZES, times / self.layout.world)},
                                                 dynamic=True)
             self.expert_cost = _MEASURED[key]
+            self.head_cost = self._measured_head_cost()
         return compiled_only(self.expert_cost) if self.compiles else self.expert_cost
+
+    def _measured_head_cost(self) -> ExpertCost:
+        """This CPU's cost of the lm_head's product over n rows (which chooses whether a few rows multiply it
+        one at a time, `rows_apart`), measured once per process and rank and averaged over the ranks, as the
+        experts' are."""
+        head = self.weights.lm_head
+        key = ("lm_head", head.shape, str(head.dtype), self.layout.world, self.layout.rank)
+        if key not in _MEASURED:
+            timed = measure_product_times(head, self.dtype)
+            times = all_reduce(np.array([timed[n] for n in PRODUCT_SIZES]), self.layout.world_groups)
+            _MEASURED[key] = measured_table(dict(zip(PRODUCT_SIZES, times / self.layout.world)), dynamic=True)
+        return _MEASURED[key]
 
     def run(self, step: Step) -> StepOutput:
         """One step: every layer over the step's rows, each continuing its own cache row -> the next tokens
@@ -251,7 +267,8 @@ class MiniMaxM2Model:
             return layer_call(phase, inputs, constants)
 
         embedding = embedding_call(mine, self.weights, self.rank_values, layout)
-        return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, cost)
+        head = self.head_cost if self.head_cost is not None and not self.compiles else cost
+        return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, head)
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy cache blocks, (attention group, source block, target block) each, in every layer: a request

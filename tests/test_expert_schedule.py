@@ -6,10 +6,12 @@ import pytest
 from kernels.moe_grouped import DENSE, DYNAMIC, expert_blocks
 from minimax_m2.device.expert_schedule import (
     BLOCK_SIZES,
+    PRODUCT_SIZES,
     blocked_seconds,
     choose_block_rows,
     dynamic_seconds,
     measure_block_times,
+    measure_product_times,
     measured_table,
     roofline_cost,
     rows_apart,
@@ -108,3 +110,18 @@ def test_this_cpu_runs_a_prefill_dynamically_and_a_decode_in_blocks_of_one_row()
     assert choose_block_rows(1024, 64, cpu) == DYNAMIC and choose_block_rows(4096, 64, cpu) == DYNAMIC
     assert dynamic_seconds(4096, 64, cpu) < min(blocked_seconds(4096, 64, b, cpu) for b in BLOCK_SIZES)
     assert choose_block_rows(1024, 64, CPU) != DYNAMIC, "a static target never runs it"
+
+
+def test_the_lm_heads_product_is_timed_on_its_own_weight() -> None:
+    """On this CPU the lm_head's schedule comes from its own product's measured cost (an expert's weight sits
+    in the cache where the lm_head's does not), over a weight in row order; a target that compiles takes the
+    experts' costs."""
+    from minimax_m2 import MiniMaxM2Model
+    from minimax_m2.run import random_config
+
+    model = MiniMaxM2Model.random(random_config(128, 1, 4, 2, 4096), seed=0, max_seq_len=32)
+    model.schedule_cost()
+    assert model.weights.lm_head.flags.c_contiguous and model.head_cost is not None
+    timed = measure_product_times(model.weights.lm_head, np.dtype(np.float32))
+    assert sorted(timed) == list(PRODUCT_SIZES) and all(t > 0 for t in timed.values())
+    assert model.head_cost(8) >= model.head_cost(1) > 0

@@ -33,10 +33,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from kernels.matmul import matmul
 from kernels.moe_expert import moe_expert
 from kernels.moe_grouped import DENSE, DYNAMIC, expert_blocks, expert_weights
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+PRODUCT_SIZES = (1, 2, 4, 8)  # rows of the lm_head's product timed (`measure_product_times`)
 REPEATED_CALLS = 4  # a repeated expert's time is the mean of this many calls in a row, as consecutive blocks run
 APART_SAVING = 0.1  # see rows_apart
 WARM_UP_ROUNDS = 2  # rounds of measurements left out (a process's first products run slower)
@@ -142,6 +144,22 @@ def measure_block_times(layers: Sequence[tuple[np.ndarray, np.ndarray, tuple[np.
                 pair.append((time.perf_counter() - start) / calls)
             samples[b].append(pair)
     return {b: tuple(float(t) for t in np.median(samples[b][WARM_UP_ROUNDS:], axis=0)) for b in BLOCK_SIZES}
+
+
+def measure_product_times(weight: np.ndarray, dtype: np.dtype, sizes: Sequence[int] = PRODUCT_SIZES,
+                          repeats: int = 3) -> dict[int, float]:
+    """Seconds of `sizes` rows times a large weight [k, m] on this CPU (the lm_head's: its BLAS packs a weight
+    this large for two rows or more at a price an expert's product does not show) -> {rows: seconds},
+    medians of `repeats` rounds after WARM_UP_ROUNDS left out, each round timing every size in turn."""
+    rng = np.random.default_rng(0)
+    rows = {n: rng.standard_normal((n, weight.shape[0])).astype(dtype) for n in sizes}
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats + WARM_UP_ROUNDS):
+        for n in sizes:
+            start = time.perf_counter()
+            matmul(rows[n], weight)
+            samples[n].append(time.perf_counter() - start)
+    return {n: float(np.median(samples[n][WARM_UP_ROUNDS:])) for n in sizes}
 
 
 def measured_table(timed: dict[int, float | tuple[float, float]], dynamic: bool = False) -> ExpertCost:

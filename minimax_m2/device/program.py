@@ -184,7 +184,7 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
                  layout: ParallelLayout, expert_cost: ExpertCost) -> Unit:
     """The lm_head unit of a step: each of this group's rows' selected tokens (as flat indices into its T
     tokens), and every group's sampling arrays (expert_cost: the target's costs, which choose the
-    projection's schedule)."""
+    projection's schedule; on this CPU the lm_head's own measured product, `MiniMaxM2Model.head_cost`)."""
     mine = group_rows(step, layout)
     seq, chosen = step.input_ids.shape[1], step.selected.shape[1]
     selected = (np.arange(mine.stop - mine.start, dtype=np.int32)[:, None] * seq + step.selected[mine]).reshape(-1)
