@@ -4,8 +4,8 @@ and from the answers of requests that ended before it.
 The sequence's last n tokens (n from `longest` down to `shortest`) are looked up among its earlier tokens;
 the tokens that followed their latest earlier occurrence are the draft. Agents' answers copy long spans of
 their prompts (files being edited, tool outputs, earlier turns), which is where such drafts are accepted.
-Where its own tokens hold no match, a request looks up its last `longest` tokens among the answers other
-requests gave (`SharedAnswers`): agents retried, run in parallel over the same files, or writing the same
+Where its own last `longest` tokens occurred nowhere earlier, a request looks them up among the answers
+other requests gave (`SharedAnswers`): agents retried, run in parallel over the same files, or writing the same
 tool calls again give the same answers again.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 SHORTEST, LONGEST = 2, 4  # n-gram lengths looked up, longest first
 RECENT = 0.3  # the weight of a draft's outcome in the running mean of accepted drafts (`expected`)
-BULK = 512  # new tokens from which a draft indexes them as one sorted block (an agent's prompt: 150,000 in 0.1 s)
+BULK = 512  # new tokens from which a draft indexes them as one sorted block (150,000 prompt tokens: 44 ms)
 SHARED_TOKENS = 1 << 18  # the answers' tokens `SharedAnswers` keeps by default (the oldest answers go first)
 
 
@@ -24,6 +24,7 @@ _MIX, _MASK = 0x9E3779B97F4A7C15, (1 << 64) - 1  # an n-gram's key: its tokens a
 
 
 def gram_key(gram: Sequence[int]) -> int:
+    """An n-gram's 64-bit key, as `SortedGrams` computes its keys."""
     key = 0
     for token in gram:
         key = (key * _MIX + token) & _MASK
@@ -33,7 +34,7 @@ def gram_key(gram: Sequence[int]) -> int:
 class SortedGrams:
     """The n-grams of a block of a sequence's tokens, as sorted 64-bit keys: the latest occurrence of an
     n-gram is a binary search away, its tokens compared (keys of different n-grams may collide). A prompt of
-    150,000 tokens is indexed in a tenth of the time and memory of a dict of its n-grams."""
+    150,000 tokens is indexed in a fifth of the time and a sixth of the memory of a dict of its n-grams."""
 
     def __init__(self, tokens: Sequence[int], offset: int, start: int, sizes: Sequence[int]):
         """tokens: the sequence's positions offset.. ; the n-grams (n in sizes) ending at positions start.. ."""
