@@ -10,7 +10,7 @@ tool calls again give the same answers again.
 """
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -67,6 +67,11 @@ class SortedGrams:
         return -1
 
 
+def windows(tokens: Sequence[int], n: int, low: int, high: int) -> Iterator[tuple[int, ...]]:
+    """The n-grams tokens[p - n : p] for p in low .. high - 1 (low >= n), as tuples."""
+    return zip(*(tokens[low - n + i : high - n + i] for i in range(n)))
+
+
 def periodic(span: list[int], k: int) -> list[int]:
     """The k tokens that continue a sequence ending in a repeat of its suffix `span` (the tokens after the
     latest earlier occurrence of its last n-gram, up to its end): `span` again and again when shorter than k
@@ -90,21 +95,20 @@ class SharedAnswers:
         """A request ended, having answered `answer` to `prompt`."""
         if not answer:
             return
-        tokens = list(prompt[len(prompt) - min(len(prompt), self.n - 1):]) + list(answer)
+        tokens = list(prompt[max(0, len(prompt) - self.n + 1):]) + list(answer)
         serial = self._serial = self._serial + 1
         self._answers[serial] = tokens
         self._order.append(serial)
         self.tokens += len(tokens)
-        grams = zip(*(tokens[i : len(tokens) - self.n + i] for i in range(self.n)))
-        self._latest.update(zip(grams, ((serial, end) for end in range(self.n, len(tokens)))))
+        ends = range(self.n, len(tokens))
+        self._latest.update(zip(windows(tokens, self.n, self.n, len(tokens)), ((serial, end) for end in ends)))
         while self.tokens > self.capacity and len(self._order) > 1:
             self._drop(self._order.popleft())
 
     def _drop(self, serial: int) -> None:
         tokens = self._answers.pop(serial)
         self.tokens -= len(tokens)
-        for end in range(self.n, len(tokens)):
-            key = tuple(tokens[end - self.n:end])
+        for key in windows(tokens, self.n, self.n, len(tokens)):
             if self._latest.get(key, (0,))[0] == serial:
                 del self._latest[key]
 
@@ -152,8 +156,7 @@ class NgramDrafter:
         else:
             for n in self.sizes:  # the n-grams ending at positions start.., each to that position (the latest wins)
                 start = max(self._indexed, n)
-                shifted = (fresh[start - n - first + i : end - n - first + i] for i in range(n))
-                self._latest.update(zip(zip(*shifted), range(start, end)))
+                self._latest.update(zip(windows(fresh, n, start - first, end - first), range(start, end)))
         self._indexed = max(self._indexed, end)
         if k < 1:
             return []
