@@ -79,7 +79,7 @@ def serving_engine(config: MiniMaxM2Config, experts: list[int], layout: Parallel
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; raise ValueError (one line, exit 2) when it does not fit."""
-    _plan(args)
+    print_plan(args)
     return 0
 
 
@@ -89,7 +89,7 @@ def run_compile(args: argparse.Namespace, runtime: tuple | None = None) -> int:
     with a bar; print the count, the seconds in all and the slowest programs. A NeuronCore host starting on
     that directory then compiles nothing. Every rank's programs are rank 0's (rank values are inputs), so
     one host compiles them all."""
-    engine = _plan(args)
+    engine = print_plan(args)
     runtime = runtime or nkipy_runtime()  # refused here, before any process is forked, where nkipy is missing
     units = list(engine.programs().values())
     jobs = min(args.compile_jobs, len(units))
@@ -102,7 +102,7 @@ def run_compile(args: argparse.Namespace, runtime: tuple | None = None) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> Engine:
+def print_plan(args: argparse.Namespace) -> Engine:
     """Print the plan and the compile set; raise ValueError when it does not fit -> the run's engine (over
     weights of zeros, never run)."""
     config, experts, prepared, source = plan_config(args)

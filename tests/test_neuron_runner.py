@@ -2,14 +2,11 @@
 its NEFF naming (nkipy is absent here): same tokens and logits as NumPy, each unit compiled once per
 shape, weights and KV caches copied to the device once, cache writes kept on the device."""
 
-import hashlib
 import os
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +20,7 @@ from minimax_m2.device.neuron import WRITTEN, NeuronRunner, run_on
 from minimax_m2.device.nkipy_semantics import LoopbackCollectives
 from minimax_m2.device.program import TOP_LOGPROBS
 from minimax_m2.device.roofline import DECODE_HOST_BYTES_PER_ROW, decode_launches
+from minimax_m2.device.stand_in_compiler import StandInCompiler
 from minimax_m2.device.step import mask_bucket
 from minimax_m2.device.warm_up import deal
 from minimax_m2.generation import Sampling
@@ -81,18 +79,13 @@ class Watched(np.ndarray):
         super().__setitem__(index, value)
 
 
-class FakeKernel:
-    """Stand-in for nkipy's kernels (`NkipyKernels`) with its NEFF names: an argument the unit assigns into
-    is the input '<name>.must_alias_input' and the output '<name>'; returned arrays are 'output<i>'. `compile`
-    names a NEFF by a digest of the program (name, argument shapes and dtypes, constants) under the build
-    directory and writes it there unless it exists, taking `compile_seconds`, counted per thread; `load`
-    runs the unit as NumPy on copies of the device tensors and writes its results into the output tensors."""
+class FakeKernel(StandInCompiler):
+    """Stand-in for nkipy's kernels (`NkipyKernels`): the stand-in compiler's NEFF names and counts, with
+    kernels that run. An argument the unit assigns into is the input '<name>.must_alias_input' and the
+    output '<name>'; returned arrays are 'output<i>'. `load` runs the unit as NumPy on copies of the device
+    tensors and writes its results into the output tensors."""
 
-    compiled: Counter = Counter()  # compiles by unit name
-    traces = 0  # compile calls: each traces the unit, whether or not its NEFF is there
-    by_thread: Counter = Counter()  # compiles by the thread (rank) that made them
     calls: Counter = Counter()
-    compile_seconds = 0.0
     programs: dict[str, tuple] = {}  # NEFF path -> (fn, arrays, constants)
 
     def __init__(self, fn, arrays: dict[str, np.ndarray], constants: dict[str, Any]):
@@ -111,20 +104,11 @@ class FakeKernel:
 
     @classmethod
     def compile(cls, fn, *, name: str, build_dir: str, additional_compiler_args: str | None, **kwargs) -> str:
-        cls.traces += 1
-        arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
-        constants = {k: v for k, v in kwargs.items() if k not in arrays}
-        program = repr((name, sorted((k, v.shape, v.dtype.str) for k, v in arrays.items()), sorted(constants.items()),
-                        additional_compiler_args))
-        path = Path(build_dir) / f"{name}_{hashlib.sha1(program.encode()).hexdigest()[:16]}" / f"{name}.neff"
-        if not path.exists():
-            time.sleep(cls.compile_seconds)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(program)
-            cls.compiled[name] += 1
-            cls.by_thread[threading.current_thread().name] += 1
-        cls.programs[str(path)] = (fn, {k: v.copy() for k, v in arrays.items()}, constants)  # not the model's arrays
-        return str(path)
+        path = super().compile(fn, name=name, build_dir=build_dir, additional_compiler_args=additional_compiler_args,
+                               **kwargs)
+        arrays = {k: v.copy() for k, v in kwargs.items() if isinstance(v, np.ndarray)}  # not the model's arrays
+        cls.programs[path] = (fn, arrays, {k: v for k, v in kwargs.items() if k not in arrays})
+        return path
 
     @classmethod
     def load(cls, neff_path: str, *, name: str) -> "FakeKernel":
@@ -157,8 +141,7 @@ def neuron_environment(monkeypatch) -> None:
 @pytest.fixture()
 def runner(tmp_path) -> NeuronRunner:
     FakeTensor.reset()
-    FakeKernel.compiled.clear()
-    FakeKernel.by_thread.clear()
+    FakeKernel.reset()
     FakeKernel.calls.clear()
     return NeuronRunner(tmp_path / "build", runtime=STAND_INS)
 
@@ -358,8 +341,7 @@ def test_the_compile_set_is_spread_over_the_hosts_ranks(float32_checkpoint, tmp_
     model = MiniMaxM2Model.from_pretrained(float32_checkpoint, max_seq_len=64)
     units = list(Engine(model, max_num_seqs=4, prefill_chunk=16).programs().values())
     ranks, build = 64, tmp_path / "build"
-    FakeKernel.compiled.clear()
-    FakeKernel.by_thread.clear()
+    FakeKernel.reset()
 
     def start(seconds: float) -> tuple[list[int], float]:
         FakeKernel.compile_seconds = seconds
