@@ -6,7 +6,8 @@ serving flags by default; no weight is loaded), then, with `minimax_m2.device.st
   1. a first start: `--ranks` ranks (threads) each compile their share into one build directory
      (`NeuronRunner.prepare`); compiles in all against distinct programs, the most a rank compiles against
      ceil(programs / ranks) + 1, wall seconds against programs / ranks + 5;
-  2. a restart on that directory: compiles (target 0);
+  2. a restart on that directory: compiles (target 0), and a start with `--changed-flags` added on it:
+     compiles against the programs the first set lacks;
   3. `--mode compile` ahead of time into a second directory (`--compile-jobs` processes), then a start on
      it: compiles (target 0).
 
@@ -46,15 +47,22 @@ def start(units: list[Unit], build: Path, ranks: int) -> tuple[int, int, float]:
         time.perf_counter() - began
 
 
+def planned_units(flags: list[str]) -> list[Unit]:
+    """The programs of the run `--mode plan` plans for these flags (its plan printed)."""
+    args = run_example.parse_args(["--mode", "plan", *flags])
+    args.dtype, args.fp8 = args.dtype or "bfloat16", args.fp8 or "dequantize"  # as --mode plan resolves them
+    return list(print_plan(args).programs().values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="the stand-in's seconds a compile")
     parser.add_argument("--ranks", type=int, default=64, help="ranks of one host sharing the build directory")
     parser.add_argument("--compile-jobs", type=int, default=32, help="processes of the ahead-of-time compile")
+    parser.add_argument("--changed-flags", default="--speculative ngram", help="plan flags a restart adds")
     ours, plan_flags = parser.parse_known_args()
-    args = run_example.parse_args(["--mode", "plan", *SERVING_FLAGS, *plan_flags])
-    args.dtype, args.fp8 = args.dtype or "bfloat16", args.fp8 or "dequantize"  # as --mode plan resolves them
-    units = list(print_plan(args).programs().values())
+    units = planned_units([*SERVING_FLAGS, *plan_flags])
+    changed = planned_units([*SERVING_FLAGS, *plan_flags, *ours.changed_flags.split()])
     programs, ranks = len(units), ours.ranks
     StandInCompiler.compile_seconds = ours.seconds
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +72,10 @@ def main() -> None:
               f"{wall:.1f} s (target {programs / ranks + 5:.1f} s = programs / ranks + 5)")
         compiles, _, wall = start(units, Path(tmp) / "build", ranks)
         print(f"restart on the same build directory: {compiles} compiles, {wall:.1f} s")
+        new = len({u.key() for u in changed} - {u.key() for u in units})
+        compiles, _, wall = start(changed, Path(tmp) / "build", ranks)
+        print(f"restart with {ours.changed_flags}: {compiles} compiles of {len(changed)} programs, {new} of them not "
+              f"in the first set; {wall:.1f} s")
         began = time.perf_counter()
         compile_ahead(units, Path(tmp) / "ahead", ours.compile_jobs, runtime=RUNTIME)
         ahead = len(list((Path(tmp) / "ahead").glob("*/*.neff")))
