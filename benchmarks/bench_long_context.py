@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import table  # noqa: E402
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 
 CHILD = """
@@ -64,14 +65,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
-    print("| prompt | --max-seq-len | peak RSS MiB | KV held MiB | peak - KV MiB | prefill s |")
-    print("|---|---|---|---|---|---|")
+    table.header("prompt", "--max-seq-len", "peak RSS MiB", "KV held MiB", "peak - KV MiB", "prefill s")
     for case in args.cases:
         prompt, context = map(int, case.split(":"))
         r = run_case(prompt, context, args)
         rows.append(dict(prompt=prompt, context=context, **r))
-        print(f"| {prompt:,} | {context:,} | {r['peak'] / 2**20:.0f} | {r['kv'] / 2**20:.1f} | "
-              f"{(r['peak'] - r['kv']) / 2**20:.0f} | {r['seconds']:.1f} |", flush=True)
+        table.row(f"{prompt:,}", f"{context:,}", f"{r['peak'] / 2**20:.0f}", f"{r['kv'] / 2**20:.1f}",
+                  f"{(r['peak'] - r['kv']) / 2**20:.0f}", f"{r['seconds']:.1f}")
     if len(rows) > 1:
         ratio = (rows[-1]["peak"] - rows[-1]["kv"]) / rows[0]["peak"]
         print(f"(longest peak - its KV) / shortest peak: {ratio:.2f}x")

@@ -27,6 +27,7 @@ from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2Experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import table  # noqa: E402
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 from kernels.moe_grouped import DENSE, DYNAMIC, expert_blocks, grouped_experts  # noqa: E402
 from minimax_m2.device.expert_schedule import BLOCK_SIZES, choose_block_rows, measure_block_times, measured_table  # noqa: E402
@@ -98,15 +99,14 @@ def main() -> None:
 
         print(f"\n{tokens} tokens, {pairs} pairs, {row['distinct_experts']} distinct experts hit: transformers "
               f"{row['transformers_ms']:.1f} ms, NumPy dynamic {row['numpy_dynamic_ms']:.1f} ms")
-        print("| schedule | weight reads (x distinct) | rows computed (x pairs) | ms | x NumPy dynamic | x "
-              "transformers |")
-        print("|---|---|---|---|---|---|")
+        table.header("schedule", "weight reads (x distinct)", "rows computed (x pairs)", "ms", "x NumPy dynamic",
+                     "x transformers")
         for c in row["candidates"]:
             name = "dense" if c["block_rows"] == DENSE else f"blocks of {c['block_rows']}"
             mark = " (chosen)" if c["block_rows"] == row["chosen"] else ""
-            print(f"| {name}{mark} | {c['blocks']} ({c['blocks'] / row['distinct_experts']:.1f}x) | "
-                  f"{c['rows_computed']} ({c['rows_computed'] / pairs:.1f}x) | {c['ms']:.1f} | "
-                  f"{c['ms'] / row['numpy_dynamic_ms']:.2f}x | {c['ms'] / row['transformers_ms']:.2f}x |", flush=True)
+            table.row(f"{name}{mark}", f"{c['blocks']} ({c['blocks'] / row['distinct_experts']:.1f}x)",
+                      f"{c['rows_computed']} ({c['rows_computed'] / pairs:.1f}x)", f"{c['ms']:.1f}",
+                      f"{c['ms'] / row['numpy_dynamic_ms']:.2f}x", f"{c['ms'] / row['transformers_ms']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"config": MEDIUM, "torch_threads": torch.get_num_threads(),
                                          "rows": results}, indent=1))

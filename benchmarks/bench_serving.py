@@ -47,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import table  # noqa: E402
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 
 NXDI_TOK_S_AT_256 = 128.9
@@ -174,8 +175,8 @@ def show(name: str, s: dict) -> None:
     def fmt(d: dict) -> str:
         return " / ".join(f"{d[k]:.0f}" for k in ("p50", "p90", "p99")) if d else "-"
 
-    print(f"| {name} | {s['requests']} | {s['output_tok_s']:.1f} | {s['requests_s']:.2f} | {fmt(s['ttft_ms'])} | "
-          f"{fmt(s['tpot_ms'])} | {fmt(s['itl_ms'])} |", flush=True)
+    table.row(name, s["requests"], f"{s['output_tok_s']:.1f}", f"{s['requests_s']:.2f}", fmt(s["ttft_ms"]),
+              fmt(s["tpot_ms"]), fmt(s["itl_ms"]))
 
 
 def served(checkpoint: Path, flags: list[str], jobs: list[list[tuple[str, int]]], warm_up: str) -> dict:
@@ -207,9 +208,9 @@ def rank_bytes_per_step(checkpoint: Path, ranks: int, rows: int, context: int) -
 def serve_over_ranks(checkpoint: Path, context: list[str], jobs: list, nproc: list[int]) -> list[dict]:
     """The concurrency mix served by each number of ranks, with the control path's overhead."""
     rows = []
-    print("\n| ranks | output tok/s | TPOT ms p50 | step ms | control ms per plan | control bytes per plan | "
-          "MB read per rank per decode step (16 rows) |")
-    print("|---|---|---|---|---|---|---|")
+    print()
+    table.header("ranks", "output tok/s", "TPOT ms p50", "step ms", "control ms per plan", "control bytes per plan",
+                 "MB read per rank per decode step (16 rows)")
     for ranks in nproc:
         with Server(checkpoint, *context, "--max-num-seqs", "16", ranks=ranks) as server:
             stream(server.url, "w1 w2 w3", 2)
@@ -221,9 +222,9 @@ def serve_over_ranks(checkpoint: Path, context: list[str], jobs: list, nproc: li
                "control_bytes_per_plan": m.get("control_bytes", 0.0) / plans,
                "rank_mb_per_decode_step": rank_bytes_per_step(checkpoint, ranks, 16, int(context[-1])) / 1e6}
         rows.append(row)
-        print(f"| {ranks} | {row['output_tok_s']:.1f} | {row['tpot_ms']['p50']:.0f} | {row['step_ms']:.1f} | "
-              f"{row['control_ms_per_plan']:.2f} | {row['control_bytes_per_plan']:.0f} | "
-              f"{row['rank_mb_per_decode_step']:.1f} |", flush=True)
+        table.row(ranks, f"{row['output_tok_s']:.1f}", f"{row['tpot_ms']['p50']:.0f}", f"{row['step_ms']:.1f}",
+                  f"{row['control_ms_per_plan']:.2f}", f"{row['control_bytes_per_plan']:.0f}",
+                  f"{row['rank_mb_per_decode_step']:.1f}")
     print(f"(this machine has {os.cpu_count()} cores: W ranks share them, so step times over W > 1 ranks are not "
           "what W devices would take; the bytes each rank reads are)")
     return rows
@@ -295,8 +296,7 @@ def main() -> int:
         print(f"{args.clients} clients, greedy; short answers: {args.requests} requests of 32-256 prompt and 16-64 new "
               f"tokens; reasoning-length answers: {args.clients} requests of 32-256 prompt and 128-256 new tokens; "
               "this machine has 2 cores, shared by the server and the clients\n")
-        print("| run | requests | output tok/s | requests/s | TTFT ms p50/p90/p99 | TPOT ms | ITL ms |")
-        print("|---|---|---|---|---|---|---|")
+        table.header("run", "requests", "output tok/s", "requests/s", "TTFT ms p50/p90/p99", "TPOT ms", "ITL ms")
         for mix_name in mixes:
             for seqs in (16, 1):
                 name = f"{mix_name}, max-num-seqs {seqs}"

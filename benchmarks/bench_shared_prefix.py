@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import table  # noqa: E402
 from benchmarks.bench_serving import Server, medium_checkpoint, run_clients, stream, summarise, words  # noqa: E402
 from minimax_m2.device.step import KV_BLOCK  # noqa: E402
 
@@ -80,12 +81,11 @@ def main() -> int:
             print(f"{name}: done", flush=True)
     print(f"\n{args.clients} clients, a {args.system_tokens}-token system prompt (sent once before them) and "
           f"{args.own_tokens} tokens each, {args.new_tokens} new tokens; medium config on this CPU")
-    print("| run | prompt tokens computed (/ ideal) | peak KV blocks held (/ ideal) | TTFT p50 / p90 ms |")
-    print("|---|---|---|---|")
+    table.header("run", "prompt tokens computed (/ ideal)", "peak KV blocks held (/ ideal)", "TTFT p50 / p90 ms")
     for name, r in results.items():
-        print(f"| {name} | {r['prompt_tokens']:.0f} ({r['prompt_tokens'] / ideal_tokens:.2f}x) | "
-              f"{r['peak_blocks']:.0f} ({r['peak_blocks'] / ideal_blocks:.2f}x) | "
-              f"{r['ttft_ms']['p50']:.0f} / {r['ttft_ms']['p90']:.0f} |")
+        table.row(name, f"{r['prompt_tokens']:.0f} ({r['prompt_tokens'] / ideal_tokens:.2f}x)",
+                  f"{r['peak_blocks']:.0f} ({r['peak_blocks'] / ideal_blocks:.2f}x)",
+                  f"{r['ttft_ms']['p50']:.0f} / {r['ttft_ms']['p90']:.0f}")
     ratio = results["prefix cache"]["ttft_ms"]["p50"] / results["--no-prefix-reuse"]["ttft_ms"]["p50"]
     print(f"TTFT p50 with the prefix cache / without: {ratio:.2f}x; ideal prompt tokens {ideal_tokens}, ideal blocks "
           f"{ideal_blocks} ({KV_BLOCK} positions each)")

@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import table  # noqa: E402
 from benchmarks.bench_structured import bpe_tokenizer  # noqa: E402
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 from minimax_m2 import MiniMaxM2Model  # noqa: E402
@@ -191,28 +192,27 @@ def main() -> None:
               f"{1e3 * least:.1f} ms; poor drafts TPOT verifying every step {poor['always']:.1f} ms, gated "
               f"{poor['gated']:.1f} ms, plain {poor['plain']:.1f} ms", flush=True)
     print(f"medium config, context {context} tokens, median of {args.steps} steps each (this machine, shared):")
-    print("| batch | decode step | verify step (1 + k a row) | ratio | verify step, one row drafting one token | "
-          "TPOT plain | TPOT with drafts | speedup |")
-    print("|---|---|---|---|---|---|---|---|")
+    table.header("batch", "decode step", "verify step (1 + k a row)", "ratio",
+                 "verify step, one row drafting one token", "TPOT plain", "TPOT with drafts", "speedup")
     for r in rows:
-        print(f"| {r['batch']} | {r['decode_ms']:.1f} ms | {r['verify_ms']:.1f} ms | {r['ratio']:.2f}x | "
-              f"{r['one_draft_ms']:.1f} ms ({r['one_draft_ms'] / r['decode_ms']:.2f}x) | "
-              f"{r['tpot_plain_ms']:.1f} ms | {r['tpot_spec_ms']:.1f} ms | "
-              f"{r['tpot_plain_ms'] / r['tpot_spec_ms']:.2f}x |")
+        table.row(r["batch"], f"{r['decode_ms']:.1f} ms", f"{r['verify_ms']:.1f} ms", f"{r['ratio']:.2f}x",
+                  f"{r['one_draft_ms']:.1f} ms ({r['one_draft_ms'] / r['decode_ms']:.2f}x)",
+                  f"{r['tpot_plain_ms']:.1f} ms", f"{r['tpot_spec_ms']:.1f} ms",
+                  f"{r['tpot_plain_ms'] / r['tpot_spec_ms']:.2f}x")
     print(f"poor drafts served ({3 * args.steps} steps): TPOT")
-    print("| batch | verifying every step | gated (measured costs) | plain decoding | gated / plain |")
-    print("|---|---|---|---|---|")
+    table.header("batch", "verifying every step", "gated (measured costs)", "plain decoding", "gated / plain")
     for r in rows:
         poor = r["poor_drafts_tpot_ms"]
-        print(f"| {r['batch']} | {poor['always']:.1f} ms | {poor['gated']:.1f} ms | {poor['plain']:.1f} ms | "
-              f"{poor['gated'] / poor['plain']:.2f}x |")
+        table.row(r["batch"], f"{poor['always']:.1f} ms", f"{poor['gated']:.1f} ms", f"{poor['plain']:.1f} ms",
+                  f"{poor['gated'] / poor['plain']:.2f}x")
     print(f"a repeated turn ({args.answer} sampled tokens a request, seeded; the engine's gate): TPOT")
-    print("| batch | plain decoding | first round | the same requests again | again / plain | accepted length again |")
-    print("|---|---|---|---|---|---|")
+    table.header("batch", "plain decoding", "first round", "the same requests again", "again / plain",
+                 "accepted length again")
     for r in rows:
         again = r["repeated_turn"]
-        print(f"| {r['batch']} | {again['plain_ms']:.1f} ms | {again['first_ms']:.1f} ms | {again['again_ms']:.1f} ms "
-              f"| {again['again_ms'] / again['plain_ms']:.2f}x | {again['again_accepted_length']:.2f} |")
+        table.row(r["batch"], f"{again['plain_ms']:.1f} ms", f"{again['first_ms']:.1f} ms",
+                  f"{again['again_ms']:.1f} ms", f"{again['again_ms'] / again['plain_ms']:.2f}x",
+                  f"{again['again_accepted_length']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"k": args.k, "tokens_per_step": gained, "rows": rows}, indent=1))
 

@@ -23,6 +23,7 @@ from transformers import MiniMaxM2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import table  # noqa: E402
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 from minimax_m2 import MiniMaxM2Model  # noqa: E402
 
@@ -72,9 +73,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"torch threads {torch.get_num_threads()}, {args.decode_steps} decode steps, best of {args.repeats}; "
           f"tokens/s, ratio = this project / transformers", flush=True)
-    print("| batch | prompt | prefill: this project | transformers | ratio | decode: this project | transformers | "
-          "ratio |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    table.header("batch", "prompt", "prefill: this project", "transformers", "ratio", "decode: this project",
+                 "transformers", "ratio")
     rows = []
     for prompt_len in args.prompts:
         for batch in args.batches:
@@ -89,9 +89,9 @@ def main() -> None:
             row["prefill_ratio"] = row["prefill_tok_s"] / row["hf_prefill_tok_s"]
             row["decode_ratio"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
             rows.append(row)
-            print(f"| {batch} | {prompt_len} | {row['prefill_tok_s']:.1f} | {row['hf_prefill_tok_s']:.1f} | "
-                  f"{row['prefill_ratio']:.2f}x | {row['decode_tok_s']:.1f} | {row['hf_decode_tok_s']:.1f} | "
-                  f"{row['decode_ratio']:.2f}x |", flush=True)
+            table.row(batch, prompt_len, f"{row['prefill_tok_s']:.1f}", f"{row['hf_prefill_tok_s']:.1f}",
+                      f"{row['prefill_ratio']:.2f}x", f"{row['decode_tok_s']:.1f}", f"{row['hf_decode_tok_s']:.1f}",
+                      f"{row['decode_ratio']:.2f}x")
     print("\ndecode tok/s over batch 1 at the same prompt length (this project, transformers):")
     for row in rows:
         one = next(r for r in rows if r["prompt"] == row["prompt"] and r["batch"] == min(args.batches))

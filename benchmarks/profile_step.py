@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minimax_m2.device.units as units  # noqa: E402
+from benchmarks import table  # noqa: E402
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 from minimax_m2 import MiniMaxM2Model  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
@@ -118,11 +119,10 @@ def main() -> None:
     }
     names = list(next(iter(cases.values())))
     print(f"medium config on this CPU, context {args.context}, median ms per step of {args.steps} (share of the step)")
-    print("| part | " + " | ".join(cases) + " |")
-    print("|---|" + "---|" * len(cases))
+    table.header("part", *cases)
     for name in names:
-        cells = [f"{c[name]:.1f}" + ("" if name == "step" else f" ({c[name] / c['step']:.0%})") for c in cases.values()]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        table.row(name, *(f"{c[name]:.1f}" + ("" if name == "step" else f" ({c[name] / c['step']:.0%})")
+                          for c in cases.values()))
 
 
 if __name__ == "__main__":

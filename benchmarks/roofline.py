@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import table  # noqa: E402
 from kernels import collectives  # noqa: E402
 from kernels.moe_grouped import DENSE, expert_blocks  # noqa: E402
 from minimax_m2.config import MiniMaxM2Config  # noqa: E402
@@ -340,15 +341,13 @@ def main(argv: list[str]) -> int:
     print(f"model: MiniMax-M2 ({layers} layers), bf16 weights, {WORLD} ranks, attention tp {TP}, context {CONTEXT}\n")
 
     rows = project(config, hw)
-    head = " | ".join(f"TPOT b={b}" for b in BATCHES)
     print("1. TTFT and TPOT, device time plus the host's launches and copies")
-    print(f"| layout (moe_tp, moe_ep) | TTFT {PROMPT} tok | {head} |")
-    print("|---|---|" + "---|" * len(BATCHES))
+    table.header("layout (moe_tp, moe_ep)", f"TTFT {PROMPT} tok", *(f"TPOT b={b}" for b in BATCHES))
     for r in rows:
-        print(f"| ({r['moe_tp']}, {r['moe_ep']}) | {r['ttft_ms']:.0f} ms | "
-              + " | ".join(f"{r['tpot_ms'][b]:.2f} ms" for b in BATCHES) + " |")
+        table.row(f"({r['moe_tp']}, {r['moe_ep']})", f"{r['ttft_ms']:.0f} ms",
+                  *(f"{r['tpot_ms'][b]:.2f} ms" for b in BATCHES))
     for name, tpot in NXDI_MEASURED:
-        print(f"| {name} | | {tpot} ms |" + " |" * (len(BATCHES) - 1))
+        table.row(name, "", f"{tpot} ms", *[""] * (len(BATCHES) - 1))
     best = min(rows, key=lambda r: r["tpot_ms"][1])
     t = best["terms"][1]
     print(f"\nbest at batch 1: ({best['moe_tp']}, {best['moe_ep']}), TPOT {best['tpot_ms'][1]:.2f} ms = memory "
@@ -362,25 +361,23 @@ def main(argv: list[str]) -> int:
     print("\n2. Decode bytes read per rank per layer (MB) beside the expected distinct-expert floor, and the least "
           "any static, dropless program reads (every expert some routing of the batch could pick), with the TPOT "
           "that floor allows (its memory time and the host's, collectives left out)")
-    print("| layout | batch | experts read | expert floor | ratio | static floor | ratio | all bytes | floor + other "
-          "bytes | ratio | static TPOT floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    table.header("layout", "batch", "experts read", "expert floor", "ratio", "static floor", "ratio", "all bytes",
+                 "floor + other bytes", "ratio", "static TPOT floor")
     for r in rows:
         for b in BATCHES:
             x = r["bytes"][b]
-            print(f"| ({r['moe_tp']}, {r['moe_ep']}) | {b} | {x['expert_mb']:.1f} | {x['expert_floor_mb']:.1f} | "
-                  f"{x['expert_ratio']:.2f}x | {x['static_floor_mb']:.1f} | {x['static_ratio']:.2f}x | "
-                  f"{x['all_mb']:.1f} | {x['all_floor_mb']:.1f} | {x['all_ratio']:.2f}x | "
-                  f"{r['static_tpot_floor_ms'][b]:.2f} ms |")
+            table.row(f"({r['moe_tp']}, {r['moe_ep']})", b, f"{x['expert_mb']:.1f}", f"{x['expert_floor_mb']:.1f}",
+                      f"{x['expert_ratio']:.2f}x", f"{x['static_floor_mb']:.1f}", f"{x['static_ratio']:.2f}x",
+                      f"{x['all_mb']:.1f}", f"{x['all_floor_mb']:.1f}", f"{x['all_ratio']:.2f}x",
+                      f"{r['static_tpot_floor_ms'][b]:.2f} ms")
 
     served = serving(rows)
     print(f"\n3. Serving throughput, best layout per concurrency (with prefill: {PROMPT}-token prompts prefilled one "
           f"at a time, {OUTPUT_TOKENS} output tokens each; ASSUMED mix)")
-    print("| concurrent | layout moe_tp | TPOT | decode tok/s | with prefill tok/s |")
-    print("|---|---|---|---|---|")
+    table.header("concurrent", "layout moe_tp", "TPOT", "decode tok/s", "with prefill tok/s")
     for s in served:
-        print(f"| {s['concurrent']} | {s['moe_tp']} | {s['tpot_ms']:.2f} ms | {s['decode_tok_s']:.0f} | "
-              f"{s['with_prefill_tok_s']:.0f} |")
+        table.row(s["concurrent"], s["moe_tp"], f"{s['tpot_ms']:.2f} ms", f"{s['decode_tok_s']:.0f}",
+                  f"{s['with_prefill_tok_s']:.0f}")
     print(f"NxDI measured {NXDI_TOK_S_AT_256} output tok/s in all at 256 users (TTFT 11.3 s) on trn2.48xlarge")
 
     compiled = compile_set(config, best["moe_tp"], hw)
@@ -434,43 +431,41 @@ def main(argv: list[str]) -> int:
     long = long_context(config, hw, best_tp)
     print(f"\n5. Long contexts at ({best_tp}, {WORLD // best_tp}), prompts prefilled in chunks of {PROMPT}, decode "
           "reads per rank per step (KV beside everything else)")
-    print("| context | TTFT | TPOT b=1 (vs 4k) | KV / other GB b=1 | TPOT b=32 | KV / other GB b=32 |")
-    print("|---|---|---|---|---|---|")
+    table.header("context", "TTFT", "TPOT b=1 (vs 4k)", "KV / other GB b=1", "TPOT b=32", "KV / other GB b=32")
     for context, r in long.items():
-        print(f"| {context:,} | {r['ttft_s']:.2f} s | {r['tpot_ms_b1']:.2f} ms ({r['tpot_ms_b1'] / base:.1f}x) | "
-              f"{r['kv_gb_b1']:.3f} / {r['other_gb_b1']:.3f} | {r['tpot_ms_b32']:.2f} ms | "
-              f"{r['kv_gb_b32']:.3f} / {r['other_gb_b32']:.3f} |")
+        table.row(f"{context:,}", f"{r['ttft_s']:.2f} s", f"{r['tpot_ms_b1']:.2f} ms ({r['tpot_ms_b1'] / base:.1f}x)",
+                  f"{r['kv_gb_b1']:.3f} / {r['other_gb_b1']:.3f}", f"{r['tpot_ms_b32']:.2f} ms",
+                  f"{r['kv_gb_b32']:.3f} / {r['other_gb_b32']:.3f}")
     print("  a decode step reads the blocks its rows attend (tiles): 32 rows of mixed lengths read the sum of their "
           "lengths, not 32 times the longest")
     groups = WORLD // TP
     print(f"  one request's cache spread over the {groups} attention groups (context parallelism: {groups} chunks of "
           f"{spread_chunk(PROMPT, groups)} tokens a prefill step, each group attending every group's queries against "
           "its blocks; two more collectives a layer)")
-    print("| context | TTFT spread (steps, programs) | TPOT b=1 spread (vs 4k) | KV GB b=1 spread |")
-    print("|---|---|---|---|")
+    table.header("context", "TTFT spread (steps, programs)", "TPOT b=1 spread (vs 4k)", "KV GB b=1 spread")
     for context, r in long.items():
-        print(f"| {context:,} | {r['spread_ttft_s']:.2f} s ({r['spread_prefill_steps']}, "
-              f"{r['spread_prefill_programs']}) | {r['spread_tpot_ms_b1']:.2f} ms "
-              f"({r['spread_tpot_ms_b1'] / base:.2f}x) | {r['spread_kv_gb_b1']:.3f} |")
+        table.row(f"{context:,}",
+                  f"{r['spread_ttft_s']:.2f} s ({r['spread_prefill_steps']}, {r['spread_prefill_programs']})",
+                  f"{r['spread_tpot_ms_b1']:.2f} ms ({r['spread_tpot_ms_b1'] / base:.2f}x)",
+                  f"{r['spread_kv_gb_b1']:.3f}")
     fp8 = fp8_experts(config, hw, best_tp)
     print(f"\n6. FP8 experts kept as codes at ({best_tp}, {WORLD // best_tp}), decoded in the units (ASSUMED "
           f"{hw.vector_ops_per_s / 1e9:.0f} G element-wise operations/s beside memory and matmuls)")
-    print("| batch | TPOT bf16 | TPOT FP8 experts | MB read per layer bf16 / FP8 | decoding operations per layer |")
-    print("|---|---|---|---|---|")
+    table.header("batch", "TPOT bf16", "TPOT FP8 experts", "MB read per layer bf16 / FP8",
+                 "decoding operations per layer")
     for batch, r in fp8.items():
         bf16, kept = r["bf16"], r["fp8"]
-        print(f"| {batch} | {bf16['tpot_ms']:.2f} ms | {kept['tpot_ms']:.2f} ms | {bf16['layer_mb']:.1f} / "
-              f"{kept['layer_mb']:.1f} | {kept['decode_ops'] / 1e6:.0f} M |")
+        table.row(batch, f"{bf16['tpot_ms']:.2f} ms", f"{kept['tpot_ms']:.2f} ms",
+                  f"{bf16['layer_mb']:.1f} / {kept['layer_mb']:.1f}", f"{kept['decode_ops'] / 1e6:.0f} M")
     spec = speculation(config, hw, best_tp)
     print(f"\n7. Speculative decoding at ({best_tp}, {WORLD // best_tp}), context {CONTEXT}: a verify step of k drafts "
           "a row (a prefill's program over the decode rows), TPOT per token at each acceptance (tokens a row gains "
           "a step) beside plain decoding")
-    print("| batch | plain TPOT | k | verify step | " + " | ".join(f"TPOT at {a}" for a in SPEC_ACCEPTED) + " |")
-    print("|---|---|---|---|" + "---|" * len(SPEC_ACCEPTED))
+    table.header("batch", "plain TPOT", "k", "verify step", *(f"TPOT at {a}" for a in SPEC_ACCEPTED))
     for batch, r in spec.items():
         for k, v in r["verify"].items():
             cells = [f"{v['tpot_ms'][a]:.2f} ms" if a in v["tpot_ms"] else "-" for a in SPEC_ACCEPTED]
-            print(f"| {batch} | {r['tpot_ms']:.2f} ms | {k} | {v['step_ms']:.2f} ms | " + " | ".join(cells) + " |")
+            table.row(batch, f"{r['tpot_ms']:.2f} ms", k, f"{v['step_ms']:.2f} ms", *cells)
     off = next((b for b, r in spec.items() if r["verify"][4]["tpot_ms"][2.5] >= r["tpot_ms"]), None)
     where = off if off else f"above {SPEC_BATCHES[-1]}"
     print(f"  speculation (k = 4, 2.5 tokens a step) stops paying at batch {where} (of {list(SPEC_BATCHES)})")

@@ -36,6 +36,7 @@ from minimax_m2.device.step import (
     batch_rows,
     cache_shape,
     group_rows,
+    head_rows,
     kv_len_for,
     selected_rows,
     table_width,
@@ -235,9 +236,9 @@ class MiniMaxM2Model:
                 h, dropped = h
                 self.dropped_pairs += int(all_reduce(np.asarray(dropped)[:1], layout.world_groups)[0])
         out = self.runner(head(h))
-        rows, chosen = step.input_ids.shape[0], step.selected.shape[1]
-        selected = rows // layout.dp * chosen
-        outputs = [selected_rows(np.asarray(a), layout.dp, selected).reshape(rows, chosen, -1)
+        rows, chosen = step.input_ids.shape[0] // layout.dp, step.selected.shape[1]
+        kept = self._head_rows(step) or rows
+        outputs = [selected_rows(np.asarray(a), layout.dp, kept, rows, chosen).reshape(rows * layout.dp, chosen, -1)
                    for a in (out if isinstance(out, tuple) else (out,))]
         return StepOutput(outputs[0][:, :, 0], outputs[-1] if step.return_logits else None,
                           (outputs[1][:, :, 0], outputs[2], outputs[3]) if step.logprobs else None)
@@ -268,7 +269,14 @@ class MiniMaxM2Model:
 
         embedding = embedding_call(mine, self.weights, self.rank_values, layout)
         head = self.head_cost if self.head_cost is not None and not self.compiles else cost
-        return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, head)
+        rows = self._head_rows(step)
+        return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, head,
+                                                        rows)
+
+    def _head_rows(self, step: Step) -> int | None:
+        """Rows of each group the lm_head takes: on this CPU, where no shape is compiled, the padding rows
+        past the last real one are left out (`head_rows`); None: every row."""
+        return head_rows(step, self.layout.dp) if self.on_cpu and step.spread is None else None
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy cache blocks, (attention group, source block, target block) each, in every layer: a request

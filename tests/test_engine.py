@@ -267,6 +267,33 @@ def test_on_this_cpu_a_prefill_attends_its_own_length(float32_checkpoint) -> Non
     assert seen[0] == 2 * KV_BLOCK, "a 200-token prefill attends 256 positions"
 
 
+@pytest.mark.parametrize("sampling", [Sampling(max_new_tokens=4, logprobs=2),
+                                      Sampling(max_new_tokens=4, temperature=0.9, top_k=20, seed=5)],
+                         ids=["greedy-logprobs", "sampled"])
+def test_on_this_cpu_the_lm_head_leaves_padding_rows_out(model, sampling) -> None:
+    """One request decoding runs steps of 2 rows (no compiled input has a dimension of 1), and three of 4;
+    on this CPU the lm_head takes only the rows up to the last real one, unpadded, and every request gives
+    the tokens and log-probabilities (to float32 rounding) it gives in a batch holding no padding."""
+    prompts = prompts_of([9, 5, 14], seed=6)
+    full = Engine(model, max_num_seqs=4, prefill_chunk=16).generate(prompts + prompts_of([11], seed=7), sampling)
+    for batch in ([prompts[0]], prompts):
+        engine = Engine(model, max_num_seqs=4, prefill_chunk=16)
+        heads = []
+        run = model.runner
+        model.runner = lambda unit: (heads.append(unit.inputs["selected"].size) if unit.name == "lm_head" else None,
+                                     run(unit))[1]
+        try:
+            results = engine.generate(batch, sampling)
+        finally:
+            model.runner = run
+        assert heads and max(heads[1:]) == len(batch), "a decode step's lm_head took its padding rows"
+        for got, want in zip(results, full):
+            assert got.generated == want.generated
+            if sampling.logprobs:
+                chosen = [[p for p, _ in r.logprobs] for r in (got, want)]
+                assert np.allclose(*chosen, rtol=RTOL, atol=0)
+
+
 def test_past_the_floor_a_prefill_row_runs_alone_in_its_group(float32_checkpoint) -> None:
     """Short prompts share prefill steps while every row attends at most PREFILL_KV_FLOOR positions; a long
     prompt's chunks past it run one row per group, the others waiting; every step has a shape of the set,

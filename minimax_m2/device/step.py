@@ -64,11 +64,12 @@ class Sampled:
         uniform = self.uniform.reshape(-1) if self.uniform.ndim == 2 else np.repeat(self.uniform, k)
         return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p)), uniform)
 
-    def padded(self, groups: int) -> "Sampled":
-        """Each group's rows padded to at least 2 (as the selected tokens are), the padding greedy."""
+    def padded(self, groups: int, keep: int | None = None, least: int = 2) -> "Sampled":
+        """Each group's first `keep` rows (all when None) padded to at least `least` (as the selected tokens
+        are), the padding greedy."""
         def pad(values: np.ndarray, fill: float) -> np.ndarray:
-            per_group = values.reshape(groups, -1)
-            extra = max(0, 2 - per_group.shape[1])
+            per_group = values.reshape(groups, -1)[:, :keep]
+            extra = max(0, least - per_group.shape[1])
             return np.pad(per_group, ((0, 0), (0, extra)), constant_values=fill).reshape(-1)
 
         return Sampled(pad(self.temperature, 0), pad(self.top_k, 0), pad(self.top_p, 1), pad(self.uniform, 0))
@@ -148,10 +149,11 @@ def mask_words(vocab: int) -> int:
     return -(-vocab // 32)
 
 
-def padded(values: np.ndarray) -> np.ndarray:
-    """A 1-D int32 array of at least 2 entries (no compiled input has a dimension of 1); extra entries 0."""
+def padded(values: np.ndarray, least: int = 2) -> np.ndarray:
+    """A 1-D int32 array of at least `least` entries (2: no compiled input has a dimension of 1); extra
+    entries 0."""
     flat = np.asarray(values, np.int32).reshape(-1)
-    return np.pad(flat, (0, max(0, 2 - flat.size)))
+    return np.pad(flat, (0, max(0, least - flat.size)))
 
 
 def group_rows(step: Step, layout: ParallelLayout) -> slice:
@@ -160,10 +162,21 @@ def group_rows(step: Step, layout: ParallelLayout) -> slice:
     return slice(layout.group * rows, (layout.group + 1) * rows)
 
 
-def selected_rows(outputs: np.ndarray, dp: int, selected: int) -> np.ndarray:
-    """The lm_head's outputs [dp * n, ...] (n = selected tokens per group, padded to at least 2) -> the
-    selected ones [dp * selected, ...]."""
-    return outputs.reshape(dp, -1, *outputs.shape[1:])[:, :selected].reshape(dp * selected, *outputs.shape[1:])
+def selected_rows(outputs: np.ndarray, dp: int, kept: int, rows: int, chosen: int) -> np.ndarray:
+    """The lm_head's outputs [dp * n, ...] (n: the selected tokens, `chosen` a row, of each group's first
+    `kept` rows, padded to at least 2) -> [dp * rows, chosen, ...], zeros for the rows left out."""
+    inner = outputs.shape[1:]
+    taken = outputs.reshape(dp, -1, *inner)[:, :kept * chosen].reshape(dp, kept, chosen, *inner)
+    if kept < rows:
+        taken = np.concatenate([taken, np.zeros((dp, rows - kept, chosen, *inner), outputs.dtype)], axis=1)
+    return taken.reshape(dp * rows, chosen, *inner)
+
+
+def head_rows(step: "Step", dp: int) -> int:
+    """Rows of each attention group whose selected tokens the lm_head takes where nothing is compiled: up
+    to the last row holding a real token in any group (padding rows past it left out), at least one."""
+    real = step.token_valid.reshape(dp, -1, step.token_valid.shape[-1]).any(axis=(0, 2))
+    return int(np.flatnonzero(real)[-1]) + 1 if real.any() else 1
 
 
 def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, blocks: int) -> tuple[int, ...]:
