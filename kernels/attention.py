@@ -85,7 +85,8 @@ def attention(
     schedule (`kernels.matmul.matmul`); kv_tile: cache positions attended per tile (`attend_cache`; default
     all kv_len at once; not used when ragged); host_schedule (a trace-time constant, this CPU's: never
     traced, its shapes follow the step's values): a ragged step's tiles read where they lie (`attend_tiles`),
-    another step's rows attending alone, each its real tokens over its own length (`_attend_rows`).
+    another step's rows attending alone, each its real tokens over its own length (`_attend_rows`), and
+    the projections leaving out the padding tokens (their q, k, v and output zero).
 
     spread (context parallelism, `kernels.context_parallel`): the step's sequences' keys and values lie in
     several attention groups, the ranks holding the same heads of every group forming `spread_groups`. Every
@@ -103,12 +104,21 @@ def attention(
     group = q_heads // kv_heads
     scratch = np.int32((k_cache.shape[0] // block - 1) * block)  # the scratch block's first position
 
-    q, k = matmul(x, wq, rows_apart), matmul(x, wk, rows_apart)
+    live = np.flatnonzero(token_valid) if host_schedule and not token_valid.all() else None
+
+    def project(a: np.ndarray, w: np.ndarray) -> np.ndarray:  # with live (this CPU's), padding rows left out
+        if live is None:
+            return matmul(a, w, rows_apart)
+        out = np.zeros((a.shape[0], w.shape[1]), np.result_type(a.dtype, w.dtype))
+        out[live] = matmul(a[live], w, rows_apart)
+        return out
+
+    q, k = project(x, wq), project(x, wk)
     ranks = group_size(replica_groups)
     sums = all_reduce(np.concatenate([sum_of_squares(q), sum_of_squares(k)], axis=-1), replica_groups)  # one exchange
     q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(tokens, q_heads, head_dim)
     k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(tokens, kv_heads, head_dim)
-    v = matmul(x, wv, rows_apart)
+    v = project(x, wv)
 
     cos = np.take(cos_table, positions, axis=0)  # [T, R']
     sin = np.take(sin_table, positions, axis=0)
@@ -147,7 +157,7 @@ def attention(
                                kv_tile=kv_tile or kv_len)
     out = cast(out, x.dtype).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
-    partial = matmul(out, wo, rows_apart)
+    partial = project(out, wo)
     return all_reduce(partial, replica_groups) if reduce_output else partial
 
 
