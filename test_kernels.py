@@ -3,6 +3,8 @@
 Plain functions: pytest collects them, and `run_example.py --mode test` runs them one by one.
 """
 
+import importlib
+
 import numpy as np
 
 from kernels import (
@@ -123,7 +125,7 @@ def test_attention() -> None:
     mix the other row's prefill with decodes, against per-head loops with the full-width QK norm; padding
     tokens write only the scratch block. The keys are attended all at once and in tiles of 8 and 4
     positions (the online softmax), as a compiled program does and as this CPU does (each row's real tokens
-    over its own length: the host schedule)."""
+    over its own length, the padding tokens left out of the projections: the host schedule)."""
     for kv_tile in (None, 8, 4):
         for host_schedule in (False, True):
             _attention_steps(kv_tile, host_schedule)
@@ -149,9 +151,19 @@ def _attention_steps(kv_tile: int | None, host_schedule: bool) -> None:
         valid = np.array([[s < n for s in range(seq)] for _, n in plan])
         positions = np.array([[min(lengths[slot] + s, max_seq - 1) for s in range(seq)] for slot, _ in plan], np.int32)
         x = _randn(rng, len(plan), seq, hidden)
-        got = attention(x.reshape(-1, hidden), positions.reshape(-1), block_tables, valid.reshape(-1), wq, wk, wv, wo,
-                        qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, block=block, kv_len=max_seq,
-                        seq=seq, kv_tile=kv_tile, host_schedule=host_schedule).reshape(len(plan), seq, hidden)
+        multiplied = []
+        attention_module = importlib.import_module("kernels.attention")  # the module (kernels.attention: the function)
+        projections = [id(w) for w in (wq, wk, wv, wo)]
+        attention_module.matmul = lambda a, b, apart=False: (
+            multiplied.append(a.shape[0]) if id(b) in projections else None, matmul(a, b, apart))[1]
+        try:
+            got = attention(x.reshape(-1, hidden), positions.reshape(-1), block_tables, valid.reshape(-1), wq, wk, wv,
+                            wo, qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, block=block,
+                            kv_len=max_seq, seq=seq, kv_tile=kv_tile, host_schedule=host_schedule)
+        finally:
+            attention_module.matmul = matmul
+        got = got.reshape(len(plan), seq, hidden)
+        assert multiplied == [valid.sum() if host_schedule else valid.size] * 4, "rows of the q, k, v, o projections"
         for r, (slot, n) in enumerate(plan):
             want, *past[slot] = _ref_attention(x[r : r + 1, :n], positions[r, :n], wq, wk, wv, wo, qn, kn, *past[slot],
                                                heads, kv_heads, head_dim, rotary_dim, theta, eps)
