@@ -36,7 +36,7 @@ from minimax_m2.device.step import (
     batch_rows,
     cache_shape,
     group_rows,
-    head_rows,
+    head_picks,
     kv_len_for,
     selected_rows,
     table_width,
@@ -237,21 +237,24 @@ class MiniMaxM2Model:
                 self.dropped_pairs += int(all_reduce(np.asarray(dropped)[:1], layout.world_groups)[0])
         out = self.runner(head(h))
         rows, chosen = step.input_ids.shape[0] // layout.dp, step.selected.shape[1]
-        kept = self._head_rows(step) or rows
-        outputs = [selected_rows(np.asarray(a), layout.dp, kept, rows, chosen).reshape(rows * layout.dp, chosen, -1)
+        picks = self._head_picks(step)
+        outputs = [selected_rows(np.asarray(a), layout.dp, rows, chosen, picks).reshape(rows * layout.dp, chosen, -1)
                    for a in (out if isinstance(out, tuple) else (out,))]
         return StepOutput(outputs[0][:, :, 0], outputs[-1] if step.return_logits else None,
                           (outputs[1][:, :, 0], outputs[2], outputs[3]) if step.logprobs else None)
 
     def programs(self, step: Step) -> list[Unit]:
         """The distinct programs a step runs (embedding, the layer unit every layer shares, lm_head), with
-        placeholder hidden states: what a device compiles for this step's shape."""
-        embedding, layer, head = self._calls(step)
+        placeholder hidden states: what a device compiles for this step's shape (the lm_head taking every
+        selected token, as a compiled one does)."""
+        embedding, layer, head = self._calls(step, every_selected=True)
         placeholder = np.zeros((embedding.inputs["input_ids"].shape[0], self.config.hidden_size), self.dtype)
         return [embedding, layer(placeholder, 0), head(placeholder)]
 
-    def _calls(self, step: Step) -> tuple[Unit, Callable[[Any, int], Unit], Callable[[Any], Unit]]:
-        """A step's embedding unit, its layer unit for (h, layer index) and its lm_head unit for h."""
+    def _calls(self, step: Step, every_selected: bool = False
+               ) -> tuple[Unit, Callable[[Any, int], Unit], Callable[[Any], Unit]]:
+        """A step's embedding unit, its layer unit for (h, layer index) and its lm_head unit for h (taking
+        every selected token when every_selected, else those `_head_picks` keeps)."""
         layout, config = self.layout, self.config
         union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
         kv_len = step.kv_len or kv_len_for(step.kv_length, self.max_seq_len)
@@ -269,14 +272,14 @@ class MiniMaxM2Model:
 
         embedding = embedding_call(mine, self.weights, self.rank_values, layout)
         head = self.head_cost if self.head_cost is not None and not self.compiles else cost
-        rows = self._head_rows(step)
+        picks = None if every_selected else self._head_picks(step)
         return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, head,
-                                                        rows)
+                                                        picks)
 
-    def _head_rows(self, step: Step) -> int | None:
-        """Rows of each group the lm_head takes: on this CPU, where no shape is compiled, the padding rows
-        past the last real one are left out (`head_rows`); None: every row."""
-        return head_rows(step, self.layout.dp) if self.on_cpu and step.spread is None else None
+    def _head_picks(self, step: Step) -> np.ndarray | None:
+        """The selected tokens the lm_head takes: on this CPU, where no shape is compiled, only the real ones
+        (`head_picks`); None: all of them."""
+        return head_picks(step, self.layout.dp) if self.on_cpu and step.spread is None else None
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy cache blocks, (attention group, source block, target block) each, in every layer: a request

@@ -90,6 +90,37 @@ def test_on_this_cpu_a_verify_steps_experts_see_only_its_real_tokens(model) -> N
     assert seen and all(bound == real for bound, real in seen)
 
 
+def test_on_this_cpu_a_verify_steps_lm_head_takes_only_its_real_positions(model) -> None:
+    """Where no shape is compiled, the lm_head of a verify step takes each row's last token and drafts,
+    not the positions a row drafting fewer than k tokens pads, nor a padding row; the tokens are plain
+    decoding's."""
+    sampling = Sampling(max_new_tokens=24)
+    prompts = [[9, 8, 7, 6] * 6, [3, 1, 4, 1, 5, 9, 2, 6]]
+    want = Engine(model, max_num_seqs=4, prefill_chunk=16).generate(prompts, sampling)
+    engine = Engine(model, max_num_seqs=4, prefill_chunk=16, speculative=4, verify_gate=VerifyGate(always=True))
+    seen = []
+    run, execute = model.runner, engine.executor.execute
+
+    def record(step):
+        if step.input_ids.shape[1] == 5:  # a verify step
+            seen.append([int(step.token_valid.sum())])
+        return execute(step)
+
+    def head(unit):
+        if unit.name == "lm_head" and seen and len(seen[-1]) == 1:
+            seen[-1].append(unit.inputs["selected"].size)
+        return run(unit)
+
+    engine.executor.execute, model.runner = record, head
+    try:
+        got = engine.generate(prompts, sampling)
+    finally:
+        model.runner = run
+    assert [r.generated for r in got] == [r.generated for r in want]
+    assert seen and all(real == taken for real, taken in seen)
+    assert any(real < 10 for real, _ in seen), "no verify step held a short draft or a padding row"
+
+
 @pytest.mark.parametrize("top_k", [8, None], ids=["drawn-on-the-device", "drawn-on-the-host"])
 def test_seeded_sampling_with_drafts_takes_plain_decodings_tokens(model, top_k) -> None:
     """Sampled rows, seeded: the same tokens verifying drafts every step as decoding plainly (each position

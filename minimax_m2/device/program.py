@@ -181,25 +181,29 @@ def layer_call(phase: str, inputs: dict[str, Any], constants: dict[str, Any]) ->
 
 
 def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, config: MiniMaxM2Config,
-                 layout: ParallelLayout, expert_cost: ExpertCost, rows: int | None = None) -> Unit:
+                 layout: ParallelLayout, expert_cost: ExpertCost, picks: np.ndarray | None = None) -> Unit:
     """The lm_head unit of a step: each of this group's rows' selected tokens (as flat indices into its T
     tokens), and every group's sampling arrays (expert_cost: the target's costs, which choose the
     projection's schedule; on this CPU the lm_head's own measured product, `MiniMaxM2Model.head_cost`).
-    rows: only each group's first `rows` rows, unpadded (where nothing is compiled, `head_rows`); None:
-    every row, the selected tokens padded to at least 2 as a compiled input is."""
+    picks: only these of each group's selected tokens, unpadded (where nothing is compiled, `head_picks`);
+    None: all of them, padded to at least 2 as a compiled input is."""
     mine = group_rows(step, layout)
     seq, chosen = step.input_ids.shape[1], step.selected.shape[1]
-    least, rows = (2, mine.stop - mine.start) if rows is None else (1, rows)
-    selected = (np.arange(rows, dtype=np.int32)[:, None] * seq + step.selected[mine][:rows]).reshape(-1)
-    sampled = (step.sampled or Sampled.greedy(step.input_ids.shape[0])).repeat(chosen).padded(layout.dp,
-                                                                                              rows * chosen, least)
+    least = 2 if picks is None else 1
+    selected = (np.arange(mine.stop - mine.start, dtype=np.int32)[:, None] * seq + step.selected[mine]).reshape(-1)
+    if picks is not None:
+        selected = selected[np.maximum(picks[layout.group], 0)]
+    sampled = (step.sampled or Sampled.greedy(step.input_ids.shape[0])).repeat(chosen).padded(layout.dp, picks,
+                                                                                              least)
     selected = padded(selected, least)
     inputs = dict(h=h, selected=selected, final_norm=weights.final_norm, lm_head=weights.lm_head,
                   vocab_offset=rank.vocab_offset, temperature=sampled.temperature, top_k=sampled.top_k,
                   top_p=sampled.top_p, uniform=sampled.uniform)
     masks = step.resolved_masks()
     if masks is not None:
-        index = np.repeat(step.mask_index.reshape(layout.dp, -1)[:, :rows], chosen, axis=1)
+        index = np.repeat(step.mask_index.reshape(layout.dp, -1), chosen, axis=1)
+        if picks is not None:
+            index = np.take_along_axis(index, np.maximum(picks, 0), axis=1)
         index = np.pad(index, ((0, 0), (0, max(0, least - index.shape[1]))), constant_values=-1)
         columns = weights.lm_head.shape[-1]
         inputs.update(masks=rank_masks(masks, layout.rank * columns, columns),

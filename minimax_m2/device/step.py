@@ -64,11 +64,13 @@ class Sampled:
         uniform = self.uniform.reshape(-1) if self.uniform.ndim == 2 else np.repeat(self.uniform, k)
         return Sampled(*(np.repeat(a, k) for a in (self.temperature, self.top_k, self.top_p)), uniform)
 
-    def padded(self, groups: int, keep: int | None = None, least: int = 2) -> "Sampled":
-        """Each group's first `keep` rows (all when None) padded to at least `least` (as the selected tokens
-        are), the padding greedy."""
+    def padded(self, groups: int, picks: np.ndarray | None = None, least: int = 2) -> "Sampled":
+        """Each group's entries (or only those at its `picks`, [groups, n] indices, as `head_picks` gives
+        them) padded to at least `least` (as the selected tokens are), the padding greedy."""
         def pad(values: np.ndarray, fill: float) -> np.ndarray:
-            per_group = values.reshape(groups, -1)[:, :keep]
+            per_group = values.reshape(groups, -1)
+            if picks is not None:
+                per_group = np.take_along_axis(per_group, np.maximum(picks, 0), axis=1)
             extra = max(0, least - per_group.shape[1])
             return np.pad(per_group, ((0, 0), (0, extra)), constant_values=fill).reshape(-1)
 
@@ -162,21 +164,33 @@ def group_rows(step: Step, layout: ParallelLayout) -> slice:
     return slice(layout.group * rows, (layout.group + 1) * rows)
 
 
-def selected_rows(outputs: np.ndarray, dp: int, kept: int, rows: int, chosen: int) -> np.ndarray:
-    """The lm_head's outputs [dp * n, ...] (n: the selected tokens, `chosen` a row, of each group's first
-    `kept` rows, padded to at least 2) -> [dp * rows, chosen, ...], zeros for the rows left out."""
+def selected_rows(outputs: np.ndarray, dp: int, rows: int, chosen: int, picks: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """The lm_head's outputs [dp * n, ...] (n: each group's selected tokens, `chosen` a row, padded to at
+    least 2; or only those at its `picks`, `head_picks`) -> [dp * rows, chosen, ...], zeros for the
+    selected tokens left out."""
     inner = outputs.shape[1:]
-    taken = outputs.reshape(dp, -1, *inner)[:, :kept * chosen].reshape(dp, kept, chosen, *inner)
-    if kept < rows:
-        taken = np.concatenate([taken, np.zeros((dp, rows - kept, chosen, *inner), outputs.dtype)], axis=1)
-    return taken.reshape(dp * rows, chosen, *inner)
+    per_group = outputs.reshape(dp, -1, *inner)
+    if picks is None:
+        return per_group[:, :rows * chosen].reshape(dp * rows, chosen, *inner)
+    every = np.zeros((dp, rows * chosen, *inner), outputs.dtype)
+    for group in range(dp):
+        real = picks[group] >= 0
+        every[group, picks[group][real]] = per_group[group, :picks.shape[1]][real]
+    return every.reshape(dp * rows, chosen, *inner)
 
 
-def head_rows(step: "Step", dp: int) -> int:
-    """Rows of each attention group whose selected tokens the lm_head takes where nothing is compiled: up
-    to the last row holding a real token in any group (padding rows past it left out), at least one."""
-    real = step.token_valid.reshape(dp, -1, step.token_valid.shape[-1]).any(axis=(0, 2))
-    return int(np.flatnonzero(real)[-1]) + 1 if real.any() else 1
+def head_picks(step: "Step", dp: int) -> np.ndarray:
+    """Which selected tokens the lm_head takes where nothing is compiled: the real ones (a padding row's,
+    and a verify row's positions past its drafts, are left out). [dp, n] indices into each group's rows x
+    K selected tokens, n the most of any group (at least 1), -1 padding a group with fewer."""
+    rows, chosen = step.selected.shape
+    real = np.take_along_axis(step.token_valid, step.selected, axis=1).reshape(dp, rows // dp * chosen)
+    picks = np.full((dp, max(1, int(real.sum(axis=1).max()))), -1, np.int64)
+    for group in range(dp):
+        found = np.flatnonzero(real[group])
+        picks[group, :found.size] = found
+    return picks
 
 
 def cache_shape(config: MiniMaxM2Config, layout: ParallelLayout, blocks: int) -> tuple[int, ...]:
