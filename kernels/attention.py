@@ -105,20 +105,12 @@ def attention(
     scratch = np.int32((k_cache.shape[0] // block - 1) * block)  # the scratch block's first position
 
     live = np.flatnonzero(token_valid) if host_schedule and not token_valid.all() else None
-
-    def project(a: np.ndarray, w: np.ndarray) -> np.ndarray:  # with live (this CPU's), padding rows left out
-        if live is None:
-            return matmul(a, w, rows_apart)
-        out = np.zeros((a.shape[0], w.shape[1]), np.result_type(a.dtype, w.dtype))
-        out[live] = matmul(a[live], w, rows_apart)
-        return out
-
-    q, k = project(x, wq), project(x, wk)
+    q, k = _project(x, wq, rows_apart, live), _project(x, wk, rows_apart, live)
     ranks = group_size(replica_groups)
     sums = all_reduce(np.concatenate([sum_of_squares(q), sum_of_squares(k)], axis=-1), replica_groups)  # one exchange
     q = normalize(q, q_norm, sums[..., :1], q.shape[-1] * ranks, eps).reshape(tokens, q_heads, head_dim)
     k = normalize(k, k_norm, sums[..., 1:], k.shape[-1] * ranks, eps).reshape(tokens, kv_heads, head_dim)
-    v = project(x, wv)
+    v = _project(x, wv, rows_apart, live)
 
     cos = np.take(cos_table, positions, axis=0)  # [T, R']
     sin = np.take(sin_table, positions, axis=0)
@@ -157,8 +149,18 @@ def attention(
                                kv_tile=kv_tile or kv_len)
     out = cast(out, x.dtype).reshape(rows, kv_heads, group, seq, head_dim)
     out = np.transpose(out, (0, 3, 1, 2, 4)).reshape(tokens, q_heads * head_dim)
-    partial = project(out, wo)
+    partial = _project(out, wo, rows_apart, live)
     return all_reduce(partial, replica_groups) if reduce_output else partial
+
+
+def _project(a: np.ndarray, w: np.ndarray, rows_apart: bool, live: np.ndarray | None) -> np.ndarray:
+    """a [T, in] @ w [in, out]; with live (the host schedule's real token indices: value-dependent, never
+    traced) only those rows are multiplied, the others zero."""
+    if live is None:
+        return matmul(a, w, rows_apart)
+    out = np.zeros((a.shape[0], w.shape[1]), np.result_type(a.dtype, w.dtype))
+    out[live] = matmul(a[live], w, rows_apart)
+    return out
 
 
 def _attend_spread(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, kv_blocks: np.ndarray,

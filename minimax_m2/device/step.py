@@ -167,8 +167,8 @@ def group_rows(step: Step, layout: ParallelLayout) -> slice:
 def selected_rows(outputs: np.ndarray, dp: int, rows: int, chosen: int, picks: np.ndarray | None = None
                   ) -> np.ndarray:
     """The lm_head's outputs [dp * n, ...] (n: each group's selected tokens, `chosen` a row, padded to at
-    least 2; or only those at its `picks`, `head_picks`) -> [dp * rows, chosen, ...], zeros for the
-    selected tokens left out."""
+    least 2; or only those at its `picks`, `head_picks`, unpadded) -> [dp * rows, chosen, ...], zeros for
+    the selected tokens left out."""
     inner = outputs.shape[1:]
     per_group = outputs.reshape(dp, -1, *inner)
     if picks is None:
