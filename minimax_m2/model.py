@@ -228,7 +228,8 @@ class MiniMaxM2Model:
         if step.spread is not None and (np.any(step.spread.written < 0) or
                                         np.any(step.spread.written >= (self.blocks + 1) * KV_BLOCK)):
             raise ValueError(f"cache positions written must lie in 0..{(self.blocks + 1) * KV_BLOCK - 1}")
-        embedding, layer, head = self._calls(step)
+        picks = self._head_picks(step)
+        embedding, layer, head = self._calls(step, picks)
         h = self.runner(embedding)
         for index in range(config.num_hidden_layers):
             h = self.runner(layer(h, index))
@@ -237,7 +238,6 @@ class MiniMaxM2Model:
                 self.dropped_pairs += int(all_reduce(np.asarray(dropped)[:1], layout.world_groups)[0])
         out = self.runner(head(h))
         rows, chosen = step.input_ids.shape[0] // layout.dp, step.selected.shape[1]
-        picks = self._head_picks(step)
         outputs = [selected_rows(np.asarray(a), layout.dp, rows, chosen, picks).reshape(rows * layout.dp, chosen, -1)
                    for a in (out if isinstance(out, tuple) else (out,))]
         return StepOutput(outputs[0][:, :, 0], outputs[-1] if step.return_logits else None,
@@ -247,14 +247,14 @@ class MiniMaxM2Model:
         """The distinct programs a step runs (embedding, the layer unit every layer shares, lm_head), with
         placeholder hidden states: what a device compiles for this step's shape (the lm_head taking every
         selected token, as a compiled one does)."""
-        embedding, layer, head = self._calls(step, every_selected=True)
+        embedding, layer, head = self._calls(step, None)
         placeholder = np.zeros((embedding.inputs["input_ids"].shape[0], self.config.hidden_size), self.dtype)
         return [embedding, layer(placeholder, 0), head(placeholder)]
 
-    def _calls(self, step: Step, every_selected: bool = False
+    def _calls(self, step: Step, picks: np.ndarray | None
                ) -> tuple[Unit, Callable[[Any, int], Unit], Callable[[Any], Unit]]:
-        """A step's embedding unit, its layer unit for (h, layer index) and its lm_head unit for h (taking
-        every selected token when every_selected, else those `_head_picks` keeps)."""
+        """A step's embedding unit, its layer unit for (h, layer index) and its lm_head unit for h, taking the
+        selected tokens at `picks` (`_head_picks`; None: every one)."""
         layout, config = self.layout, self.config
         union, real = layout.union_tokens(step.bucket, step.token_valid, step.max_tokens)
         kv_len = step.kv_len or kv_len_for(step.kv_length, self.max_seq_len)
@@ -272,7 +272,6 @@ class MiniMaxM2Model:
 
         embedding = embedding_call(mine, self.weights, self.rank_values, layout)
         head = self.head_cost if self.head_cost is not None and not self.compiles else cost
-        picks = None if every_selected else self._head_picks(step)
         return embedding, layer, lambda h: lm_head_call(h, step, self.weights, self.rank_values, config, layout, head,
                                                         picks)
 
