@@ -33,6 +33,7 @@ from minimax_m2.device.step import (
     kv_tile_for,
     mask_words,
     padded,
+    picked,
     striped,
     table_width,
     uniform_step,
@@ -201,13 +202,10 @@ def lm_head_call(h: Any, step: Step, weights: ModelWeights, rank: RankValues, co
                   top_p=sampled.top_p, uniform=sampled.uniform)
     masks = step.resolved_masks()
     if masks is not None:
-        index = np.repeat(step.mask_index.reshape(layout.dp, -1), chosen, axis=1)
-        if picks is not None:
-            index = np.take_along_axis(index, np.maximum(picks, 0), axis=1)
-        index = np.pad(index, ((0, 0), (0, max(0, least - index.shape[1]))), constant_values=-1)
+        index = picked(np.repeat(step.mask_index.reshape(layout.dp, -1), chosen, axis=1), picks, least, -1)
         columns = weights.lm_head.shape[-1]
         inputs.update(masks=rank_masks(masks, layout.rank * columns, columns),
-                      mask_index=index.reshape(-1).astype(np.int32))
+                      mask_index=index.astype(np.int32))
     return Unit("lm_head", lm_head_unit, inputs,
                 lm_head_constants(config, layout, step.return_logits,
                                   # one variant: greedy rows stay so; a prefill, or a step with grammar masks, always

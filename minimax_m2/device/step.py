@@ -68,11 +68,7 @@ class Sampled:
         """Each group's entries (or only those at its `picks`, [groups, n] indices, as `head_picks` gives
         them) padded to at least `least` (as the selected tokens are), the padding greedy."""
         def pad(values: np.ndarray, fill: float) -> np.ndarray:
-            per_group = values.reshape(groups, -1)
-            if picks is not None:
-                per_group = np.take_along_axis(per_group, np.maximum(picks, 0), axis=1)
-            extra = max(0, least - per_group.shape[1])
-            return np.pad(per_group, ((0, 0), (0, extra)), constant_values=fill).reshape(-1)
+            return picked(values.reshape(groups, -1), picks, least, fill)
 
         return Sampled(pad(self.temperature, 0), pad(self.top_k, 0), pad(self.top_p, 1), pad(self.uniform, 0))
 
@@ -156,6 +152,14 @@ def padded(values: np.ndarray, least: int = 2) -> np.ndarray:
     entries 0."""
     flat = np.asarray(values, np.int32).reshape(-1)
     return np.pad(flat, (0, max(0, least - flat.size)))
+
+
+def picked(per_group: np.ndarray, picks: np.ndarray | None, least: int, fill: float) -> np.ndarray:
+    """Each group's entries [groups, m] (or only those at its `picks`, `head_picks`), padded with `fill` to
+    at least `least` a group -> [groups * max(n, least)]."""
+    if picks is not None:
+        per_group = np.take_along_axis(per_group, np.maximum(picks, 0), axis=1)
+    return np.pad(per_group, ((0, 0), (0, max(0, least - per_group.shape[1]))), constant_values=fill).reshape(-1)
 
 
 def group_rows(step: Step, layout: ParallelLayout) -> slice:
