@@ -6,6 +6,7 @@ Plain functions: pytest collects them, and `run_example.py --mode test` runs the
 import importlib
 
 import numpy as np
+from ml_dtypes import bfloat16
 
 from kernels import (
     DENSE,
@@ -30,7 +31,7 @@ from kernels import (
     vocab_slice_logits,
     worst_case_capacity,
 )
-from kernels.attention import attend_cache, attend_tiles, block_index, table_index, tile_block_start
+from kernels.attention import _attend_rows, attend_cache, attend_tiles, block_index, table_index, tile_block_start
 from kernels.matmul import matmul
 from kernels.slots import exclusive_cumsum, place_rows
 from minimax_m2.sampling import draw, sampling_probs
@@ -200,6 +201,31 @@ def test_attention_decode_over_tiles() -> None:
                                     block=block, in_place=in_place)[3].any()
     starts = tile_block_start(tiles, positions - positions % block, block)
     np.testing.assert_array_equal(starts, [tables[r, positions[r] // block] * block for r in range(3)])
+
+
+def test_the_hosts_causal_attention_equals_the_compiled_one() -> None:
+    """This CPU's attention of a step's rows (each row's real tokens a block of queries at a time, over the
+    positions up to the span's last only, in tiles of cached keys) against the compiled program's
+    (`attend_cache`: every query over all kv_len positions): a prompt from position 0 over several spans
+    and tiles, a chunk continuing a long sequence, a few tokens (a verify step's) and a padding row, blocks
+    in any order; float32 and bfloat16 caches."""
+    rng = _rng()
+    block, kv_heads, group, head_dim, seq, kv_len = 8, 2, 3, 16, 40, 256
+    tables = rng.permutation(100)[: 3 * kv_len // block].reshape(3, -1).astype(np.int32)
+    starts, counts = [0, 150, 201], [40, 40, 5]
+    positions = np.array([[start + min(s, n - 1) for s in range(seq)] for start, n in zip(starts, counts)], np.int32)
+    valid = np.array([[s < n for s in range(seq)] for n in counts])
+    q = _randn(rng, 3, kv_heads, group * seq, head_dim)
+    for dtype in (np.float32, bfloat16):
+        k_cache, v_cache = (_randn(rng, 100 * block, kv_heads * head_dim).astype(dtype) for _ in range(2))
+        want = attend_cache(q.astype(dtype), k_cache, v_cache, table_index(tables, block), positions, kv_len=kv_len,
+                            kv_tile=kv_len)
+        q_rows, table_rows, at = (np.concatenate([a, a[:1]]) for a in (q.astype(dtype), tables, positions))
+        got = _attend_rows(q_rows, k_cache, v_cache, table_rows, at, np.concatenate([valid, np.zeros((1, seq), bool)]),
+                           block=block, kv_tile=32)
+        mask = np.tile(valid, (1, group))[:, None, :, None]
+        _close(got[:3] * mask, want * mask, rtol=1e-5 if dtype == np.float32 else 2e-2)
+        assert not got[3].any()
 
 
 def test_attention_qk_norm_spans_all_heads() -> None:

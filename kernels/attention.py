@@ -9,6 +9,7 @@ from kernels.rmsnorm import normalize, sum_of_squares
 from kernels.rope import rope_partial
 
 _MASKED = np.float32(np.finfo(np.float32).min)
+HOST_TILE_BYTES = 1 << 19  # keys and values a host attention tile reads at once: they stay in a core's cache
 
 
 def block_offset(positions: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,27 +236,63 @@ def cache_parts(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cached:
 
 def _attend_rows(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, tables: np.ndarray, positions: np.ndarray,
                  valid: np.ndarray, *, block: int, kv_tile: int) -> np.ndarray:
-    """`attend_cache` for the rows of a step as host NumPy (never traced): each row's real tokens (a prefix of
-    its S: valid [R, S] bool) over its own positions up to its last, rounded up to a block, in tiles of at
-    most kv_tile (so its scores stay within the step's), rather than every row's S tokens over the step's
-    kv_len. tables: [R, W] int32 block tables; positions: [R, S] int32. Padding rows and tokens give zeros.
-    Returns [R, Hkv, G * S, D] float32."""
+    """The causal attention of a step's rows as host NumPy (never traced): each row's real tokens (a prefix of
+    its S: valid [R, S] bool), `block` of them at a time, each span over the positions up to its last only
+    (a prompt's masked half of the scores is never computed), in tiles of at most kv_tile positions (so its
+    scores stay within the step's) and HOST_TILE_BYTES of keys and values, with the online softmax of
+    `cache_parts`. tables: [R, W] int32 block tables (key i of a row is its position i); positions: [R, S]
+    int32, ascending over a row's real tokens. Padding rows and tokens give zeros. Returns [R, Hkv, G * S, D]
+    float32."""
     rows, kv_heads, queries, head_dim = q.shape
     seq = positions.shape[1]
     group = queries // seq
-    out = np.zeros(q.shape, np.float32)
+    out = np.zeros((rows, kv_heads, group, seq, head_dim), np.float32)
+    tile = max(block, min(kv_tile, HOST_TILE_BYTES // (2 * k_cache.shape[1] * k_cache.itemsize)) // block * block)
     for r, n in enumerate(np.sum(valid, axis=1).tolist()):
-        if n == 0:
-            continue
-        length = -(-(int(positions[r, n - 1]) + 1) // block) * block
-        tile = block
-        while length % (2 * tile) == 0 and 2 * tile <= kv_tile:
-            tile *= 2
-        mine = q[r].reshape(kv_heads, group, seq, head_dim)[:, :, :n].reshape(1, kv_heads, group * n, head_dim)
-        part = attend_cache(mine, k_cache, v_cache, table_index(tables[r : r + 1, : length // block], block),
-                            positions[r : r + 1, :n], kv_len=length, kv_tile=tile)
-        out[r].reshape(kv_heads, group, seq, head_dim)[:, :, :n] = part[0].reshape(kv_heads, group, n, head_dim)
-    return out
+        mine = q[r].reshape(out.shape[1:])
+        for first in range(0, n, block):
+            span = slice(first, min(first + block, n))
+            width = span.stop - span.start
+            part = _attend_span(mine[:, :, span].reshape(kv_heads, group * width, head_dim), k_cache, v_cache,
+                                tables[r], np.tile(positions[r, span], group), block=block, kv_tile=tile)
+            out[r, :, :, span] = part.reshape(kv_heads, group, width, head_dim)
+    return out.reshape(q.shape)
+
+
+def _attend_span(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, table: np.ndarray, at: np.ndarray, *,
+                 block: int, kv_tile: int) -> np.ndarray:
+    """Queries q [Hkv, m, D] of one row, each at position at [m], over that row's keys and values at positions
+    0 .. max(at) (its block table [W]), kv_tile of them at a time -> [Hkv, m, D] float32 (host only; each KV
+    head's keys multiplied once by all its queries)."""
+    kv_heads, head_dim = q.shape[0], q.shape[-1]
+    scale = np.float32(head_dim**-0.5)
+    end = int(np.max(at)) + 1
+    best = total = acc = None
+    for start in range(0, end, kv_tile):
+        blocks = table[start // block : -(-min(start + kv_tile, end) // block)]
+        read = (blocks[:, None] * np.int32(block) + np.arange(block, dtype=np.int32)[None, :]).reshape(-1)
+        keys = k_cache[read].reshape(-1, kv_heads, head_dim)  # [t, Hkv, D]
+        values = np.transpose(v_cache[read].reshape(-1, kv_heads, head_dim), (1, 0, 2))  # [Hkv, t, D]
+        scores = cast(matmul(q, np.transpose(keys, (1, 2, 0))), np.float32)  # [Hkv, m, t]
+        scores *= scale
+        if start + read.size - 1 > np.min(at):  # some key lies after some query
+            scores += np.where(start + np.arange(read.size)[None, :] > at[:, None], np.float32(-np.inf), np.float32(0))
+        tile_best = np.max(scores, axis=-1, keepdims=True)
+        if best is not None:
+            tile_best = np.maximum(best, tile_best)
+            carried = np.exp(best - tile_best)
+            total *= carried
+            acc *= carried
+        best = tile_best
+        np.subtract(scores, best, out=scores)
+        np.exp(scores, out=scores)
+        part = cast(matmul(cast(scores, values.dtype), values), np.float32)
+        if total is None:
+            total, acc = np.sum(scores, axis=-1, keepdims=True), part
+        else:
+            total += np.sum(scores, axis=-1, keepdims=True)
+            acc += part
+    return acc / total
 
 
 def read_kv(k_cache: np.ndarray, v_cache: np.ndarray, read: np.ndarray, kv_heads: int) -> tuple[np.ndarray, ...]:
