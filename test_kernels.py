@@ -126,18 +126,20 @@ def test_attention() -> None:
     mix the other row's prefill with decodes, against per-head loops with the full-width QK norm; padding
     tokens write only the scratch block. The keys are attended all at once and in tiles of 8 and 4
     positions (the online softmax), as a compiled program does and as this CPU does (each row's real tokens
-    over its own length, the padding tokens left out of the projections: the host schedule)."""
+    over its own length, the padding tokens left out of the projections: the host schedule, also with the
+    weights held as the checkpoint's [out, in] rows, as this CPU loads them)."""
     for kv_tile in (None, 8, 4):
-        for host_schedule in (False, True):
-            _attention_steps(kv_tile, host_schedule)
+        for host_schedule, order in ((False, "C"), (True, "C"), (True, "F")):
+            _attention_steps(kv_tile, host_schedule, order)
 
 
-def _attention_steps(kv_tile: int | None, host_schedule: bool) -> None:
+def _attention_steps(kv_tile: int | None, host_schedule: bool, order: str) -> None:
     rng = _rng()
     hidden, heads, kv_heads, head_dim, rotary_dim, theta, eps, max_seq = 32, 4, 2, 16, 8, 1e4, 1e-6, 16
     wq = _randn(rng, hidden, heads * head_dim, scale=0.3)
     wk, wv = (_randn(rng, hidden, kv_heads * head_dim, scale=0.3) for _ in range(2))
     wo = _randn(rng, heads * head_dim, hidden, scale=0.3)
+    wq, wk, wv, wo = (np.asarray(w, order=order) for w in (wq, wk, wv, wo))
     qn, kn = 1 + _randn(rng, heads * head_dim, scale=0.3), 1 + _randn(rng, kv_heads * head_dim, scale=0.3)
     cos, sin = rope_tables(max_seq, rotary_dim, theta)
     block = 4
@@ -155,8 +157,14 @@ def _attention_steps(kv_tile: int | None, host_schedule: bool) -> None:
         multiplied = []
         attention_module = importlib.import_module("kernels.attention")  # the module (kernels.attention: the function)
         projections = [id(w) for w in (wq, wk, wv, wo)]
-        attention_module.matmul = lambda a, b, apart=False: (
-            multiplied.append(a.shape[0]) if id(b) in projections else None, matmul(a, b, apart))[1]
+        def counted(a: np.ndarray, b: np.ndarray, apart: bool = False) -> np.ndarray:
+            if id(b) in projections:
+                multiplied.append(a.shape[0])
+            elif a.base is not None and id(a.base) in projections:  # the weight as the left operand, (w^T x^T)^T
+                multiplied.append(b.shape[1])
+            return matmul(a, b, apart)
+
+        attention_module.matmul = counted
         try:
             got = attention(x.reshape(-1, hidden), positions.reshape(-1), block_tables, valid.reshape(-1), wq, wk, wv,
                             wo, qn, kn, cos, sin, k_cache, v_cache, head_dim=head_dim, eps=eps, block=block,

@@ -80,8 +80,10 @@ class ModelWeights:
 
 
 def _linear(weight: np.ndarray) -> np.ndarray:
-    """HF [out, in] -> kernel [in, out], contiguous."""
-    return np.ascontiguousarray(weight.T)
+    """HF [out, in] -> kernel [in, out]: the transpose of a contiguous copy of the [out, in] rows, as this CPU
+    multiplies a few rows by it fastest (`kernels.attention._project`); a device copies it to its own
+    layout."""
+    return np.array(weight, order="C").T
 
 
 def expert_part(w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, part: slice) -> tuple[np.ndarray, np.ndarray]:
