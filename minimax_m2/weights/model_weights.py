@@ -1,5 +1,6 @@
-"""Model weights in the layout the kernels use (attention and lm_head matrices [in, out]; experts in the
-checkpoint's [out, in], gate and up fused), from a checkpoint (layer by layer) or random."""
+"""Model weights in the layout the kernels use (attention, router and lm_head matrices [in, out], the
+attention's and the router's held in memory as the checkpoint's [out, in] rows; experts in the checkpoint's
+[out, in], gate and up fused), from a checkpoint (layer by layer) or random."""
 
 from dataclasses import dataclass, fields
 from typing import Iterable
