@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import table  # noqa: E402
+from benchmarks.expert_floor import expert_read_ms, step_floor  # noqa: E402
 from benchmarks.medium_config import MEDIUM  # noqa: E402
 
 NXDI_TOK_S_AT_256 = 128.9
@@ -230,35 +231,6 @@ def serve_over_ranks(checkpoint: Path, context: list[str], jobs: list, nproc: li
     return rows
 
 
-def expert_read_ms(rounds: int = 5) -> float:
-    """This machine's least time to run one medium expert on one row with its weights not in cache (the
-    experts kernel over 64 experts in turn, 400 MB, the best of `rounds`): what reading an expert costs."""
-    from kernels.moe_expert import moe_expert
-
-    hidden, inter, experts = MEDIUM["hidden_size"], MEDIUM["intermediate_size"], MEDIUM["num_local_experts"]
-    rng = np.random.default_rng(0)
-    w13 = rng.standard_normal((experts, 2 * inter, hidden), np.float32)
-    w2 = rng.standard_normal((experts, hidden, inter), np.float32)
-    x = rng.standard_normal((1, hidden), np.float32) * 1e-3
-    best = np.inf
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for e in range(experts):
-            moe_expert(x, w13[e], w2[e])
-        best = min(best, (time.perf_counter() - start) / experts)
-    return best * 1e3
-
-
-def decode_floor(single_tpot_ms: float, rows: int, read_ms: float) -> dict:
-    """The least TPOT a step of `rows` rows can have beside one row's, with the same kernels: one row's step
-    plus reading the distinct experts the other rows add in every layer (expected under uniform routing:
-    E (1 - (1 - k/E)^rows) where one row reads k), each at this machine's best `read_ms`."""
-    experts, k, layers = MEDIUM["num_local_experts"], MEDIUM["num_experts_per_tok"], MEDIUM["num_hidden_layers"]
-    distinct = experts * (1 - (1 - k / experts) ** rows)
-    tpot = single_tpot_ms + layers * (distinct - k) * read_ms
-    return {"distinct_experts": distinct, "expert_read_ms": read_ms, "tpot_ms": tpot, "ratio": tpot / single_tpot_ms}
-
-
 def trainium_projection() -> list[dict]:
     """Output tok/s at 32 and 256 concurrent requests on trn2.48xlarge (64 ranks, tp 8), best layout of the
     roofline: batch / TPOT."""
@@ -341,12 +313,12 @@ def main() -> int:
               f"with decode steps free, at most {one['seconds'] / many['prefill_seconds']:.2f}x")
     print(f"{args.clients} clients decoding with no prompt arriving: p50 TPOT "
           f"{together['tpot_ms']['p50'] / single['tpot_ms']['p50']:.2f}x one client's (the decode step's own cost)")
-    floor = decode_floor(single["tpot_ms"]["p50"], args.clients, expert_read_ms())
+    floor = step_floor(single["tpot_ms"]["p50"], 1, args.clients, expert_read_ms())
     results["decode floor"] = floor
     print(f"the floor of that ratio on this machine: {args.clients} rows read {floor['distinct_experts']:.1f} distinct "
           f"experts per layer where one row reads {MEDIUM['num_experts_per_tok']}, and reading one takes at best "
           f"{floor['expert_read_ms']:.3f} ms here, so their step costs at least one client's TPOT plus the "
-          f"{MEDIUM['num_hidden_layers']} layers' extra reads: {floor['tpot_ms']:.0f} ms, {floor['ratio']:.2f}x")
+          f"{MEDIUM['num_hidden_layers']} layers' extra reads: {floor['ms']:.0f} ms, {floor['ratio']:.2f}x")
     print("p99/p50 inter-token latency while prompts arrive " + ", ".join(
         f"{r['itl_ms']['p99'] / r['itl_ms']['p50']:.2f}x (--prefill-chunk {c})"
         for c, r in ((c, results[f"chunked prefill {c}"]) for c in CHUNKS)))
