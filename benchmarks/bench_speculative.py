@@ -25,7 +25,9 @@ TPOT with speculation = verify step / tokens gained a step; without = decode ste
   a real model; the random model's greedy answer repeats one token, which a request's own drafts catch), then the
   same B requests again, served by the engine with its measured gate: the second round drafts the first
   round's answers (`SharedAnswers`); TPOT (decode seconds per token after the first) of each round beside
-  plain decoding's, the tokens checked identical.
+  plain decoding's, the tokens checked identical; and the same B requests sent again while the first tries
+  still run (each half answered: a client's retry after a timeout), drafting the answers being given, the
+  retries' TPOT with and without speculation.
 
   python benchmarks/bench_speculative.py [--k 4] [--batches 1 8 16] [--steps 12] [--context 1024] [--answer 64]
                                         [--json F]
@@ -35,6 +37,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,8 +158,29 @@ def repeated_turn(model: MiniMaxM2Model, prompts: list[list[int]], answer: int, 
     second, second_ms = served(engine)
     assert first == second == want, "speculation changed a token"
     verified = engine.stats["verified_rows"] - rows
+    retry_plain = retried(Engine(model, max_num_seqs=2 * len(prompts), prefill_chunk=512, keep_logits=False),
+                          prompts, sampling, want)
+    retry = retried(Engine(model, max_num_seqs=2 * len(prompts), prefill_chunk=512, keep_logits=False, speculative=k),
+                    prompts, sampling, want)
     return {"plain_ms": plain, "first_ms": first_ms, "again_ms": second_ms,
-            "again_accepted_length": (engine.stats["accepted_tokens"] - accepted) / verified + 1 if verified else 0.0}
+            "again_accepted_length": (engine.stats["accepted_tokens"] - accepted) / verified + 1 if verified else 0.0,
+            "retry_plain_ms": retry_plain, "retry_ms": retry}
+
+
+def retried(engine: Engine, prompts: list[list[int]], sampling: list[Sampling], want: list[list[int]]) -> float:
+    """The requests sent again once every first try has half its answer (a client's retry after a timeout, the
+    first tries still running): the retries' mean TPOT in ms (wall time between their first and last tokens),
+    their tokens checked against `want`."""
+    firsts = [engine.submit(p, s) for p, s in zip(prompts, sampling)]
+    while min(len(r.generated) for r in firsts) < len(want[0]) // 2:
+        engine.step()
+    times: list[list[float]] = [[] for _ in prompts]
+    retries = [engine.submit(p, s, lambda kind, _, t=t: kind == "token" and t.append(time.perf_counter()))
+               for p, s, t in zip(prompts, sampling, times)]
+    while not engine.idle():
+        engine.step()
+    assert [r.generated for r in firsts] == [r.generated for r in retries] == want, "speculation changed a token"
+    return 1e3 * statistics.mean((t[-1] - t[0]) / (len(t) - 1) for t in times)
 
 
 def main() -> None:
@@ -221,6 +245,13 @@ def main() -> None:
         table.row(r["batch"], f"{again['plain_ms']:.1f} ms", f"{again['first_ms']:.1f} ms",
                   f"{again['again_ms']:.1f} ms", f"{again['again_ms'] / again['plain_ms']:.2f}x",
                   f"{again['again_accepted_length']:.2f}")
+    print("the same requests sent again while the first tries run (each first try half answered): TPOT of the "
+          "retries")
+    table.header("batch", "plain decoding", "with drafts", "with drafts / plain")
+    for r in rows:
+        again = r["repeated_turn"]
+        table.row(r["batch"], f"{again['retry_plain_ms']:.1f} ms", f"{again['retry_ms']:.1f} ms",
+                  f"{again['retry_ms'] / again['retry_plain_ms']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"k": args.k, "tokens_per_step": gained, "rows": rows}, indent=1))
 

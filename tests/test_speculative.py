@@ -304,6 +304,42 @@ def test_shared_answers_draft_what_an_earlier_answer_followed_with() -> None:
         "the shared answers' 4-gram before the request's own 3-gram"
 
 
+def test_a_running_answer_is_shared_token_by_token() -> None:
+    answers = SharedAnswers()
+    running = NgramDrafter(4, shared=answers, prompt=[1, 2, 3, 4, 5])
+    for token in (6, 7):
+        running.followed(token)
+    assert answers.draft([3, 4, 5, 6], 2) == [7], "an n-gram is kept once the token after it is"
+    assert answers.draft([4, 5, 6, 7], 2) == [], "the running answer's last n-gram has no next token yet"
+    running.followed(8)
+    assert NgramDrafter(4, shared=answers, prompt=[0, 3, 4, 5]).draft([0, 3, 4, 5, 6], 3) == [7, 8]
+    assert answers.tokens == 3 + 3 + 3, "each request's prompt's last 3 tokens, and the 3 answered"
+    small = SharedAnswers(capacity=8)
+    first = small.open([1, 2, 3])
+    small.add([9], [4, 4, 4, 4, 4, 4])  # over the capacity: the oldest answer, still running, is dropped
+    small.extend(first, [7, 7, 7, 7])
+    assert small.tokens == 7 and small.draft([1, 2, 3, 7], 1) == []
+
+
+def test_a_retry_drafts_the_answer_still_being_given_and_gives_its_tokens(model) -> None:
+    """A request sent again while the first is still answering (a client's retry after a timeout): the second
+    drafts from the first's tokens so far, before it ends, with exactly plain decoding's tokens."""
+    prompt = np.random.default_rng(4).integers(0, 256, 30).tolist()
+    sampling = Sampling(max_new_tokens=40)
+    want = Engine(model, max_num_seqs=2, prefill_chunk=16).generate([prompt], sampling)[0].generated
+    engine = Engine(model, max_num_seqs=2, prefill_chunk=16, speculative=4, verify_gate=VerifyGate(always=True))
+    first = engine.submit(prompt, sampling)
+    while len(first.generated) < 24:
+        engine.step()
+    second = engine.submit(prompt, sampling)
+    while first.finish_reason is None:
+        engine.step()
+    assert engine.counters()["shared_drafts"] > 0, "the retry drafted from the running answer"
+    while not engine.idle():
+        engine.step()
+    assert first.generated == second.generated == want
+
+
 def test_a_repeated_request_drafts_the_earlier_answer_and_gives_its_tokens(model) -> None:
     """An agent's turn sent again (a retry, or a parallel worker on the same files): the second request drafts
     the first one's answer, in fewer steps, with exactly plain decoding's tokens."""

@@ -1,11 +1,12 @@
 """Draft tokens without a draft model: n-gram (prompt lookup) drafts from a request's own prompt and output,
-and from the answers of requests that ended before it.
+and from the answers of other requests, ended or still running.
 
 The sequence's last n tokens (n from `longest` down to `shortest`) are looked up among its earlier tokens;
 the tokens that followed their latest earlier occurrence are the draft. Agents' answers copy long spans of
 their prompts (files being edited, tool outputs, earlier turns), which is where such drafts are accepted.
 Where its own last `longest` tokens occurred nowhere earlier, a request looks them up among the answers
-other requests gave (`SharedAnswers`): agents retried, run in parallel over the same files, or writing the same
+other requests gave or are giving (`SharedAnswers`, extended token by token): agents retried (while the
+first try still runs, after a client's timeout), run in parallel over the same files, or writing the same
 tool calls again give the same answers again.
 """
 
@@ -80,9 +81,10 @@ def periodic(span: list[int], k: int) -> list[int]:
 
 
 class SharedAnswers:
-    """The answers of ended requests, each after the last `longest - 1` tokens of its prompt, indexed by their
-    `longest`-token n-grams: draft(tokens, k) -> up to k tokens that followed the latest occurrence of the
-    last `longest` tokens in any answer kept. Keeps at most `capacity` tokens, dropping the oldest answers."""
+    """The answers of requests, ended or still running, each after the last `longest - 1` tokens of its
+    prompt, indexed by their `longest`-token n-grams as the tokens come: draft(tokens, k) -> up to k tokens
+    that followed the latest occurrence of the last `longest` tokens in any answer kept. Keeps at most
+    `capacity` tokens, dropping the oldest answers (a running one's further tokens are then not kept)."""
 
     def __init__(self, capacity: int = SHARED_TOKENS, longest: int = LONGEST):
         self.capacity, self.n = capacity, longest
@@ -91,19 +93,33 @@ class SharedAnswers:
         self._latest: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (serial, the position after it)
         self._serial = self.tokens = self.hits = 0
 
-    def add(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
-        """A request ended, having answered `answer` to `prompt`."""
-        if not answer:
-            return
-        tokens = list(prompt[max(0, len(prompt) - self.n + 1):]) + list(answer)
+    def open(self, prompt: Sequence[int]) -> int:
+        """A request started with `prompt`: the serial its answer's tokens are kept under (`extend`)."""
+        tokens = list(prompt[max(0, len(prompt) - self.n + 1):])
         serial = self._serial = self._serial + 1
         self._answers[serial] = tokens
         self._order.append(serial)
         self.tokens += len(tokens)
-        ends = range(self.n, len(tokens))
-        self._latest.update(zip(windows(tokens, self.n, self.n, len(tokens)), ((serial, end) for end in ends)))
+        return serial
+
+    def extend(self, serial: int, answer: Sequence[int]) -> None:
+        """The request kept under `serial` answered these tokens next: each n-gram they complete indexed to the
+        token after it (an n-gram is indexed once its next token is known)."""
+        tokens = self._answers.get(serial)
+        if tokens is None or not answer:
+            return
+        start = max(self.n, len(tokens))
+        tokens.extend(answer)
+        self.tokens += len(answer)
+        ends = range(start, len(tokens))
+        self._latest.update(zip(windows(tokens, self.n, start, len(tokens)), ((serial, end) for end in ends)))
         while self.tokens > self.capacity and len(self._order) > 1:
             self._drop(self._order.popleft())
+
+    def add(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
+        """A request answered `answer` to `prompt` (kept whole, as `open` then `extend`)."""
+        if answer:
+            self.extend(self.open(prompt), answer)
 
     def _drop(self, serial: int) -> None:
         tokens = self._answers.pop(serial)
@@ -132,10 +148,13 @@ class NgramDrafter:
     that follow it (`watch`, `followed`), so that the record stays current while drafts are not verified."""
 
     def __init__(self, limit: int, shortest: int = SHORTEST, longest: int = LONGEST,
-                 shared: SharedAnswers | None = None, bulk: int = BULK):
+                 shared: SharedAnswers | None = None, bulk: int = BULK, prompt: Sequence[int] = ()):
+        """shared: the answers this request drafts from, and keeps its own among (after `prompt`, token by
+        token as `followed` hears them)."""
         if shared is not None and shared.n != longest:
             raise ValueError(f"shared answers indexed by {shared.n}-grams, drafts looked up from {longest}")
         self.sizes, self.shared = range(longest, shortest - 1, -1), shared
+        self._serial = shared.open(prompt) if shared is not None else 0
         self.limit = self.k = limit
         self.expected = float(limit)  # hopeful until drafts are scored
         self._latest: dict[tuple[int, ...], int] = {}  # an n-gram -> the position after its latest occurrence
@@ -172,11 +191,6 @@ class NgramDrafter:
                     return found
         return []
 
-    def answered(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
-        """The request ended with `answer`: kept among the shared answers, for the requests that follow."""
-        if self.shared is not None:
-            self.shared.add(prompt, answer)
-
     def scored(self, accepted: int) -> None:
         """A draft had its first `accepted` tokens accepted (by a verify step, or by the tokens that followed)."""
         self.k = min(self.limit, accepted + 1)
@@ -188,7 +202,9 @@ class NgramDrafter:
             self._watched, self._matched = list(draft), 0
 
     def followed(self, token: int) -> None:
-        """The request's next token: the watched draft's next token or not."""
+        """The request's next token: kept among the shared answers, and the watched draft's next token or not."""
+        if self.shared is not None:
+            self.shared.extend(self._serial, (token,))
         if not self._watched:
             return
         if token == self._watched[self._matched]:

@@ -75,8 +75,8 @@ class Engine:
         prefix_reuse: find prompts' prefixes in the cache (off: every prompt is prefilled cold); keep_logits:
         requests may keep the logits of every position (off: the lm_head variants returning a prefill's
         [tokens, vocab] logits are neither compiled nor planned for); speculative: draft tokens a decoding
-        request may have verified per step (n-gram drafts from its own tokens and from the answers of requests
-        that ended before it, `minimax_m2.serving.drafts`; 0: none); verify_gate:
+        request may have verified per step (n-gram drafts from its own tokens and from other requests' answers,
+        ended or still running, `minimax_m2.serving.drafts`; 0: none); verify_gate:
         whether a decode step verifies its drafts (default: where the measured costs say it pays); spread_from:
         with several attention groups, a request whose context reaches this many tokens has its cache striped
         over all of them, each prefill step taking one chunk a group and every group attending every step's
@@ -88,7 +88,7 @@ class Engine:
         if not 0 <= speculative <= MAX_SPECULATIVE:
             raise ValueError(f"speculative tokens must lie in 0..{MAX_SPECULATIVE}, got {speculative}")
         self.speculative = speculative
-        self.answers = SharedAnswers() if speculative else None  # ended requests' answers, drafts for every request
+        self.answers = SharedAnswers() if speculative else None  # requests' answers, drafts for every request
         self.model = model
         self.keep_logits = keep_logits
         self.groups = model.layout.dp
@@ -191,7 +191,7 @@ class Engine:
         self._check_usable()
         request = Request(ids, sampling, notify or (lambda kind, value: None), keep_logits, constraint=constraint)
         if self.speculative and constraint is None and not keep_logits:
-            request.drafter = NgramDrafter(self.speculative, shared=self.answers)
+            request.drafter = NgramDrafter(self.speculative, shared=self.answers, prompt=ids)
         with self._wake:
             self._inbox.append(request)
             self._wake.notify()

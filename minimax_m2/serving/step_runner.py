@@ -147,7 +147,5 @@ class StepRunner:
             return
         request.finish_reason = reason
         self.scheduler.finish(request)
-        if request.drafter is not None:
-            request.drafter.answered(request.prompt, request.generated)
         self.stats["finished"] += 1
         request.notify("finish", reason)
