@@ -10,6 +10,7 @@ first try still runs, after a client's timeout), run in parallel over the same f
 tool calls again give the same answers again.
 """
 
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -84,7 +85,9 @@ class SharedAnswers:
     """The answers of requests, ended or still running, each after the last `longest - 1` tokens of its
     prompt, indexed by their `longest`-token n-grams as the tokens come: draft(tokens, k) -> up to k tokens
     that followed the latest occurrence of the last `longest` tokens in any answer kept. Keeps at most
-    `capacity` tokens, dropping the oldest answers (a running one's further tokens are then not kept)."""
+    `capacity` tokens, dropping the oldest answers (a running one's further tokens are then not kept).
+    A request's answer is opened where it is submitted (a client's thread) and extended and looked up on the
+    engine's thread: what changes the kept answers holds a lock."""
 
     def __init__(self, capacity: int = SHARED_TOKENS, longest: int = LONGEST):
         self.capacity, self.n = capacity, longest
@@ -92,29 +95,32 @@ class SharedAnswers:
         self._order: deque[int] = deque()  # serials, oldest first
         self._latest: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (serial, the position after it)
         self._serial = self.tokens = self.hits = 0
+        self._lock = threading.Lock()
 
     def open(self, prompt: Sequence[int]) -> int:
         """A request started with `prompt`: the serial its answer's tokens are kept under (`extend`)."""
         tokens = list(prompt[max(0, len(prompt) - self.n + 1):])
-        serial = self._serial = self._serial + 1
-        self._answers[serial] = tokens
-        self._order.append(serial)
-        self.tokens += len(tokens)
+        with self._lock:
+            serial = self._serial = self._serial + 1
+            self._answers[serial] = tokens
+            self._order.append(serial)
+            self.tokens += len(tokens)
         return serial
 
     def extend(self, serial: int, answer: Sequence[int]) -> None:
         """The request kept under `serial` answered these tokens next: each n-gram they complete indexed to the
         token after it (an n-gram is indexed once its next token is known)."""
-        tokens = self._answers.get(serial)
-        if tokens is None or not answer:
-            return
-        start = max(self.n, len(tokens))
-        tokens.extend(answer)
-        self.tokens += len(answer)
-        ends = range(start, len(tokens))
-        self._latest.update(zip(windows(tokens, self.n, start, len(tokens)), ((serial, end) for end in ends)))
-        while self.tokens > self.capacity and len(self._order) > 1:
-            self._drop(self._order.popleft())
+        with self._lock:
+            tokens = self._answers.get(serial)
+            if tokens is None or not answer:
+                return
+            start = max(self.n, len(tokens))
+            tokens.extend(answer)
+            self.tokens += len(answer)
+            ends = range(start, len(tokens))
+            self._latest.update(zip(windows(tokens, self.n, start, len(tokens)), ((serial, end) for end in ends)))
+            while self.tokens > self.capacity and len(self._order) > 1:
+                self._drop(self._order.popleft())
 
     def add(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
         """A request answered `answer` to `prompt` (kept whole, as `open` then `extend`)."""
