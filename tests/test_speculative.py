@@ -327,9 +327,10 @@ def test_a_retry_drafts_the_answer_still_being_given_and_gives_its_tokens(model)
     prompt = np.random.default_rng(4).integers(0, 256, 30).tolist()
     sampling = Sampling(max_new_tokens=40)
     want = Engine(model, max_num_seqs=2, prefill_chunk=16).generate([prompt], sampling)[0].generated
+    assert len(want) == 40, "no end of sequence before the retry is sent (the loop below ends)"
     engine = Engine(model, max_num_seqs=2, prefill_chunk=16, speculative=4, verify_gate=VerifyGate(always=True))
     first = engine.submit(prompt, sampling)
-    while len(first.generated) < 24:
+    while len(first.generated) < 24 and first.finish_reason is None:
         engine.step()
     second = engine.submit(prompt, sampling)
     while first.finish_reason is None:
